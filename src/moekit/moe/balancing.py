@@ -1,0 +1,77 @@
+"""Load balancing: auxiliary losses and the aux-loss-free bias update.
+
+- Switch loss (Fedus et al.): alpha * E * sum_i f_i * P_i, f_i = fraction of tokens
+  whose first choice is expert i, P_i = mean router probability of expert i.
+  Equals alpha under uniform routing.
+- Sequence-wise loss (DeepSeek-V3): per sequence, f_i = E / (K * S) * count_i and
+  P_i = mean over the sequence of s_i / sum_j s_j; the loss is alpha * sum_i f_i P_i,
+  averaged over sequences. Equals alpha under uniform routing.
+- Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+- Aux-loss-free balancing (DeepSeek-V3): after each optimizer step,
+  b_i -= gamma if expert i got more than the mean load, += gamma if less.
+
+The loss functions return unweighted values; the layer multiplies by the
+configured coefficients.
+
+Legend: T tokens, E experts, B sequences, S tokens per sequence, P pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def switch_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i (multiply by alpha for the Switch aux loss)."""
+    T, E = probs_TE.shape
+    f_E = torch.bincount(top1_T, minlength=E).to(probs_TE.dtype) / T
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def sequence_aux_loss(
+    probs_TE: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor, seq_len: int, top_k: int
+) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (unweighted): mean over sequences of sum_i f_i P_i."""
+    T, E = probs_TE.shape
+    B = T // seq_len
+    counts_BE = torch.zeros(B, E, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_BE.index_put_((token_idx_P // seq_len, expert_idx_P), torch.ones_like(token_idx_P, dtype=probs_TE.dtype), accumulate=True)
+    f_BE = counts_BE * (E / (top_k * seq_len))
+    P_BE = probs_TE.view(B, seq_len, E).mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (unweighted): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+@torch.no_grad()
+def bias_update(expert_bias_E: torch.Tensor, load_E: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Sign-based aux-loss-free update, in place: overloaded experts' bias goes down by gamma.
+
+    Returns the applied change (E,).
+    """
+    load_E = load_E.to(torch.float64)
+    delta_E = gamma * torch.sign(load_E.mean() - load_E)
+    expert_bias_E.add_(delta_E.to(expert_bias_E.dtype))
+    return delta_E.to(expert_bias_E.dtype)
+
+
+def update_expert_biases(model: torch.nn.Module, gamma: Optional[float] = None) -> int:
+    """Apply the aux-loss-free bias update to every MoE layer in `model`; returns how many were updated.
+
+    Call it after `optimizer.step()`. Each layer uses the token counts it accumulated
+    in training-mode forwards since its last update.
+    """
+    from .layer import MoE
+
+    updated = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_expert_bias(gamma)
+            updated += 1
+    return updated

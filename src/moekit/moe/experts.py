@@ -1,0 +1,57 @@
+"""Routed experts: the weights and the backend seam (`experts_impl`).
+
+Weights (DESIGN.md layout):
+    w13 (E, 2F, D): rows [:F] are the gate projection, rows [F:] the up projection
+    w2  (E, D, F):  down projection
+
+Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from .grouped import experts_grouped
+from .reference import experts_reference
+
+BACKENDS = {"reference": experts_reference, "grouped": experts_grouped}
+
+
+def get_backend(name: str):
+    if name == "triton":
+        raise ValueError(
+            "experts_impl='triton' is not available yet (the Triton kernels are a separate work item); "
+            "use experts_impl='grouped' (fast, memory-efficient) or 'reference'"
+        )
+    if name not in BACKENDS:
+        raise ValueError(f"unknown experts_impl {name!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        E, F, D = cfg.num_experts, cfg.d_expert, cfg.d_model
+        self.w13 = nn.Parameter(torch.empty(E, 2 * F, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, F))
+        self.impl = cfg.experts_impl
+        self._backend = get_backend(cfg.experts_impl)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w13, std=self.w13.shape[-1] ** -0.5)
+        nn.init.normal_(self.w2, std=self.w2.shape[-1] ** -0.5)
+
+    def set_impl(self, name: str) -> None:
+        """Switch backend in place (weights are shared by all backends)."""
+        self._backend = get_backend(name)
+        self.impl = name
+
+    def forward(self, x_TD: torch.Tensor, gates_P: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
+        return self._backend(x_TD, self.w13, self.w2, gates_P, token_idx_P, expert_idx_P)
+
+    def extra_repr(self) -> str:
+        E, F2, D = self.w13.shape
+        return f"num_experts={E}, d_model={D}, d_expert={F2 // 2}, impl={self.impl!r}"
