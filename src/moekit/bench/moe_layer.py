@@ -398,7 +398,8 @@ def parse_shapes(text: str) -> List[Tuple[int, int, int, int, int]]:
     return shapes
 
 
-def main(argv=None) -> List[dict]:
+def main(argv=None) -> int:
+    """Command-line entry; returns the exit status 0 (rows are printed, not returned)."""
     p = argparse.ArgumentParser(
         prog="moe_layer", description="Forward+backward of the moekit MoE layer vs a dense FFN of equal FLOPs "
         "and HF Qwen3-MoE (CPU).",
@@ -418,7 +419,7 @@ def main(argv=None) -> List[dict]:
         p.error(str(exc))
     rows = run(shapes, dtypes, warmup=args.warmup, iters=args.iters, with_hf=not args.no_hf)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return rows
+    return 0
 
 
 if __name__ == "__main__":
