@@ -80,14 +80,15 @@ class MoE(nn.Module):
         zero = torch.zeros((), device=device, dtype=torch.float32)
         switch = seq = z = zero
         total = zero
-        if routing.probs_TE is not None and routing.num_tokens > 0:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.aux_loss_coef > 0):
-                switch = balancing.switch_loss(routing.probs_TE, routing.top1_T)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.seq_aux_loss_coef > 0):
-                seq = balancing.sequence_aux_loss(
-                    routing.probs_TE, routing.token_idx_P, routing.expert_idx_P, seq_len, cfg.top_k
-                )
-            with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.z_loss_coef > 0):
+        if routing.logits_TE is not None and routing.num_tokens > 0:
+            grad = torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad and (cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0)):
+                probs_TE = routing.probs()
+            with torch.set_grad_enabled(grad and cfg.aux_loss_coef > 0):
+                switch = balancing.switch_loss(probs_TE, routing.top1_T)
+            with torch.set_grad_enabled(grad and cfg.seq_aux_loss_coef > 0):
+                seq = balancing.sequence_aux_loss(probs_TE, routing.token_idx_P, routing.expert_idx_P, seq_len, cfg.top_k)
+            with torch.set_grad_enabled(grad and cfg.z_loss_coef > 0):
                 z = balancing.z_loss(routing.logits_TE)
             total = cfg.aux_loss_coef * switch + cfg.seq_aux_loss_coef * seq + cfg.z_loss_coef * z
         return MoEAux(total, tokens_per_expert, switch, seq, z, routing)

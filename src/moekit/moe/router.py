@@ -29,9 +29,19 @@ class Routing:
     expert_idx_P: torch.Tensor  # int64, expert of each pair
     gates_P: torch.Tensor  # float, differentiable gate of each pair
     top1_T: torch.Tensor  # int64, each token's first choice (Switch loss f_i)
-    logits_TE: Optional[torch.Tensor]  # raw router logits (z-loss); None for hash
-    probs_TE: Optional[torch.Tensor]  # per-token distribution over experts (balance losses)
+    logits_TE: Optional[torch.Tensor]  # raw router logits (fp32); None for hash
     num_tokens: int
+    router: str = "softmax_topk"
+
+    def probs(self) -> Optional[torch.Tensor]:
+        """(T, E) per-token distribution over experts for the balance losses: softmax of the
+        logits, or s / sum(s) of the sigmoid scores for sigmoid_topk. None for hash."""
+        if self.logits_TE is None:
+            return None
+        if self.router == "sigmoid_topk":
+            scores_TE = torch.sigmoid(self.logits_TE)
+            return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        return torch.softmax(self.logits_TE, dim=-1)
 
     def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
         return torch.bincount(self.expert_idx_P, minlength=num_experts)
@@ -110,41 +120,55 @@ class Router(nn.Module):
 
     def _topk(self, logits_TE: torch.Tensor) -> Routing:
         cfg = self.cfg
-        T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
-        bias_E = self.expert_bias.to(logits_TE.dtype)
-        if cfg.router == "softmax_topk":
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            base_TE, select_TE = probs_TE, probs_TE.detach() + bias_E
-        elif cfg.router == "topk_softmax":
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            # exp(logit - rowmax): normalising it over the chosen set is the softmax over K
-            base_TE = torch.exp(logits_TE - logits_TE.detach().amax(dim=-1, keepdim=True))
-            select_TE = logits_TE.detach() + bias_E
-        else:  # sigmoid_topk (DeepSeek-V3)
-            scores_TE = torch.sigmoid(logits_TE)
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-            base_TE = scores_TE
-            select_TE = self._group_limit(scores_TE.detach() + bias_E)
-        topk_idx_TK = torch.topk(select_TE, K, dim=-1).indices
-        top1_T = topk_idx_TK[:, 0]
-        normalize = cfg.norm_topk_prob or cfg.router == "topk_softmax"
+        T, K = logits_TE.shape[0], cfg.top_k
+        with torch.no_grad():
+            select_TE = self._selection_scores(logits_TE)
+            topk_idx_TK = torch.topk(select_TE, K, dim=-1).indices
         if cfg.token_rounding is None:
             token_idx_P = torch.arange(T, device=logits_TE.device).repeat_interleave(K)
             expert_idx_P = topk_idx_TK.reshape(-1)
-            gates_TK = base_TE.gather(1, topk_idx_TK)
-            if normalize:
-                gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
-            gates_P = gates_TK.reshape(-1)
         else:
             mask_TE = round_selection(select_TE, topk_idx_TK, cfg.rounding_tile, cfg.token_rounding)
             token_idx_P, expert_idx_P = mask_TE.nonzero(as_tuple=True)
-            gates_P = base_TE[token_idx_P, expert_idx_P]
-            if normalize:
-                denom_T = torch.zeros(T, dtype=gates_P.dtype, device=gates_P.device)
-                denom_T = denom_T.index_add(0, token_idx_P, gates_P)
-                gates_P = gates_P / (denom_T[token_idx_P] + 1e-20)
-        gates_P = gates_P * cfg.routed_scaling_factor
-        return Routing(token_idx_P, expert_idx_P, gates_P, top1_T, logits_TE, probs_TE, T)
+        gates_P = self._gates(logits_TE, token_idx_P, expert_idx_P)
+        return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, T, cfg.router)
+
+    def _selection_scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """Scores that pick the experts: the router's scores plus expert_bias (never differentiated)."""
+        bias_E = self.expert_bias.to(logits_TE.dtype)
+        if self.cfg.router == "softmax_topk":
+            return torch.softmax(logits_TE, dim=-1) + bias_E
+        if self.cfg.router == "topk_softmax":
+            return logits_TE + bias_E
+        return self._group_limit(torch.sigmoid(logits_TE) + bias_E)  # sigmoid_topk
+
+    def _gates(self, logits_TE: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
+        """Gate of each pair from the unbiased scores.
+
+        Only the selected logits are gathered, so autograd keeps O(P) values instead of
+        the (T, E) probabilities:
+          softmax_topk, normalised / topk_softmax: softmax over the token's selected logits
+          softmax_topk, not normalised:            exp(logit - logsumexp over all E)
+          sigmoid_topk:                            sigmoid(logit), optionally normalised
+        """
+        cfg = self.cfg
+        T = logits_TE.shape[0]
+        logit_P = logits_TE[token_idx_P, expert_idx_P]
+        if cfg.router == "sigmoid_topk":
+            gates_P = torch.sigmoid(logit_P)
+            normalize = cfg.norm_topk_prob
+        elif cfg.router == "softmax_topk" and not cfg.norm_topk_prob:
+            gates_P = torch.exp(logit_P - torch.logsumexp(logits_TE, dim=-1)[token_idx_P])
+            normalize = False
+        else:
+            # exp(logit - max over the token's row): normalising it gives the softmax over the set
+            row_max_T = logits_TE.detach().amax(dim=-1)
+            gates_P = torch.exp(logit_P - row_max_T[token_idx_P])
+            normalize = True
+        if normalize:
+            sum_T = torch.zeros(T, dtype=gates_P.dtype, device=gates_P.device).index_add(0, token_idx_P, gates_P)
+            gates_P = gates_P / (sum_T[token_idx_P] + 1e-20)
+        return gates_P * cfg.routed_scaling_factor
 
     def _group_limit(self, select_TE: torch.Tensor) -> torch.Tensor:
         """Keep the topk_groups groups with the largest sum of their top-2 scores; mask the rest."""
@@ -162,15 +186,15 @@ class Router(nn.Module):
     def _expert_choice(self, logits_TE: torch.Tensor) -> Routing:
         cfg = self.cfg
         T, E = logits_TE.shape
-        probs_TE = torch.softmax(logits_TE, dim=-1)
         capacity = min(T, max(1, math.ceil(cfg.capacity_factor * T * cfg.top_k / E)))
-        select_ET = probs_TE.detach().t() + self.expert_bias.to(probs_TE.dtype)[:, None]
+        probs_TE = torch.softmax(logits_TE.detach(), dim=-1)
+        select_ET = probs_TE.t() + self.expert_bias.to(probs_TE.dtype)[:, None]
         token_idx_EC = torch.topk(select_ET, capacity, dim=-1).indices
         expert_idx_EC = torch.arange(E, device=logits_TE.device)[:, None].expand(E, capacity)
         token_idx_P, expert_idx_P = token_idx_EC.reshape(-1), expert_idx_EC.reshape(-1)
-        gates_P = probs_TE[token_idx_P, expert_idx_P] * cfg.routed_scaling_factor
-        top1_T = probs_TE.detach().argmax(dim=-1)
-        return Routing(token_idx_P, expert_idx_P, gates_P, top1_T, logits_TE, probs_TE, T)
+        log_probs_P = logits_TE[token_idx_P, expert_idx_P] - torch.logsumexp(logits_TE, dim=-1)[token_idx_P]
+        gates_P = torch.exp(log_probs_P) * cfg.routed_scaling_factor
+        return Routing(token_idx_P, expert_idx_P, gates_P, logits_TE.detach().argmax(dim=-1), logits_TE, T, cfg.router)
 
     def _hash(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> Routing:
         cfg = self.cfg
@@ -186,4 +210,4 @@ class Router(nn.Module):
         K = cfg.top_k
         token_idx_P = torch.arange(T, device=x_TD.device).repeat_interleave(K)
         gates_P = torch.full((T * K,), cfg.routed_scaling_factor / K, dtype=_score_dtype(x_TD.dtype), device=x_TD.device)
-        return Routing(token_idx_P, experts_TK.reshape(-1), gates_P, experts_TK[:, 0], None, None, T)
+        return Routing(token_idx_P, experts_TK.reshape(-1), gates_P, experts_TK[:, 0], None, T, cfg.router)
