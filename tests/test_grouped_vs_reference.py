@@ -34,9 +34,9 @@ def make_moe(router, shape, shared, skew, **extra):
     return moe
 
 
-def run(moe, impl, x, ids, grad_out):
+def run(moe, impl, x, ids, grad_out, layout=None):
     moe = copy.deepcopy(moe)
-    moe.experts.set_impl(impl)
+    moe.experts.set_impl(impl, layout)
     x = x.detach().clone().requires_grad_(True)
     y, aux = moe(x, token_ids=ids)
     ((y * grad_out).sum() + aux.loss).backward()
@@ -65,25 +65,31 @@ def test_float64_matches_reference(router, shape, shared):
         ids = torch.randint(0, 11, (1, T))
         g = torch.randn(1, T, D, dtype=torch.float64)
         y_ref, gr_ref, aux_ref = run(moe, "reference", x, ids, g)
-        y_new, gr_new, aux_new = run(moe, "grouped", x, ids, g)
-        torch.testing.assert_close(y_new, y_ref, rtol=1e-10, atol=1e-12)
-        assert gr_new.keys() == gr_ref.keys()
-        expected = {"x", "experts.w13", "experts.w2"} | ({"router.weight"} if router != "hash" else set())
-        assert expected <= gr_ref.keys()
-        for name in gr_ref:
-            torch.testing.assert_close(gr_new[name], gr_ref[name], rtol=1e-10, atol=1e-12, msg=f"{skew}: grad {name}")
-        assert torch.equal(aux_new.tokens_per_expert, aux_ref.tokens_per_expert)
-        if skew == "zero_expert":
-            assert aux_ref.tokens_per_expert[-1] == 0
-            assert torch.all(gr_new["experts.w13"][-1] == 0)
-        if skew == "one_expert":
-            assert aux_ref.tokens_per_expert[0] == T
+        for layout in ("compact", "padded"):
+            check_float64(moe, x, ids, g, skew, shape, router, layout, y_ref, gr_ref, aux_ref)
 
 
+def check_float64(moe, x, ids, g, skew, shape, router, layout, y_ref, gr_ref, aux_ref):
+    y_new, gr_new, aux_new = run(moe, "grouped", x, ids, g, layout)
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-10, atol=1e-12)
+    assert gr_new.keys() == gr_ref.keys()
+    expected = {"x", "experts.w13", "experts.w2"} | ({"router.weight"} if router != "hash" else set())
+    assert expected <= gr_ref.keys()
+    for name in gr_ref:
+        torch.testing.assert_close(gr_new[name], gr_ref[name], rtol=1e-10, atol=1e-12, msg=f"{layout} {skew}: grad {name}")
+    assert torch.equal(aux_new.tokens_per_expert, aux_ref.tokens_per_expert)
+    if skew == "zero_expert":
+        assert aux_ref.tokens_per_expert[-1] == 0
+        assert torch.all(gr_new["experts.w13"][-1] == 0)
+    if skew == "one_expert":
+        assert aux_ref.tokens_per_expert[0] == shape[0]
+
+
+@pytest.mark.parametrize("layout", ["compact", "padded"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["f32", "bf16"])
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "topk_softmax", "expert_choice"])
 @pytest.mark.parametrize("shape", [(13, 10, 6, 5, 5), (64, 48, 24, 8, 2)], ids=str)
-def test_low_precision_within_reference_error(dtype, atol, router, shape):
+def test_low_precision_within_reference_error(layout, dtype, atol, router, shape):
     moe64 = make_moe(router, shape, 1, "none").double()
     T, D = shape[0], shape[1]
     x = torch.randn(2, T, D, dtype=torch.float64)
@@ -91,7 +97,7 @@ def test_low_precision_within_reference_error(dtype, atol, router, shape):
     y64, gr64, _ = run(moe64, "reference", x, None, g)
     moe_lo = copy.deepcopy(moe64).to(dtype)
     y_ref, gr_ref, _ = run(moe_lo, "reference", x.to(dtype), None, g.to(dtype))
-    y_new, gr_new, _ = run(moe_lo, "grouped", x.to(dtype), None, g.to(dtype))
+    y_new, gr_new, _ = run(moe_lo, "grouped", x.to(dtype), None, g.to(dtype), layout)
     assert y_new.dtype == dtype
     assert rel_err(y_new, y64) <= 2 * rel_err(y_ref, y64) + atol
     for name in gr64:

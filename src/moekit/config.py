@@ -13,6 +13,7 @@ from typing import Optional
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "expert_choice", "hash")
 EXPERT_IMPLS = ("reference", "grouped", "triton")
+GROUPED_LAYOUTS = ("auto", "compact", "padded")
 ROUNDING_MODES = ("nearest", "up", "down")
 
 # Named MoE-layer presets: (d_model, d_expert, num_experts, top_k).
@@ -58,6 +59,9 @@ class MoEConfig:
     rounding_tile: int = 128
     # --- backend ---
     experts_impl: str = "grouped"
+    # grouped backend row layout: "compact" (per-expert GEMM loop), "padded" (one bmm over
+    # E blocks of the largest expert's count) or "auto" (padded for balanced 16-bit CPU runs)
+    grouped_layout: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +102,8 @@ class MoEConfig:
             raise ValueError(f"unknown router {self.router!r}; choose one of {ROUTERS}")
         if self.experts_impl not in EXPERT_IMPLS:
             raise ValueError(f"unknown experts_impl {self.experts_impl!r}; choose one of {EXPERT_IMPLS}")
+        if self.grouped_layout not in GROUPED_LAYOUTS:
+            raise ValueError(f"unknown grouped_layout {self.grouped_layout!r}; choose one of {GROUPED_LAYOUTS}")
         if self.num_groups <= 0 or self.num_experts % self.num_groups != 0:
             raise ValueError(
                 f"MoEConfig.num_groups={self.num_groups} must be positive and divide num_experts={self.num_experts}"

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from ..config import MoEConfig
 from ..moe import MoE
+from ..runtime import tune_cpu_allocator
 
 # (T, D, F, E, K)
 DEFAULT_SHAPES: List[Tuple[int, int, int, int, int]] = [
@@ -411,7 +412,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="warmup iterations (the saved-bytes pass is the first)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Qwen3MoeSparseMoeBlock rows")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.add_argument("--no-malloc-tune", action="store_true",
+                   help="leave glibc malloc as it is (by default freed large blocks are kept for reuse, "
+                   "for every row alike; see moekit.runtime)")
     args = p.parse_args(argv)
+    tuned = False if args.no_malloc_tune else tune_cpu_allocator()
+    if not args.json:
+        print(f"allocator tuning (moekit.runtime.tune_cpu_allocator): {'on' if tuned else 'off'}")
     try:
         shapes = parse_shapes(args.shapes)
         dtypes = [_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]

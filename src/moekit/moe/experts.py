@@ -37,6 +37,7 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(E, 2 * F, D))
         self.w2 = nn.Parameter(torch.empty(E, D, F))
         self.impl = cfg.experts_impl
+        self.layout = cfg.grouped_layout
         self._backend = get_backend(cfg.experts_impl)
         self.reset_parameters()
 
@@ -44,12 +45,16 @@ class Experts(nn.Module):
         nn.init.normal_(self.w13, std=self.w13.shape[-1] ** -0.5)
         nn.init.normal_(self.w2, std=self.w2.shape[-1] ** -0.5)
 
-    def set_impl(self, name: str) -> None:
-        """Switch backend in place (weights are shared by all backends)."""
+    def set_impl(self, name: str, layout: str = None) -> None:
+        """Switch backend (and the grouped row layout) in place; weights are shared by all backends."""
         self._backend = get_backend(name)
         self.impl = name
+        if layout is not None:
+            self.layout = layout
 
     def forward(self, x_TD: torch.Tensor, gates_P: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
+        if self.impl == "grouped":
+            return experts_grouped(x_TD, self.w13, self.w2, gates_P, token_idx_P, expert_idx_P, self.layout)
         return self._backend(x_TD, self.w13, self.w2, gates_P, token_idx_P, expert_idx_P)
 
     def extra_repr(self) -> str:

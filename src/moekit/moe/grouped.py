@@ -19,88 +19,84 @@ Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .gmm import gmm, gmm_wgrad
+from .gmm import choose_layout, make_layout
 
 
-def sort_by_expert(token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """Sort pairs by expert (stable). Returns (order_P, sorted token ids, E+1 row offsets)."""
+def sort_by_expert(token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort pairs by expert (stable). Returns (order_P, sorted token ids, per-expert counts)."""
     order_P = torch.argsort(expert_idx_P, stable=True)
     counts_E = torch.bincount(expert_idx_P, minlength=num_experts)
-    offsets = [0] + torch.cumsum(counts_E, 0).tolist()
-    return order_P, token_idx_P[order_P], offsets
+    return order_P, token_idx_P[order_P], counts_E
 
 
-def swiglu(h_P2F: torch.Tensor) -> torch.Tensor:
-    n = h_P2F.shape[1] // 2
-    return F.silu(h_P2F[:, :n]) * h_P2F[:, n:]
-
-
-def swiglu_backward(h_P2F: torch.Tensor, da_PF: torch.Tensor) -> torch.Tensor:
-    """dH for A = silu(G) * U, computed in float32 (float64 stays float64)."""
-    n = h_P2F.shape[1] // 2
-    work = torch.float64 if h_P2F.dtype == torch.float64 else torch.float32
-    g, u, da = h_P2F[:, :n].to(work), h_P2F[:, n:].to(work), da_PF.to(work)
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    dh_P2F = torch.empty_like(h_P2F)
-    dh_P2F[:, :n] = da * u * (sig * (1 + g * (1 - sig)))
-    dh_P2F[:, n:] = da * silu
-    return dh_P2F
+def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
+    n = h_R2F.shape[1] // 2
+    return F.silu(h_R2F[:, :n]) * h_R2F[:, n:]
 
 
 class GroupedExpertsFunction(torch.autograd.Function):
+    """Rows R are the layout's (compact: the P sorted pairs; padded: E blocks of M_max)."""
+
     @staticmethod
-    def forward(ctx, x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P):
-        E = w13_EFD.shape[0]
-        order_P, tok_P, offsets = sort_by_expert(token_idx_P, expert_idx_P, E)
+    def forward(ctx, x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout="auto"):
+        T, E = x_TD.shape[0], w13_EFD.shape[0]
+        order_P, tok_P, counts_E = sort_by_expert(token_idx_P, expert_idx_P, E)
+        kind = choose_layout(counts_E, x_TD.dtype, x_TD.device, layout)
+        rows = make_layout(tok_P, counts_E, T, kind)
         gates_sorted_P = gates_P[order_P].to(x_TD.dtype)
-        h_P2F = gmm(x_TD.index_select(0, tok_P), w13_EFD, offsets)
-        y_PD = gmm(swiglu(h_P2F), w2_EDF, offsets)
-        y_PD.mul_(gates_sorted_P[:, None])
-        out_TD = torch.zeros_like(x_TD).index_add_(0, tok_P, y_PD)
-        ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, gates_sorted_P, h_P2F, order_P, tok_P)
-        ctx.offsets = offsets
+
+        h_R2F = rows.mm(rows.gather(x_TD), w13_EFD)
+        a_scaled_RF = swiglu(h_R2F).mul_(rows.to_rows(gates_sorted_P)[:, None])  # A' = S*A (F wide, not D)
+        out_TD = rows.scatter_add(rows.mm(a_scaled_RF, w2_EDF))  # sum over pairs of S*Y
+        del a_scaled_RF
+        ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, gates_sorted_P, rows.to_pairs(h_R2F), order_P, tok_P, counts_E)
+        ctx.kind = kind
         ctx.gates_dtype = gates_P.dtype
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, w13_EFD, w2_EDF, gates_sorted_P, h_P2F, order_P, tok_P = ctx.saved_tensors
-        offsets, E = ctx.offsets, w13_EFD.shape[0]
+        x_TD, w13_EFD, w2_EDF, gates_sorted_P, h_P2F, order_P, tok_P, counts_E = ctx.saved_tensors
         need_x, need_w13, need_w2, need_gates = ctx.needs_input_grad[:4]
-        dout_TD = dout_TD.contiguous()
-        dog_PD = dout_TD.index_select(0, tok_P)
-        a_PF = swiglu(h_P2F)
-        da_scaled_PF = gmm(dog_PD, w2_EDF, offsets, w_transposed=True)  # dA' = dOg @ W2[e]
+        rows = make_layout(tok_P, counts_E, x_TD.shape[0], ctx.kind)
+        h_R2F = rows.to_rows(h_P2F)
+        n = h_R2F.shape[1] // 2
+        g_RF, u_RF = h_R2F[:, :n], h_R2F[:, n:]
+        s_R1 = rows.to_rows(gates_sorted_P)[:, None]
+
+        dog_RD = rows.gather(dout_TD.contiguous())
+        silu_RF = F.silu(g_RF)
+        a_RF = silu_RF * u_RF  # recomputed from H
+        da_scaled_RF = rows.mm(dog_RD, w2_EDF, w_transposed=True)  # dA' = dOg @ W2[e]
 
         dgates_P = None
-        if need_gates:
-            dgates_sorted_P = (da_scaled_PF * a_PF).sum(dim=-1, dtype=torch.float32 if a_PF.dtype != torch.float64 else None)
-            dgates_P = torch.empty_like(dgates_sorted_P, dtype=ctx.gates_dtype)
+        if need_gates:  # dS = <dA', A>
+            dgates_sorted_P = rows.to_pairs(torch.linalg.vecdot(da_scaled_RF, a_RF))
+            dgates_P = torch.empty(order_P.shape[0], dtype=ctx.gates_dtype, device=dout_TD.device)
             dgates_P[order_P] = dgates_sorted_P.to(ctx.gates_dtype)
 
-        dw2 = None
-        if need_w2:
-            a_PF.mul_(gates_sorted_P[:, None])  # A' = S * A, in place
-            dw2 = gmm_wgrad(dog_PD, a_PF, offsets, E)
-        del a_PF, dog_PD
+        dw2 = rows.wgrad(dog_RD, a_RF.mul_(s_R1)) if need_w2 else None  # dW2 = dOg.T @ A'
+        del a_RF, dog_RD
 
         dx = dw13 = None
         if need_x or need_w13:
-            dh_P2F = swiglu_backward(h_P2F, da_scaled_PF.mul_(gates_sorted_P[:, None]))  # dA = S * dA'
-            del da_scaled_PF
+            da_RF = da_scaled_RF.mul_(s_R1)  # dA = S * dA'
+            dh_R2F = torch.empty_like(h_R2F)
+            torch.mul(da_RF, silu_RF, out=dh_R2F[:, n:])  # dU = dA * silu(G)
+            dh_R2F[:, :n] = torch.ops.aten.silu_backward(da_RF.mul_(u_RF), g_RF)  # dG = silu'(G) * dA * U
+            del da_RF, silu_RF, da_scaled_RF, h_R2F
             if need_w13:
-                dw13 = gmm_wgrad(dh_P2F, x_TD.index_select(0, tok_P), offsets, E)
+                dw13 = rows.wgrad(dh_R2F, rows.gather(x_TD))
             if need_x:
-                dxg_PD = gmm(dh_P2F, w13_EFD, offsets, w_transposed=True)
-                dx = torch.zeros_like(x_TD).index_add_(0, tok_P, dxg_PD)
-        return dx, dw13, dw2, dgates_P, None, None
+                dx = rows.scatter_add(rows.mm(dh_R2F, w13_EFD, w_transposed=True))
+        return dx, dw13, dw2, dgates_P, None, None, None
 
 
-def experts_grouped(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P) -> torch.Tensor:
-    return GroupedExpertsFunction.apply(x_TD.contiguous(), w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P)
+def experts_grouped(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout: str = "auto") -> torch.Tensor:
+    """Routed experts with the memory-efficient backward. `layout`: 'auto', 'compact' or 'padded'."""
+    return GroupedExpertsFunction.apply(x_TD.contiguous(), w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout)
