@@ -9,9 +9,8 @@ PaddedRows   rows are E blocks of M_max (the largest expert's count); pair p sit
              at slot_P[p] and unused slots are zero rows. GEMMs are one `bmm`.
              Measured on the 2-core AVX512-BF16 CI machine, bf16 bmm over
              (256 experts x ~165 rows) ran at 632 GFLOP/s against 342 for the
-             per-expert loop; in float32 the loop was as fast or faster. Padding
-             costs E*M_max/P times the work, so it only pays when routing is
-             balanced (see `choose_layout`).
+             per-expert loop. Padding costs E*M_max/P times the work, so it only
+             pays when experts are small and routing balanced (see `choose_layout`).
 
 Both layouts expose the same operations:
     gather(src_TD)            rows of src for every slot (zeros for padding)
@@ -32,7 +31,9 @@ import torch.nn.functional as F
 
 LAYOUTS = ("auto", "compact", "padded")
 # padded bmm pays for E*M_max rows; above this ratio to the P real rows it loses
-MAX_PADDING_RATIO = 1.35
+MAX_PADDING_RATIO = 2.0
+# with many rows per expert the per-expert GEMMs are already efficient: stay compact
+MAX_MEAN_ROWS_FOR_PADDING = 256
 
 
 class CompactRows:
@@ -116,16 +117,20 @@ class PaddedRows:
 
 
 def choose_layout(counts_E: torch.Tensor, dtype: torch.dtype, device: torch.device, layout: str = "auto") -> str:
-    """'padded' for 16-bit CPU GEMMs with balanced routing, else 'compact' (unless forced)."""
+    """'padded' for CPU runs with few rows per expert and balanced routing, else 'compact'.
+
+    Measured on the 2-core CI machine (benchmarks/results/moe_layer_cpu.md): one bmm beat
+    the per-expert loop when experts averaged ~128 rows (E=256, K=8, T=4096) in float32
+    and bfloat16, even at 1.46x padding, and lost when they averaged 512 rows (E=32, K=4).
+    """
     if layout != "auto":
         if layout not in LAYOUTS:
             raise ValueError(f"unknown grouped layout {layout!r}; choose one of {LAYOUTS}")
         return layout
-    P = int(counts_E.sum())
-    if P == 0 or device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    P, E = int(counts_E.sum()), counts_E.numel()
+    if P == 0 or device.type != "cpu" or P > MAX_MEAN_ROWS_FOR_PADDING * E:
         return "compact"
-    padded_rows = counts_E.numel() * int(counts_E.max())
-    return "padded" if padded_rows <= MAX_PADDING_RATIO * P else "compact"
+    return "padded" if E * int(counts_E.max()) <= MAX_PADDING_RATIO * P else "compact"
 
 
 def make_layout(tok_P: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, kind: str):
