@@ -27,6 +27,12 @@ def _bench(args: List[str]) -> int:
         return 2
     import importlib
 
+    from .runtime import tune_cpu_allocator
+
+    if "--no-malloc-tune" in args:
+        args = [a for a in args if a != "--no-malloc-tune"]
+    else:
+        tune_cpu_allocator()
     module = importlib.import_module(BENCHES[name])
     return module.main(args) or 0
 
@@ -40,10 +46,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="moekit bench [demo|moe-layer] [options]; options go to the chosen benchmark (try --help after its name).",
         add_help=False,
     )
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    ns = parser.parse_args(argv)
+    ns, rest = parser.parse_known_args(argv)
     if ns.command == "bench":
-        return _bench(ns.rest)
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     parser.print_help()
     return 2
 

@@ -8,7 +8,7 @@ Switch aux loss 0.01) is trained with AdamW (lr 3e-3) on MSE + aux.loss, calling
 balancing). Initial and final loss are the MSE on a fixed held-out batch; the
 imbalance is max/mean of tokens per expert on that batch.
 
-    python -m moekit.bench.demo [--steps 200] [--seed 0] [--no-bench]
+    python -m moekit.bench.demo [--steps 1000] [--seed 0] [--no-bench]
 
 Legend: T tokens, D model dim, E experts.
 """
@@ -46,7 +46,7 @@ def _evaluate(student: MoE, teacher: MoE, x_TD: torch.Tensor):
     return mse, (load_E.max() / load_E.mean()).item()
 
 
-def run_demo(steps: int = 200, seed: int = 0, lr: float = 3e-3, log_every: int = 25, verbose: bool = True) -> dict:
+def run_demo(steps: int = 1000, seed: int = 0, lr: float = 3e-3, log_every: int = 100, verbose: bool = True) -> dict:
     """Train the student for `steps` AdamW steps; returns initial/final held-out MSE and the final imbalance."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         prog="moekit.bench.demo",
         description="Train a tiny MoE layer on a teacher-student regression, then benchmark a small shape.",
     )
-    p.add_argument("--steps", type=int, default=200, help="training steps")
+    p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bench", action="store_true", help="skip the small MoE-layer benchmark")
     args = p.parse_args(argv)

@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="warmup iterations (the saved-bytes pass is the first)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Qwen3MoeSparseMoeBlock rows")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
-    p.add_argument("--no-malloc-tune", action="store_true",
+    p.add_argument("--no-malloc-tune", action="store_true",  # also understood (and stripped) by `moekit bench`
                    help="leave glibc malloc as it is (by default freed large blocks are kept for reuse, "
                    "for every row alike; see moekit.runtime)")
     args = p.parse_args(argv)
