@@ -65,7 +65,7 @@ def test_float64_matches_reference(router, shape, shared):
         ids = torch.randint(0, 11, (1, T))
         g = torch.randn(1, T, D, dtype=torch.float64)
         y_ref, gr_ref, aux_ref = run(moe, "reference", x, ids, g)
-        for layout in ("compact", "padded"):
+        for layout in ("compact", "padded", 2):  # 2: a grid of 2 rows per expert plus compact tails
             check_float64(moe, x, ids, g, skew, shape, router, layout, y_ref, gr_ref, aux_ref)
 
 
@@ -85,7 +85,7 @@ def check_float64(moe, x, ids, g, skew, shape, router, layout, y_ref, gr_ref, au
         assert aux_ref.tokens_per_expert[0] == shape[0]
 
 
-@pytest.mark.parametrize("layout", ["compact", "padded"])
+@pytest.mark.parametrize("layout", ["compact", "padded", 3])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["f32", "bf16"])
 @pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "topk_softmax", "expert_choice"])
 @pytest.mark.parametrize("shape", [(13, 10, 6, 5, 5), (64, 48, 24, 8, 2)], ids=str)

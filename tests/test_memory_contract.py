@@ -27,16 +27,17 @@ def saved_bytes(fn, params=()):
     return sum(storages.values()), out
 
 
+@pytest.mark.parametrize("layout", ["compact", "padded", 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,D,F,E,K", [(512, 128, 32, 64, 8), (300, 96, 64, 16, 4), (256, 64, 16, 8, 8)])
-def test_grouped_experts_save_only_x_and_h(dtype, T, D, F, E, K):
+def test_grouped_experts_save_only_x_and_h(layout, dtype, T, D, F, E, K):
     x = torch.randn(T, D, dtype=dtype, requires_grad=True)
     w13 = torch.randn(E, 2 * F, D, dtype=dtype, requires_grad=True)
     w2 = torch.randn(E, D, F, dtype=dtype, requires_grad=True)
     gates = torch.rand(T * K, requires_grad=True)
     tok = torch.arange(T).repeat_interleave(K)
     exp = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).reshape(-1)
-    nbytes, _ = saved_bytes(lambda: experts_grouped(x, w13, w2, gates, tok, exp), params=(w13, w2))
+    nbytes, _ = saved_bytes(lambda: experts_grouped(x, w13, w2, gates, tok, exp, layout), params=(w13, w2))
     elem = x.element_size()
     x_bytes, h_bytes = T * D * elem, T * K * 2 * F * elem
     assert nbytes <= 1.1 * (x_bytes + h_bytes) + 64 * T * K

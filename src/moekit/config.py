@@ -60,7 +60,8 @@ class MoEConfig:
     # --- backend ---
     experts_impl: str = "grouped"
     # grouped backend row layout: "compact" (per-expert GEMM loop), "padded" (one bmm over
-    # E blocks of the largest expert's count) or "auto" (padded for balanced 16-bit CPU runs)
+    # E blocks of the largest count) or "auto" (a cost model picks a grid block for small
+    # experts on CPU, with overflowing rows in a compact tail; see moe/gmm.py)
     grouped_layout: str = "auto"
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .gmm import choose_layout, make_layout
+from .gmm import ExpertRows, choose_block
 
 
 def sort_by_expert(token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,14 +40,14 @@ def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedExpertsFunction(torch.autograd.Function):
-    """Rows R are the layout's (compact: the P sorted pairs; padded: E blocks of M_max)."""
+    """Rows R are those of gmm.ExpertRows: a padded per-expert grid (one bmm) plus a compact tail."""
 
     @staticmethod
     def forward(ctx, x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout="auto"):
         T, E = x_TD.shape[0], w13_EFD.shape[0]
         order_P, tok_P, counts_E = sort_by_expert(token_idx_P, expert_idx_P, E)
-        kind = choose_layout(counts_E, x_TD.dtype, x_TD.device, layout)
-        rows = make_layout(tok_P, counts_E, T, kind)
+        block = choose_block(counts_E, x_TD.device, layout)
+        rows = ExpertRows(tok_P, counts_E, T, block)
         gates_sorted_P = gates_P[order_P].to(x_TD.dtype)
 
         h_R2F = rows.mm(rows.gather(x_TD), w13_EFD)
@@ -55,7 +55,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
         out_TD = rows.scatter_add(rows.mm(a_scaled_RF, w2_EDF))  # sum over pairs of S*Y
         del a_scaled_RF
         ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, gates_sorted_P, rows.to_pairs(h_R2F), order_P, tok_P, counts_E)
-        ctx.kind = kind
+        ctx.block = block
         ctx.gates_dtype = gates_P.dtype
         return out_TD
 
@@ -63,7 +63,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
     def backward(ctx, dout_TD):
         x_TD, w13_EFD, w2_EDF, gates_sorted_P, h_P2F, order_P, tok_P, counts_E = ctx.saved_tensors
         need_x, need_w13, need_w2, need_gates = ctx.needs_input_grad[:4]
-        rows = make_layout(tok_P, counts_E, x_TD.shape[0], ctx.kind)
+        rows = ExpertRows(tok_P, counts_E, x_TD.shape[0], ctx.block)
         h_R2F = rows.to_rows(h_P2F)
         n = h_R2F.shape[1] // 2
         g_RF, u_RF = h_R2F[:, :n], h_R2F[:, n:]
@@ -98,5 +98,7 @@ class GroupedExpertsFunction(torch.autograd.Function):
 
 
 def experts_grouped(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout: str = "auto") -> torch.Tensor:
-    """Routed experts with the memory-efficient backward. `layout`: 'auto', 'compact' or 'padded'."""
+    """Routed experts with the memory-efficient backward.
+
+    `layout`: 'auto', 'compact', 'padded' or an int grid block size (see gmm.ExpertRows)."""
     return GroupedExpertsFunction.apply(x_TD.contiguous(), w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout)
