@@ -75,3 +75,16 @@ def test_output_shapes_and_api_names():
         assert aux.tokens_per_expert.dtype == torch.int64 and aux.tokens_per_expert.shape == (4,)
         assert aux.loss.shape == ()
     assert "router.expert_bias" in moe.state_dict()
+
+
+def test_dtype_mismatch_is_a_clear_error_and_autocast_works():
+    moe = MoE(MoEConfig(d_model=16, d_expert=8, num_experts=4, top_k=2, num_shared_experts=1))
+    with pytest.raises(ValueError, match="does not match the weights' dtype"):
+        moe(torch.randn(3, 16, dtype=torch.bfloat16))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = moe(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert moe.experts.w13.grad.dtype == torch.float32 and moe.experts.w13.grad.abs().sum() > 0
+    assert x.grad is not None and moe.router.weight.grad is not None

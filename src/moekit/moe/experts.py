@@ -53,9 +53,14 @@ class Experts(nn.Module):
             self.layout = layout
 
     def forward(self, x_TD: torch.Tensor, gates_P: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
+        w13_EFD, w2_EDF = self.w13, self.w2
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type):  # e.g. bf16 compute over fp32 master weights
+            dtype = torch.get_autocast_dtype(device_type)
+            x_TD, w13_EFD, w2_EDF = x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype)
         if self.impl == "grouped":
-            return experts_grouped(x_TD, self.w13, self.w2, gates_P, token_idx_P, expert_idx_P, self.layout)
-        return self._backend(x_TD, self.w13, self.w2, gates_P, token_idx_P, expert_idx_P)
+            return experts_grouped(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, self.layout)
+        return self._backend(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P)
 
     def extra_repr(self) -> str:
         E, F2, D = self.w13.shape

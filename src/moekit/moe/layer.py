@@ -55,6 +55,12 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects input of shape (..., d_model={cfg.d_model}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"MoE expects a floating-point input, got dtype {x.dtype}")
+        weight_dtype = self.experts.w13.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"MoE input dtype {x.dtype} does not match the weights' dtype {weight_dtype}; "
+                f"convert the module (moe.to({x.dtype})) or run under torch.autocast"
+            )
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
         x_TD = x.reshape(-1, cfg.d_model)
         if token_ids is not None and token_ids.numel() != x_TD.shape[0]:
