@@ -99,10 +99,17 @@ class ExpertRows:
     def wgrad(self, a_RK: torch.Tensor, b_RN: torch.Tensor) -> torch.Tensor:
         if self.block:
             out_EKN = torch.bmm(self._grid(a_RK).transpose(1, 2), self._grid(b_RN))
-        else:
-            out_EKN = a_RK.new_zeros(self.num_experts, a_RK.shape[1], b_RN.shape[1])
+            for e, start, end in self.tail:
+                out_EKN[e].addmm_(a_RK[start:end].t(), b_RN[start:end])
+            return out_EKN
+        out_EKN = a_RK.new_empty(self.num_experts, a_RK.shape[1], b_RN.shape[1])
+        has_rows = [False] * self.num_experts
         for e, start, end in self.tail:
-            out_EKN[e].addmm_(a_RK[start:end].t(), b_RN[start:end])
+            torch.mm(a_RK[start:end].t(), b_RN[start:end], out=out_EKN[e])
+            has_rows[e] = True
+        for e in range(self.num_experts):
+            if not has_rows[e]:
+                out_EKN[e].zero_()
         return out_EKN
 
 
