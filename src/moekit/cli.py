@@ -40,7 +40,7 @@ def _bench(args: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="moekit", description="Train, analyze and serve fine-grained MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = sub.add_parser(
+    sub.add_parser(
         "bench",
         help="benchmarks: 'demo' (default) or 'moe-layer'",
         description="moekit bench [demo|moe-layer] [options]; options go to the chosen benchmark (try --help after its name).",

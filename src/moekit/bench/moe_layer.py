@@ -318,7 +318,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
                 del hf, x_1TD
 
             _log(f"{tag} {IMPL_MOEKIT} ...", progress)
-            m = _measure(lambda x: moe(x)[0], x_TD, dy_TD, list(moe.parameters()), warmup, iters)
+            m = _measure(lambda x, layer=moe: layer(x)[0], x_TD, dy_TD, list(moe.parameters()), warmup, iters)
             moe_row = _row(shape, dtype, IMPL_MOEKIT, flops, m, x_bytes=x_bytes, h_bytes=h_bytes, **common)
             del moe, x_TD
 
