@@ -124,3 +124,11 @@ def test_noisy_topk_formula_and_eval_mode():
     eps = torch.randn(5, 4, dtype=torch.float64)
     expected = x + eps * torch.nn.functional.softplus(x @ r.noise_weight.t())
     torch.testing.assert_close(noisy, expected)
+
+
+def test_softmax_gates_stay_finite_when_bias_forces_unlikely_experts():
+    # expert 3's logit is 200 below the row max; the bias makes it the only choice (K=1)
+    r = identity_router(num_experts=4, top_k=1, router="topk_softmax")
+    r.expert_bias[3] = 1000.0
+    got = pairs(r(torch.tensor([[100.0, 0.0, 0.0, -100.0]], dtype=torch.float64)))
+    assert got == {(0, 3): 1.0}

@@ -161,9 +161,11 @@ class Router(nn.Module):
             gates_P = torch.exp(logit_P - torch.logsumexp(logits_TE, dim=-1)[token_idx_P])
             normalize = False
         else:
-            # exp(logit - max over the token's row): normalising it gives the softmax over the set
-            row_max_T = logits_TE.detach().amax(dim=-1)
-            gates_P = torch.exp(logit_P - row_max_T[token_idx_P])
+            # exp(logit - max over the token's chosen logits): normalised, the softmax over the set
+            set_max_T = logit_P.detach().new_zeros(T).scatter_reduce(
+                0, token_idx_P, logit_P.detach(), reduce="amax", include_self=False
+            )
+            gates_P = torch.exp(logit_P - set_max_T[token_idx_P])
             normalize = True
         if normalize:
             sum_T = torch.zeros(T, dtype=gates_P.dtype, device=gates_P.device).index_add(0, token_idx_P, gates_P)
