@@ -151,10 +151,10 @@ def square_gemm_gflops(dtype: torch.dtype, size: int = 2048, iters: int = 3) -> 
 
 
 # --------------------------------------------------------------------------- implementations
-def build_moekit(T: int, D: int, F_: int, E: int, K: int) -> MoE:
+def build_moekit(T: int, D: int, F_: int, E: int, K: int, layout: str = "auto") -> MoE:
     cfg = MoEConfig(
         d_model=D, d_expert=F_, num_experts=E, top_k=K,
-        router="softmax_topk", norm_topk_prob=True, experts_impl="grouped",
+        router="softmax_topk", norm_topk_prob=True, experts_impl="grouped", grouped_layout=layout,
     )
     return MoE(cfg)
 
@@ -240,7 +240,7 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: int = 3, with_hf: bool = True,
-        seed: int = 0, progress: bool = True) -> List[dict]:
+        seed: int = 0, progress: bool = True, layout: str = "auto") -> List[dict]:
     """Benchmark every (shape, dtype); returns one dict per (shape, dtype, implementation).
 
     Progress lines go to stderr when `progress` is true.
@@ -269,7 +269,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
         shape = (T, D, F_, E, K)
         flops = moe_flops(T, D, F_, K)
         torch.manual_seed(seed)
-        moe_f32 = build_moekit(*shape)
+        moe_f32 = build_moekit(*shape, layout=layout)
         dense_f32 = DenseSwiGLU(D, F_)
         hf_f32, hf_impl = build_hf_from_moekit(moe_f32) if with_hf else (None, None)
         x32_TD = torch.randn(T, D)
@@ -412,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="warmup iterations (the saved-bytes pass is the first)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Qwen3MoeSparseMoeBlock rows")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    p.add_argument("--layout", default="auto", choices=["auto", "compact", "padded"],
+                   help="grouped backend row layout (MoEConfig.grouped_layout)")
     p.add_argument("--no-malloc-tune", action="store_true",  # also understood (and stripped) by `moekit bench`
                    help="leave glibc malloc as it is (by default freed large blocks are kept for reuse, "
                    "for every row alike; see moekit.runtime)")
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
         dtypes = [_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
     except ValueError as exc:
         p.error(str(exc))
-    rows = run(shapes, dtypes, warmup=args.warmup, iters=args.iters, with_hf=not args.no_hf)
+    rows = run(shapes, dtypes, warmup=args.warmup, iters=args.iters, with_hf=not args.no_hf, layout=args.layout)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
