@@ -88,3 +88,14 @@ def test_dtype_mismatch_is_a_clear_error_and_autocast_works():
     y.float().square().sum().backward()
     assert moe.experts.w13.grad.dtype == torch.float32 and moe.experts.w13.grad.abs().sum() > 0
     assert x.grad is not None and moe.router.weight.grad is not None
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk", "expert_choice", "hash"])
+def test_builds_on_meta_device_without_memory(router):
+    cfg = MoEConfig(d_model=2048, d_expert=768, num_experts=128, top_k=8, router=router,
+                    num_shared_experts=1, hash_vocab_size=1000, router_noise=router != "hash")
+    with torch.device("meta"):
+        moe = MoE(cfg)
+    assert all(t.device.type == "meta" for t in list(moe.parameters()) + list(moe.buffers()))
+    expected = 128 * (2048 + 3 * 2048 * 768) + 3 * 2048 * 768 + (128 * 2048 if router != "hash" else 0)
+    assert sum(p.numel() for p in moe.parameters()) == expected

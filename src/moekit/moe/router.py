@@ -11,6 +11,7 @@ P (token, expert) pairs, V hash vocabulary.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -55,18 +56,20 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
     """Greedy balanced assignment: most frequent tokens first, each into the K emptiest experts.
 
-    Returns a (V, K) int64 table of distinct experts per token id.
+    Returns a (V, K) int64 CPU table of distinct experts per token id. Ties go to the lower
+    expert id and, among equally frequent tokens, to the lower token id (deterministic).
     """
-    counts = token_counts_V.detach().to(torch.float64).cpu()
-    load_E = torch.zeros(num_experts, dtype=torch.float64)
-    table_VK = torch.empty(counts.numel(), top_k, dtype=torch.int64)
-    # stable sort so equal frequencies keep id order (deterministic tables)
+    counts = token_counts_V.detach().to("cpu", torch.float64)
+    rows: list = [None] * counts.numel()
+    heap = [(0.0, e) for e in range(num_experts)]  # (load, expert): a valid heap already
     for token in torch.argsort(counts, descending=True, stable=True).tolist():
-        experts = torch.argsort(load_E, stable=True)[:top_k]
-        table_VK[token] = experts
-        # at least 1 so that zero-frequency ids still spread round-robin
-        load_E[experts] += max(counts[token].item(), 1e-9)
-    return table_VK
+        chosen = [heapq.heappop(heap) for _ in range(top_k)]
+        rows[token] = [e for _, e in chosen]
+        # a tiny load for zero-frequency ids still spreads them round-robin
+        weight = max(counts[token].item(), 1e-9)
+        for load, e in chosen:
+            heapq.heappush(heap, (load + weight, e))
+    return torch.tensor(rows, dtype=torch.int64, device="cpu").view(-1, top_k)
 
 
 class Router(nn.Module):
@@ -81,8 +84,8 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.noise_weight = nn.Parameter(torch.zeros(E, D)) if cfg.router_noise else None
         if cfg.router == "hash":
-            table = balanced_hash_table(torch.ones(cfg.hash_vocab_size), E, cfg.top_k)
-            self.register_buffer("hash_table", table)
+            table = balanced_hash_table(torch.ones(cfg.hash_vocab_size, device="cpu"), E, cfg.top_k)
+            self.register_buffer("hash_table", table.to(self.weight.device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
