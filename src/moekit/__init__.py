@@ -1,6 +1,7 @@
 """moekit: train, analyze and serve fine-grained Mixture-of-Experts language models."""
 
-from .config import MoEConfig
+from .config import ModelConfig, MoEConfig
+from .model import Transformer
 
 __version__ = "0.1.0"
-__all__ = ["MoEConfig", "__version__"]
+__all__ = ["ModelConfig", "MoEConfig", "Transformer", "__version__"]

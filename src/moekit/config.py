@@ -9,7 +9,7 @@ config never reaches the layer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "expert_choice", "hash")
 EXPERT_IMPLS = ("reference", "grouped", "triton")
@@ -144,3 +144,107 @@ class MoEConfig:
                 raise ValueError(f"unknown token_rounding {self.token_rounding!r}; choose None or one of {ROUNDING_MODES}")
             if self.router in ("expert_choice", "hash"):
                 raise ValueError(f"token_rounding applies to top-k routers, not router={self.router!r}")
+
+
+ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
+QK_NORMS = (None, "head", "full")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only MoE language model (LLaMA/Qwen3/Mixtral/OLMoE/DeepSeek-style).
+
+    Layer i uses a dense SwiGLU FFN when `is_dense_layer(i)`, else the MoE layer `moe`.
+    """
+
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; else GQA
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    qk_norm: Optional[str] = None  # None | "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over the projection)
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2-MoE)
+    clip_qkv: Optional[float] = None  # OLMoE
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"type": "linear"|"llama3"|"yarn", "factor": ..., ...}
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    d_ff: int = 128  # dense FFN size
+    first_k_dense: int = 0  # DeepSeek: the first k layers are dense
+    sparse_step: int = 1  # Qwen2-MoE decoder_sparse_step: layer i is MoE when (i + 1) % step == 0
+    dense_layers: Tuple[int, ...] = ()  # explicit dense layers (Qwen mlp_only_layers)
+    moe: Optional[MoEConfig] = None  # None: every layer dense
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    init_std: float = 0.02
+    name: str = "custom"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        self.dense_layers = tuple(self.dense_layers)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads if self.n_heads > 0 else 0
+        self.validate()
+
+    def validate(self) -> None:
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "sparse_step"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS[1:]:
+            raise ValueError(f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose one of {ROPE_SCALINGS[1:]}")
+        if self.first_k_dense < 0 or self.first_k_dense > self.n_layers:
+            raise ValueError(f"ModelConfig.first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"ModelConfig.dense_layers has indices outside [0, {self.n_layers}): {bad}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16, float16 or float64")
+        if self.moe is not None:
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"MoE d_model={self.moe.d_model} differs from the model's d_model={self.d_model}")
+            if self.moe.router == "expert_choice":
+                raise ValueError("router='expert_choice' is not causal and cannot be used in a decoder language model")
+
+    def is_dense_layer(self, i: int) -> bool:
+        return (
+            self.moe is None
+            or i < self.first_k_dense
+            or i in self.dense_layers
+            or (i + 1) % self.sparse_step != 0
+        )
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return cls(**data)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        from .presets import MODEL_PRESETS
+
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return MODEL_PRESETS[name]().replace(**overrides) if overrides else MODEL_PRESETS[name]()
