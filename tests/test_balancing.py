@@ -124,3 +124,10 @@ def test_counts_accumulate_only_in_training_and_helper_updates_all_layers():
     assert update_expert_biases(model, gamma=0.01) == 2
     assert model[0].tokens_since_update.sum() == 0
     assert model[0].router.expert_bias.abs().sum() > 0
+
+
+def test_eval_mode_skips_balancing_losses():
+    moe = uniform_moe("softmax_topk", aux_loss_coef=0.02, z_loss_coef=0.1).eval()
+    _, aux = moe(torch.randn(6, 16))
+    assert aux.loss.item() == 0.0 and aux.switch_loss is None and aux.z_loss is None
+    assert aux.tokens_per_expert.sum() == 12

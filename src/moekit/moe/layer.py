@@ -4,7 +4,8 @@
     y, aux = moe(x, token_ids) # router='hash' routes by token id
 
 `aux.loss` is the weighted sum of the enabled balancing losses; the unweighted
-values are reported beside it. In training mode the layer also accumulates
+values are reported beside it. In eval mode (inference) the losses are skipped:
+`aux.loss` is 0 and the individual values are None. In training mode the layer also accumulates
 per-expert token counts for the aux-loss-free bias update, which the caller
 applies explicitly with `moe.update_expert_bias()` after the optimizer step.
 
@@ -28,11 +29,11 @@ from .router import Router, Routing
 
 @dataclass
 class MoEAux:
-    loss: torch.Tensor  # scalar: aux_loss_coef*switch + seq_aux_loss_coef*seq + z_loss_coef*z
+    loss: torch.Tensor  # scalar: aux_loss_coef*switch + seq_aux_loss_coef*seq + z_loss_coef*z (0 in eval mode)
     tokens_per_expert: torch.Tensor  # (E,) int64, this call
-    switch_loss: torch.Tensor  # unweighted E * sum f_i P_i (1.0 when uniform)
-    seq_aux_loss: torch.Tensor  # unweighted DeepSeek sequence-wise loss (1.0 when uniform)
-    z_loss: torch.Tensor  # unweighted mean logsumexp^2
+    switch_loss: Optional[torch.Tensor]  # unweighted E * sum f_i P_i (1.0 when uniform); None in eval mode
+    seq_aux_loss: Optional[torch.Tensor]  # unweighted DeepSeek sequence-wise loss (1.0 when uniform); None in eval
+    z_loss: Optional[torch.Tensor]  # unweighted mean logsumexp^2; None in eval mode
     routing: Routing  # the pairs, gates and router outputs of this call
 
 
@@ -84,6 +85,8 @@ class MoE(nn.Module):
         cfg = self.cfg
         device = tokens_per_expert.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
+        if not self.training:  # inference: no balancing losses (keeps decoding cheap)
+            return MoEAux(zero, tokens_per_expert, None, None, None, routing)
         switch = seq = z = zero
         total = zero
         if routing.logits_TE is not None and routing.num_tokens > 0:
