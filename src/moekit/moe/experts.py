@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
+from .decode import experts_gathered_weights, use_gathered_weights
 from .grouped import experts_grouped
 from .reference import experts_reference
 
@@ -59,6 +60,8 @@ class Experts(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_TD, w13_EFD, w2_EDF = x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype)
         if self.impl == "grouped":
+            if use_gathered_weights(x_TD, expert_idx_P.numel(), w13_EFD.shape[0]):
+                return experts_gathered_weights(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P)
             return experts_grouped(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, self.layout)
         return self._backend(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P)
 

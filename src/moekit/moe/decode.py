@@ -1,0 +1,30 @@
+"""Inference fast path for few tokens (decoding): gather each pair's expert weights.
+
+With a handful of (token, expert) pairs, sorting and a per-expert GEMM loop cost
+more in launch and Python overhead than the arithmetic. Here each pair fetches its
+expert's matrices by index and one batched matmul does all pairs (gpt-fast style):
+a few large ops instead of many small ones. Used without autograd only, when the
+pairs are at most the number of experts (each expert's weights are then read
+about once, as the grouped path would).
+
+Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def use_gathered_weights(x_TD: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
+    return not torch.is_grad_enabled() and 0 < num_pairs <= num_experts
+
+
+@torch.no_grad()
+def experts_gathered_weights(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P) -> torch.Tensor:
+    n = w2_EDF.shape[-1]
+    x_PD1 = x_TD.index_select(0, token_idx_P).unsqueeze(-1)
+    h_P2F = torch.bmm(w13_EFD.index_select(0, expert_idx_P), x_PD1).squeeze(-1)
+    a_PF1 = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_P.to(x_TD.dtype)[:, None]).unsqueeze(-1)
+    y_PD = torch.bmm(w2_EDF.index_select(0, expert_idx_P), a_PF1).squeeze(-1)
+    return torch.zeros_like(x_TD).index_add_(0, token_idx_P, y_PD)
