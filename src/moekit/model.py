@@ -119,7 +119,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x_BTD, cos_BTDh, sin_BTDh, cache: Optional[KVCache] = None, start: int = 0,
-                key_mask_BS: Optional[torch.Tensor] = None):
+                attn_mask_B1TS: Optional[torch.Tensor] = None):
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -134,28 +134,28 @@ class Attention(nn.Module):
         q_BHTDh = apply_rope(q_BHTDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         k_BGTDh = apply_rope(k_BGTDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         v_BGTDh = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-
-        if cache is None and key_mask_BS is None:
-            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=True,
-                                                 enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        if cache is not None:
+            end = start + T
+            cache.k[self.layer_idx, :, :, start:end] = k_BGTDh
+            cache.v[self.layer_idx, :, :, start:end] = v_BGTDh
+            k_BGTDh, v_BGTDh = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
+        gqa = cfg.n_kv_heads != cfg.n_heads
+        if attn_mask_B1TS is None:
+            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=True, enable_gqa=gqa)
         else:
-            if cache is not None:
-                end = start + T
-                if end > cache.max_len:
-                    raise ValueError(f"KV cache holds {cache.max_len} positions; writing up to {end}")
-                cache.k[self.layer_idx, :, :, start:end] = k_BGTDh
-                cache.v[self.layer_idx, :, :, start:end] = v_BGTDh
-                k_BGTDh, v_BGTDh = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
-            S = k_BGTDh.shape[2]
-            q_idx_T = torch.arange(start, start + T, device=x_BTD.device)
-            k_idx_S = torch.arange(S, device=x_BTD.device)
-            allowed_BTS = (k_idx_S[None, :] <= q_idx_T[:, None]).expand(B, T, S)
-            if key_mask_BS is not None:
-                # padding keys are hidden; a query always sees itself so no row is empty
-                allowed_BTS = allowed_BTS & key_mask_BS[:, None, :S] | (k_idx_S[None, :] == q_idx_T[:, None])
-            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=allowed_BTS[:, None],
-                                                 enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=attn_mask_B1TS, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention_mask(B: int, T: int, start: int, key_mask_BS: Optional[torch.Tensor], device) -> torch.Tensor:
+    """(B, 1, T, S) bool: query start+i sees keys j <= start+i that are not padding (and always itself)."""
+    S = start + T
+    q_idx_T1 = torch.arange(start, S, device=device)[:, None]
+    k_idx_1S = torch.arange(S, device=device)[None, :]
+    allowed_BTS = (k_idx_1S <= q_idx_T1).expand(B, T, S)
+    if key_mask_BS is not None:
+        allowed_BTS = allowed_BTS & key_mask_BS[:, None, :S] | (k_idx_1S == q_idx_T1)
+    return allowed_BTS[:, None]
 
 
 class Block(nn.Module):
@@ -168,8 +168,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.moe.replace(causal=True)) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
         self.last_aux = None
 
-    def forward(self, x_BTD, cos, sin, cache=None, start=0, key_mask_BS=None, token_ids_BT=None):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, start, key_mask_BS)
+    def forward(self, x_BTD, cos, sin, cache=None, start=0, attn_mask_B1TS=None, token_ids_BT=None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, start, attn_mask_B1TS)
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
             y_BTD, self.last_aux = self.ffn(h_BTD, token_ids=token_ids_BT)
@@ -228,10 +228,15 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
         if positions_BT is None:
             positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; writing up to {start + T}")
+        attn_mask_B1TS = None
+        if cache is not None or key_mask_BS is not None:
+            attn_mask_B1TS = attention_mask(B, T, start, key_mask_BS, tokens_BT.device)
         x_BTD = self.embed(tokens_BT)
         cos, sin = rope_cos_sin(self.inv_freq, positions_BT, x_BTD.dtype)
         for block in self.layers:
-            x_BTD = block(x_BTD, cos, sin, cache, start, key_mask_BS, tokens_BT)
+            x_BTD = block(x_BTD, cos, sin, cache, start, attn_mask_B1TS, tokens_BT)
         return self.lm_head(self.norm(x_BTD))
 
     def moe_layers(self) -> List[MoE]:
