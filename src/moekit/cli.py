@@ -16,6 +16,7 @@ from typing import List, Optional
 # name -> (module with a `cli(argv) -> int` function, one-line help)
 COMMANDS = {
     "bench": ("moekit.bench.cli", "benchmarks: 'demo' (default) or 'moe-layer'"),
+    "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
 }
 
 

@@ -61,7 +61,7 @@ def olmoe_1b_7b() -> ModelConfig:
 def qwen2_57b_a14b() -> ModelConfig:
     return ModelConfig(
         name="qwen2-57b-a14b", vocab_size=151936, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
-        head_dim=128, attention_bias=True, rope_theta=1e6, norm_eps=1e-6, d_ff=18944, max_seq_len=32768,
+        head_dim=128, attention_bias=True, rope_theta=1e6, norm_eps=1e-6, d_ff=18944, max_seq_len=131072,
         dtype="bfloat16",
         moe=MoEConfig(d_model=3584, d_expert=2560, num_experts=64, top_k=8, norm_topk_prob=False,
                       num_shared_experts=1, d_shared=20480, shared_gate=True, aux_loss_coef=0.001),
