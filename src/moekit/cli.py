@@ -17,6 +17,7 @@ from typing import List, Optional
 COMMANDS = {
     "bench": ("moekit.bench.cli", "benchmarks: 'demo' (default) or 'moe-layer'"),
     "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
+    "generate": ("moekit.generate", "generate text from a checkpoint (--checkpoint DIR --prompt TEXT)"),
 }
 
 

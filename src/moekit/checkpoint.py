@@ -1,0 +1,202 @@
+"""The moekit checkpoint format, and `load_model` for every checkpoint kind moekit reads.
+
+A moekit checkpoint is a directory:
+
+    moekit_config.json   ModelConfig.to_dict() plus {"format": "moekit", "version": 1}
+    model.safetensors    the state dict (lm_head.weight is left out when the embeddings are tied)
+    tokenizer.json       optional: a `tokenizers.Tokenizer`, saved when `model.tokenizer` is set
+
+    save_model(model, "ckpt")            # atomic: written to a temp dir beside "ckpt", then renamed
+    model = load_model("ckpt")           # a moekit checkpoint ...
+    model = load_model("runs/x")         # ... a training run directory holding checkpoint/ ...
+    model = load_model("hf_dir")         # ... or an HF checkpoint (config.json), via moekit.hf.load_hf
+
+`load_model` attaches `model.tokenizer` (a `tokenizers.Tokenizer`, or None when the
+checkpoint has no tokenizer.json or the `tokenizers` package is missing).
+safetensors and tokenizers are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import ModelConfig
+from .model import Transformer, rope_inv_freq
+
+CONFIG_FILE = "moekit_config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT_NAME = "moekit"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise ImportError(
+            "moekit checkpoints need the 'safetensors' package: pip install safetensors (or moekit[hf])"
+        ) from None
+    return st
+
+
+def _resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name such as 'float32' or 'bfloat16'")
+
+
+# ---------------------------------------------------------------------------- save
+def save_model(model: Transformer, path: PathLike) -> Path:
+    """Write `model` as a moekit checkpoint directory at `path` (replacing an older checkpoint there).
+
+    The files are written into a temporary directory beside `path` and renamed into place,
+    so a reader never sees a half-written checkpoint. An existing directory at `path` is
+    replaced only when it is empty or itself a moekit checkpoint.
+    """
+    st = _safetensors()
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"cannot save a checkpoint to {str(path)!r}: it exists and is not a directory")
+        if any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
+            raise ValueError(
+                f"refusing to replace {str(path)!r}: it is a non-empty directory that is not a moekit checkpoint"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    cfg = model.cfg
+    state = model.state_dict()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **cfg.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        st.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{tmp.name[-8:]}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------- load
+def load_tokenizer(path: PathLike):
+    """`tokenizers.Tokenizer` from path/tokenizer.json, or None (no file, or the package is missing)."""
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(file))
+
+
+def read_config(path: PathLike) -> ModelConfig:
+    """The ModelConfig of a moekit checkpoint directory."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {err}") from None
+    fmt, version = data.pop("format", None), data.pop("version", None)
+    if fmt != FORMAT_NAME:
+        raise ValueError(f"{str(file)!r} has format {fmt!r}, expected {FORMAT_NAME!r}")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(file)!r} has format version {version!r}; this moekit reads versions <= {FORMAT_VERSION}"
+        )
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{str(file)!r} has unknown ModelConfig fields {unknown} (written by a newer moekit?)")
+    return ModelConfig.from_dict(data)
+
+
+def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
+    """Load a moekit checkpoint directory (see the module docstring)."""
+    st = _safetensors()
+    path = Path(path)
+    dtype = _resolve_dtype(dtype)
+    cfg = read_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=str(dtype).removeprefix("torch."))
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"moekit checkpoint {str(path)!r} has no {WEIGHTS_FILE}")
+    state = st.load_file(str(weights), device=str(device))
+
+    # build without initialising (meta), then adopt the loaded tensors
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    param_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if dtype is not None:
+        state = {k: v.to(dtype) if k in param_names and v.is_floating_point() else v for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("embed.weight")
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected or any(v is None for v in state.values()):
+        raise ValueError(
+            f"{str(weights)!r} does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # non-persistent buffers are not in the file
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ValueError(f"tensors not restored from {str(weights)!r}: {leftover[:8]}")
+    model.tokenizer = load_tokenizer(path)
+    return model.eval()
+
+
+def load_model(path: PathLike, dtype=None, device="cpu") -> Transformer:
+    """Load a moekit checkpoint, a training run directory (path/checkpoint) or an HF checkpoint.
+
+    The returned model is in eval mode and has `model.tokenizer` set (or None).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {str(path)!r} is not a directory")
+    if (path / CONFIG_FILE).is_file():
+        return load_moekit(path, dtype=dtype, device=device)
+    if (path / "config.json").is_file() and not (path / "checkpoint").is_dir():
+        from .hf import load_hf
+
+        model = load_hf(path, dtype=dtype, device=device)
+        if not hasattr(model, "tokenizer"):
+            model.tokenizer = load_tokenizer(path)
+        return model.eval()
+    if (path / "checkpoint").is_dir():
+        return load_model(path / "checkpoint", dtype=dtype, device=device)
+    raise ValueError(
+        f"{str(path)!r} is not a checkpoint: expected {CONFIG_FILE} (moekit), config.json (HF) "
+        f"or a checkpoint/ subdirectory (a training run)"
+    )

@@ -1,0 +1,400 @@
+"""Batched autoregressive generation with a preallocated KV cache, and `moekit generate`.
+
+    from moekit.generate import generate
+    new_ids = generate(model, prompts=[[1, 2, 3], [4, 5]], max_new_tokens=16,
+                       temperature=0.0, top_k=None, top_p=None, seed=None, stop=None)
+    # -> one list of new token ids per prompt (the prompt is not repeated)
+
+How a batch runs: prompts of different lengths are LEFT-padded to the longest one
+(P tokens), so every sequence's next token is written to the same cache slot. Each
+sequence's RoPE positions count only its real tokens, and a key mask hides the pad
+slots from attention, so a padded sequence computes what it would alone. One prefill
+forward fills the cache with the prompts; then each decode step feeds one token per
+sequence. The cache is allocated once for P + max_new_tokens slots.
+
+Sampling, in the order applied to the last position's logits (float32):
+  1. repetition penalty (CTRL / HF semantics) over the prompt and generated tokens:
+     a positive logit is divided by the penalty, a negative one multiplied by it;
+  2. temperature == 0: greedy (argmax), the steps below are skipped;
+  3. logits / temperature, then top-k, then top-p (nucleus: the smallest set of
+     most likely tokens whose probability reaches top_p, at least one token);
+  4. a draw from the softmax with a `torch.Generator` seeded by `seed`.
+
+Stopping: `stop` holds token ids and/or token-id sequences; `eos_token_id` adds
+single ids. A sequence ends when its generated tokens end with one of them; the
+stop ids themselves are NOT returned (like a stop string in vLLM/OpenAI APIs).
+Finished sequences are fed a pad token until the whole batch is done (their
+outputs are ignored); the loop ends early once every sequence has finished.
+
+Streaming: `stream(step_tokens)` is called after each step with one entry per
+prompt: the new token, or None when that sequence has finished (a single stop
+id is reported as None). A multi-token stop sequence is only recognised at its
+last token, so its leading tokens have already been streamed by then; the
+returned lists never contain them.
+
+Legend: B batch, P padded prompt length, S cache length (P + max_new_tokens), V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .model import KVCache
+
+PAD_ID = 0  # any valid id; pad slots are masked out of attention and never sampled from
+
+StopSpec = Optional[Sequence[Union[int, Sequence[int]]]]
+
+
+# ---------------------------------------------------------------------------- logits processing
+def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL penalty on tokens already seen: logit/penalty if positive, logit*penalty if not."""
+    if penalty == 1.0:
+        return logits_BV
+    penalised_BV = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, penalised_BV, logits_BV)
+
+
+def top_k_filter(logits_BV: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept); the rest -> -inf."""
+    if top_k is None or top_k >= logits_BV.shape[-1]:
+        return logits_BV
+    kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+    return logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+
+
+def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= top_p.
+
+    A token is dropped when the probability of the tokens ranked above it already reaches
+    top_p, so the most likely token is always kept.
+    """
+    if top_p is None or top_p >= 1.0:
+        return logits_BV
+    sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+    probs_BV = torch.softmax(sorted_BV, dim=-1)
+    mass_before_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV
+    drop_sorted_BV = mass_before_BV >= top_p
+    drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
+    return logits_BV.masked_fill(drop_BV, float("-inf"))
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row (B,) int64: argmax when temperature == 0, else a filtered draw."""
+    if temperature == 0.0:
+        return torch.argmax(logits_BV, dim=-1)
+    logits_BV = top_p_filter(top_k_filter(logits_BV / temperature, top_k), top_p)
+    probs_BV = torch.softmax(logits_BV, dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- input checks
+def _normalise_prompts(prompts, vocab_size: int) -> List[List[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        ids = []
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt {i} holds a non-integer token {t!r}")
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"prompt {i} holds token id {t} outside [0, vocab_size={vocab_size})")
+            ids.append(int(t))
+        out.append(ids)
+    return out
+
+
+def _normalise_stops(stop: StopSpec, eos_token_id, vocab_size: int) -> List[Tuple[int, ...]]:
+    """All stop conditions as token-id tuples (a single id becomes a 1-tuple)."""
+    items: list = []
+    if stop is not None:
+        if isinstance(stop, int) and not isinstance(stop, bool):
+            stop = [stop]
+        items.extend(stop)
+    if eos_token_id is not None:
+        items.extend([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    seqs = []
+    for item in items:
+        seq = (item,) if isinstance(item, int) else tuple(item)
+        if not seq or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in seq):
+            raise ValueError(f"stop entry {item!r} must be a token id or a non-empty list of ids in [0, {vocab_size})")
+        seqs.append(seq)
+    return seqs
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def _ends_with_stop(ids: List[int], stops: List[Tuple[int, ...]]) -> int:
+    """Length of the stop sequence that `ids` ends with, 0 when none."""
+    for seq in stops:
+        n = len(seq)
+        if len(ids) >= n and tuple(ids[-n:]) == seq:
+            return n
+    return 0
+
+
+# ---------------------------------------------------------------------------- generation
+def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+             stop: StopSpec = None, eos_token_id=None,
+             stream: Optional[Callable[[List[Optional[int]]], None]] = None) -> List[List[int]]:
+    """Generate up to `max_new_tokens` tokens after each prompt (see the module docstring).
+
+    prompts: list of token-id lists (different lengths allowed; each needs >= 1 id).
+    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+    top_k, top_p: sampling filters (None = off); ignored when greedy.
+    repetition_penalty: > 0; 1.0 = off; applied in greedy mode too (as in HF).
+    seed: seeds the sampling generator; None draws a seed from torch's global RNG,
+        so `torch.manual_seed` also makes the output reproducible.
+    stop / eos_token_id: ids or id sequences that end a sequence; not returned.
+    stream: called after each step with one new token (or None) per prompt.
+    Returns one list of new token ids per prompt. The model's train/eval mode is
+    restored afterwards.
+    """
+    cfg = model.cfg
+    prompts = _normalise_prompts(prompts, cfg.vocab_size)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    stops = _normalise_stops(stop, eos_token_id, cfg.vocab_size)
+    lens = [len(p) for p in prompts]
+    P = max(lens)
+    S = P + max_new_tokens
+    if S > cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {S} exceeds the model's "
+            f"max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
+        )
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+
+    weight = model.embed.weight
+    device, dtype = weight.device, weight.dtype
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p,
+                                repetition_penalty, generator, stops, stream, device, dtype)
+    finally:
+        model.train(was_training)
+
+
+def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                 generator, stops, stream, device, dtype) -> List[List[int]]:
+    cfg = model.cfg
+    B = len(prompts)
+    tokens_BP = torch.full((B, P), PAD_ID, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        tokens_BP[b, P - lens[b]:] = torch.tensor(prompt, dtype=torch.long)
+    tokens_BP = tokens_BP.to(device)
+    lens_B = torch.tensor(lens, dtype=torch.long, device=device)
+    padded = min(lens) < P
+    key_mask_BS = None
+    positions_BP = None
+    if padded:
+        # real prompt tokens and every generated slot are visible; pad slots are not
+        slot_S = torch.arange(S, device=device)
+        key_mask_BS = slot_S[None, :] >= (P - lens_B)[:, None]
+        positions_BP = (key_mask_BS[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    seen_BV = None
+    if repetition_penalty != 1.0:
+        seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, prompt in enumerate(prompts):
+            seen_BV[b, torch.tensor(prompt, device=device)] = True
+
+    cache = KVCache.allocate(cfg, B, S, dtype, device)
+    out: List[List[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    logits_BV = model(tokens_BP, positions_BT=positions_BP, cache=cache, start=0, key_mask_BS=key_mask_BS)[:, -1]
+    for step in range(max_new_tokens):
+        logits_BV = logits_BV.float()
+        if seen_BV is not None:
+            logits_BV = apply_repetition_penalty(logits_BV, seen_BV, repetition_penalty)
+        next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        next_ids = next_B.tolist()
+        step_tokens: List[Optional[int]] = [None] * B
+        for b in range(B):
+            if done[b]:
+                continue
+            out[b].append(next_ids[b])
+            n_stop = _ends_with_stop(out[b], stops) if stops else 0
+            if n_stop:
+                del out[b][-n_stop:]
+                done[b] = True
+            else:
+                step_tokens[b] = next_ids[b]
+        if stream is not None:
+            stream(step_tokens)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        if seen_BV is not None:
+            seen_BV.scatter_(1, next_B[:, None], True)
+        if any(done):
+            next_B = next_B.masked_fill(torch.tensor(done, device=device), PAD_ID)
+        # the new token sits in cache slot P + step; its position counts only real tokens
+        positions_B1 = (lens_B + step)[:, None]
+        logits_BV = model(next_B[:, None], positions_BT=positions_B1, cache=cache, start=P + step,
+                          key_mask_BS=key_mask_BS)[:, -1]
+    return out
+
+
+# ---------------------------------------------------------------------------- command line
+def _parse_ids(text: str) -> List[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids/--stop-ids must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moekit generate",
+        description="Generate text from a moekit checkpoint, a training run directory or an HF checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (moekit, run dir or HF format)")
+    p.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the checkpoint)")
+    p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (works without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--stop-ids", default=None, help="comma-separated token ids that end the generation")
+    p.add_argument("--print-ids", action="store_true", help="print token ids even when a tokenizer exists")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load weights in this dtype")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return p
+
+
+def _eos_token_ids(path: str, model) -> Optional[List[int]]:
+    """End-of-sequence ids: `model.eos_token_id`, else an HF checkpoint's generation_config.json/config.json."""
+    eos = getattr(model, "eos_token_id", None)
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if eos is None and os.path.isfile(file):
+            with open(file) as f:
+                try:
+                    eos = json.load(f).get("eos_token_id")
+                except (json.JSONDecodeError, AttributeError):
+                    eos = None
+    if eos is None:
+        return None
+    ids = [eos] if isinstance(eos, int) else list(eos)
+    return [i for i in ids if isinstance(i, int) and 0 <= i < model.cfg.vocab_size] or None
+
+
+class _TextStreamer:
+    """Prints decoded text as tokens arrive: decodes all ids so far and prints the new suffix."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: List[int] = []
+        self.printed = ""
+
+    def __call__(self, step_tokens: List[Optional[int]]) -> None:
+        if step_tokens[0] is None:
+            return
+        self.ids.append(step_tokens[0])
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        new = text[len(self.printed):]  # (a decoder that rewrites earlier text cannot unprint it)
+        if new:
+            self.out.write(new)
+            self.out.flush()
+        self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+class _IdStreamer:
+    def __init__(self, out=None):
+        self.out, self.first = out or sys.stdout, True
+
+    def __call__(self, step_tokens: List[Optional[int]]) -> None:
+        if step_tokens[0] is None:
+            return
+        self.out.write(("" if self.first else " ") + str(step_tokens[0]))
+        self.out.flush()
+        self.first = False
+
+    def finish(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    """`moekit generate`: stream the continuation of one prompt to stdout. Errors exit with 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if not os.path.isdir(args.checkpoint):
+            raise ValueError(f"checkpoint directory {args.checkpoint!r} does not exist")
+        if args.prompt is None and args.prompt_ids is None:
+            raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
+        if args.prompt is not None and args.prompt_ids is not None:
+            raise ValueError("give either --prompt or --prompt-ids, not both")
+        from .checkpoint import load_model
+
+        model = load_model(args.checkpoint, dtype=args.dtype, device=args.device)
+        tokenizer = getattr(model, "tokenizer", None)
+        if args.prompt is not None:
+            if tokenizer is None:
+                raise ValueError(
+                    f"checkpoint {args.checkpoint!r} has no tokenizer (tokenizer.json), so --prompt TEXT cannot be "
+                    "encoded; pass token ids with --prompt-ids 1,2,3"
+                )
+            prompt_ids = tokenizer.encode(args.prompt).ids
+            if not prompt_ids:
+                raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
+        else:
+            prompt_ids = _parse_ids(args.prompt_ids)
+        stop = _parse_ids(args.stop_ids) if args.stop_ids else None
+        eos = _eos_token_ids(args.checkpoint, model)
+        streamer = _IdStreamer() if tokenizer is None or args.print_ids else _TextStreamer(tokenizer)
+        generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                 stop=stop, eos_token_id=eos, stream=streamer)
+        streamer.finish()
+    except (ValueError, OSError) as err:
+        print(f"moekit generate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
