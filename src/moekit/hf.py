@@ -71,6 +71,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .checkpoint import load_tokenizer
 from .config import ModelConfig, MoEConfig
 from .model import Transformer, rope_inv_freq
 
@@ -680,17 +681,6 @@ def _materialize(model: Transformer, state: Dict[str, torch.Tensor], device) -> 
     model.inv_freq = rope_inv_freq(model.cfg).to(device)
 
 
-def _load_tokenizer(path: Path):
-    file = path / TOKENIZER_FILE
-    if not file.is_file():
-        return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    return Tokenizer.from_file(str(file))
-
-
 def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) -> Transformer:
     """Load an HF checkpoint directory as a moekit Transformer (eval mode).
 
@@ -713,7 +703,7 @@ def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) ->
     _materialize(model, builder.state, device)
     if spec.attention_factor != 1.0:
         _fold_attention_factor(model, spec.attention_factor)
-    model.tokenizer = _load_tokenizer(path)
+    model.tokenizer = load_tokenizer(path)
     return model.eval()
 
 
