@@ -17,9 +17,13 @@ What is timed (float32, torch's default CPU threads, best of --repeats alternati
   prefill  = from the call to the first new token (prompt forward + one sampling step);
   decode   = from the first new token to the last one, i.e. B * (new_tokens - 1) tokens
              produced by one-token forwards; tok/s = those tokens / that time.
+moekit is timed twice: eager `generate` and `generate(compile=True)` (decode steps through
+the torch.compile'd static-shape `Transformer.decode_step`). The compiled row's first call per
+batch size compiles; that warm-up call is timed on its own ("compile s": the whole first
+call, compile included) and excluded from the tok/s, which come from the later runs.
 Both libraries report each new token through their streaming hook (moekit `stream=`,
-HF `streamer=`), which is where the timestamps come from. Greedy outputs of the two
-libraries are compared token by token on the same prompts.
+HF `streamer=`), which is where the timestamps come from. Greedy outputs of moekit (eager and
+compiled) are compared with HF's token by token on the same prompts.
 
     python benchmarks/decode.py                   # table
     python benchmarks/decode.py --json            # one JSON object per row
@@ -88,10 +92,10 @@ class _Clock:
         pass
 
 
-def time_moekit(model, prompts: List[List[int]], new_tokens: int):
+def time_moekit(model, prompts: List[List[int]], new_tokens: int, compile: bool = False):
     clock = _Clock()
     t0 = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new_tokens, stream=clock)
+    out = generate(model, prompts, max_new_tokens=new_tokens, stream=clock, compile=compile)
     return out, clock.times[0] - t0, clock.times[-1] - clock.times[0]
 
 
@@ -117,13 +121,22 @@ def run(batches=(1, 8), prompt_len: int = 32, new_tokens: int = 64, repeats: int
             # warm-up (and the greedy agreement check)
             mk_out, *_ = time_moekit(model, prompts, new_tokens)
             hf_out, *_ = time_hf(hf, prompts, new_tokens)
-            mismatch = sum(a != b for ra, rb in zip(mk_out, hf_out) for a, b in zip(ra, rb))
-            mk, hfr = [], []
-            for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+            t0 = time.perf_counter()
+            mc_out, *_ = time_moekit(model, prompts, new_tokens, compile=True)  # compiles for this batch size
+            compile_s = time.perf_counter() - t0
+
+            def mismatches(out):
+                return sum(a != b for ra, rb in zip(out, hf_out) for a, b in zip(ra, rb))
+
+            mismatch, mismatch_c = mismatches(mk_out), mismatches(mc_out)
+            mk, mc, hfr = [], [], []
+            for _ in range(repeats):  # alternate, so drifting machine load hits all alike
                 mk.append(time_moekit(model, prompts, new_tokens)[1:])
+                mc.append(time_moekit(model, prompts, new_tokens, compile=True)[1:])
                 hfr.append(time_hf(hf, prompts, new_tokens)[1:])
             decoded = B * (new_tokens - 1)
             mk_pre, mk_dec = min(p for p, _ in mk), min(d for _, d in mk)
+            mc_pre, mc_dec = min(p for p, _ in mc), min(d for _, d in mc)
             hf_pre, hf_dec = min(p for p, _ in hfr), min(d for _, d in hfr)
             row = dict(
                 model=model.cfg.name, dtype="float32", threads=torch.get_num_threads(), batch=B,
@@ -132,6 +145,9 @@ def run(batches=(1, 8), prompt_len: int = 32, new_tokens: int = 64, repeats: int
                 moekit_decode_tok_s=decoded / mk_dec, hf_decode_tok_s=decoded / hf_dec,
                 moekit_ms_per_step=1e3 * mk_dec / (new_tokens - 1), hf_ms_per_step=1e3 * hf_dec / (new_tokens - 1),
                 speedup=hf_dec / mk_dec, greedy_token_mismatches=mismatch,
+                compiled_prefill_ms=1e3 * mc_pre, compiled_decode_tok_s=decoded / mc_dec,
+                compiled_ms_per_step=1e3 * mc_dec / (new_tokens - 1), compiled_speedup=hf_dec / mc_dec,
+                compiled_compile_s=compile_s, compiled_greedy_token_mismatches=mismatch_c,
                 moekit_decode_spread=statistics.pstdev(d for _, d in mk) / mk_dec,
             )
             rows.append(row)
@@ -141,17 +157,25 @@ def run(batches=(1, 8), prompt_len: int = 32, new_tokens: int = 64, repeats: int
 
 
 def format_table(rows: List[dict]) -> str:
-    head = ("batch", "prompt", "new", "moekit tok/s", "HF tok/s", "speed-up", "moekit ms/step", "HF ms/step",
-            "moekit prefill ms", "HF prefill ms", "greedy equal")
+    head = ("batch", "prompt", "new", "implementation", "decode tok/s", "vs HF", "ms/step", "prefill ms",
+            "compile s", "greedy == HF")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+
+    def equal(n):
+        return "yes" if n == 0 else f"NO ({n} tokens differ)"
+
     for r in rows:
-        lines.append(" | ".join([
-            str(r["batch"]), str(r["prompt_len"]), str(r["new_tokens"]),
-            f"{r['moekit_decode_tok_s']:.0f}", f"{r['hf_decode_tok_s']:.0f}", f"{r['speedup']:.2f}x",
-            f"{r['moekit_ms_per_step']:.2f}", f"{r['hf_ms_per_step']:.2f}",
-            f"{r['moekit_prefill_ms']:.1f}", f"{r['hf_prefill_ms']:.1f}",
-            "yes" if r["greedy_token_mismatches"] == 0 else f"NO ({r['greedy_token_mismatches']} tokens differ)",
-        ]))
+        shape = [str(r["batch"]), str(r["prompt_len"]), str(r["new_tokens"])]
+        lines.append(" | ".join(shape + [
+            "HF transformers", f"{r['hf_decode_tok_s']:.0f}", "1.00x", f"{r['hf_ms_per_step']:.2f}",
+            f"{r['hf_prefill_ms']:.1f}", "-", "-"]))
+        lines.append(" | ".join(shape + [
+            "moekit", f"{r['moekit_decode_tok_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['moekit_ms_per_step']:.2f}",
+            f"{r['moekit_prefill_ms']:.1f}", "-", equal(r["greedy_token_mismatches"])]))
+        lines.append(" | ".join(shape + [
+            "moekit compile=True", f"{r['compiled_decode_tok_s']:.0f}", f"{r['compiled_speedup']:.2f}x",
+            f"{r['compiled_ms_per_step']:.2f}", f"{r['compiled_prefill_ms']:.1f}", f"{r['compiled_compile_s']:.1f}",
+            equal(r["compiled_greedy_token_mismatches"])]))
     return "\n".join(lines)
 
 
@@ -186,9 +210,10 @@ def main(argv=None) -> int:
               f"transformers {transformers.__version__}")
         print(f"model: {rows[0]['model']} = the 'small' preset's size with a Qwen3-MoE router "
               "(softmax top-4 of 16, no shared expert, no dense first layer) so HF can load the same weights")
-        print("decode tok/s exclude prefill (first to last new token); prefill = call to first new token\n")
+        print("decode tok/s exclude prefill (first to last new token); prefill = call to first new token;")
+        print("compile s = the first compile=True call per batch size (compile + one run), excluded from tok/s\n")
         print(format_table(rows))
-    bad = [r for r in rows if r["greedy_token_mismatches"]]
+    bad = [r for r in rows if r["greedy_token_mismatches"] or r["compiled_greedy_token_mismatches"]]
     if bad:
         print("greedy outputs differ between moekit and HF", file=sys.stderr)
         return 1

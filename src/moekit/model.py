@@ -9,7 +9,9 @@ RoPE), so checkpoints imported with `moekit.hf` give the same logits.
 
 Incremental decoding: pass a `KVCache`, the absolute cache index `start` of the
 first new token, per-token `positions_BT`, and `key_mask_BS` (False for padding
-slots) when sequences are left-padded.
+slots) when sequences are left-padded. `decode_step` is the static-shape variant of a
+one-token forward (cache written at a slot tensor, attention over the whole cache
+under a mask, no host syncs) that `generate(compile=True)` runs under torch.compile.
 
 Legend: B batch, T new tokens, S cache/key length, D model dim, H heads, G KV heads,
 Dh head dim, V vocab, L layers.
@@ -37,9 +39,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # HF's numerics (float32 normalisation, then weight * x.to(dtype)) in one fused op
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -118,8 +119,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_BTD, cos_BTDh, sin_BTDh, cache: Optional[KVCache] = None, start: int = 0,
-                attn_mask_B1TS: Optional[torch.Tensor] = None):
+    def _qkv(self, x_BTD, cos_BTDh, sin_BTDh):
+        """Projections, qk-norm, clipping and RoPE: q (B, H, T, Dh), k and v (B, G, T, Dh)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -134,6 +135,13 @@ class Attention(nn.Module):
         q_BHTDh = apply_rope(q_BHTDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         k_BGTDh = apply_rope(k_BGTDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         v_BGTDh = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        return q_BHTDh, k_BGTDh, v_BGTDh
+
+    def forward(self, x_BTD, cos_BTDh, sin_BTDh, cache: Optional[KVCache] = None, start: int = 0,
+                attn_mask_B1TS: Optional[torch.Tensor] = None):
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        q_BHTDh, k_BGTDh, v_BGTDh = self._qkv(x_BTD, cos_BTDh, sin_BTDh)
         if cache is not None:
             end = start + T
             cache.k[self.layer_idx, :, :, start:end] = k_BGTDh
@@ -141,9 +149,20 @@ class Attention(nn.Module):
             k_BGTDh, v_BGTDh = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
         gqa = cfg.n_kv_heads != cfg.n_heads
         if attn_mask_B1TS is None:
-            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=True, enable_gqa=gqa)
+            # no mask: causal for a block of queries; one query (decoding) sees every key up to itself
+            out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=attn_mask_B1TS, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_static(self, x_BTD, cos_BTDh, sin_BTDh, k_BGSDh, v_BGSDh, slot_T, attn_mask_B1TS):
+        """Static shapes: write k/v at cache slots `slot_T` (index_copy_), attend over all S slots with the mask."""
+        B, T, _ = x_BTD.shape
+        q_BHTDh, k_BGTDh, v_BGTDh = self._qkv(x_BTD, cos_BTDh, sin_BTDh)
+        k_BGSDh.index_copy_(2, slot_T, k_BGTDh)
+        v_BGSDh.index_copy_(2, slot_T, v_BGTDh)
+        out = F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=attn_mask_B1TS,
+                                             enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -175,6 +194,14 @@ class Block(nn.Module):
             y_BTD, self.last_aux = self.ffn(h_BTD, token_ids=token_ids_BT)
         else:
             y_BTD = self.ffn(h_BTD)
+        return x_BTD + y_BTD
+
+    def forward_static(self, x_BTD, cos, sin, k_BGSDh, v_BGSDh, slot_T, attn_mask_B1TS, token_ids_BT):
+        """`forward` for `Transformer.decode_step`: static shapes, no host syncs, no aux."""
+        x_BTD = x_BTD + self.attn.forward_static(self.attn_norm(x_BTD), cos, sin, k_BGSDh, v_BGSDh, slot_T,
+                                                 attn_mask_B1TS)
+        h_BTD = self.ffn_norm(x_BTD)
+        y_BTD = self.ffn.forward_static(h_BTD, token_ids_BT) if self.is_moe else self.ffn(h_BTD)
         return x_BTD + y_BTD
 
 
@@ -231,13 +258,33 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; writing up to {start + T}")
         attn_mask_B1TS = None
-        if cache is not None or key_mask_BS is not None:
+        if key_mask_BS is not None or (cache is not None and T > 1 and start > 0):
             attn_mask_B1TS = attention_mask(B, T, start, key_mask_BS, tokens_BT.device)
         x_BTD = self.embed(tokens_BT)
         cos, sin = rope_cos_sin(self.inv_freq, positions_BT, x_BTD.dtype)
         for block in self.layers:
             x_BTD = block(x_BTD, cos, sin, cache, start, attn_mask_B1TS, tokens_BT)
         return self.lm_head(self.norm(x_BTD))
+
+    def decode_step(self, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, slot_1: torch.Tensor,
+                    key_mask_BS: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        """One decoding step with static shapes (for torch.compile): logits (B, V) of the new tokens.
+
+        tokens_B1 / positions_B1: the new token and its RoPE position per sequence; slot_1:
+        the cache slot they are written to (a tensor, so the step does not change with it);
+        key_mask_BS: False for padding slots; cache_k / cache_v: a KVCache's (L, B, G, S, Dh)
+        tensors, written in place. Attention covers all S slots, masked to those <= slot_1
+        and not padding. No input checks and no host syncs (the caller validates tokens);
+        MoE layers route through `MoE.forward_static` and record no aux (`moe_aux()`).
+        """
+        S = cache_k.shape[3]
+        visible_BS = (torch.arange(S, device=slot_1.device) <= slot_1) & key_mask_BS
+        attn_mask_B11S = visible_BS[:, None, None, :]
+        x_BTD = self.embed(tokens_B1)
+        cos, sin = rope_cos_sin(self.inv_freq, positions_B1, x_BTD.dtype)
+        for i, block in enumerate(self.layers):
+            x_BTD = block.forward_static(x_BTD, cos, sin, cache_k[i], cache_v[i], slot_1, attn_mask_B11S, tokens_B1)
+        return self.lm_head(self.norm(x_BTD))[:, -1]
 
     def moe_layers(self) -> List[MoE]:
         return [block.ffn for block in self.layers if block.is_moe]

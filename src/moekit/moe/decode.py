@@ -28,3 +28,27 @@ def experts_gathered_weights(x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert
     a_PF1 = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_P.to(x_TD.dtype)[:, None]).unsqueeze(-1)
     y_PD = torch.bmm(w2_EDF.index_select(0, expert_idx_P), a_PF1).squeeze(-1)
     return torch.zeros_like(x_TD).index_add_(0, token_idx_P, y_PD)
+
+
+def experts_static(x_TD, w13_EFD, w2_EDF, gates_TK, expert_idx_TK) -> torch.Tensor:
+    """Routed experts with static shapes and no host syncs (torch.compile'd decoding).
+
+    Exactly K experts per token. With T*K <= E pairs each pair gathers its expert's
+    weights (as above); with more, every expert runs on every token and the outputs
+    are weighted by a (T, E) gate matrix that is 0 off the chosen experts, which reads
+    each expert's weights once instead of copying them per pair.
+    """
+    T, K = expert_idx_TK.shape
+    E, n = w13_EFD.shape[0], w2_EDF.shape[-1]
+    gates_TK = gates_TK.to(x_TD.dtype)
+    if T * K <= E:
+        expert_idx_P = expert_idx_TK.reshape(-1)
+        x_PD1 = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, -1, 1)
+        h_P2F = torch.bmm(w13_EFD.index_select(0, expert_idx_P), x_PD1).squeeze(-1)
+        a_PF1 = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_TK.reshape(-1, 1)).unsqueeze(-1)
+        y_PD = torch.bmm(w2_EDF.index_select(0, expert_idx_P), a_PF1).squeeze(-1)
+        return y_PD.view(T, K, -1).sum(1)
+    gates_ET = torch.zeros(T, E, dtype=x_TD.dtype, device=x_TD.device).scatter(1, expert_idx_TK, gates_TK).t()
+    h_ET2F = torch.matmul(x_TD, w13_EFD.transpose(1, 2))
+    a_ETF = F.silu(h_ET2F[..., :n]) * h_ET2F[..., n:] * gates_ET[..., None]
+    return torch.matmul(a_ETF, w2_EDF.transpose(1, 2)).sum(0)

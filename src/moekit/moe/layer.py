@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from . import balancing
+from .decode import experts_static
 from .experts import Experts
 from .ffn import SwiGLU
 from .router import Router, Routing
@@ -80,6 +81,22 @@ class MoE(nn.Module):
             self.tokens_since_update += tokens_per_expert.to(self.tokens_since_update.device)
         aux = self._aux(routing, tokens_per_expert, seq_len, x.dtype)
         return y_TD.view(x.shape), aux
+
+    def forward_static(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference with static shapes and no host syncs (torch.compile'd decoding): y only, no aux.
+
+        K experts per token, so token_rounding (a data-dependent number of pairs) is not supported.
+        No input checks: the caller validates (hash token ids must lie in the table).
+        """
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        expert_idx_TK, gates_TK = self.router.route_static(x_TD, token_ids)
+        y_TD = experts_static(x_TD, self.experts.w13, self.experts.w2, gates_TK, expert_idx_TK)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.view(x.shape)
 
     def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int, dtype) -> MoEAux:
         cfg = self.cfg

@@ -133,8 +133,45 @@ class Router(nn.Module):
         else:
             mask_TE = round_selection(select_TE, topk_idx_TK, cfg.rounding_tile, cfg.token_rounding)
             token_idx_P, expert_idx_P = mask_TE.nonzero(as_tuple=True)
-        gates_P = self._gates(logits_TE, token_idx_P, expert_idx_P)
+        if cfg.token_rounding is None and not torch.is_grad_enabled():  # inference: (T, K) ops, no autograd
+            gates_P = self._gates_topk(logits_TE, topk_idx_TK).reshape(-1)
+        else:
+            gates_P = self._gates(logits_TE, token_idx_P, expert_idx_P)
         return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, T, cfg.router)
+
+    def route_static(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None):
+        """Inference routing with static shapes: (expert_idx_TK, gates_TK), K experts per token.
+
+        Same selection and gates as `forward` without token rounding; no input checks and
+        no host syncs (for torch.compile'd decoding).
+        """
+        cfg = self.cfg
+        if cfg.router == "hash":
+            expert_idx_TK = self.hash_table[token_ids_T.reshape(-1)]
+            gates_TK = torch.full(expert_idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k,
+                                  dtype=_score_dtype(x_TD.dtype), device=x_TD.device)
+            return expert_idx_TK, gates_TK
+        if cfg.router not in ("softmax_topk", "topk_softmax", "sigmoid_topk"):
+            raise ValueError(f"static routing supports the top-k and hash routers, not router={cfg.router!r}")
+        if cfg.token_rounding is not None:
+            raise ValueError("static routing takes K experts per token; token_rounding is not supported")
+        logits_TE = self.logits(x_TD)
+        expert_idx_TK = torch.topk(self._selection_scores(logits_TE), cfg.top_k, dim=-1).indices
+        return expert_idx_TK, self._gates_topk(logits_TE, expert_idx_TK)
+
+    def _gates_topk(self, logits_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """`_gates` for exactly K experts per token, as (T, K) ops."""
+        cfg = self.cfg
+        logit_TK = logits_TE.gather(1, topk_idx_TK)
+        if cfg.router == "sigmoid_topk":
+            gates_TK = torch.sigmoid(logit_TK)
+            if cfg.norm_topk_prob:
+                gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+        elif cfg.router == "softmax_topk" and not cfg.norm_topk_prob:
+            gates_TK = torch.exp(logit_TK - torch.logsumexp(logits_TE, dim=-1, keepdim=True))
+        else:
+            gates_TK = torch.softmax(logit_TK, dim=-1)
+        return gates_TK * cfg.routed_scaling_factor
 
     def _selection_scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Scores that pick the experts: the router's scores plus expert_bias (never differentiated)."""
