@@ -42,11 +42,13 @@ def experts_static(x_TD, w13_EFD, w2_EDF, gates_TK, expert_idx_TK) -> torch.Tens
     E, n = w13_EFD.shape[0], w2_EDF.shape[-1]
     gates_TK = gates_TK.to(x_TD.dtype)
     if T * K <= E:
+        # multiply-and-reduce over gathered weights: under torch.compile the gather fuses
+        # into the reduction, so each chosen expert's weights are read once and never copied
         expert_idx_P = expert_idx_TK.reshape(-1)
-        x_PD1 = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, -1, 1)
-        h_P2F = torch.bmm(w13_EFD.index_select(0, expert_idx_P), x_PD1).squeeze(-1)
-        a_PF1 = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_TK.reshape(-1, 1)).unsqueeze(-1)
-        y_PD = torch.bmm(w2_EDF.index_select(0, expert_idx_P), a_PF1).squeeze(-1)
+        x_P1D = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+        h_P2F = (w13_EFD[expert_idx_P] * x_P1D).sum(-1)
+        a_P1F = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_TK.reshape(-1, 1)).unsqueeze(1)
+        y_PD = (w2_EDF[expert_idx_P] * a_P1F).sum(-1)
         return y_PD.view(T, K, -1).sum(1)
     gates_ET = torch.zeros(T, E, dtype=x_TD.dtype, device=x_TD.device).scatter(1, expert_idx_TK, gates_TK).t()
     h_ET2F = torch.matmul(x_TD, w13_EFD.transpose(1, 2))
