@@ -176,7 +176,7 @@ class ModelConfig:
     dense_layers: Tuple[int, ...] = ()  # explicit dense layers (Qwen mlp_only_layers)
     moe: Optional[MoEConfig] = None  # None: every layer dense
     max_seq_len: int = 2048
-    dtype: str = "float32"
+    dtype: str = "float32"  # checkpoint dtype (load_hf/save_hf, analysis); Transformer() builds float32: use .to()
     init_std: float = 0.02
     name: str = "custom"
     notes: str = ""
