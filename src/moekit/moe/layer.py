@@ -71,10 +71,7 @@ class MoE(nn.Module):
         routing = self.router(x_TD, token_ids)
         y_TD = self.experts(x_TD, routing.gates_P, routing.token_idx_P, routing.expert_idx_P)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + self._shared(x_TD)
 
         tokens_per_expert = routing.tokens_per_expert(cfg.num_experts)
         if self.training:
@@ -92,11 +89,15 @@ class MoE(nn.Module):
         expert_idx_TK, gates_TK = self.router.route_static(x_TD, token_ids)
         y_TD = experts_static(x_TD, self.experts.w13, self.experts.w2, gates_TK, expert_idx_TK)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + self._shared(x_TD)
         return y_TD.view(x.shape)
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Shared experts, unweighted or (Qwen2-MoE) scaled by sigmoid(x @ g)."""
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
 
     def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int, dtype) -> MoEAux:
         cfg = self.cfg
