@@ -15,9 +15,11 @@ from typing import List, Optional
 
 # name -> (module with a `cli(argv) -> int` function, one-line help)
 COMMANDS = {
+    "train": ("moekit.train", "train an MoE language model (default: small preset on the Python stdlib)"),
     "bench": ("moekit.bench.cli", "benchmarks: 'demo' (default) or 'moe-layer'"),
     "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
     "generate": ("moekit.generate", "generate text from a checkpoint (--checkpoint DIR --prompt TEXT)"),
+    "plot": ("moekit.plot", "loss and expert-load PNGs of a run directory"),
 }
 
 

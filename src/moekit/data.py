@@ -1,0 +1,545 @@
+"""Corpora, tokenizer training/loading, and memory-mapped token shards.
+
+    files = corpus_files(None)                          # the interpreter's stdlib *.py files
+    train_files, val_files = split_files(files, 0.05)   # deterministic split by file
+    tok = train_tokenizer(read_documents(train_files), vocab_size=4096)
+    train_bin, val_bin = cached_shards(train_files, val_files, tok, "~/.cache/moekit/shards")
+    windows = TokenWindows(train_bin, seq_len=256, batch_size=8)
+    x_BT, y_BT = windows.next_batch()                   # int64, y_BT = x_BT shifted by one
+
+A token shard is a flat raw array of token ids (`uint16` when the vocabulary has at
+most 65535 entries, else `uint32`) with a JSON sidecar `<shard>.json` holding
+{"dtype", "num_tokens", "vocab_size", "eot_id"}. Every document is followed by the
+`EOT` token. Shards and sidecars are written to a temp file and renamed (atomic).
+
+`tokenizers` (HF), `pyarrow` (parquet) and `tqdm` (progress bars) are imported only
+by the functions that need them.
+
+Shape legend: B batch, T sequence length (seq_len), N tokens in a shard, W windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import tempfile
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tokenizers
+
+__all__ = [
+    "EOT",
+    "CORPUS_SUFFIXES",
+    "default_corpus_files",
+    "corpus_files",
+    "read_documents",
+    "split_files",
+    "train_tokenizer",
+    "load_tokenizer",
+    "tokenize_to_shard",
+    "write_token_file",
+    "read_shard_meta",
+    "cached_shards",
+    "TokenWindows",
+]
+
+EOT = "<|endoftext|>"
+CORPUS_SUFFIXES = (".txt", ".py", ".md", ".rst", ".jsonl", ".parquet")
+MIN_VOCAB_SIZE = 300  # 256 bytes + EOT + a few merges
+_CACHE_FORMAT = "moekit-shards-v1"
+_ENCODE_BATCH_DOCS = 256
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- corpus files
+
+
+def _is_excluded_stdlib(rel_parts: Sequence[str]) -> bool:
+    dirs = rel_parts[:-1]
+    if any(d in ("site-packages", "dist-packages", "__pycache__") for d in dirs):
+        return True
+    if any(d in ("test", "tests", "idle_test") for d in dirs):
+        return True
+    return False
+
+
+def default_corpus_files() -> list[pathlib.Path]:
+    """The running interpreter's standard-library `*.py` files, sorted by relative path.
+
+    Leaves out site-packages and test directories (`*/test/*`, `*/tests/*`,
+    `*/idlelib/idle_test/*`), so the result is the same on every run of one interpreter.
+    """
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise ValueError(f"standard library directory {str(root)!r} does not exist; pass a corpus path")
+    found = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root)
+        if _is_excluded_stdlib(rel.parts) or not p.is_file():
+            continue
+        found.append((rel.as_posix(), p))
+    found.sort(key=lambda item: item[0])
+    if not found:
+        raise ValueError(f"empty corpus: no *.py files under the standard library {str(root)!r}")
+    return [p for _, p in found]
+
+
+def corpus_files(path: Optional[PathLike]) -> list[pathlib.Path]:
+    """Resolve a corpus argument into a sorted list of files.
+
+    None -> `default_corpus_files()`; a file -> `[file]` (any text file, `.jsonl` with a
+    "text" field, `.parquet` with a "text" column); a directory -> every file under it
+    (recursively) whose suffix is in `CORPUS_SUFFIXES`, sorted by relative path.
+    """
+    if path is None:
+        return default_corpus_files()
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"corpus path {str(path)!r} does not exist")
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ValueError(f"corpus path {str(path)!r} is neither a file nor a directory")
+    found = sorted(
+        (q.relative_to(p).as_posix(), q)
+        for q in p.rglob("*")
+        if q.suffix.lower() in CORPUS_SUFFIXES and q.is_file()
+    )
+    if not found:
+        raise ValueError(
+            f"empty corpus: no files with suffixes {', '.join(CORPUS_SUFFIXES)} under {str(path)!r}"
+        )
+    return [q for _, q in found]
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _read_jsonl(path: pathlib.Path) -> Iterator[str]:
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise ValueError(f'{path}:{lineno}: a jsonl corpus line needs a "text" field')
+            text = obj["text"]
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__}')
+            yield text
+
+
+def _read_parquet(path: pathlib.Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            f"reading the parquet corpus file {str(path)!r} needs pyarrow: pip install pyarrow"
+        ) from None
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(
+            f'{path}: a parquet corpus needs a "text" column; it has {pf.schema_arrow.names}'
+        )
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield "" if text is None else text
+
+
+def read_documents(files: Iterable[PathLike]) -> Iterator[str]:
+    """Yield documents: one per text file (utf-8, errors="replace"), one per jsonl line's
+    "text", one per parquet row's "text"."""
+    for f in files:
+        p = pathlib.Path(f)
+        suffix = p.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _read_jsonl(p)
+        elif suffix == ".parquet":
+            yield from _read_parquet(p)
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def split_files(files: Sequence[PathLike], val_fraction: float = 0.05) -> tuple[list, list]:
+    """Deterministic train/validation split by file: every k-th file (k = round(1/val_fraction),
+    files k-1, 2k-1, ...) goes to validation; each side gets at least one file."""
+    files = list(files)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(files) < 2:
+        raise ValueError(
+            f"cannot split {len(files)} file(s) into train and validation: need at least 2 files"
+        )
+    k = max(2, round(1.0 / val_fraction))
+    train, val = [], []
+    for i, f in enumerate(files):
+        (val if (i + 1) % k == 0 else train).append(f)
+    if not val:  # fewer than k files: the last one validates
+        val.append(train.pop())
+    return train, val
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _require_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError("tokenizer support needs the `tokenizers` package: pip install tokenizers") from None
+    return tokenizers
+
+
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, *, progress: bool = True
+) -> "tokenizers.Tokenizer":
+    """Train a byte-level BPE tokenizer (GPT-2 style) with `EOT` as token id 0.
+
+    Every byte is in the alphabet, so any string round-trips exactly through
+    `tok.decode(tok.encode(s).ids)`.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab too small: vocab_size={vocab_size}, need at least {MIN_VOCAB_SIZE} "
+            f"(256 byte tokens + {EOT} + merges)"
+        )
+    tk = _require_tokenizers()
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    assert tok.token_to_id(EOT) == 0
+    return tok
+
+
+def load_tokenizer(path: PathLike) -> "tokenizers.Tokenizer":
+    """Load a `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one."""
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"no tokenizer file at {str(p)!r}")
+    tk = _require_tokenizers()
+    return tk.Tokenizer.from_file(str(p))
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def _sidecar(path: PathLike) -> pathlib.Path:
+    return pathlib.Path(str(path) + ".json")
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_sidecar(path: pathlib.Path, dtype: np.dtype, num_tokens: int, vocab_size: int, eot_id) -> None:
+    meta = {"dtype": dtype.name, "num_tokens": int(num_tokens), "vocab_size": int(vocab_size), "eot_id": eot_id}
+    _atomic_write_bytes(_sidecar(path), (json.dumps(meta, indent=1) + "\n").encode())
+
+
+def read_shard_meta(path: PathLike) -> dict:
+    """The sidecar of a token shard, checked against the shard's size."""
+    path = pathlib.Path(path)
+    side = _sidecar(path)
+    if not side.is_file():
+        raise ValueError(f"token shard {str(path)!r} has no sidecar {str(side)!r}")
+    try:
+        meta = json.loads(side.read_text())
+        dtype = np.dtype(meta["dtype"])
+        n = int(meta["num_tokens"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable token shard sidecar {str(side)!r}: {e}") from None
+    if not path.is_file():
+        raise ValueError(f"token shard {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size != n * dtype.itemsize:
+        raise ValueError(
+            f"token shard {str(path)!r} has {size} bytes, its sidecar says {n} tokens of {dtype.name}"
+        )
+    return meta
+
+
+def write_token_file(tokens_N, out_path: PathLike, vocab_size: int, eot_id: Optional[int] = None) -> int:
+    """Write a flat 1-D token array (+ sidecar) atomically; returns the number of tokens."""
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = _dtype_for_vocab(vocab_size)
+    arr_N = np.asarray(tokens_N).reshape(-1)
+    if arr_N.size and (arr_N.min() < 0 or arr_N.max() >= max(vocab_size, 1)):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{arr_N.min()}, {arr_N.max()}]")
+    _atomic_write_bytes(out_path, arr_N.astype(dtype).tobytes())
+    _write_sidecar(out_path, dtype, arr_N.size, vocab_size, eot_id)
+    return int(arr_N.size)
+
+
+class _Progress:
+    """tqdm when importable, else a plain counter on stderr."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled = enabled
+        self.desc = desc
+        self.docs = 0
+        self.tokens = 0
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            self.bar = tqdm(desc=desc, unit="doc", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(docs)
+            self.bar.set_postfix(tokens=self.tokens, refresh=False)
+        else:
+            print(f"\r{self.desc}: {self.docs} docs, {self.tokens} tokens", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr, flush=True)
+
+
+def tokenize_to_shard(
+    documents: Iterable[str], tokenizer: "tokenizers.Tokenizer", out_path: PathLike, progress: bool = True
+) -> int:
+    """Encode documents (EOT after each) into a flat token shard at `out_path`; returns the token count.
+
+    Literal "<|endoftext|>" text inside a document is encoded as ordinary text, so
+    the only EOT ids in the shard are the document separators.
+    """
+    eot_id = tokenizer.token_to_id(EOT)
+    if eot_id is None:
+        raise ValueError(f"the tokenizer has no {EOT!r} token; train it with moekit.data.train_tokenizer")
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = _dtype_for_vocab(vocab_size)
+    eot_arr = np.array([eot_id], dtype=dtype)
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    # encode_batch_fast (tokenizers >= 0.21) skips offset tracking: about 2x faster
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
+    bar = _Progress(progress, f"tokenizing {out_path.name}")
+    old_special = tokenizer.encode_special_tokens
+    num_tokens = 0
+    try:
+        tokenizer.encode_special_tokens = True
+        with os.fdopen(fd, "wb") as f:
+
+            def flush(batch: list) -> None:
+                nonlocal num_tokens
+                n = 0
+                for enc in encode_batch(batch, add_special_tokens=False):
+                    ids = np.asarray(enc.ids, dtype=dtype)
+                    f.write(ids.tobytes())
+                    f.write(eot_arr.tobytes())
+                    n += ids.size + 1
+                num_tokens += n
+                bar.update(len(batch), n)
+
+            batch = []
+            for doc in documents:
+                batch.append(doc)
+                if len(batch) >= _ENCODE_BATCH_DOCS:
+                    flush(batch)
+                    batch = []
+            if batch:
+                flush(batch)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        tokenizer.encode_special_tokens = old_special
+        bar.close()
+    _write_sidecar(out_path, dtype, num_tokens, vocab_size, eot_id)
+    return num_tokens
+
+
+def _cache_key(files_train: Sequence[PathLike], files_val: Sequence[PathLike], tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(_CACHE_FORMAT.encode())
+    for name, files in (("train", files_train), ("val", files_val)):
+        h.update(f"\0{name}\0{len(files)}\0".encode())
+        for f in files:
+            p = pathlib.Path(f)
+            st = p.stat()
+            h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(b"\0tokenizer\0")
+    h.update(tokenizer.to_str().encode())
+    return h.hexdigest()
+
+
+def _shard_ok(path: pathlib.Path, vocab_size: int) -> bool:
+    try:
+        meta = read_shard_meta(path)
+    except ValueError:
+        return False
+    return meta.get("vocab_size") == vocab_size
+
+
+def cached_shards(
+    files_train: Sequence[PathLike],
+    files_val: Sequence[PathLike],
+    tokenizer: "tokenizers.Tokenizer",
+    cache_dir: PathLike,
+    progress: bool = True,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Token shards for a train/val file split, cached under `cache_dir/<key>/{train,val}.bin`.
+
+    The key is a sha256 over every file's (path, size, mtime_ns) and the tokenizer's JSON,
+    so editing a file or retraining the tokenizer builds fresh shards.
+    """
+    files_train, files_val = list(files_train), list(files_val)
+    if not files_train or not files_val:
+        raise ValueError(
+            f"cached_shards needs train and validation files, got {len(files_train)} and {len(files_val)}"
+        )
+    key = _cache_key(files_train, files_val, tokenizer)
+    out = pathlib.Path(cache_dir).expanduser() / key
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    train_bin, val_bin = out / "train.bin", out / "val.bin"
+    for files, shard in ((files_train, train_bin), (files_val, val_bin)):
+        if not _shard_ok(shard, vocab_size):
+            tokenize_to_shard(read_documents(files), tokenizer, shard, progress=progress)
+    return train_bin, val_bin
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class TokenWindows:
+    """Memory-mapped (np.memmap) token file; batches of (x_BT, y_BT) int64 torch tensors, y = x shifted by one.
+
+    Window i covers tokens[i*T : i*T + T + 1] (T = seq_len); there are (N - 1) // T windows.
+    With shuffle, each epoch visits every window once in the order of
+    `torch.randperm(W, generator=torch.Generator().manual_seed(seed + epoch))`; a batch
+    that crosses an epoch's end continues into the next epoch's order.
+    """
+
+    def __init__(self, path: PathLike, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+        self.path = pathlib.Path(path)
+        meta = read_shard_meta(self.path)
+        self.dtype = np.dtype(meta["dtype"])
+        self.num_tokens = int(meta["num_tokens"])
+        self.vocab_size = meta.get("vocab_size")
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.num_windows = max(self.num_tokens - 1, 0) // self.seq_len
+        if self.num_windows < self.batch_size:
+            raise ValueError(
+                f"batch larger than data: {str(self.path)!r} has {self.num_tokens} tokens = "
+                f"{self.num_windows} windows of seq_len={self.seq_len}, fewer than batch_size={self.batch_size}"
+            )
+        self.tokens_N = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        self.epoch = 0
+        self.pos = 0
+        self._perm_epoch = None
+        self._perm_W = None
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_windows)
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm_W = torch.randperm(self.num_windows, generator=g).numpy()
+            self._perm_epoch = epoch
+        return self._perm_W
+
+    def _gather(self, windows_B: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        rows = [self.tokens_N[i * T : i * T + T + 1] for i in windows_B]
+        w_BT1 = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return w_BT1[:, :-1].contiguous(), w_BT1[:, 1:].contiguous()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = []
+        need = self.batch_size
+        while need:
+            order_W = self._order(self.epoch)
+            take = order_W[self.pos : self.pos + need]
+            picked.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= self.num_windows:
+                self.epoch += 1
+                self.pos = 0
+        return self._gather(np.concatenate(picked))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"epoch", "pos", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"TokenWindows state is missing {sorted(missing)}")
+        epoch, pos = int(state["epoch"]), int(state["pos"])
+        if epoch < 0 or not 0 <= pos < self.num_windows:
+            raise ValueError(
+                f"TokenWindows state epoch={epoch}, pos={pos} does not fit {self.num_windows} windows"
+            )
+        self.epoch, self.pos, self.seed = epoch, pos, int(state["seed"])
+        self._perm_epoch = None
+
+    def iter_eval(self, max_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """In-order batches over every window (the last may be smaller than batch_size);
+        leaves the training position alone."""
+        n_batches = -(-self.num_windows // self.batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        for b in range(n_batches):
+            lo = b * self.batch_size
+            hi = min(lo + self.batch_size, self.num_windows)
+            yield self._gather(np.arange(lo, hi))
