@@ -3,7 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all bench install clean
+RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test test-all bench layer-demo install clean
 
 $(BIN)/moekit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +16,11 @@ $(BIN)/moekit: pyproject.toml
 
 install: $(BIN)/moekit
 
-demo: install  ## main job: train the tiny MoE layer on a toy task, then print a benchmark table
+demo: install  ## main job: train the small MoE LM on the Python stdlib (~10 min on 2 cores), then generate
+	$(BIN)/moekit train --out $(RUN)
+	$(BIN)/moekit generate --checkpoint $(RUN) --prompt "def " --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 0
+
+layer-demo: install  ## train the tiny MoE layer on a toy task, then print a layer benchmark table
 	$(BIN)/moekit bench
 
 test: install  ## fast tier (CPU, < 15 min on 2 cores)

@@ -64,8 +64,9 @@ def plot_run(run_dir, out_dir: Optional[str] = None) -> List[Path]:
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
                           extent=(train[0]["step"] - 0.5, train[-1]["step"] + 0.5, len(grid) - 0.5, -0.5))
         fig.colorbar(image, ax=ax, label="max / mean tokens per expert")
+        ax.set_yticks(range(len(grid)))
         ax.set_xlabel("step")
-        ax.set_ylabel("MoE layer")
+        ax.set_ylabel("MoE layer (in order)")
         ax.set_title(f"{run_dir.name}: expert load imbalance")
         fig.tight_layout()
         paths.append(out / "expert_load.png")

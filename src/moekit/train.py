@@ -6,8 +6,9 @@
 
 A run directory holds:
     config.json        the effective configuration {"train": TrainConfig, "model": ModelConfig}
-    metrics.jsonl      one JSON object per line: training lines have "step", "loss", "tokens_per_s", ...;
-                       evaluation lines have "step", "val_loss"
+    metrics.jsonl      one JSON object per line: training lines have "step", "loss", "tokens_per_s", "mfu",
+                       ...; evaluation lines have "step", "val_loss"
+    tensorboard/       the same scalars as TensorBoard event files (when tensorboard is installed)
     tokenizer.json     the tokenizer
     checkpoint/        the latest checkpoint: a moekit checkpoint (load_model reads it) plus
                        trainer_state.pt (optimizer, schedule position, data position, RNG states)
@@ -145,6 +146,43 @@ def save_checkpoint(run_dir: Path, model, state: dict, fault: Optional[Callable[
     os.replace(new, cur)
     shutil.rmtree(old, ignore_errors=True)
     return cur
+
+
+def measure_peak_flops(device: torch.device, size: int = 1024) -> float:
+    """Dense matmul FLOP/s of this device in float32 (bf16 on CUDA): the denominator of the MFU estimate."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.full((size, size), 0.5, device=device, dtype=dtype)  # no RNG use: resumed runs stay exact
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 3 * 2 * size**3 / (time.perf_counter() - start)
+
+
+class _TensorBoard:
+    """Scalars to TensorBoard event files when `tensorboard` is installed; otherwise nothing."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -295,6 +333,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         metrics = (self.run_dir / "metrics.jsonl").open("a")
+        board = _TensorBoard(self.run_dir)
+        peak_flops = measure_peak_flops(self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         flops_per_token = 6 * model.num_params(active=True)
         losses, t_start, t_last = [], time.perf_counter(), time.perf_counter()
@@ -326,21 +366,26 @@ class Trainer:
                 loads = [t.double() for t in aux.tokens_per_expert]
                 record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "aux_loss": aux_sum,
                           "lr_factor": factor, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                          "flops_per_s": tok_s * flops_per_token,
+                          "flops_per_s": tok_s * flops_per_token, "mfu": tok_s * flops_per_token / peak_flops,
                           "expert_load_imbalance": [(l.max() / l.mean()).item() for l in loads],
                           "expert_load": [l.tolist() for l in loads]}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                board.log(record)
                 eta = (now - t_start) / steps_done * (end - self.step)
-                self.log(f"step {self.step}/{cfg.max_steps}  loss {loss_sum:.4f}  {tok_s:,.0f} tok/s  ETA {eta:.0f}s")
+                self.log(f"step {self.step}/{cfg.max_steps}  loss {loss_sum:.4f}  {tok_s:,.0f} tok/s  "
+                         f"MFU {record['mfu']:.1%}  ETA {eta:.0f}s")
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 val = self.evaluate()
-                metrics.write(json.dumps({"step": self.step, "tokens": self.tokens_seen, "val_loss": val}) + "\n")
+                record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val}
+                metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                board.log(record)
                 self.log(f"step {self.step}  val_loss {val:.4f}")
             if self.step % cfg.ckpt_every == 0 or self.step == end:
                 self.save()
         metrics.close()
+        board.close()
         if self.step == cfg.max_steps and cfg.export_hf:
             from .hf import save_hf
 
