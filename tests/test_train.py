@@ -147,3 +147,10 @@ def test_config_file_and_generate_and_plot_on_a_run(tmp_path, capsys):
 
     paths = plot_run(run)
     assert [p.name for p in paths] == ["loss.png", "expert_load.png"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer = Trainer(tiny_cfg(tmp_path, max_steps=3, log_every=3, eval_every=3, ckpt_every=3), log=quiet)
+    trainer.train()
+    assert any(p.name.startswith("events.out.tfevents") for p in (trainer.run_dir / "tensorboard").iterdir())
