@@ -71,7 +71,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .checkpoint import load_tokenizer
+from .checkpoint import TOKENIZER_FILE, load_tokenizer
 from .config import ModelConfig, MoEConfig
 from .model import Transformer, rope_inv_freq
 
@@ -88,7 +88,6 @@ LAYOUTS = ("per_expert", "fused")
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 # small files beside the weights that `moekit convert` carries over unchanged
 SIDE_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")

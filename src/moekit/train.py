@@ -249,8 +249,9 @@ class Trainer:
                  f"{len(self.train_data)} train windows of {cfg.seq_len} tokens")
 
     def _windows(self, path) -> int:
-        meta = json.loads(Path(str(path) + ".json").read_text())
-        return (meta["num_tokens"] - 1) // self.cfg.seq_len
+        from .data import read_shard_meta
+
+        return (read_shard_meta(path)["num_tokens"] - 1) // self.cfg.seq_len
 
     def _prepare_model(self) -> None:
         from .model import Transformer
