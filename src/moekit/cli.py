@@ -20,6 +20,8 @@ COMMANDS = {
     "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
     "generate": ("moekit.generate", "generate text from a checkpoint (--checkpoint DIR --prompt TEXT)"),
     "plot": ("moekit.plot", "loss and expert-load PNGs of a run directory"),
+    "analyze": ("moekit.analyze.cli", "parameters, FLOPs, bytes and hardware speed bounds of a model or MoE layer"),
+    "profile": ("moekit.profile", "time per component under torch.profiler vs the analyzer's FLOPs share"),
 }
 
 

@@ -1,0 +1,18 @@
+"""The analyzer: where an MoE model's parameters, FLOPs and bytes go, and how fast hardware runs it.
+
+    from moekit.analyze import analyze, resolve_model, local_hardware
+    report = analyze(resolve_model("qwen3-30b-a3b"), hardware="h100", weights="bf16", batch=8)
+    report["decode_tokens_per_s"]
+
+Modules: arch (model shapes), params (counts by component), precision (bits per weight),
+hardware (catalog + local measurement), formulas (FACTS.md, named), estimate (model-level
+FLOPs/bytes/speed), catalog (published configs), report (analyze + text), plots, cli.
+"""
+
+from .arch import Arch, from_hf_config, from_layer, from_model_config
+from .catalog import parse_layer, resolve_model
+from .hardware import CATALOG as HARDWARE, Hardware, get_hardware, local_hardware
+from .report import analyze, analyze_model, render
+
+__all__ = ["Arch", "from_hf_config", "from_layer", "from_model_config", "parse_layer", "resolve_model", "HARDWARE",
+           "Hardware", "get_hardware", "local_hardware", "analyze", "analyze_model", "render"]

@@ -1,0 +1,144 @@
+"""FLOPs, bytes and speeds of a whole model (`Arch`) on given hardware.
+
+Conventions (the tests and `moekit profile` rely on them):
+- FLOPs count matrix multiplies only (2 per multiply-add); norms, activations, softmax and
+  the embedding lookup count 0. A token multiplies every non-expert weight matrix, the
+  router, K of E routed experts and the head (the embedding matrix when tied).
+- Attention over a context of ctx tokens adds 4·h·d_h·ctx per layer (QKᵀ and AV, full ctx,
+  no causal halving: the FACTS/Kaplan convention, and what FlopCounterMode counts for
+  SDPA with T = ctx); MLA adds 2·h·(d_nope + d_rope)·ctx + 2·h·d_v·ctx.
+- Training = 3 × forward (backward is 2 × forward), i.e. 6·N_matmul + 12·L·h·d_h·ctx.
+- Decode at batch B and context C: bytes read per step = every non-expert weight matrix +
+  the expected experts touched per MoE layer E·(1 − (1 − K/E)^B) + the KV cache B·C·kv_bytes;
+  time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
+- Prefill of B prompts of C tokens: all weights once (experts touched at B·C tokens),
+  FLOPs at the causal mean context (C + 1)/2, KV written once.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from . import formulas
+from .arch import Arch
+from .params import COMPONENTS, model_tensors
+from .precision import Precision
+
+
+def attention_score_flops(arch: Arch, ctx: float) -> float:
+    """Per token per layer: the QKᵀ and AV matmuls over ctx keys."""
+    a = arch.attention
+    if a is None:
+        return 0.0
+    if a.kind == "mla":
+        return 2 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim) * ctx + 2 * a.n_heads * a.v_head_dim * ctx
+    return 4 * a.n_heads * a.head_dim * ctx
+
+
+def matmul_params_by_component(arch: Arch) -> Dict[str, int]:
+    """Weights one token multiplies (FLOPs = 2 x these), by component; the embedding lookup is free."""
+    out = {c: 0 for c in COMPONENTS}
+    moe = arch.moe
+    for x in model_tensors(arch):
+        if not x.matrix or x.component == "embedding":
+            continue
+        n = x.numel * moe.top_k // moe.num_experts if x.per_expert else x.numel
+        out[x.component] += n
+    if arch.tie_embeddings and arch.vocab_size:
+        out["head"] += arch.vocab_size * arch.d_model
+    return out
+
+
+def flops_by_component(arch: Arch, ctx: float) -> Dict[str, float]:
+    """Forward FLOPs per token by component at a context of ctx tokens."""
+    out = {c: 2.0 * n for c, n in matmul_params_by_component(arch).items()}
+    out["attention"] += arch.n_layers * attention_score_flops(arch, ctx)
+    return out
+
+
+def forward_flops_per_token(arch: Arch, ctx: float) -> float:
+    return sum(flops_by_component(arch, ctx).values())
+
+
+def training_flops_per_token(arch: Arch, ctx: float) -> float:
+    return 3 * forward_flops_per_token(arch, ctx)
+
+
+def kv_bytes_per_token(arch: Arch, nbytes: float) -> float:
+    a = arch.attention
+    if a is None:
+        return 0.0
+    if a.kind == "mla":
+        return arch.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * nbytes
+    return formulas.kv_bytes_per_token(arch.n_layers, a.n_kv_heads, a.head_dim, nbytes)
+
+
+def weight_bytes_by_component(arch: Arch, prec: Precision) -> Dict[str, float]:
+    """Stored bytes: matrices at `prec` (scales included), vectors and the router in 16-bit."""
+    out = {c: 0.0 for c in COMPONENTS}
+    for x in model_tensors(arch):
+        if x.matrix and x.component != "router":
+            out[x.component] += prec.matrix_bytes(x.rows, x.cols) * x.count
+        else:
+            out[x.component] += x.numel * prec.float_bytes
+    return out
+
+
+def decode_step_bytes(arch: Arch, prec: Precision, B: int, ctx: float, kv_nbytes: float) -> float:
+    """Bytes read by one decode step at batch B: weights touched + the KV cache."""
+    by = weight_bytes_by_component(arch, prec)
+    read = sum(v for c, v in by.items() if c not in ("embedding", "experts"))
+    if arch.tie_embeddings:
+        read += by["embedding"]  # the head reads the tied table
+    moe = arch.moe
+    if moe is not None:
+        read += by["experts"] * formulas.experts_touched(moe.num_experts, moe.top_k, B) / moe.num_experts
+    return read + B * ctx * kv_bytes_per_token(arch, kv_nbytes)
+
+
+def decode(arch: Arch, prec: Precision, hw_flops: float, bw: float, B: int, ctx: float, kv_nbytes: float) -> Dict[str, float]:
+    flops = B * forward_flops_per_token(arch, ctx)
+    nbytes = decode_step_bytes(arch, prec, B, ctx, kv_nbytes)
+    t_compute, t_memory = flops / hw_flops, nbytes / bw
+    t = max(t_compute, t_memory)
+    return {"tokens_per_s": B / t, "step_s": t, "flops": flops, "bytes": nbytes,
+            "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+def prefill(arch: Arch, prec: Precision, hw_flops: float, bw: float, B: int, ctx: int, kv_nbytes: float) -> Dict[str, float]:
+    tokens = B * ctx
+    flops = tokens * forward_flops_per_token(arch, (ctx + 1) / 2)
+    nbytes = decode_step_bytes(arch, prec, tokens, 0, kv_nbytes) + tokens * kv_bytes_per_token(arch, kv_nbytes)
+    t_compute, t_memory = flops / hw_flops, nbytes / bw
+    t = max(t_compute, t_memory)
+    return {"tokens_per_s": tokens / t, "s": t, "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+def break_even_batch(arch: Arch, prec: Precision, hw_flops: float, bw: float, ctx: float, kv_nbytes: float,
+                     limit: int = 1 << 16) -> int:
+    """Smallest batch at which decode turns compute-bound (experts touched and KV included); 0 if never."""
+    if decode(arch, prec, hw_flops, bw, limit, ctx, kv_nbytes)["bound"] == "memory":
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if decode(arch, prec, hw_flops, bw, mid, ctx, kv_nbytes)["bound"] == "compute":
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def activation_bytes_per_moe_layer(d: int, n: int, E: int, K: int, T: int, act_bytes: float) -> Dict[str, float]:
+    """Bytes a training step keeps for backward in one MoE layer's experts, by caching policy.
+
+    All policies keep the routing metadata: gates (T·K fp32), the pair order and token index
+    (2·T·K int64) and per-expert counts (E int64).
+      moekit     X (T, d) and H (T·K, 2n): the grouped backend (SonicMoE's policy)
+      scattermoe X, H, A = SwiGLU(H) (T·K, n) and the expert outputs Y (T·K, d) (for dS)
+      naive      the above plus the gathered X (T·K, d) (torchtitan-style grouped GEMM)
+    """
+    P = T * K
+    meta = P * 4 + 2 * P * 8 + E * 8
+    x, h, a, y = T * d * act_bytes, P * 2 * n * act_bytes, P * n * act_bytes, P * d * act_bytes
+    return {"moekit": x + h + meta, "scattermoe": x + h + a + y + meta, "naive": x + P * d * act_bytes + h + a + y + meta}
