@@ -20,14 +20,30 @@ from .reference import experts_reference
 BACKENDS = {"reference": experts_reference, "grouped": experts_grouped}
 
 
+def triton_backend():
+    """The Triton kernels (moe/triton), imported on first use: moekit never imports triton itself.
+
+    Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before the first use
+    (the interpreter: slow, for tests); other cases raise ValueError when called."""
+    try:
+        import triton  # noqa: F401  (the optional dependency itself)
+    except ImportError as err:
+        raise ValueError(
+            "experts_impl='triton' needs the `triton` package, which is not installed "
+            f"({err}); install it (pip install triton, or moekit's 'gpu' extra) and use a CUDA device, "
+            "or set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter; "
+            "or use experts_impl='grouped'"
+        ) from err
+    from .triton import experts_triton
+
+    return experts_triton
+
+
 def get_backend(name: str):
     if name == "triton":
-        raise ValueError(
-            "experts_impl='triton' is not available yet (the Triton kernels are a separate work item); "
-            "use experts_impl='grouped' (fast, memory-efficient) or 'reference'"
-        )
+        return triton_backend()
     if name not in BACKENDS:
-        raise ValueError(f"unknown experts_impl {name!r}; choose one of {sorted(BACKENDS)}")
+        raise ValueError(f"unknown experts_impl {name!r}; choose one of {sorted(BACKENDS) + ['triton']}")
     return BACKENDS[name]
 
 
