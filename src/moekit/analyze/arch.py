@@ -122,10 +122,24 @@ def _dense_layers_qwen(hf: dict, L: int) -> set:
     return {i for i in range(L) if i in only or (i + 1) % step != 0}
 
 
+REQUIRED = {
+    "qwen3_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
+    "qwen2_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
+    "mixtral": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
+    "olmoe": ("intermediate_size", "num_experts", "num_experts_per_tok"),
+    "llama": ("intermediate_size",),
+    "deepseek_v3": ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size",
+                    "n_routed_experts", "num_experts_per_tok", "intermediate_size"),
+}
+COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
 def from_hf_config(hf: dict, name: str = "") -> Arch:
     mt = hf.get("model_type")
     if mt not in HF_TYPES:
         raise ValueError(f"cannot analyze model_type {mt!r}; supported: {', '.join(HF_TYPES)}")
+    if mt != "gpt2":
+        _need(hf, *COMMON, *REQUIRED[mt])  # report every missing field at once
     name = name or hf.get("_name_or_path") or mt
     if mt == "gpt2":
         return _from_gpt2(hf, name)

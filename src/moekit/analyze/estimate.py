@@ -132,13 +132,13 @@ def break_even_batch(arch: Arch, prec: Precision, hw_flops: float, bw: float, ct
 def activation_bytes_per_moe_layer(d: int, n: int, E: int, K: int, T: int, act_bytes: float) -> Dict[str, float]:
     """Bytes a training step keeps for backward in one MoE layer's experts, by caching policy.
 
-    All policies keep the routing metadata: gates (T·K fp32), the pair order and token index
+    All policies keep the routing metadata: gates (T·K, activation dtype), the pair order and token index
     (2·T·K int64) and per-expert counts (E int64).
       moekit     X (T, d) and H (T·K, 2n): the grouped backend (SonicMoE's policy)
       scattermoe X, H, A = SwiGLU(H) (T·K, n) and the expert outputs Y (T·K, d) (for dS)
       naive      the above plus the gathered X (T·K, d) (torchtitan-style grouped GEMM)
     """
     P = T * K
-    meta = P * 4 + 2 * P * 8 + E * 8
+    meta = P * act_bytes + 2 * P * 8 + E * 8
     x, h, a, y = T * d * act_bytes, P * 2 * n * act_bytes, P * n * act_bytes, P * d * act_bytes
     return {"moekit": x + h + meta, "scattermoe": x + h + a + y + meta, "naive": x + P * d * act_bytes + h + a + y + meta}
