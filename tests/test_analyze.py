@@ -315,3 +315,13 @@ def test_local_hardware_is_measured():
     assert hw.flops > 1e8 and hw.flops_fp32 > 1e8 and hw.bw > 1e8 and math.isfinite(hw.bw)
     r = analyze(resolve_model("small"), hardware="local", weights="fp32", context=64)
     assert r["hardware"]["flops_used"] == hw.flops_fp32 and r["decode_tokens_per_s"] > 0
+
+
+def test_cli_plot_writes_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli(["qwen3-30b-a3b", "--batch", "16", "--context", "256", "--plot", str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for path in r["plots"]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.rsplit("/", 1)[1] for p in r["plots"]) == ["decode_vs_batch.png", "roofline.png"]
