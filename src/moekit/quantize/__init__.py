@@ -1,0 +1,18 @@
+"""Weight-only quantization of a built moekit model (int8, int4-g32/64/128, q8_0, q4_0).
+
+    from moekit.quantize import quantize_model, size_report, METHODS
+    quantize_model(model, "int8")                 # in place, returns the model
+
+formats.py holds the pack/unpack math (and a plain per-block reference), modules.py the
+quantized Linear / SwiGLU / Experts modules, transform.py `quantize_model` and the size
+helpers, cli.py `moekit quantize`.
+"""
+
+from .formats import FORMATS, METHODS, Format, get_format
+from .modules import QuantizedExperts, QuantizedLinear, QuantizedSwiGLU, QuantizedWeight
+from .transform import model_bytes, quantize_model, quantized_bytes, size_report
+
+__all__ = [
+    "FORMATS", "METHODS", "Format", "get_format", "QuantizedExperts", "QuantizedLinear", "QuantizedSwiGLU",
+    "QuantizedWeight", "model_bytes", "quantize_model", "quantized_bytes", "size_report",
+]
