@@ -5,6 +5,8 @@ A moekit checkpoint is a directory:
     moekit_config.json   ModelConfig.to_dict() plus {"format": "moekit", "version": 1}
     model.safetensors    the state dict (lm_head.weight is left out when the embeddings are tied)
     tokenizer.json       optional: a `tokenizers.Tokenizer`, saved when `model.tokenizer` is set
+    quantization.json    optional: {"method", "quantize_head"} of a `moekit.quantize`d model, whose
+                         model.safetensors then holds the packed buffers (see moekit/quantize)
 
     save_model(model, "ckpt")            # atomic: written to a temp dir beside "ckpt", then renamed
     model = load_model("ckpt")           # a moekit checkpoint ...
@@ -33,6 +35,7 @@ from .model import Transformer, rope_inv_freq
 CONFIG_FILE = "moekit_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+QUANT_FILE = "quantization.json"  # present in checkpoints of moekit.quantize'd models
 FORMAT_NAME = "moekit"
 FORMAT_VERSION = 1
 
@@ -90,6 +93,8 @@ def save_model(model: Transformer, path: PathLike) -> Path:
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_FILE))
+        if getattr(model, "quantization", None):  # moekit.quantize: {"method", "quantize_head"}
+            (tmp / QUANT_FILE).write_text(json.dumps(model.quantization) + "\n")
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{tmp.name[-8:]}"
@@ -151,8 +156,13 @@ def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
     state = st.load_file(str(weights), device=str(device))
 
     # build without initialising (meta), then adopt the loaded tensors
+    quant = json.loads((path / QUANT_FILE).read_text()) if (path / QUANT_FILE).is_file() else None
     with torch.device("meta"):
         model = Transformer(cfg)
+        if quant is not None:  # rebuild the quantized modules (on meta) before adopting the stored buffers
+            from .quantize import quantize_model
+
+            quantize_model(model, **quant)
     param_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if dtype is not None:
         state = {k: v.to(dtype) if k in param_names and v.is_floating_point() else v for k, v in state.items()}
