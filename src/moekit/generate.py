@@ -342,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-ids", action="store_true", help="print token ids even when a tokenizer exists")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load weights in this dtype")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="weight-only quantize the model after loading: int8, int4-g32/64/128, q8_0, q4_0")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="speculative decoding with this draft checkpoint (same tokenizer/vocab; batch 1)")
+    p.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="draft-free speculative decoding: 'ngram' (prompt lookup)")
+    p.add_argument("--gamma", type=int, default=4, help="speculative: tokens proposed per round (default 4)")
+    p.add_argument("--ngram", type=int, default=3, help="--speculative ngram: longest suffix matched (default 3)")
     return p
 
 
@@ -419,7 +427,18 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise ValueError("give either --prompt or --prompt-ids, not both")
         from .checkpoint import load_model
 
+        if args.draft is not None and args.speculative is not None:
+            raise ValueError("give either --draft DIR or --speculative ngram, not both")
         model = load_model(args.checkpoint, dtype=args.dtype, device=args.device)
+        if args.quantize is not None:
+            from .quantize import quantize_model
+
+            quantize_model(model, args.quantize)
+        draft = None
+        if args.draft is not None:
+            if not os.path.isdir(args.draft):
+                raise ValueError(f"draft checkpoint directory {args.draft!r} does not exist")
+            draft = load_model(args.draft, dtype=args.dtype, device=args.device)
         tokenizer = getattr(model, "tokenizer", None)
         if args.prompt is not None:
             if tokenizer is None:
@@ -435,10 +454,25 @@ def cli(argv: Optional[List[str]] = None) -> int:
         stop = _parse_ids(args.stop_ids) if args.stop_ids else None
         eos = _eos_token_ids(args.checkpoint, model)
         streamer = _IdStreamer() if tokenizer is None or args.print_ids else _TextStreamer(tokenizer)
-        generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                 stop=stop, eos_token_id=eos, stream=streamer)
-        streamer.finish()
+        if draft is not None or args.speculative is not None:
+            from .speculative import speculative_generate
+
+            if args.repetition_penalty != 1.0:
+                raise ValueError("--repetition-penalty is not supported with speculative decoding")
+            _, stats = speculative_generate(
+                model, prompt_ids, args.max_new_tokens, draft=draft, gamma=args.gamma,
+                ngram=args.ngram if draft is None else None, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=(stop or []) + (eos or []) or None, stream=streamer)
+            streamer.finish()
+            print(f"speculative ({'draft' if draft is not None else f'ngram n={args.ngram}'}, gamma={args.gamma}): "
+                  f"accepted {stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}), "
+                  f"{stats.target_forward_passes} target passes, {stats.tokens_per_pass:.2f} tokens/pass",
+                  file=sys.stderr)
+        else:
+            generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                     seed=args.seed, stop=stop, eos_token_id=eos, stream=streamer)
+            streamer.finish()
     except (ValueError, OSError) as err:
         print(f"moekit generate: error: {err}", file=sys.stderr)
         return 2
