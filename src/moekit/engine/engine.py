@@ -1,0 +1,408 @@
+"""The inference engine: continuous batching on a background thread.
+
+    from moekit.engine import Engine, SamplingParams
+    engine = Engine(model, tokenizer, max_batch=32, kv_budget="256MiB").start()
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
+    for event in handle:                 # streaming: new token ids and text deltas
+        print(event.text, end="")
+    handle.result()                      # Completion(token_ids, text, finish_reason, ...)
+    handle.cancel()                      # frees its KV reservation at the next step boundary
+    engine.metrics(); engine.stop()
+
+Without `start()` the engine runs synchronously: `handle.result()`, iteration and
+`engine.generate(...)` drive `engine.step()` themselves (handy in scripts and tests).
+
+Threading: `submit`/`cancel` may be called from any thread; they validate the request on
+the caller's thread (raising ParamError / ContextLengthError / KVBudgetError /
+QueueFullError) and pass it to the engine thread through a thread-safe queue. Only the
+engine thread runs the model. Events reach a request through its handle's queue and,
+when given, an `on_event` callback that runs on the engine thread (keep it cheap).
+
+Scheduling: see `scheduler.py`; the KV budget: `kv.py`; batch invariance: `forward.py`.
+Queueing: a request that cannot be admitted waits (FIFO); once `max_queue` requests wait,
+`submit` raises QueueFullError (the server answers 429).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+from ..generate import _ends_with_stop
+from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
+from .forward import ROW_QUANTUM, ragged_forward, rope_table
+from .kv import KVBudget, parse_budget
+from .metrics import EngineMetrics
+from .params import Completion, Event, SamplingParams, stop_sequences
+from .sampling import choose_tokens
+from .scheduler import Scheduler, Sequence as Seq, make_generator
+from .text import TextStream
+
+
+class RequestHandle:
+    """A submitted request: iterate for streaming events, `result()` for the Completion, `cancel()`."""
+
+    def __init__(self, engine: "Engine", seq_id: int, prompt_tokens: int,
+                 on_event: Optional[Callable[[Event], None]]):
+        self.engine, self.id, self.prompt_tokens = engine, seq_id, prompt_tokens
+        self._on_event = on_event
+        self._events: "queue.Queue[Event]" = queue.Queue()
+        self._done = threading.Event()
+        self.completion: Optional[Completion] = None
+        self._seq: Optional[Seq] = None
+
+    def _push(self, event: Event) -> None:  # engine thread
+        if event.completion is not None:
+            self.completion = event.completion
+        self._events.put(event)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a consumer's bug must not take the engine down
+                traceback.print_exc()
+        if event.completion is not None:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
+        """The next event, or None after `timeout` seconds without one."""
+        if not self.engine.threaded:
+            while self._events.empty() and not self.done:
+                self.engine.step()
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self):
+        while True:
+            event = self.next_event()
+            if event is None:
+                continue
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: Optional[float] = None) -> Completion:
+        if not self.engine.threaded:
+            while not self.done:
+                self.engine.step()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.completion
+
+    def cancel(self) -> None:
+        """Stop generating; the KV reservation is freed at the next step boundary."""
+        if not self.done and self._seq is not None:
+            self._seq.cancel_requested = True
+            self.engine._inbox.put(("cancel", self._seq))
+            self.engine._wake.set()
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
+                 prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
+                 eos_token_ids: Sequence[int] = (), row_quantum: int = ROW_QUANTUM):
+        cfg = model.cfg
+        for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
+                             ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
+                             ("row_quantum", row_quantum, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if prefill_chunk > max_step_tokens:
+            raise ValueError(f"prefill_chunk={prefill_chunk} exceeds max_step_tokens={max_step_tokens}")
+        for moe in model.moe_layers():
+            if moe.cfg.token_rounding is not None:
+                raise ValueError("the engine needs per-token routing; token_rounding makes a token's experts "
+                                 "depend on the rest of the batch")
+        weight = model.embed.weight
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device, self.dtype = weight.device, weight.dtype
+        self.row_quantum = row_quantum
+        with torch.no_grad():
+            self._rope = rope_table(model, self.dtype)
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, cfg, self.dtype)
+        self.kv = KVBudget(cfg, budget, self.dtype, self.device)
+        self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens)
+        self.max_queue = max_queue
+        self.metrics_ = EngineMetrics()
+        self._inbox: "queue.Queue" = queue.Queue()
+        self._ids = itertools.count()
+        self._queued = 0  # submitted, not yet admitted (inbox + waiting)
+        self._lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._resume = threading.Event()
+        self._resume.set()
+        self._wake = threading.Event()  # set on every submission and cancellation
+        self.thread_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ submission (any thread)
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None
+
+    def _check_prompt(self, prompt) -> List[int]:
+        V = self.model.cfg.vocab_size
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ParamError("prompt must be a non-empty list of token ids", "prompt")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ParamError(f"prompt holds {t!r}, not a token id in [0, vocab_size={V})", "prompt")
+        return list(prompt)
+
+    def _make_seq(self, prompt: List[int], params: SamplingParams, on_event) -> Seq:
+        cfg = self.model.cfg
+        params.validate(cfg.vocab_size, self.tokenizer is not None)
+        if len(prompt) >= cfg.max_seq_len:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the model's context window is "
+                                     f"{cfg.max_seq_len} tokens, which leaves no room to generate", "prompt")
+        if len(prompt) + params.max_tokens > cfg.max_seq_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {cfg.max_seq_len} tokens, but {len(prompt)} prompt tokens "
+                f"+ max_tokens={params.max_tokens} = {len(prompt) + params.max_tokens}; lower max_tokens to at most "
+                f"{cfg.max_seq_len - len(prompt)}", "max_tokens")
+        self.kv.check_fits(len(prompt) + params.max_tokens)
+        stops = stop_sequences(params.stop_token_ids, () if params.ignore_eos else self.eos_token_ids,
+                               cfg.vocab_size)
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq_id = next(self._ids)
+        handle = RequestHandle(self, seq_id, len(prompt), on_event)
+        seq = Seq(seq_id, prompt, params, stops, make_generator(params, self.device), text, handle)
+        handle._seq = seq
+        return seq
+
+    def submit(self, prompt, params: Optional[SamplingParams] = None,
+               on_event: Optional[Callable[[Event], None]] = None) -> RequestHandle:
+        """Queue one request; raises on invalid parameters or a full queue (nothing queued then)."""
+        return self.submit_n(prompt, params, 1, on_event)[0]
+
+    def submit_n(self, prompt, params: Optional[SamplingParams] = None, n: int = 1,
+                 on_event: Optional[Callable[[int, Event], None]] = None) -> List[RequestHandle]:
+        """n independent choices of one prompt (n sub-requests); choice i uses seed + i when a seed is set.
+
+        For n > 1, `on_event(i, event)` receives the choice index; for n == 1 it is `on_event(event)`.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ParamError(f"n must be an integer >= 1, got {n!r}", "n")
+        params = params or SamplingParams()
+        prompt = self._check_prompt(prompt)
+        seqs = []
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
+            cb = on_event if n == 1 or on_event is None else (lambda ev, i=i: on_event(i, ev))
+            seqs.append(self._make_seq(prompt, p, cb))
+        with self._lock:
+            if self._stopping or self.thread_error is not None:
+                raise EngineStoppedError("the engine is stopped" + (f": {self.thread_error}" if self.thread_error
+                                                                    else ""))
+            if self._queued + n > self.max_queue:
+                self.metrics_.count("rejected_queue_full", n)
+                raise QueueFullError(f"the admission queue is full ({self._queued} requests waiting, "
+                                     f"max_queue={self.max_queue}); retry later")
+            self._queued += n
+            for seq in seqs:
+                self._inbox.put(("add", seq))
+        self._wake.set()
+        self.metrics_.count("requests_submitted", n)
+        return [s.handle for s in seqs]
+
+    def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None
+                 ) -> List[Completion]:
+        """Submit every prompt at once and wait for all (list of Completion, in order)."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        return [h.result() for h in handles]
+
+    # ------------------------------------------------------------------ engine thread
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, seq = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if seq.cancel_requested:
+                    self._dequeued(1)
+                    self._finish(seq, "cancelled")
+                else:
+                    self.scheduler.waiting.append(seq)
+            elif kind == "cancel" and seq.finish_reason is None:
+                if seq.cache is None:  # still waiting
+                    if seq in self.scheduler.waiting:
+                        self._dequeued(1)
+                self._finish(seq, "cancelled")
+
+    def _dequeued(self, n: int) -> None:
+        with self._lock:
+            self._queued -= n
+
+    def step(self) -> bool:
+        """One scheduling step: admit, run one ragged forward, sample. False when there was nothing to do."""
+        with self._step_lock:
+            self._drain()
+            self._dequeued(len(self.scheduler.admit()))
+            plan = self.scheduler.plan()
+            if not plan:
+                return False
+            chunk = self.scheduler.prefill_chunk
+            segments = [s.next_segment(chunk) for s in plan]
+            prompt_tokens = sum(len(g.tokens) for s, g in zip(plan, segments) if s.in_prefill)
+            try:
+                with torch.inference_mode():
+                    logits_RV = ragged_forward(self.model, segments, self.row_quantum, self._rope)
+            except Exception as err:  # fail this step's requests, keep serving the rest
+                traceback.print_exc()
+                for s in plan:
+                    self._finish(s, "error", f"{type(err).__name__}: {err}")
+                return True
+            for s, g in zip(plan, segments):
+                s.computed += len(g.tokens)
+            sampled = [s for s, g in zip(plan, segments) if g.want_logits]
+            with torch.inference_mode():
+                choices = choose_tokens(logits_RV, sampled)
+            for s, (token, logprob) in zip(sampled, choices):
+                self._append(s, token, logprob)
+            self.metrics_.record_step(prompt_tokens, len(sampled))
+            return True
+
+    def _append(self, s: Seq, token: int, logprob: Optional[float]) -> None:
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        s.out.append(token)
+        if logprob is not None:
+            s.logprobs.append(logprob)
+        s.generated += 1
+        reason = None
+        n_stop = _ends_with_stop(s.out, s.stops) if s.stops else 0
+        if n_stop:
+            del s.out[-n_stop:]
+            del s.logprobs[len(s.out):]
+            reason = "stop"
+        if s.text is not None and s.text.update(s.out):
+            reason = "stop"
+        if reason is None and s.generated >= s.params.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(s, reason)
+            return
+        new = s.out[s.emitted:]
+        s.emitted = len(s.out)
+        s.handle._push(Event(new, s.text.delta() if s.text is not None else ""))
+
+    def _finish(self, s: Seq, reason: str, error: Optional[str] = None) -> None:
+        if s.finish_reason is not None:
+            return
+        self.scheduler.remove(s)
+        s.finish_reason = reason
+        now = time.perf_counter()
+        new = s.out[s.emitted:]
+        s.emitted = len(s.out)
+        text = None
+        delta = ""
+        if s.text is not None:
+            if reason in ("cancelled", "error"):
+                s.text.update(s.out)
+            delta, text = s.text.delta(final=True), s.text.text
+        completion = Completion(
+            prompt_tokens=len(s.prompt), token_ids=list(s.out), text=text, finish_reason=reason,
+            logprobs=list(s.logprobs) if s.params.logprobs else None, error=error,
+            time_to_first_token=None if s.first_token_at is None else s.first_token_at - s.arrival,
+            latency=now - s.arrival, generated_tokens=s.generated)
+        self.metrics_.count(f"finished_{reason}")
+        s.handle._push(Event(new, delta, reason, completion))
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        """Run steps on a background (daemon) thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty())
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stopping:
+                if not self._resume.is_set():
+                    self._resume.wait(0.05)
+                    continue
+                if self._has_work():
+                    self.step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as err:  # noqa: BLE001 -- report, and refuse new work
+            self.thread_error = f"{type(err).__name__}: {err}"
+            traceback.print_exc(file=sys.stderr)
+            self._fail_all("error", self.thread_error)
+
+    def _fail_all(self, reason: str, error: Optional[str] = None) -> None:
+        with self._step_lock:
+            self._drain()
+            for s in list(self.scheduler.waiting) + list(self.scheduler.running):
+                self._finish(s, reason, error)
+            with self._lock:
+                self._queued = 0
+
+    def pause(self) -> None:
+        """Stop stepping (requests still queue); `resume()` continues. For draining and tests."""
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def stop(self) -> None:
+        """Stop the thread; unfinished requests end with finish_reason 'cancelled'."""
+        with self._lock:
+            self._stopping = True
+        self._resume.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_all("cancelled")
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> dict:
+        running = list(self.scheduler.running)
+        prompt_rate, gen_rate = self.metrics_.rates()
+        kv = self.kv
+        return {
+            "queue_depth": self._queued,
+            "running": len(running),
+            "kv_capacity_tokens": kv.capacity,
+            "kv_reserved_tokens": kv.reserved,
+            "kv_used_tokens": sum(s.computed for s in running),
+            "kv_usage": kv.reserved / kv.capacity,
+            "kv_bytes_per_token": kv.bytes_per_token,
+            "prompt_tokens_per_s": prompt_rate,
+            "generation_tokens_per_s": gen_rate,
+            "totals": self.metrics_.snapshot_totals(),
+            "thread_alive": self._thread is not None and self._thread.is_alive(),
+        }

@@ -1,0 +1,124 @@
+"""Continuous-batching scheduler: the waiting queue, admission against the KV budget, and
+the plan of each step (which requests feed which tokens).
+
+Each step (`Scheduler.plan`):
+  1. admission, strictly first come first served: the oldest waiting request is admitted
+     while fewer than `max_batch` run and the KV budget has room for its reservation
+     (prompt + max_tokens); when it does not fit, everything behind it waits too (no
+     overtaking, so a large request is not starved by small ones);
+  2. every running request past its prompt feeds its last sampled token (a decode row);
+  3. requests still in their prompt each feed their next prefill chunk, oldest first, while
+     the step stays within `max_step_tokens` rows (at least one chunk per step, so prompts
+     progress even when decode rows fill the step).
+Chunk boundaries are fixed multiples of `prefill_chunk` from the prompt start -- a function
+of the request alone, never of the load -- so chunking keeps results batch-invariant.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Deque, List, Optional
+
+import torch
+
+from ..model import KVCache
+from .forward import Segment
+from .kv import KVBudget
+from .params import SamplingParams
+from .text import TextStream
+
+
+class Sequence:
+    """One request (one choice) inside the engine."""
+
+    def __init__(self, seq_id: int, prompt: List[int], params: SamplingParams, stops, generator,
+                 text: Optional[TextStream], handle):
+        self.id, self.prompt, self.params, self.stops = seq_id, prompt, params, stops
+        self.generator, self.text, self.handle = generator, text, handle
+        self.out: List[int] = []
+        self.logprobs: List[float] = []
+        self.cache: Optional[KVCache] = None
+        self.computed = 0  # tokens whose k/v are in the cache
+        self.emitted = 0  # tokens of `out` already streamed
+        self.generated = 0  # tokens sampled (stop ids removed from `out` included)
+        self.finish_reason: Optional[str] = None
+        self.arrival = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.cancel_requested = False
+
+    @property
+    def reservation(self) -> int:
+        return len(self.prompt) + self.params.max_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < len(self.prompt)
+
+    def next_segment(self, prefill_chunk: int) -> Segment:
+        if self.in_prefill:
+            end = min((self.computed // prefill_chunk + 1) * prefill_chunk, len(self.prompt))
+            return Segment(self.prompt[self.computed:end], self.computed, self.cache, end == len(self.prompt))
+        return Segment([self.out[-1]], self.computed, self.cache, True)
+
+
+class Scheduler:
+    def __init__(self, kv: KVBudget, max_batch: int, prefill_chunk: int, max_step_tokens: int):
+        self.kv, self.max_batch = kv, max_batch
+        self.prefill_chunk, self.max_step_tokens = prefill_chunk, max_step_tokens
+        self.waiting: Deque[Sequence] = collections.deque()
+        self.running: List[Sequence] = []
+
+    def admit(self) -> List[Sequence]:
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            cache = self.kv.try_allocate(seq.reservation)
+            if cache is None:
+                break
+            seq.cache = cache
+            self.waiting.popleft()
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def plan(self) -> List[Sequence]:
+        """The requests that feed tokens this step (decode rows first, then prefill chunks)."""
+        decode = [s for s in self.running if not s.in_prefill]
+        chosen = list(decode)
+        rows = len(decode)
+        took_chunk = False
+        for seq in self.running:
+            if not seq.in_prefill:
+                continue
+            end = min((seq.computed // self.prefill_chunk + 1) * self.prefill_chunk, len(seq.prompt))
+            n = end - seq.computed
+            if took_chunk and rows + n > self.max_step_tokens:
+                break
+            chosen.append(seq)
+            rows += n
+            took_chunk = True
+        return chosen
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or cancelled) and free its KV reservation."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.cache is not None:
+            self.kv.release(seq.cache)
+            seq.cache = None
+
+    def kv_tokens_in_use(self) -> int:
+        return sum(s.computed for s in self.running)
+
+
+def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
+    """The request's own generator (None when greedy); seed None draws one from torch's global RNG."""
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
