@@ -1,0 +1,316 @@
+"""The continuous-batching engine (moekit.engine): batching vs sequential generate, batch
+invariance (bitwise), admission control, cancellation, sampling, stopping, threading."""
+
+import inspect
+import random
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit import ModelConfig, Transformer
+from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
+                           SamplingParams)
+from moekit.engine.forward import ROW_QUANTUM, pad_rows
+from moekit.engine.kv import parse_budget
+from moekit.engine.text import TextStream
+from moekit.generate import generate
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1], [8, 3], [250, 251, 252, 253], [11] * 70, list(range(1, 40)), [400]]
+KW = dict(prefill_chunk=16, max_step_tokens=48)  # small chunks: long prompts take several steps
+
+
+def tiny_model(scaled: bool = True, preset: str = "tiny", **overrides) -> Transformer:
+    """Tiny random model; `scaled` spreads the logits (no near-ties: greedy comparisons with
+    `generate`, whose GEMMs differ in the last bits, are then exact)."""
+    torch.manual_seed(1234)
+    model = Transformer(ModelConfig.preset(preset, **overrides))
+    if scaled:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("tokenizers")
+    import argparse
+
+    from moekit.data import train_tokenizer
+
+    return train_tokenizer([inspect.getsource(argparse)], 512, progress=False)
+
+
+def sequential(model, prompts, n):
+    return [generate(model, [p], max_new_tokens=n)[0] for p in prompts]
+
+
+# ---------------------------------------------------------------------------- the platform property
+def test_padded_gemm_rows_do_not_depend_on_the_other_rows():
+    """The property batch invariance rests on (see engine/forward.py): with the row count padded
+    to a multiple of ROW_QUANTUM, a GEMM row's bits are a function of that row alone. If this
+    fails on a new machine/BLAS, the engine's bitwise guarantee does not hold there."""
+    torch.manual_seed(0)
+    for d_in, d_out in [(64, 512), (256, 768), (64, 8)]:
+        w = torch.randn(d_out, d_in)
+        x = torch.randn(96, d_in)
+        canon = torch.cat([F.linear(x[i:i + ROW_QUANTUM], w) for i in range(0, 96, ROW_QUANTUM)])
+        for m in (1, 2, 3, 5, 7, 9, 13, 30, 61, 96):
+            rows = torch.randperm(96)[:m]
+            assert torch.equal(F.linear(pad_rows(x[rows], ROW_QUANTUM), w)[:m], canon[rows]), (d_in, d_out, m)
+
+
+# ---------------------------------------------------------------------------- greedy vs generate
+def test_continuous_batching_equals_sequential_generate(model):
+    engine = Engine(model, **KW)
+    out = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
+    assert [o.token_ids for o in out] == sequential(model, PROMPTS, 12)
+    assert all(o.finish_reason == "length" and o.generated_tokens == 12 for o in out)
+    assert [o.prompt_tokens for o in out] == [len(p) for p in PROMPTS]
+    m = engine.metrics()
+    assert m["running"] == 0 and m["queue_depth"] == 0 and m["kv_reserved_tokens"] == 0
+
+
+def test_requests_join_and_leave_between_steps(model):
+    engine = Engine(model, **KW)
+    ref = sequential(model, PROMPTS, 10)
+    lengths = [10, 3, 10, 6, 10, 1]  # different max_tokens: requests leave at different steps
+    handles = []
+    for i, p in enumerate(PROMPTS):
+        handles.append(engine.submit(p, SamplingParams(max_tokens=lengths[i])))
+        for _ in range(i % 3 + 1):  # the ones before run on while this one prefills
+            engine.step()
+    assert [h.result().token_ids for h in handles] == [r[:n] for r, n in zip(ref, lengths)]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_batch_invariance_bitwise(preset):
+    """Unscaled random models (near-ties everywhere): each request's log-probabilities are bitwise
+    those it gets alone, with requests joining at random steps, greedy and seeded sampling mixed."""
+    model = tiny_model(scaled=False, preset=preset)
+    V = model.cfg.vocab_size
+    rng = random.Random(0)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 60))] for _ in range(8)]
+    params = [SamplingParams(max_tokens=12, logprobs=True, temperature=rng.choice([0.0, 0.9]), seed=i,
+                             top_p=rng.choice([None, 0.9])) for i in range(8)]
+    alone = [Engine(model, **KW).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = Engine(model, **KW)
+    handles = []
+    for p, sp in zip(prompts, params):
+        handles.append(engine.submit(p, sp))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+    together = [h.result() for h in handles]
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs  # exact float equality, every step
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_seeded_sampling_is_reproducible_regardless_of_co_batched_requests(model):
+    sp = SamplingParams(max_tokens=10, temperature=1.3, top_k=50, seed=7)
+    alone = Engine(model, **KW).generate([PROMPTS[0]], sp)[0].token_ids
+    noise = [SamplingParams(max_tokens=10, temperature=1.0, seed=s) for s in range(len(PROMPTS) - 1)]
+    mixed = Engine(model, **KW).generate(PROMPTS[1:] + [PROMPTS[0]], noise + [sp])[-1].token_ids
+    assert alone == mixed
+    # the same draws as generate() with the same seed (per-request generator, same filters)
+    assert alone == generate(model, [PROMPTS[0]], max_new_tokens=10, temperature=1.3, top_k=50, seed=7)[0]
+    other = Engine(model, **KW).generate([PROMPTS[0]], sp.replace(seed=8))[0].token_ids
+    assert other != alone
+
+
+def test_n_sub_requests_use_consecutive_seeds(model):
+    engine = Engine(model, **KW)
+    sp = SamplingParams(max_tokens=8, temperature=1.5, seed=3)
+    handles = engine.submit_n(PROMPTS[2], sp, n=3)
+    outs = [h.result().token_ids for h in handles]
+    assert len(set(map(tuple, outs))) == 3
+    for i, out in enumerate(outs):
+        assert Engine(model, **KW).generate([PROMPTS[2]], sp.replace(seed=3 + i))[0].token_ids == out
+
+
+# ---------------------------------------------------------------------------- admission and cancellation
+def test_admission_control_under_a_tiny_kv_budget(model):
+    sp = SamplingParams(max_tokens=8)
+    need = [len(p) + 8 for p in PROMPTS[:4]]  # 15, 10, 12, 78 tokens
+    engine = Engine(model, kv_budget=need[0] + need[1], **KW)
+    handles = [engine.submit(p, sp) for p in PROMPTS[:3]]
+    engine.step()
+    m = engine.metrics()
+    assert m["running"] == 2 and m["queue_depth"] == 1  # the third waits for room
+    assert m["kv_reserved_tokens"] == need[0] + need[1] <= m["kv_capacity_tokens"]
+    # a request that could never fit is rejected at once, and nothing is queued for it
+    with pytest.raises(KVBudgetError, match="KV budget"):
+        engine.submit(PROMPTS[3], sp)
+    assert [h.result().token_ids for h in handles] == sequential(model, PROMPTS[:3], 8)
+    assert engine.metrics()["kv_reserved_tokens"] == 0
+
+
+def test_max_batch_limits_running_requests(model):
+    engine = Engine(model, max_batch=2, **KW)
+    handles = [engine.submit(p, SamplingParams(max_tokens=5)) for p in PROMPTS]
+    for _ in range(3):
+        engine.step()
+        assert engine.metrics()["running"] <= 2
+    assert [h.result().token_ids for h in handles] == sequential(model, PROMPTS, 5)
+
+
+def test_cancellation_frees_the_slot(model):
+    engine = Engine(model, max_batch=1, **KW)
+    long = engine.submit(PROMPTS[0], SamplingParams(max_tokens=200))
+    waiting = engine.submit(PROMPTS[1], SamplingParams(max_tokens=5))
+    for _ in range(5):
+        engine.step()
+    assert engine.metrics()["running"] == 1 and engine.metrics()["queue_depth"] == 1
+    long.cancel()
+    engine.step()  # the cancellation is applied at the step boundary, the waiting one is admitted
+    assert long.done and long.result().finish_reason == "cancelled"
+    assert 0 < len(long.result().token_ids) < 200
+    assert waiting.result().token_ids == sequential(model, PROMPTS[1:2], 5)[0]
+    # cancelling a request that is still queued
+    first = engine.submit(PROMPTS[0], SamplingParams(max_tokens=50))
+    queued = engine.submit(PROMPTS[2], SamplingParams(max_tokens=50))
+    engine.step()
+    queued.cancel()
+    engine.step()
+    assert queued.result().finish_reason == "cancelled" and queued.result().token_ids == []
+    first.cancel()
+    engine.run_until_idle()
+    m = engine.metrics()
+    assert m["running"] == 0 and m["queue_depth"] == 0 and m["kv_reserved_tokens"] == 0
+    assert m["totals"]["finished_cancelled"] == 3
+
+
+def test_queue_full_and_validation_errors(model):
+    engine = Engine(model, max_queue=2, **KW)  # not stepping: submissions stay queued
+    engine.submit(PROMPTS[0])
+    engine.submit(PROMPTS[1])
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        engine.submit(PROMPTS[2])
+    with pytest.raises(QueueFullError):
+        engine.submit_n(PROMPTS[2], n=2)
+    cases = [
+        (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"),
+        (dict(max_tokens=0), "max_tokens"), (dict(seed=1.5), "seed"), (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[[]]), "stop_token_ids"), (dict(stop_token_ids=[512]), "stop_token_ids"),
+    ]
+    fresh = Engine(model, **KW)
+    for kwargs, param in cases:
+        with pytest.raises(ParamError) as err:
+            fresh.submit([1, 2], SamplingParams(**kwargs))
+        assert err.value.param == param
+    with pytest.raises(ParamError, match="stop strings need a tokenizer"):
+        fresh.submit([1], SamplingParams(stop=["x"]))
+    for bad in ([], [1, 512], [1.0], "text"):
+        with pytest.raises(ParamError) as err:
+            fresh.submit(bad)
+        assert err.value.param == "prompt"
+    with pytest.raises(ContextLengthError, match="maximum context length is 256") as err:
+        fresh.submit([1] * 250, SamplingParams(max_tokens=7))
+    assert err.value.param == "max_tokens"
+    with pytest.raises(ContextLengthError) as err:
+        fresh.submit([1] * 256)
+    assert err.value.param == "prompt"
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, prefill_chunk=64, max_step_tokens=32)
+    with pytest.raises(ValueError, match="KV budget"):
+        Engine(model, kv_budget="12 parsecs")
+
+
+def test_kv_budget_parsing(model):
+    cfg = model.cfg  # 2 layers x 2 KV heads x 16 dims x (k, v) x 4 bytes = 512 bytes per token
+    assert parse_budget(1000, cfg, torch.float32) == 1000
+    assert parse_budget("1000", cfg, torch.float32) == 1000
+    assert parse_budget("1MiB", cfg, torch.float32) == 2048
+    assert parse_budget("1 MB", cfg, torch.bfloat16) == 1_000_000 // 256
+
+
+# ---------------------------------------------------------------------------- stopping and streaming
+def test_stop_token_ids_and_eos(model):
+    full = Engine(model, **KW).generate(PROMPTS, SamplingParams(max_tokens=10))
+    tok = full[0].token_ids[3]
+    out = Engine(model, **KW).generate(PROMPTS, SamplingParams(max_tokens=10, stop_token_ids=[tok]))
+    for o, f in zip(out, full):
+        ids = f.token_ids
+        assert o.token_ids == (ids[:ids.index(tok)] if tok in ids else ids)
+        assert o.finish_reason == ("stop" if tok in ids else "length")
+    eos = Engine(model, eos_token_ids=[tok], **KW).generate(PROMPTS[:1], SamplingParams(max_tokens=10))[0]
+    assert eos.token_ids == out[0].token_ids and eos.finish_reason == "stop"
+    ignored = Engine(model, eos_token_ids=[tok], **KW).generate(PROMPTS[:1],
+                                                               SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert ignored.token_ids == full[0].token_ids
+    pair = full[1].token_ids[4:6]
+    seq = Engine(model, **KW).generate(PROMPTS[1:2], SamplingParams(max_tokens=10, stop_token_ids=[pair]))[0]
+    assert seq.token_ids == full[1].token_ids[:4] and seq.generated_tokens == 6
+
+
+def test_stop_strings_and_streamed_text(model, tokenizer):
+    engine = Engine(model, tokenizer, **KW)
+    prompt = tokenizer.encode("def parse_args(self, args=None):").ids
+    full = engine.generate([prompt], SamplingParams(max_tokens=24))[0]
+    assert full.text == tokenizer.decode(full.token_ids)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    assert stop and stop in full.text
+    events = []
+    handle = engine.submit(prompt, SamplingParams(max_tokens=24, stop=[stop]), on_event=events.append)
+    streamed = "".join(ev.text for ev in handle)  # iterating the handle drives the engine here
+    res = handle.result()
+    assert res.finish_reason == "stop" and res.text == full.text[:full.text.index(stop)]
+    assert streamed == res.text  # the stop string never reached the stream
+    assert "".join(ev.text for ev in events) == res.text and events[-1].completion is res
+    assert [t for ev in events for t in ev.token_ids] == res.token_ids
+
+
+def test_text_stream_holds_back_possible_stop_prefixes():
+    class Chars:  # a "tokenizer" whose ids are characters
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    ts = TextStream(Chars(), stop=["END"])
+    sent = ""
+    for i, ch in enumerate("abcENxEND!"):
+        hit = ts.update([ord(c) for c in "abcENxEND!"[:i + 1]])
+        sent += ts.delta(final=hit)
+        if hit:
+            break
+    assert sent == "abcENx" and ts.text == "abcENx"
+
+
+# ---------------------------------------------------------------------------- background thread
+def test_threaded_engine_serves_concurrent_submitters(model):
+    ref = sequential(model, PROMPTS, 8)
+    results = {}
+    with Engine(model, **KW) as engine:
+        def client(i):
+            results[i] = engine.submit(PROMPTS[i], SamplingParams(max_tokens=8)).result(timeout=60).token_ids
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        streamed = [ev.token_ids for ev in engine.submit(PROMPTS[0], SamplingParams(max_tokens=8))]
+        m = engine.metrics()
+        assert m["thread_alive"] and m["totals"]["generation_tokens"] >= 8 * len(PROMPTS)
+        assert m["generation_tokens_per_s"] > 0
+    assert [results[i] for i in range(len(PROMPTS))] == ref
+    assert [t for ids in streamed for t in ids] == ref[0]
+
+
+def test_paused_engine_queues_and_stop_cancels(model):
+    engine = Engine(model, **KW).start()
+    engine.pause()
+    handle = engine.submit(PROMPTS[0], SamplingParams(max_tokens=4))
+    assert handle.next_event(timeout=0.2) is None and engine.metrics()["queue_depth"] == 1
+    engine.resume()
+    assert handle.result(timeout=30).token_ids == sequential(model, PROMPTS[:1], 4)[0]
+    engine.pause()
+    pending = engine.submit(PROMPTS[1], SamplingParams(max_tokens=4))
+    engine.stop()
+    assert pending.result(timeout=5).finish_reason == "cancelled"
