@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
     "generate": ("moekit.generate", "generate text from a checkpoint (--checkpoint DIR --prompt TEXT)"),
     "plot": ("moekit.plot", "loss and expert-load PNGs of a run directory"),
+    "serve": ("moekit.server.cli", "OpenAI-compatible HTTP server with continuous batching (--checkpoint DIR)"),
     "quantize": ("moekit.quantize.cli", "weight-only quantized copy of a checkpoint (int8, int4-gN, q8_0, q4_0)"),
     "analyze": ("moekit.analyze.cli", "parameters, FLOPs, bytes and hardware speed bounds of a model or MoE layer"),
     "profile": ("moekit.profile", "time per component under torch.profiler vs the analyzer's FLOPs share"),

@@ -189,14 +189,13 @@ class Engine:
     def submit(self, prompt, params: Optional[SamplingParams] = None,
                on_event: Optional[Callable[[Event], None]] = None) -> RequestHandle:
         """Queue one request; raises on invalid parameters or a full queue (nothing queued then)."""
-        return self.submit_n(prompt, params, 1, on_event)[0]
+        cb = None if on_event is None else (lambda i, event: on_event(event))
+        return self.submit_n(prompt, params, 1, cb)[0]
 
     def submit_n(self, prompt, params: Optional[SamplingParams] = None, n: int = 1,
                  on_event: Optional[Callable[[int, Event], None]] = None) -> List[RequestHandle]:
-        """n independent choices of one prompt (n sub-requests); choice i uses seed + i when a seed is set.
-
-        For n > 1, `on_event(i, event)` receives the choice index; for n == 1 it is `on_event(event)`.
-        """
+        """n independent choices of one prompt (n sub-requests); choice i uses seed + i when a seed
+        is set. `on_event(i, event)` receives the choice index with each event."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ParamError(f"n must be an integer >= 1, got {n!r}", "n")
         params = params or SamplingParams()
@@ -204,7 +203,7 @@ class Engine:
         seqs = []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
-            cb = on_event if n == 1 or on_event is None else (lambda ev, i=i: on_event(i, ev))
+            cb = None if on_event is None else (lambda event, i=i: on_event(i, event))
             seqs.append(self._make_seq(prompt, p, cb))
         with self._lock:
             if self._stopping or self.thread_error is not None:

@@ -1,0 +1,338 @@
+"""The HTTP server: OpenAI-compatible endpoints over the engine, on the standard library.
+
+    server = OpenAIServer(engine, tokenizer, "my-model").bind("127.0.0.1", 8000).start()
+    ... server.url ...
+    server.shutdown()
+
+Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models[/ID],
+POST /v1/completions, POST /v1/chat/completions (see protocol.py for the fields).
+`http.server.ThreadingHTTPServer` runs one thread per connection (HTTP/1.1 keep-alive);
+those threads only parse, tokenize and wait: the model runs on the engine's single thread,
+fed through its thread-safe queue, and each request's events come back on a queue of its own.
+
+Streaming (`stream: true`): server-sent events, one `data: {json}\\n\\n` chunk per new piece
+of text (per choice), a last chunk with the finish_reason, a usage chunk when
+stream_options.include_usage is set, then `data: [DONE]`; the connection then closes.
+
+Error statuses (OpenAI's error JSON, `param` naming the field):
+  400  malformed JSON, a missing or invalid field, prompt (+ max_tokens) longer than the
+       context window (code context_length_exceeded), a request that can never fit the KV
+       budget even alone (code kv_budget_exceeded)
+  404  unknown model (code model_not_found) or path;  405  wrong method;  413  body too large
+  429  the admission queue is full (code queue_full, with Retry-After). A request that
+       merely does not fit the KV budget *now* is queued, not refused: it waits (FIFO)
+       until running requests finish; 429 comes only once `max_queue` requests wait.
+  500  the engine failed on this request;  503  the engine is stopped.
+A client that disconnects (mid-stream, or while waiting for a non-streamed answer) is
+noticed within `poll_s` seconds or at the next write; its requests are cancelled, which
+frees their KV reservations, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import queue
+import select
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import List, Optional
+from urllib.parse import urlsplit
+
+from ..engine import (ContextLengthError, EngineStoppedError, KVBudgetError, ParamError, QueueFullError)
+from . import metrics as prom
+from .chat_template import ChatTemplate, default_template
+from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, models_body, new_id, now,
+                       parse_chat, parse_completion, usage)
+
+MAX_BODY_BYTES = 16 * 2**20
+_DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class ServerContext:
+    """What request validation needs to know about the served model."""
+
+    tokenizer: object
+    model_names: List[str]
+    vocab_size: int
+    max_seq_len: int
+    kv_capacity: int
+    chat_template: ChatTemplate
+
+
+def engine_error(err: Exception) -> ApiError:
+    """Map an engine exception to the HTTP error it stands for."""
+    if isinstance(err, ContextLengthError):
+        return ApiError(400, str(err), param=err.param, code="context_length_exceeded")
+    if isinstance(err, KVBudgetError):
+        return ApiError(400, str(err), param=err.param, code="kv_budget_exceeded")
+    if isinstance(err, ParamError):
+        return ApiError(400, str(err), param=err.param, code="invalid_value")
+    if isinstance(err, QueueFullError):
+        return ApiError(429, str(err), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(err, EngineStoppedError):
+        return ApiError(503, str(err), type="server_error", code="engine_stopped")
+    raise err
+
+
+class OpenAIServer:
+    def __init__(self, engine, tokenizer, model_name: str, chat_template: Optional[ChatTemplate] = None,
+                 log_requests: bool = False, poll_s: float = 0.2):
+        if tokenizer is None:
+            raise ValueError("the server needs a tokenizer (tokenizer.json in the checkpoint) to turn text into tokens")
+        cfg = engine.model.cfg
+        self.engine, self.log_requests, self.poll_s = engine, log_requests, poll_s
+        self.ctx = ServerContext(tokenizer, [model_name], cfg.vocab_size, cfg.max_seq_len, engine.kv.capacity,
+                                 chat_template or default_template())
+        self.created = now()
+        self.http_counts = collections.Counter()
+        self._count_lock = threading.Lock()
+        self.httpd: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def count(self, path: str, status: int) -> None:
+        key = (path if path in _PATHS or path.startswith("/v1/models/") else "other", status)
+        if key[0].startswith("/v1/models/"):
+            key = ("/v1/models", status)
+        with self._count_lock:
+            self.http_counts[key] += 1
+
+    def bind(self, host: str = "127.0.0.1", port: int = 8000) -> "OpenAIServer":
+        self.httpd = _HTTPServer((host, port), _Handler)
+        self.httpd.app = self
+        return self
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "OpenAIServer":
+        """Start the engine thread and serve on a background thread (returns self)."""
+        self.engine.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="moekit-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.engine.start()
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.engine.stop()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # many clients connect at once; the default backlog (5) drops SYNs
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "moekit-serve"
+    timeout = 600
+
+    @property
+    def app(self) -> OpenAIServer:
+        return self.server.app
+
+    def log_message(self, format, *args):  # noqa: A002 -- the base class's name
+        if self.app.log_requests:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    # ------------------------------------------------------------------ plumbing
+    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+        self.app.count(urlsplit(self.path).path, status)
+
+    def _send_json(self, status: int, obj, headers: Optional[dict] = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send_error(self, err: ApiError) -> None:
+        self._send_json(err.status, err.body(), err.headers)
+
+    def _client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _dispatch(self, fn) -> None:
+        try:
+            fn()
+        except ApiError as err:
+            self._send_error(err)
+        except _DISCONNECTED:
+            self.close_connection = True
+        except Exception as err:  # a bug: answer 500 and keep serving
+            traceback.print_exc()
+            self._send_error(ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+
+    # ------------------------------------------------------------------ routes
+    def do_GET(self):
+        self._dispatch(self._get)
+
+    def do_POST(self):
+        self._dispatch(self._post)
+
+    def _get(self):
+        path = urlsplit(self.path).path
+        app = self.app
+        if path == "/health":
+            alive = app.engine.metrics()["thread_alive"]
+            self._send_json(200 if alive else 503, {"status": "ok" if alive else "engine not running"})
+        elif path == "/metrics":
+            text = prom.render(app.engine.metrics(), dict(app.http_counts))
+            self._send(200, text.encode(), prom.CONTENT_TYPE)
+        elif path == "/v1/models":
+            self._send_json(200, models_body(app.ctx.model_names, app.created))
+        elif path.startswith("/v1/models/"):
+            name = path[len("/v1/models/"):]
+            if name not in app.ctx.model_names:
+                raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+            self._send_json(200, models_body([name], app.created)["data"][0])
+        elif path in ("/v1/completions", "/v1/chat/completions"):
+            raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+        else:
+            raise ApiError(404, f"no route {path}", code="not_found")
+
+    def _read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise ApiError(400, "the request needs a Content-Length header (chunked bodies are not supported)")
+        try:
+            n = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {length!r}") from None
+        if n > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"the request body is {n} bytes; the limit is {MAX_BODY_BYTES}")
+        raw = self.rfile.read(n)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+        return body
+
+    def _post(self):
+        path = urlsplit(self.path).path
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            if path in _PATHS:
+                raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
+            raise ApiError(404, f"no route {path}", code="not_found")
+        body = self._read_json()
+        parse = parse_chat if path == "/v1/chat/completions" else parse_completion
+        self._generate(parse(body, self.app.ctx))
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, req: GenerationRequest) -> None:
+        engine = self.app.engine
+        events: "queue.Queue" = queue.Queue()
+        handles = []
+        try:
+            for i, prompt in enumerate(req.prompts):
+                base = i * req.n
+                handles += engine.submit_n(prompt, req.params, req.n,
+                                           on_event=lambda j, event, base=base: events.put((base + j, event)))
+        except Exception as err:
+            for h in handles:
+                h.cancel()
+            raise engine_error(err) from None
+        try:
+            if req.stream:
+                self._stream(req, events, len(handles))
+            else:
+                self._collect(req, events, len(handles))
+        finally:
+            for h in handles:  # no-op for finished ones; frees the slots of a vanished client
+                h.cancel()
+
+    def _next(self, events: "queue.Queue"):
+        """The next (choice index, event), or None when the client has gone away."""
+        while True:
+            try:
+                return events.get(timeout=self.app.poll_s)
+            except queue.Empty:
+                if self._client_gone():
+                    self.close_connection = True
+                    return None
+
+    def _failure(self, completion) -> ApiError:
+        if completion.finish_reason == "cancelled":
+            return ApiError(503, "the engine stopped before the request finished", type="server_error",
+                            code="engine_stopped")
+        return ApiError(500, f"generation failed: {completion.error}", type="server_error")
+
+    def _collect(self, req: GenerationRequest, events, total: int) -> None:
+        done = {}
+        while len(done) < total:
+            item = self._next(events)
+            if item is None:
+                return
+            index, event = item
+            if event.completion is not None:
+                done[index] = event.completion
+        for c in done.values():
+            if c.finish_reason not in ("stop", "length"):
+                raise self._failure(c)
+        choices = [{"index": i, "text": done[i].text, "finish_reason": done[i].finish_reason} for i in range(total)]
+        use = usage(sum(len(p) for p in req.prompts), sum(c.generated_tokens for c in done.values()))
+        self._send_json(200, completion_body(req, new_id(req.chat), now(), choices, use))
+
+    def _stream(self, req: GenerationRequest, events, total: int) -> None:
+        rid, created = new_id(req.chat), now()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self.app.count(urlsplit(self.path).path, 200)
+
+        def send(obj) -> None:
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        if req.chat:
+            for i in range(total):
+                send(chunk_body(req, rid, created, i, "", role=True))
+        finished, generated = 0, 0
+        while finished < total:
+            item = self._next(events)
+            if item is None:
+                return
+            index, event = item
+            c = event.completion
+            if c is not None and c.finish_reason not in ("stop", "length"):
+                send(self._failure(c).body())
+                return
+            if event.text or c is not None:
+                send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None))
+            if c is not None:
+                finished += 1
+                generated += c.generated_tokens
+        if req.include_usage:
+            send(chunk_body(req, rid, created, None, None, use=usage(sum(len(p) for p in req.prompts), generated)))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()

@@ -1,0 +1,126 @@
+"""`moekit serve`: an OpenAI-compatible HTTP server for a checkpoint.
+
+    moekit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME]
+                 [--quantize METHOD] [--max-batch 32] [--kv-budget TOKENS|SIZE] [--max-queue 1024]
+                 [--prefill-chunk 128] [--max-step-tokens 256] [--chat-template FILE|default]
+
+End-of-sequence ids: the checkpoint's eos_token_id (generation_config.json / config.json),
+the tokenizer_config.json eos_token, and "<|endoftext|>" when the tokenizer has it (the
+document separator of moekit's own tokenizers). Requests may opt out with ignore_eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..generate import _eos_token_ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit serve", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("--checkpoint", required=True, help="moekit checkpoint, training run dir or HF checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="weight-only quantization via moekit.quantize (int8, int4-g32/g64/g128, q8_0, q4_0)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests running at once (default 32)")
+    p.add_argument("--kv-budget", default=None,
+                   help="KV-cache budget: tokens (e.g. 16384) or bytes (e.g. 512MiB); default max-batch x context")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="most requests waiting for admission; beyond it requests get HTTP 429 (default 1024)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step (default 128)")
+    p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward (default 256)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file, or 'default' (ChatML)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's allocator settings alone")
+    return p
+
+
+def eos_ids(path: Path, model, tokenizer) -> List[int]:
+    """End-of-sequence token ids of a checkpoint (see the module docstring)."""
+    ids = []
+    for d in (path, path / "checkpoint"):
+        ids += _eos_token_ids(str(d), model) or []
+        config = d / "tokenizer_config.json"
+        if tokenizer is not None and config.is_file():
+            try:
+                eos = json.loads(config.read_text()).get("eos_token")
+            except json.JSONDecodeError:
+                eos = None
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+                ids.append(tokenizer.token_to_id(eos))
+    if tokenizer is not None and tokenizer.token_to_id("<|endoftext|>") is not None:
+        ids.append(tokenizer.token_to_id("<|endoftext|>"))
+    return sorted({i for i in ids if 0 <= i < model.cfg.vocab_size})
+
+
+def quantize(model, method: str):
+    try:
+        from moekit.quantize import quantize_model
+    except ModuleNotFoundError as err:
+        if err.name != "moekit.quantize":
+            raise
+        raise ValueError("--quantize needs moekit.quantize, which this installation does not have") from None
+    result = quantize_model(model, method)
+    return model if result is None else result
+
+
+def build_server(args):
+    from ..checkpoint import load_model
+    from ..engine import Engine
+    from .app import OpenAIServer
+    from .chat_template import load_chat_template
+
+    path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r} has no tokenizer.json; the server needs one")
+    if args.quantize:
+        model = quantize(model, args.quantize)
+    template = load_chat_template(path, args.chat_template)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
+                    prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
+                    max_queue=args.max_queue, eos_token_ids=eos_ids(path, model, tokenizer))
+    name = args.model_name or path.resolve().name
+    server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet)
+    return server.bind(args.host, args.port), template
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.no_malloc_tune:
+            from ..runtime import tune_cpu_allocator
+
+            tune_cpu_allocator()
+        server, template = build_server(args)
+    except (ValueError, OSError) as err:
+        print(f"moekit serve: error: {err}", file=sys.stderr)
+        return 2
+    engine = server.engine
+    cfg = engine.model.cfg
+    kv = engine.kv
+    print(f"moekit serve: {server.ctx.model_names[0]!r} ({cfg.name}, {engine.dtype}"
+          f"{', quantized ' + args.quantize if args.quantize else ''}) on {server.url}\n"
+          f"  max batch {args.max_batch}, KV budget {kv.capacity} tokens "
+          f"({kv.capacity * kv.bytes_per_token / 2**20:.1f} MiB), context {cfg.max_seq_len}, "
+          f"chat template: {template.source}, eos ids {engine.eos_token_ids}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        engine.stop()
+    return 0

@@ -1,0 +1,299 @@
+"""The OpenAI API surface: request validation and response bodies.
+
+Requests are checked field by field; a bad value raises ApiError(400) naming the field in
+`param`, in OpenAI's error format {"error": {"message", "type", "param", "code"}}.
+
+Supported (completions and chat): model, prompt / messages, max_tokens (chat also
+max_completion_tokens), temperature (default 1.0, as OpenAI), top_p, n, stream,
+stream_options.include_usage, stop (string or list of strings), seed, user; extensions as in
+vLLM: top_k, ignore_eos, stop_token_ids. Defaults for max_tokens: 16 for completions (OpenAI's
+legacy default); for chat, the rest of the context window (capped by the KV budget).
+Accepted only at their neutral values (400 otherwise): logprobs, echo, suffix, best_of,
+presence_penalty, frequency_penalty, logit_bias, tools, response_format other than text.
+Unknown fields are ignored.
+
+Completions `prompt`: a string, a list of strings, a list of token ids or a list of such
+lists; choice index = prompt_index * n + j.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from ..engine import SamplingParams
+
+MAX_N = 16
+
+
+class ApiError(Exception):
+    """An error reply: HTTP status + OpenAI error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: Optional[str], message: str, code: Optional[str] = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class GenerationRequest:
+    chat: bool
+    model: str
+    prompts: List[List[int]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    max_tokens_given: bool
+
+
+# ---------------------------------------------------------------------------- field checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body, name, default, lo=None, hi=None, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad(name, f"'{name}' must be a number, got {v!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise bad(name, f"'{name}' must be <= {hi}, got {v!r}")
+    return float(v)
+
+
+def _integer(body, name, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise bad(name, f"'{name}' must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise bad(name, f"'{name}' must be >= {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise bad(name, f"'{name}' must be <= {hi}, got {v!r}")
+    return v
+
+
+def _bool(body, name, default=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(name, f"'{name}' must be a boolean, got {v!r}")
+    return v
+
+
+def _stop(body) -> List[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad("stop", f"'stop' must be a non-empty string or a list of non-empty strings, got {v!r}")
+    return items
+
+
+def _unsupported(body, neutral: Dict[str, Any]) -> None:
+    for name, ok in neutral.items():
+        v = body.get(name)
+        if v is not None and not ok(v):
+            raise bad(name, f"'{name}'={v!r} is not supported by this server", code="unsupported_parameter")
+
+
+_NEUTRAL = {
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "logit_bias": lambda v: v == {},
+}
+
+
+def _common(body: dict, ctx, chat: bool, prompt_lens: List[int]):
+    """Sampling parameters shared by both endpoints -> (SamplingParams, n, stream, include_usage, given)."""
+    temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
+    top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
+    top_k = _integer(body, "top_k", None, lo=-1)
+    if top_k is not None and top_k <= 0:
+        top_k = None  # vLLM: -1 (or 0) = off
+    n = _integer(body, "n", 1, lo=1, hi=MAX_N)
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or not stream):
+        raise bad("stream_options", "'stream_options' must be an object and needs stream=true")
+    include_usage = bool(opts and opts.get("include_usage"))
+    seed = _integer(body, "seed", None)
+    stop = _stop(body)
+    ignore_eos = _bool(body, "ignore_eos")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < ctx.vocab_size for t in stop_ids):
+        raise bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids in [0, {ctx.vocab_size})")
+    name = "max_tokens"
+    max_tokens = _integer(body, "max_tokens", None, lo=1)
+    if chat and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+        max_tokens = _integer(body, name, None, lo=1)
+    given = max_tokens is not None
+    longest = max(prompt_lens)
+    if longest >= ctx.max_seq_len:
+        raise bad("messages" if chat else "prompt",
+                  f"this model's maximum context length is {ctx.max_seq_len} tokens, but the "
+                  f"{'messages' if chat else 'prompt'} hold {longest} tokens, which leaves no room to generate",
+                  code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = 16 if not chat else min(ctx.max_seq_len, ctx.kv_capacity) - longest
+        max_tokens = max(1, max_tokens)
+    elif longest + max_tokens > ctx.max_seq_len:
+        raise bad(name, f"this model's maximum context length is {ctx.max_seq_len} tokens, but you requested "
+                        f"{longest + max_tokens} tokens ({longest} in the {'messages' if chat else 'prompt'}, "
+                        f"{max_tokens} in the completion); lower {name}", code="context_length_exceeded")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos)
+    return params, n, stream, include_usage, given
+
+
+def _model(body, ctx) -> str:
+    model = body.get("model")
+    if model is None:
+        raise bad("model", "you must provide a model parameter", code=None)
+    if not isinstance(model, str):
+        raise bad("model", f"'model' must be a string, got {model!r}")
+    if model not in ctx.model_names:
+        raise ApiError(404, f"The model `{model}` does not exist. Available: {', '.join(ctx.model_names)}",
+                       param="model", code="model_not_found")
+    return model
+
+
+def _encode(ctx, text: str, param: str, add_special_tokens: bool = True) -> List[int]:
+    ids = ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    if not ids:
+        raise bad(param, f"'{param}' encodes to no tokens; give at least one token of text")
+    return ids
+
+
+# ---------------------------------------------------------------------------- endpoints
+def parse_completion(body: dict, ctx) -> GenerationRequest:
+    model = _model(body, ctx)
+    _unsupported(body, {**_NEUTRAL, "logprobs": lambda v: False, "echo": lambda v: v is False,
+                        "suffix": lambda v: v == "", "best_of": lambda v: v == 1})
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("prompt", "you must provide a prompt", code=None)
+    if isinstance(prompt, str):
+        prompts = [_encode(ctx, prompt, "prompt")]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [_encode(ctx, p, "prompt") for p in prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [prompt]
+    elif (isinstance(prompt, list) and prompt
+          and all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)):
+        prompts = prompt
+    else:
+        raise bad("prompt", "'prompt' must be a non-empty string, list of strings, list of token ids, "
+                            "or list of token-id lists")
+    for p in prompts:
+        if any(not 0 <= t < ctx.vocab_size for t in p):
+            raise bad("prompt", f"'prompt' holds token ids outside [0, {ctx.vocab_size})")
+    params, n, stream, usage, given = _common(body, ctx, False, [len(p) for p in prompts])
+    return GenerationRequest(False, model, prompts, params, n, stream, usage, given)
+
+
+def parse_messages(messages) -> List[Dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages.[{i}]", f"message {i} must be an object, got {m!r}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"messages.[{i}].role", f"message {i} has an invalid role {role!r}")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad(f"messages.[{i}].content", "only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise bad(f"messages.[{i}].content", f"message {i} content must be a string or text parts")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_chat(body: dict, ctx) -> GenerationRequest:
+    model = _model(body, ctx)
+    _unsupported(body, {**_NEUTRAL, "logprobs": lambda v: v is False, "top_logprobs": lambda v: v == 0,
+                        "tools": lambda v: v == [], "tool_choice": lambda v: v == "none",
+                        "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text"})
+    messages = parse_messages(body.get("messages"))
+    try:
+        text = ctx.chat_template.render(messages)
+    except ValueError as err:
+        raise bad("messages", f"the chat template failed on these messages: {err}") from None
+    prompt = _encode(ctx, text, "messages", add_special_tokens=False)
+    params, n, stream, usage, given = _common(body, ctx, True, [len(prompt)])
+    if ctx.chat_template.stop:
+        params = params.replace(stop=tuple(params.stop) + tuple(ctx.chat_template.stop))
+    return GenerationRequest(True, model, [prompt], params, n, stream, usage, given)
+
+
+# ---------------------------------------------------------------------------- responses
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(req: GenerationRequest, rid: str, created: int, choices: List[dict], use: dict) -> dict:
+    if req.chat:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                             "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices],
+                "usage": use}
+    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{"index": c["index"], "text": c["text"], "logprobs": None,
+                         "finish_reason": c["finish_reason"]} for c in choices],
+            "usage": use}
+
+
+def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[int], text: Optional[str],
+               finish_reason: Optional[str] = None, role: bool = False, use: Optional[dict] = None) -> dict:
+    """One streaming chunk: a choice's delta (index given) or the final usage chunk (index None)."""
+    obj = "chat.completion.chunk" if req.chat else "text_completion"
+    body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": []}
+    if index is not None:
+        if req.chat:
+            delta = {"role": "assistant", "content": text or ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        body["choices"].append(choice)
+    if req.include_usage:
+        body["usage"] = use  # null on the content chunks, filled on the last one (OpenAI's format)
+    return body
+
+
+def models_body(names: List[str], created: int) -> dict:
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "moekit"}
+                                       for n in names]}
+
+
+def now() -> int:
+    return int(time.time())
