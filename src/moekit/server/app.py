@@ -37,6 +37,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -248,6 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ generation
     def _generate(self, req: GenerationRequest) -> None:
         engine = self.app.engine
+        self._checked_at = time.monotonic()
         events: "queue.Queue" = queue.Queue()
         handles = []
         try:
@@ -269,14 +271,17 @@ class _Handler(BaseHTTPRequestHandler):
                 h.cancel()
 
     def _next(self, events: "queue.Queue"):
-        """The next (choice index, event), or None when the client has gone away."""
+        """The next (choice index, event), or None when the client has gone away (checked every poll_s)."""
         while True:
-            try:
-                return events.get(timeout=self.app.poll_s)
-            except queue.Empty:
+            if time.monotonic() - self._checked_at > self.app.poll_s:
+                self._checked_at = time.monotonic()
                 if self._client_gone():
                     self.close_connection = True
                     return None
+            try:
+                return events.get(timeout=self.app.poll_s)
+            except queue.Empty:
+                pass
 
     def _failure(self, completion) -> ApiError:
         if completion.finish_reason == "cancelled":

@@ -1,0 +1,381 @@
+"""`moekit serve`: a live server on localhost driven by the official `openai` client
+(completions, chat, streaming, n, stop, usage, concurrency, errors, disconnects, metrics)."""
+
+import http.client
+import inspect
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("tokenizers")
+
+from moekit import ModelConfig, Transformer, save_model  # noqa: E402
+from moekit.cli import COMMANDS  # noqa: E402
+from moekit.generate import generate  # noqa: E402
+from moekit.server import cli as serve_cli  # noqa: E402
+from moekit.server.chat_template import load_chat_template  # noqa: E402
+
+NAME = "tiny-test"
+EOS = 0  # "<|endoftext|>" of moekit's tokenizers, which the server treats as end of sequence
+TEXTS = ["def parse_args(self, args=None):", "import sys", "class HelpFormatter(object):", "    return",
+         "if __name__ ==", "# comment", "self._actions", "raise ValueError("]
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(1234)
+    model = Transformer(ModelConfig.preset("tiny", max_seq_len=1024))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # well-separated logits: exact greedy comparisons
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import argparse
+
+    from moekit.data import train_tokenizer
+
+    model = tiny_model()
+    model.tokenizer = train_tokenizer([inspect.getsource(argparse)], 512, progress=False)
+    path = tmp_path_factory.mktemp("serve") / "ckpt"
+    save_model(model, path)
+    return path, model, model.tokenizer
+
+
+def start_server(path, *flags):
+    args = serve_cli.build_parser().parse_args(
+        ["--checkpoint", str(path), "--port", "0", "--model-name", NAME, "--quiet", *flags])
+    server, _ = serve_cli.build_server(args)
+    return server.start()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    srv = start_server(checkpoint[0], "--prefill-chunk", "32", "--max-step-tokens", "96")
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(model, ids, max_tokens, stop_text=None):
+    """(text, finish_reason, completion_tokens) of greedy `generate` with the server's stopping rules."""
+    out = generate(model, [ids], max_new_tokens=max_tokens, eos_token_id=EOS)[0]
+    text = model.tokenizer.decode(out)
+    reason = "stop" if len(out) < max_tokens else "length"
+    used = len(out) + (reason == "stop")
+    if stop_text and stop_text in text:
+        text, reason = text[:text.index(stop_text)], "stop"
+    return text, reason, used
+
+
+def raw(server, method, path, body=b"", headers=None):
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), data
+
+
+def metrics(server) -> dict:
+    status, headers, data = raw(server, "GET", "/metrics")
+    assert status == 200
+    values = {}
+    for line in data.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+def wait_for(cond, timeout=30.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------------------- basics
+def test_serve_is_a_registered_command():
+    assert COMMANDS["serve"][0] == "moekit.server.cli"
+
+
+def test_models_health_and_metrics_format(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    status, _, data = raw(server, "GET", "/health")
+    assert status == 200 and json.loads(data) == {"status": "ok"}
+    status, headers, data = raw(server, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = data.decode()
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+(inf)?$')
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+    for name in ("moekit_queue_depth", "moekit_running_requests", "moekit_generation_tokens_per_second",
+                 "moekit_kv_cache_usage_ratio", "moekit_kv_cache_reserved_tokens", "moekit_kv_cache_capacity_tokens"):
+        assert f"# TYPE {name} gauge" in text and re.search(rf"^{name} ", text, re.M)
+    assert "# TYPE moekit_generation_tokens_total counter" in text
+
+
+# ---------------------------------------------------------------------------- completions and chat
+def test_completion_greedy_equals_generate_with_usage(checkpoint, client):
+    _, model, tok = checkpoint
+    for prompt in TEXTS[:3]:
+        ids = tok.encode(prompt).ids
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        text, reason, used = expected(model, ids, 12)
+        assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.choices[0].index) == (text, reason, 0)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), used,
+                                                                                             len(ids) + used)
+    # token-id prompts are accepted too
+    ids = tok.encode(TEXTS[0]).ids
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == expected(model, ids, 12)[0]
+
+
+def test_chat_completion_uses_the_default_template(checkpoint, client):
+    _, model, tok = checkpoint
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+    prompt = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    text, reason, _ = expected(model, ids, 10, stop_text="<|im_end|>")
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text, reason)
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_equals_the_non_streamed_answer(client):
+    kw = dict(model=NAME, max_tokens=16, temperature=0)
+    full = client.completions.create(prompt=TEXTS[0], **kw)
+    chunks = list(client.completions.create(prompt=TEXTS[0], stream=True, stream_options={"include_usage": True},
+                                            **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    chat_kw = dict(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=0)
+    full = client.chat.completions.create(**chat_kw)
+    chunks = list(client.chat.completions.create(stream=True, **chat_kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_n_choices_and_several_prompts(client):
+    kw = dict(model=NAME, prompt=TEXTS[1], max_tokens=8, temperature=1.0, seed=5, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert len({c.text for c in a.choices}) > 1  # choice i samples with seed + i
+    assert a.usage.completion_tokens <= 3 * 8 and a.usage.prompt_tokens == b.usage.prompt_tokens
+    r = client.completions.create(model=NAME, prompt=TEXTS[:2], max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    singles = [client.completions.create(model=NAME, prompt=p, max_tokens=6, temperature=0).choices[0].text
+               for p in TEXTS[:2]]
+    assert [c.text for c in r.choices] == [singles[0], singles[0], singles[1], singles[1]]
+    streamed = {}
+    for chunk in client.completions.create(model=NAME, prompt=TEXTS[1], max_tokens=8, temperature=1.0, seed=5, n=3,
+                                           stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == [c.text for c in a.choices]
+
+
+def test_stop_sequences(client):
+    kw = dict(model=NAME, prompt=TEXTS[2], max_tokens=24, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop
+    r = client.completions.create(stop=stop, **kw)
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(stop=["\x00never", stop], **kw)
+    assert r.choices[0].text == full[:full.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[stop], stream=True, **kw))
+    assert streamed == full[:full.index(stop)]
+
+
+# ---------------------------------------------------------------------------- concurrency
+def test_32_concurrent_clients_get_the_sequential_greedy_outputs(checkpoint, server, client):
+    _, model, tok = checkpoint
+    prompts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(32)]
+    max_tokens = [8 + (i % 5) * 3 for i in range(32)]  # requests leave at different steps
+    sequential = [client.completions.create(model=NAME, prompt=p, max_tokens=m, temperature=0).choices[0].text
+                  for p, m in zip(prompts, max_tokens)]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            results[i] = c.completions.create(model=NAME, prompt=prompts[i], max_tokens=max_tokens[i],
+                                              temperature=0).choices[0].text
+        except Exception as err:  # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [results[i] for i in range(32)] == sequential
+    for i in (0, 7, 31):  # and they are what generate() produces one prompt at a time
+        assert sequential[i] == expected(model, tok.encode(prompts[i]).ids, max_tokens[i])[0]
+    m = metrics(server)
+    assert m["moekit_running_requests"] == 0 and m["moekit_kv_cache_reserved_tokens"] == 0
+
+
+# ---------------------------------------------------------------------------- errors
+def check_error(err, status, param=None, code=None):
+    assert err.status_code == status
+    body = err.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    assert body["param"] == param
+    if code is not None:
+        assert body["code"] == code
+    return body
+
+
+def test_error_statuses_and_the_server_keeps_serving(server, client):
+    for payload in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        status, headers, data = raw(server, "POST", "/v1/completions", payload,
+                                    {"Content-Type": "application/json"})
+        body = json.loads(data)["error"]
+        assert status == 400 and body["type"] == "invalid_request_error" and set(body) == {
+            "message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="no-such-model", prompt="x")
+    check_error(err.value, 404, "model", "model_not_found")
+    bad_values = [("temperature", -1), ("temperature", 2.5), ("top_p", 0), ("n", 0), ("max_tokens", 0),
+                  ("seed", "abc"), ("stop", [""]), ("stop", 5)]
+    for name, value in bad_values:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=NAME, prompt="x", **{name: value})
+        check_error(err.value, 400, name)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="x", extra_body={"top_k": "many"})
+    check_error(err.value, 400, "top_k")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=[{"role": "wizard", "content": "x"}])
+    check_error(err.value, 400, "messages.[0].role")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="x", logprobs=2)
+    check_error(err.value, 400, "logprobs", "unsupported_parameter")
+    # longer than the context window (1024): the prompt alone, and prompt + max_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt=[5] * 1100, max_tokens=4)
+    check_error(err.value, 400, "prompt", "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt=[5] * 1000, max_tokens=100)
+    assert "maximum context length is 1024" in check_error(err.value, 400, "max_tokens", "context_length_exceeded")[
+        "message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x " * 1100}])
+    check_error(err.value, 400, "messages", "context_length_exceeded")
+    status, _, data = raw(server, "GET", "/v1/nothing")
+    assert status == 404 and "error" in json.loads(data)
+    status, _, data = raw(server, "GET", "/v1/completions")
+    assert status == 405 and json.loads(data)["error"]["code"] == "method_not_allowed"
+    # still serving
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=3, temperature=0).choices[0].text is not None
+    assert metrics(server)['moekit_http_requests_total{path="/v1/completions",status="400"}'] >= 10
+
+
+def test_kv_budget_rejection_and_queue_full(checkpoint):
+    srv = start_server(checkpoint[0], "--kv-budget", "64", "--max-queue", "1")
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        # a request that could never fit the KV budget (64 tokens) even alone: 400
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model=NAME, prompt="import sys", max_tokens=100)
+        check_error(err.value, 400, "max_tokens", "kv_budget_exceeded")
+        # chat without max_tokens gets what fits (the context window, capped by the KV budget)
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                      temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason in ("stop", "length")
+        # a full queue: 429 (the paused engine admits nothing, so the first request stays queued)
+        srv.engine.pause()
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("r", c.completions.create(
+            model=NAME, prompt="import sys", max_tokens=4, temperature=0)))
+        t.start()
+        assert wait_for(lambda: srv.engine.metrics()["queue_depth"] == 1)
+        with pytest.raises(openai.RateLimitError) as err:
+            c.completions.create(model=NAME, prompt="import sys", max_tokens=4)
+        check_error(err.value, 429, None, "queue_full")
+        assert err.value.response.headers["retry-after"] == "1"
+        srv.engine.resume()
+        t.join(60)
+        assert first["r"].choices[0].finish_reason in ("stop", "length")
+        assert metrics(srv)["moekit_requests_rejected_total"] == 1
+        assert c.completions.create(model=NAME, prompt="x", max_tokens=3).choices
+    finally:
+        srv.shutdown()
+
+
+# ---------------------------------------------------------------------------- disconnects
+def test_client_disconnect_mid_stream_frees_its_slot(server, client):
+    before = metrics(server)['moekit_requests_finished_total{reason="cancelled"}']
+    stream = client.completions.create(model=NAME, prompt=TEXTS[3], max_tokens=1000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    got = [next(iter(stream)) for _ in range(3)]
+    assert all(g.choices for g in got)
+    assert server.engine.metrics()["running"] == 1
+    stream.close()  # the client goes away mid-stream
+    assert wait_for(lambda: metrics(server)['moekit_requests_finished_total{reason="cancelled"}'] == before + 1)
+    m = metrics(server)
+    assert m["moekit_running_requests"] == 0 and m["moekit_kv_cache_reserved_tokens"] == 0
+    # a client waiting for a non-streamed answer that hangs up is noticed too
+    host, port = server.httpd.server_address[:2]
+    body = json.dumps({"model": NAME, "prompt": TEXTS[4], "max_tokens": 1000, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection((host, port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert wait_for(lambda: server.engine.metrics()["running"] == 1)
+    sock.close()
+    assert wait_for(lambda: metrics(server)['moekit_requests_finished_total{reason="cancelled"}'] == before + 2)
+    assert wait_for(lambda: metrics(server)["moekit_kv_cache_reserved_tokens"] == 0)
+    # and the server keeps serving
+    r = client.completions.create(model=NAME, prompt=TEXTS[0], max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------------- templates and cli
+def test_chat_template_from_the_tokenizer_config(tmp_path):
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}{{ bos_token }}ASSISTANT:{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    t = load_chat_template(tmp_path)
+    assert t.render([{"role": "user", "content": "hi"}]) == "[user] hi\n<s>ASSISTANT:"
+    assert t.stop == []
+    assert load_chat_template(tmp_path, "default").stop == ["<|im_end|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% raise %}"}))
+    with pytest.raises(ValueError, match="does not parse"):
+        load_chat_template(tmp_path)
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert serve_cli.cli(["--checkpoint", str(tmp_path / "missing"), "--no-malloc-tune"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    model = tiny_model()
+    save_model(model, tmp_path / "no_tok")
+    assert serve_cli.cli(["--checkpoint", str(tmp_path / "no_tok"), "--no-malloc-tune"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
