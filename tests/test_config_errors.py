@@ -35,11 +35,6 @@ def test_bad_config_raises_value_error(kwargs, match):
         MoEConfig(**kwargs)
 
 
-def test_triton_backend_not_yet_available_is_a_clear_error():
-    with pytest.raises(ValueError, match="triton.*not available yet"):
-        MoE(MoEConfig(experts_impl="triton"))
-
-
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown MoE preset 'huge'"):
         MoEConfig.preset("huge")
