@@ -330,3 +330,12 @@ def test_cli_quantize_and_generate(tmp_path, capsys):
     assert main(["quantize", "--checkpoint", str(tmp_path / "float"), "--method", "int3",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "int4-g32" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["int8", "q4_0", "int4-g32"])
+def test_compiled_quantized_generate_equals_eager(method):
+    qmodel = quantize_model(tiny_model(), method)
+    prompts = [[5, 17, 300, 42], [8, 3], [11]]
+    expected = generate(qmodel, prompts, max_new_tokens=8)
+    assert generate(qmodel, prompts, max_new_tokens=8, compile=True) == expected
