@@ -347,9 +347,7 @@ class Engine:
                 if not self._resume.is_set():
                     self._resume.wait(0.05)
                     continue
-                if self._has_work():
-                    self.step()
-                else:
+                if not (self._has_work() and self.step()):  # idle: sleep until a submission or cancel
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as err:  # noqa: BLE001 -- report, and refuse new work

@@ -1,0 +1,406 @@
+"""Serving on CPU: `moekit serve` (continuous batching) under concurrent load, next to HF
+transformers `generate` run sequentially and as one static batch on the same prompts, and
+batch-1 decode speed next to the memory-bandwidth bound.
+
+Question: what aggregate throughput and latency does the server give as concurrency grows,
+and how does that compare with what HF transformers does with the same weights?
+
+Model: the `small` preset's size with a Qwen3-MoE router (softmax top-4 of 16 experts, no
+shared expert, no dense first layer -- the `small` preset itself uses a router HF cannot
+express; same choice as benchmarks/decode.py), random weights with the lm_head scaled x50
+(no near-ties, so greedy outputs can be compared token by token), float32. The same weights
+are saved as a moekit checkpoint (with a byte-level BPE tokenizer of 4096 tokens trained on
+a few stdlib files, which the server needs) and, through `moekit.hf.save_hf`, as an HF
+checkpoint that `AutoModelForCausalLM` loads.
+
+What is measured (every request: PROMPT_LEN random prompt tokens sent as token ids,
+exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
+  * moekit serve: a `moekit serve` subprocess (--max-batch 64); C client threads in this
+    process each send requests back to back (streaming, http.client, one keep-alive-free
+    connection per request) until max(16, 2C) requests are done. Aggregate tok/s = all
+    new tokens / wall time; latency = request sent -> last byte; TTFT = -> first text chunk.
+    The client threads share the 2 cores with the server (noted: this costs the server).
+  * HF sequential: `generate` on one prompt at a time (the first 8 prompts); latency per
+    request is its own service time (a queue of waiting clients would add waiting time).
+  * HF static batch: one `generate` over all 64 prompts (equal lengths, no padding): every
+    request's latency is the whole batch (best of two runs).
+  * moekit generate static batch: the same 64 prompts in one `moekit.generate.generate` call
+    (best of two runs).
+  * batch-1 decode: tokens/s between the first and the last new token of one request, for the
+    engine in process (no HTTP) and for `moekit.generate`, next to the memory-bandwidth bound
+    of the analyzer (`moekit.analyze.analyze_model(..., weights="fp32", batch=1)`:
+    measured read bandwidth / bytes touched per token).
+
+    python benchmarks/serve.py                                   # table
+    python benchmarks/serve.py --out benchmarks/results/serve_cpu.md
+    python benchmarks/serve.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import inspect
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from moekit import ModelConfig, MoEConfig, Transformer, save_model
+from moekit.generate import generate
+from moekit.runtime import tune_cpu_allocator
+
+MAX_BATCH = 64
+N_PROMPTS = 64
+HF_SEQUENTIAL = 8
+
+
+def bench_config() -> ModelConfig:
+    """The `small` preset's shape with a Qwen3-MoE-representable MoE layer (as benchmarks/decode.py)."""
+    small = ModelConfig.preset("small")
+    m = small.moe
+    moe = MoEConfig(d_model=m.d_model, d_expert=m.d_expert, num_experts=m.num_experts, top_k=m.top_k,
+                    router="softmax_topk", norm_topk_prob=True, num_shared_experts=0)
+    return small.replace(name="small-qwen3moe", moe=moe, first_k_dense=0)
+
+
+def build_checkpoints(tmp: Path, seed: int):
+    import argparse as argparse_mod
+    import collections
+    import json as json_mod
+    import typing
+
+    from moekit.data import train_tokenizer
+    from moekit.hf import save_hf
+
+    torch.manual_seed(seed)
+    model = Transformer(bench_config())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    model.eval()
+    docs = [inspect.getsource(m) for m in (argparse_mod, collections, json_mod, typing, inspect)]
+    model.tokenizer = train_tokenizer(docs, model.cfg.vocab_size, progress=False)
+    save_model(model, tmp / "moekit")
+    save_hf(model, tmp / "hf", model_type="qwen3_moe")
+    return model
+
+
+# ---------------------------------------------------------------------------- the server under load
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "moekit.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
+           "--model-name", "bench", "--max-batch", str(MAX_BATCH), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 120
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moekit serve exited: {proc.stderr.read()}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moekit serve did not come up within 120 s")
+
+
+def one_request(port: int, prompt: List[int], new_tokens: int) -> dict:
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    ttft, tokens, text = None, 0, []
+    for line in resp:
+        if not line.startswith(b"data: "):
+            continue
+        payload = line[6:].strip()
+        if payload == b"[DONE]":
+            break
+        chunk = json.loads(payload)
+        if chunk["choices"]:
+            if ttft is None and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - t0
+            text.append(chunk["choices"][0]["text"])
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    conn.close()
+    return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "text": "".join(text)}
+
+
+def load_test(port: int, prompts: List[List[int]], concurrency: int, n_requests: int, new_tokens: int) -> dict:
+    lock = threading.Lock()
+    todo = list(range(n_requests))
+    results, errors = [], []
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            try:
+                r = one_request(port, prompts[i % len(prompts)], new_tokens)
+            except Exception as err:  # noqa: BLE001 -- reported below
+                errors.append(repr(err))
+                return
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return summarize(f"moekit serve, {concurrency} concurrent", concurrency, n_requests,
+                     sum(r["tokens"] for r in results), wall, [r["latency"] for r in results],
+                     [r["ttft"] for r in results if r["ttft"] is not None])
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def summarize(name, concurrency, requests, tokens, wall, latencies, ttfts=None) -> dict:
+    return dict(system=name, concurrency=concurrency, requests=requests, new_tokens=tokens, wall_s=wall,
+                tok_s=tokens / wall, p50_s=pct(latencies, 0.5), p99_s=pct(latencies, 0.99),
+                ttft_p50_s=pct(ttfts, 0.5) if ttfts else None)
+
+
+# ---------------------------------------------------------------------------- HF and in-process references
+def hf_rows(hf_dir: Path, prompts, new_tokens: int):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+    def run(batch):
+        ids = torch.tensor(batch)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    run(prompts[:1])  # warm-up
+    lat, seq_out = [], []
+    t0 = time.perf_counter()
+    for p in prompts[:HF_SEQUENTIAL]:
+        t = time.perf_counter()
+        seq_out += run([p])
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    rows = [summarize("HF generate, sequential (batch 1)", 1, HF_SEQUENTIAL, HF_SEQUENTIAL * new_tokens, wall, lat)]
+    walls = []
+    for _ in range(2):  # as for moekit: best of two, the first warms this shape up
+        t0 = time.perf_counter()
+        batch_out = run(prompts)
+        walls.append(time.perf_counter() - t0)
+    wall = min(walls)
+    rows.append(summarize(f"HF generate, one static batch of {len(prompts)}", len(prompts), len(prompts),
+                          len(prompts) * new_tokens, wall, [wall]))
+    return rows, batch_out
+
+
+def moekit_static_row(model, prompts, new_tokens: int):
+    walls = []
+    for _ in range(2):  # the first run warms up this shape; the best of two is reported
+        t0 = time.perf_counter()
+        out = generate(model, prompts, max_new_tokens=new_tokens)
+        walls.append(time.perf_counter() - t0)
+    wall = min(walls)
+    return summarize(f"moekit generate, one static batch of {len(prompts)}", len(prompts), len(prompts),
+                     len(prompts) * new_tokens, wall, [wall]), out
+
+
+def batch1_decode(model, prompt, new_tokens: int) -> dict:
+    from moekit.engine import Engine, SamplingParams
+
+    def engine_run():
+        engine = Engine(model)
+        times = [time.perf_counter() for _ in engine.submit(prompt, SamplingParams(max_tokens=new_tokens,
+                                                                                    ignore_eos=True))]
+        return (new_tokens - 1) / (times[-1] - times[0])
+
+    def generate_run():
+        times = []
+        generate(model, [prompt], max_new_tokens=new_tokens, stream=lambda _: times.append(time.perf_counter()))
+        return (new_tokens - 1) / (times[-1] - times[0])
+
+    engine_run(), generate_run()  # warm-up
+    eng = max(engine_run() for _ in range(3))
+    gen = max(generate_run() for _ in range(3))
+    context = len(prompt) + new_tokens // 2
+    try:
+        from moekit.analyze import analyze_model, local_hardware
+
+        hw = local_hardware()
+        bound = analyze_model(model.cfg, hardware=hw, weights="fp32", batch=1, context=context)["decode_tokens_per_s"]
+        how = (f"moekit.analyze.analyze_model(weights='fp32', batch=1, context={context}) on local_hardware() "
+               f"(measured read bandwidth {hw.bw / 1e9:.1f} GB/s)")
+    except ImportError:  # the analyzer not there yet: measured bandwidth / weight bytes touched per token
+        # TODO(analyzer): drop this fallback once moekit.analyze is always present
+        x = torch.ones(64 << 20, dtype=torch.float32)
+        best = min(_timed(x.sum) for _ in range(5))
+        bw = x.numel() * 4 / best
+        moe = model.cfg.moe
+        per_expert = 3 * moe.d_expert * moe.d_model
+        touched = model.num_params() - len(model.moe_layers()) * (moe.num_experts - moe.top_k) * per_expert
+        touched -= model.cfg.vocab_size * model.cfg.d_model  # the embedding: one row per token
+        bound = bw / (4 * touched)
+        how = f"measured read bandwidth {bw / 1e9:.1f} GB/s / fp32 weight bytes touched per token ({4 * touched / 1e6:.1f} MB)"
+    return dict(engine_tok_s=eng, generate_tok_s=gen, bound_tok_s=bound, bound_how=how, context=context)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- report
+def table(rows: List[dict]) -> str:
+    head = ["system", "concurrency", "requests", "new tokens", "wall s", "aggregate tok/s", "p50 latency s",
+            "p99 latency s", "p50 TTFT s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ttft = "-" if r["ttft_p50_s"] is None else f"{r['ttft_p50_s']:.3f}"
+        lines.append(f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['new_tokens']} | {r['wall_s']:.2f} "
+                     f"| {r['tok_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {ttft} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/serve.py"]).returncode
+        return sha + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers rows")
+    p.add_argument("--out", default=None, help="also write the markdown report here")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
+    args = p.parse_args(argv)
+    tune_cpu_allocator()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        print("building checkpoints ...", file=sys.stderr)
+        model = build_checkpoints(tmp, args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(1, model.cfg.vocab_size, (N_PROMPTS, args.prompt_len), generator=gen).tolist()
+        port = free_port()
+        proc = start_server(tmp / "moekit", port)
+        try:
+            load_test(port, prompts, 4, 8, 8)  # warm-up
+            served = {}
+            for c in levels:
+                print(f"moekit serve at concurrency {c} ...", file=sys.stderr)
+                rows.append(load_test(port, prompts, c, max(16, 2 * c), args.new_tokens))
+            for i in range(4):  # greedy outputs of the server, for the comparison with HF
+                served[i] = one_request(port, prompts[i], args.new_tokens)["text"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print("moekit generate static batch ...", file=sys.stderr)
+        static_row, static_out = moekit_static_row(model, prompts, args.new_tokens)
+        rows.append(static_row)
+        agree = all(model.tokenizer.decode(static_out[i]) == served[i] for i in served)
+        notes.append(f"greedy text of moekit serve == moekit generate on {len(served)} prompts: {agree}")
+        if not args.skip_hf:
+            print("HF transformers ...", file=sys.stderr)
+            hf, hf_out = hf_rows(tmp / "hf", prompts, args.new_tokens)
+            rows += hf
+            same = sum(a == b for a, b in zip(static_out, hf_out))
+            notes.append(f"greedy tokens of HF static batch == moekit generate: {same}/{len(prompts)} prompts")
+        print("batch-1 decode ...", file=sys.stderr)
+        b1 = batch1_decode(model, prompts[0], 128)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        print(json.dumps({"batch1_decode": b1, "notes": notes}))
+        return 0
+    cmd = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = "\n".join([
+        "# Serving on CPU: `moekit serve` (continuous batching) vs HF transformers `generate`",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Machine: {machine()}  ",
+        f"Commit: {commit()}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"Model `{model.cfg.name}` ({model.num_params() / 1e6:.1f} M params, {model.num_params(active=True) / 1e6:.1f} M "
+        f"active; float32, random weights). Every request: {args.prompt_len} prompt tokens, exactly "
+        f"{args.new_tokens} greedy new tokens. Server: --max-batch {MAX_BATCH}, default KV budget "
+        f"(max-batch x context), prefill chunk 128. See the script's docstring for what each row measures.",
+        "",
+        table(rows),
+        "",
+        "Batch-1 decode (one request, 128 new tokens, tokens/s between first and last new token):",
+        "",
+        "| path | tok/s | share of bound |",
+        "|---|---:|---:|",
+        f"| moekit engine (in process, batch-invariant step) | {b1['engine_tok_s']:.0f} | "
+        f"{b1['engine_tok_s'] / b1['bound_tok_s']:.0%} |",
+        f"| moekit generate (eager) | {b1['generate_tok_s']:.0f} | {b1['generate_tok_s'] / b1['bound_tok_s']:.0%} |",
+        f"| memory-bandwidth bound | {b1['bound_tok_s']:.0f} | 100% |",
+        "",
+        f"Bound: {b1['bound_how']}.",
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+    ])
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
