@@ -14,7 +14,7 @@ dim of `F.linear` and of the expert matmuls), in groups of G consecutive values:
 q8_0 and q4_0 are llama.cpp/GGML's Q8_0 and Q4_0 and reproduce `quantize_row_q8_0_ref` /
 `quantize_row_q4_0_ref` bit for bit: q8_0 rounds half away from zero; q4_0 computes
 q = min(15, trunc(w * (1/d) + 8.5)). int4-gG is asymmetric (a Q4_1-like scale and minimum)
-with q = clamp(round(w - m) / s), 0, 15) computed from the fp16-rounded s and m, so the
+with q = clamp(round((w - m) / s), 0, 15) computed from the fp16-rounded s and m, so the
 stored pair is the one the rounding used. Arithmetic is float32 (1/d then a multiply, as
 llama.cpp does); a scale of 0 (an all-zero group) gives q = 0 (q4_0: q = 8).
 
