@@ -257,14 +257,18 @@ def test_stop_strings_and_streamed_text(model, tokenizer):
     assert full.text == tokenizer.decode(full.token_ids)
     stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
     assert stop and stop in full.text
-    events = []
-    handle = engine.submit(prompt, SamplingParams(max_tokens=24, stop=[stop]), on_event=events.append)
+    handle = engine.submit(prompt, SamplingParams(max_tokens=24, stop=[stop]))
     streamed = "".join(ev.text for ev in handle)  # iterating the handle drives the engine here
     res = handle.result()
     assert res.finish_reason == "stop" and res.text == full.text[:full.text.index(stop)]
     assert streamed == res.text  # the stop string never reached the stream
+    events = []  # the same through a callback
+    handle = engine.submit(prompt, SamplingParams(max_tokens=24, stop=[stop]), on_event=events.append)
+    res = handle.result()
     assert "".join(ev.text for ev in events) == res.text and events[-1].completion is res
     assert [t for ev in events for t in ev.token_ids] == res.token_ids
+    with pytest.raises(ValueError, match="on_event"):
+        handle.next_event()
 
 
 def test_text_stream_holds_back_possible_stop_prefixes():

@@ -15,8 +15,9 @@ Without `start()` the engine runs synchronously: `handle.result()`, iteration an
 Threading: `submit`/`cancel` may be called from any thread; they validate the request on
 the caller's thread (raising ParamError / ContextLengthError / KVBudgetError /
 QueueFullError) and pass it to the engine thread through a thread-safe queue. Only the
-engine thread runs the model. Events reach a request through its handle's queue and,
-when given, an `on_event` callback that runs on the engine thread (keep it cheap).
+engine thread runs the model. Events reach a request through its handle's queue, or, when
+an `on_event` callback is given, through that callback only (it runs on the engine thread:
+keep it cheap).
 
 Scheduling: see `scheduler.py`; the KV budget: `kv.py`; batch invariance: `forward.py`.
 Queueing: a request that cannot be admitted waits (FIFO); once `max_queue` requests wait,
@@ -61,8 +62,9 @@ class RequestHandle:
     def _push(self, event: Event) -> None:  # engine thread
         if event.completion is not None:
             self.completion = event.completion
-        self._events.put(event)
-        if self._on_event is not None:
+        if self._on_event is None:
+            self._events.put(event)
+        else:  # events go to the callback only (iteration is for handles without one)
             try:
                 self._on_event(event)
             except Exception:  # a consumer's bug must not take the engine down
@@ -75,7 +77,9 @@ class RequestHandle:
         return self._done.is_set()
 
     def next_event(self, timeout: Optional[float] = None) -> Optional[Event]:
-        """The next event, or None after `timeout` seconds without one."""
+        """The next event, or None after `timeout` seconds without one (handles without on_event)."""
+        if self._on_event is not None:
+            raise ValueError("this request's events go to its on_event callback; it has no event queue")
         if not self.engine.threaded:
             while self._events.empty() and not self.done:
                 self.engine.step()
