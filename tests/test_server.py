@@ -379,3 +379,17 @@ def test_cli_errors(tmp_path, capsys):
     save_model(model, tmp_path / "no_tok")
     assert serve_cli.cli(["--checkpoint", str(tmp_path / "no_tok"), "--no-malloc-tune"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_serve_with_quantized_weights(checkpoint):
+    pytest.importorskip("moekit.quantize")
+    srv = start_server(checkpoint[0], "--quantize", "int8")
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.completions.create(model=NAME, prompt=TEXTS[0], max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+        assert type(srv.engine.model.layers[0].attn.q_proj).__name__ == "QuantizedLinear"
+    finally:
+        srv.shutdown()
+    with pytest.raises(ValueError):
+        start_server(checkpoint[0], "--quantize", "int3-nonsense")
