@@ -327,11 +327,16 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's choice")
     p.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers rows")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
     args = p.parse_args(argv)
     tune_cpu_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server process
     levels = [int(c) for c in args.concurrency.split(",")]
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmpdir:
