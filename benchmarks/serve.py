@@ -15,11 +15,14 @@ checkpoint that `AutoModelForCausalLM` loads.
 
 What is measured (every request: PROMPT_LEN random prompt tokens sent as token ids,
 exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
-  * moekit serve: a `moekit serve` subprocess (--max-batch 64); C client threads in this
+  * moekit serve: a `moekit serve` subprocess (--max-batch 64; its default threads: torch's
+    minus one, leaving a core for HTTP and, here, for the client); C client threads in this
     process each send requests back to back (streaming, http.client, one keep-alive-free
     connection per request) until max(16, 2C) requests are done. Aggregate tok/s = all
     new tokens / wall time; latency = request sent -> last byte; TTFT = -> first text chunk.
     The client threads share the 2 cores with the server (noted: this costs the server).
+  * moekit Engine in process: the 64 prompts submitted at once to an `Engine` in this process
+    (no HTTP, no client): what the batching engine itself does.
   * HF sequential: `generate` on one prompt at a time (the first 8 prompts); latency per
     request is its own service time (a queue of waiting clients would add waiting time).
   * HF static batch: one `generate` over all 64 prompts (equal lengths, no padding): every
@@ -121,15 +124,21 @@ def start_server(ckpt: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("moekit serve did not come up within 120 s")
 
 
-def one_request(port: int, prompt: List[int], new_tokens: int) -> dict:
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+def one_request(port: int, prompt: List[int], new_tokens: int, stream: bool = True) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    if not stream:
+        out = json.loads(resp.read())
+        conn.close()
+        return {"latency": time.perf_counter() - t0, "ttft": None, "tokens": out["usage"]["completion_tokens"],
+                "text": out["choices"][0]["text"]}
     ttft, tokens, text = None, 0, []
     for line in resp:
         if not line.startswith(b"data: "):
@@ -148,7 +157,8 @@ def one_request(port: int, prompt: List[int], new_tokens: int) -> dict:
     return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "text": "".join(text)}
 
 
-def load_test(port: int, prompts: List[List[int]], concurrency: int, n_requests: int, new_tokens: int) -> dict:
+def load_test(port: int, prompts: List[List[int]], concurrency: int, n_requests: int, new_tokens: int,
+              stream: bool = True) -> dict:
     lock = threading.Lock()
     todo = list(range(n_requests))
     results, errors = [], []
@@ -160,7 +170,7 @@ def load_test(port: int, prompts: List[List[int]], concurrency: int, n_requests:
                     return
                 i = todo.pop(0)
             try:
-                r = one_request(port, prompts[i % len(prompts)], new_tokens)
+                r = one_request(port, prompts[i % len(prompts)], new_tokens, stream)
             except Exception as err:  # noqa: BLE001 -- reported below
                 errors.append(repr(err))
                 return
@@ -176,7 +186,8 @@ def load_test(port: int, prompts: List[List[int]], concurrency: int, n_requests:
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return summarize(f"moekit serve, {concurrency} concurrent", concurrency, n_requests,
+    kind = "streamed" if stream else "not streamed"
+    return summarize(f"moekit serve, {concurrency} concurrent ({kind})", concurrency, n_requests,
                      sum(r["tokens"] for r in results), wall, [r["latency"] for r in results],
                      [r["ttft"] for r in results if r["ttft"] is not None])
 
@@ -236,6 +247,23 @@ def moekit_static_row(model, prompts, new_tokens: int):
     wall = min(walls)
     return summarize(f"moekit generate, one static batch of {len(prompts)}", len(prompts), len(prompts),
                      len(prompts) * new_tokens, wall, [wall]), out
+
+
+def engine_row(model, prompts, new_tokens: int) -> dict:
+    """The engine in this process (no HTTP): all prompts submitted at once, max batch 64."""
+    from moekit.engine import Engine, SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    walls = []
+    for _ in range(2):  # best of two
+        engine = Engine(model, max_batch=MAX_BATCH)
+        t0 = time.perf_counter()
+        done = engine.generate(prompts, sp)
+        walls.append(time.perf_counter() - t0)
+    wall = min(walls)
+    return summarize(f"moekit Engine in process (no HTTP), {len(prompts)} at once", len(prompts), len(prompts),
+                     sum(c.generated_tokens for c in done), wall, [c.latency for c in done],
+                     [c.time_to_first_token for c in done])
 
 
 def batch1_decode(model, prompt, new_tokens: int) -> dict:
@@ -330,6 +358,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's choice")
     p.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers rows")
+    p.add_argument("--no-stream", action="store_true", help="non-streamed requests (no TTFT)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
     args = p.parse_args(argv)
@@ -352,12 +381,14 @@ def main(argv=None) -> int:
             served = {}
             for c in levels:
                 print(f"moekit serve at concurrency {c} ...", file=sys.stderr)
-                rows.append(load_test(port, prompts, c, max(16, 2 * c), args.new_tokens))
+                rows.append(load_test(port, prompts, c, max(16, 2 * c), args.new_tokens, not args.no_stream))
             for i in range(4):  # greedy outputs of the server, for the comparison with HF
                 served[i] = one_request(port, prompts[i], args.new_tokens)["text"]
         finally:
             proc.terminate()
             proc.wait(30)
+        print("moekit engine in process ...", file=sys.stderr)
+        rows.append(engine_row(model, prompts, args.new_tokens))
         print("moekit generate static batch ...", file=sys.stderr)
         static_row, static_out = moekit_static_row(model, prompts, args.new_tokens)
         rows.append(static_row)
@@ -387,7 +418,7 @@ def main(argv=None) -> int:
         "",
         f"Model `{model.cfg.name}` ({model.num_params() / 1e6:.1f} M params, {model.num_params(active=True) / 1e6:.1f} M "
         f"active; float32, random weights). Every request: {args.prompt_len} prompt tokens, exactly "
-        f"{args.new_tokens} greedy new tokens. Server: --max-batch {MAX_BATCH}, default KV budget "
+        f"{args.new_tokens} greedy new tokens. Server: --max-batch {MAX_BATCH}, default threads and KV budget "
         f"(max-batch x context), prefill chunk 128. See the script's docstring for what each row measures.",
         "",
         table(rows),

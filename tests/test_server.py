@@ -50,7 +50,8 @@ def checkpoint(tmp_path_factory):
 
 def start_server(path, *flags):
     args = serve_cli.build_parser().parse_args(
-        ["--checkpoint", str(path), "--port", "0", "--model-name", NAME, "--quiet", *flags])
+        ["--checkpoint", str(path), "--port", "0", "--model-name", NAME, "--quiet",
+         "--threads", str(torch.get_num_threads()), *flags])  # (the default would lower this process's)
     server, _ = serve_cli.build_server(args)
     return server.start()
 

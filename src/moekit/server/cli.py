@@ -4,6 +4,10 @@
                  [--quantize METHOD] [--max-batch 32] [--kv-budget TOKENS|SIZE] [--max-queue 1024]
                  [--prefill-chunk 128] [--max-step-tokens 256] [--chat-template FILE|default]
 
+Threads: by default the model runs on one torch (OpenMP) thread fewer than torch would use,
+leaving a core for the HTTP threads (parsing, tokenizing, streaming): on the 2-core test
+machine, OpenMP threads competing with them made the server about 2x slower.
+
 End-of-sequence ids: the checkpoint's eos_token_id (generation_config.json / config.json),
 the tokenizer_config.json eos_token, and "<|endoftext|>" when the tokenizer has it (the
 document separator of moekit's own tokenizers). Requests may opt out with ignore_eos.
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step (default 128)")
     p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward (default 256)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file, or 'default' (ChatML)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model (default: torch's default minus one, at least 1)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no access log")
@@ -79,6 +85,12 @@ def build_server(args):
     from .app import OpenAIServer
     from .chat_template import load_chat_template
 
+    import torch
+
+    threads = args.threads if args.threads is not None else max(1, torch.get_num_threads() - 1)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise ValueError(f"checkpoint directory {args.checkpoint!r} does not exist")
@@ -108,12 +120,14 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as err:
         print(f"moekit serve: error: {err}", file=sys.stderr)
         return 2
+    import torch
+
     engine = server.engine
     cfg = engine.model.cfg
     kv = engine.kv
     print(f"moekit serve: {server.ctx.model_names[0]!r} ({cfg.name}, {engine.dtype}"
           f"{', quantized ' + args.quantize if args.quantize else ''}) on {server.url}\n"
-          f"  max batch {args.max_batch}, KV budget {kv.capacity} tokens "
+          f"  {torch.get_num_threads()} torch threads, max batch {args.max_batch}, KV budget {kv.capacity} tokens "
           f"({kv.capacity * kv.bytes_per_token / 2**20:.1f} MiB), context {cfg.max_seq_len}, "
           f"chat template: {template.source}, eos ids {engine.eos_token_ids}", file=sys.stderr, flush=True)
     try:
