@@ -110,48 +110,46 @@ def ragged_forward(model, segments: List[Segment], row_quantum: int = ROW_QUANTU
     x_1ND = model.embed(tokens_1N)
     cos_SDh, sin_SDh = rope if rope is not None else rope_table(model, x_1ND.dtype)
     cos, sin = cos_SDh.index_select(0, positions_N)[None], sin_SDh.index_select(0, positions_N)[None]
-    bounds = []
-    a = 0
-    for n in lens:
-        bounds.append((a, a + n))
+    spans, a = [], 0  # (first row, end row, attention mask or None) of each segment
+    for s, n in zip(segments, lens):
+        mask = attention_mask(1, n, s.start, None, device) if s.start > 0 and n > 1 else None
+        spans.append((a, a + n, mask))
         a += n
     for i, block in enumerate(model.layers):
         h_1ND = block.attn_norm(x_1ND)
-        x_1ND = x_1ND + _attention(block.attn, i, h_1ND, cos, sin, segments, bounds)
+        x_1ND = x_1ND + _attention(block.attn, i, h_1ND, cos, sin, segments, spans)
         h_ND = block.ffn_norm(x_1ND)[0]
         if block.is_moe:
             y_ND = moe_rows(block.ffn, h_ND, tokens_1N[0], N, row_quantum)
         else:
             y_ND = ffn_rows(block.ffn, h_ND)
         x_1ND = x_1ND + y_ND[None]
-    last = [b - 1 for s, (_, b) in zip(segments, bounds) if s.want_logits]
+    last = [b - 1 for s, (_, b, _) in zip(segments, spans) if s.want_logits]
     if not last:
         return x_1ND.new_zeros(0, cfg.vocab_size, dtype=torch.float32)
     h_RD = pad_rows(x_1ND[0, last], row_quantum)
     return model.lm_head(model.norm(h_RD))[: len(last)].float()
 
 
-def _attention(attn, layer_idx: int, h_1ND, cos, sin, segments: List[Segment], bounds) -> torch.Tensor:
+def _attention(attn, layer_idx: int, h_1ND, cos, sin, segments: List[Segment], spans) -> torch.Tensor:
     cfg = attn.cfg
     q_1HND, k_1GND, v_1GND = attn._qkv(h_1ND, cos, sin)
     Np = h_1ND.shape[1]
-    out_1NHDh = h_1ND.new_zeros(1, Np, cfg.n_heads, cfg.head_dim)
     gqa = cfg.n_kv_heads != cfg.n_heads
-    for seg, (a, b) in zip(segments, bounds):
-        T, start = b - a, seg.start
-        end = start + T
+    outs = []
+    for seg, (a, b, mask_11TS) in zip(segments, spans):
+        start, end = seg.start, seg.start + b - a
         k_cache, v_cache = seg.cache.k[layer_idx], seg.cache.v[layer_idx]  # (1, G, S, Dh)
         k_cache[:, :, start:end] = k_1GND[:, :, a:b]
         v_cache[:, :, start:end] = v_1GND[:, :, a:b]
         q_1HTDh = q_1HND[:, :, a:b].contiguous()
-        k_1GSDh, v_1GSDh = k_cache[:, :, :end], v_cache[:, :, :end]
-        if start == 0 or T == 1:  # a whole prompt (causal) or one decode token (sees every key)
-            o = F.scaled_dot_product_attention(q_1HTDh, k_1GSDh, v_1GSDh, is_causal=T > 1, enable_gqa=gqa)
-        else:  # a later prefill chunk: causal, offset by `start`
-            mask_11TS = attention_mask(1, T, start, None, q_1HTDh.device)
-            o = F.scaled_dot_product_attention(q_1HTDh, k_1GSDh, v_1GSDh, attn_mask=mask_11TS, enable_gqa=gqa)
-        out_1NHDh[:, a:b] = o.transpose(1, 2)
-    return attn.o_proj(out_1NHDh.view(1, Np, -1))
+        # a whole prompt (causal), one decode token (sees every key), or a later chunk (offset causal mask)
+        o = F.scaled_dot_product_attention(q_1HTDh, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask_11TS,
+                                           is_causal=mask_11TS is None and b - a > 1, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2))
+    if Np > spans[-1][1]:
+        outs.append(h_1ND.new_zeros(1, Np - spans[-1][1], cfg.n_heads, cfg.head_dim))
+    return attn.o_proj(torch.cat(outs, dim=1).view(1, Np, -1))
 
 
 def swiglu_rows(w13_FD: torch.Tensor, w2_DF: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
@@ -215,32 +213,55 @@ def moe_rows(moe, x_ND: torch.Tensor, token_ids_N: torch.Tensor, n_real: int, ro
 
 
 def experts_rows(x_TD, w13_EFD, w2_EDF, expert_idx_TK, gates_TK, row_quantum: int) -> torch.Tensor:
-    """Routed experts with row-invariant numerics: per expert, padded GEMMs over its rows."""
+    """Routed experts with row-invariant numerics: each expert's rows go through GEMMs whose
+    row count is a multiple of `row_quantum`.
+
+    Few experts active (decoding a small batch): a loop over them, F.linear on each one's rows
+    (the other experts' weights are never read). Most experts active: one padded grid, E blocks
+    of the same row count, two `bmm`s (no per-expert launches). Both give the same bits for a
+    row (a padded bmm row equals the F.linear row; `tests/test_engine.py` checks the whole path).
+    """
     T, K = expert_idx_TK.shape
-    D = x_TD.shape[1]
+    E, D = w13_EFD.shape[0], x_TD.shape[1]
     n = w2_EDF.shape[-1]
     if T == 0:
         return x_TD.new_zeros(0, D)
     expert_P = expert_idx_TK.reshape(-1)  # token-major pairs: pair p = t*K + k
     gates_P = gates_TK.reshape(-1).to(x_TD.dtype)
     order_P = torch.argsort(expert_P, stable=True)
-    counts = torch.bincount(expert_P, minlength=w13_EFD.shape[0]).tolist()
+    counts = torch.bincount(expert_P, minlength=E).tolist()
     x_ext_TD = F.pad(x_TD, (0, 0, 0, 1))  # row T is zeros: the padding rows gather it
     gates_ext_P = F.pad(gates_P, (0, 1))
     pad_pair = T * K
     y_PD = x_TD.new_empty(T * K, D)
-    offset = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        pairs_c = order_P[offset:offset + c]
-        offset += c
-        c_pad = round_up(c, row_quantum)
-        pairs_r = F.pad(pairs_c, (0, c_pad - c), value=pad_pair) if c_pad != c else pairs_c
-        tok_r = torch.where(pairs_r == pad_pair, T, pairs_r // K)
-        h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), w13_EFD[e])
-        a_rF = _ew(F.silu, h_r2F[:, :n]) * h_r2F[:, n:] * gates_ext_P.index_select(0, pairs_r)[:, None]
-        y_PD.index_copy_(0, pairs_c, F.linear(a_rF, w2_EDF[e])[:c])
+    if 2 * sum(c > 0 for c in counts) > E:
+        block = round_up(max(counts), row_quantum)
+        counts_E = torch.tensor(counts, device=x_TD.device)
+        expert_sorted_P = expert_P.index_select(0, order_P)
+        rank_P = torch.arange(T * K, device=x_TD.device) - (torch.cumsum(counts_E, 0) - counts_E)[expert_sorted_P]
+        slot_P = expert_sorted_P * block + rank_P
+        pair_R = torch.full((E * block,), pad_pair, dtype=torch.long, device=x_TD.device)
+        pair_R[slot_P] = order_P
+        tok_R = torch.where(pair_R == pad_pair, T, pair_R // K)
+        x_EBD = x_ext_TD.index_select(0, tok_R).view(E, block, D)
+        h_EB2F = torch.bmm(x_EBD, w13_EFD.transpose(1, 2))
+        a_EBF = (_ew(F.silu, h_EB2F[..., :n]) * h_EB2F[..., n:]
+                 * gates_ext_P.index_select(0, pair_R).view(E, block, 1))
+        y_RD = torch.bmm(a_EBF, w2_EDF.transpose(1, 2)).view(E * block, D)
+        y_PD.index_copy_(0, order_P, y_RD.index_select(0, slot_P))
+    else:
+        offset = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            pairs_c = order_P[offset:offset + c]
+            offset += c
+            c_pad = round_up(c, row_quantum)
+            pairs_r = F.pad(pairs_c, (0, c_pad - c), value=pad_pair) if c_pad != c else pairs_c
+            tok_r = torch.where(pairs_r == pad_pair, T, pairs_r // K)
+            h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), w13_EFD[e])
+            a_rF = _ew(F.silu, h_r2F[:, :n]) * h_r2F[:, n:] * gates_ext_P.index_select(0, pairs_r)[:, None]
+            y_PD.index_copy_(0, pairs_c, F.linear(a_rF, w2_EDF[e])[:c])
     y_TKD = y_PD.view(T, K, D)
     out_TD = y_TKD[:, 0].clone()
     for k in range(1, K):
