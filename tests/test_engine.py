@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moekit import ModelConfig, Transformer
 from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
                            SamplingParams)
-from moekit.engine.forward import ROW_QUANTUM, pad_rows
+from moekit.engine.forward import ROW_QUANTUM, experts_rows, pad_rows
 from moekit.engine.kv import parse_budget
 from moekit.engine.text import TextStream
 from moekit.generate import generate
@@ -64,6 +64,24 @@ def test_padded_gemm_rows_do_not_depend_on_the_other_rows():
         for m in (1, 2, 3, 5, 7, 9, 13, 30, 61, 96):
             rows = torch.randperm(96)[:m]
             assert torch.equal(F.linear(pad_rows(x[rows], ROW_QUANTUM), w)[:m], canon[rows]), (d_in, d_out, m)
+
+
+def test_both_expert_paths_give_the_same_bits():
+    """experts_rows loops over the active experts when few are (decoding alone) and runs a padded
+    bmm grid when most are (a busy batch): a token's output must not depend on which."""
+    torch.manual_seed(0)
+    E, K, D, Fe = 16, 4, 64, 32
+    w13, w2 = torch.randn(E, 2 * Fe, D), torch.randn(E, D, Fe)
+    x = torch.randn(40, D)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(40)])
+    gates = torch.rand(40, K)
+    together = experts_rows(x, w13, w2, idx, gates, ROW_QUANTUM)  # every expert active: the grid
+    for t in (0, 17, 39):
+        alone = experts_rows(x[t:t + 1], w13, w2, idx[t:t + 1], gates[t:t + 1], ROW_QUANTUM)  # 4 of 16: the loop
+        assert torch.equal(alone[0], together[t])
+    ref = sum(gates[0, k] * (w2[e] @ (F.silu(w13[e, :Fe] @ x[0]) * (w13[e, Fe:] @ x[0])))
+              for k, e in enumerate(idx[0].tolist()))
+    torch.testing.assert_close(together[0], ref, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- greedy vs generate
