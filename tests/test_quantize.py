@@ -14,7 +14,7 @@ from moekit import ModelConfig, MoEConfig, Transformer, load_model, save_model
 from moekit import generate as gen_mod
 from moekit.generate import generate
 from moekit.quantize import METHODS, formats, model_bytes, quantize_model, quantized_bytes, size_report
-from moekit.quantize.modules import QuantizedExperts, QuantizedLinear, QuantizedSwiGLU, QuantizedWeight
+from moekit.quantize.modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
 
 F32 = np.float32
 
@@ -45,7 +45,8 @@ def ref_group(method: str, values) -> bytes:
     s16, m16 = np.float16(F32(max(x) - min(x)) / F32(15)), np.float16(min(x))  # int4-gG
     inv = F32(1) / F32(s16) if s16 != 0 else F32(0)
     q = [max(0, min(15, math.floor(F32(F32(v - F32(m16)) * inv) + F32(0.5)))) for v in x]
-    return s16.tobytes() + m16.tobytes() + bytes(q[2 * i] | (q[2 * i + 1] << 4) for i in range(len(x) // 2))
+    half = len(x) // 2  # byte j: element j (low nibble), element j + G/2 (high nibble)
+    return s16.tobytes() + m16.tobytes() + bytes(q[j] | (q[j + half] << 4) for j in range(half))
 
 
 def ref_dequant_group(method: str, data: bytes):
@@ -59,7 +60,8 @@ def ref_dequant_group(method: str, data: bytes):
         q = [b & 15 for b in data[2:]] + [b >> 4 for b in data[2:]]
         return [F32(F32(v - 8) * d) for v in q]
     m = F32(np.frombuffer(data[2:4], np.float16)[0])
-    return [F32(F32(F32(v) * d) + m) for b in data[4:] for v in (b & 15, b >> 4)]
+    q = [b & 15 for b in data[4:]] + [b >> 4 for b in data[4:]]
+    return [F32(F32(F32(v) * d) + m) for v in q]
 
 
 def stored_group(method: str, packed, row: int, group: int) -> bytes:
@@ -120,6 +122,17 @@ def test_bits_per_weight_from_real_bytes(method, bits):
     assert qw.qweight.numel() == w.numel() // (1 if formats.get_format(method).bits == 8 else 2)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_matvec_equals_dequantize_then_matmul(method):
+    """The compiled decode path's per-group reduction against its reference (run eagerly here)."""
+    for w_shape, x_shape in (((48, 96), (3, 1, 96)), ((5, 40, 64), (5, 1, 64)), ((7, 40), (2, 1, 40))):
+        w = torch.randn(w_shape) * 0.1
+        packed = formats.quantize(method, w)
+        x = torch.randn(x_shape)
+        ref = x @ formats.dequantize(method, packed, w_shape[-1]).transpose(-1, -2)
+        torch.testing.assert_close(formats.fused_matvec(method, packed, x), ref.squeeze(-2), rtol=1e-5, atol=1e-5)
+
+
 def test_scales_keep_their_bits_under_model_to():
     qw = QuantizedWeight.from_float(torch.randn(8, 64), "q4_0")
     scale, q = qw.scale.clone(), qw.qweight.clone()
@@ -168,7 +181,8 @@ def test_what_is_quantized_and_what_stays_float():
     model = quantize_model(tiny_model(n_layers=3, first_k_dense=1), "int8")
     dense, moe = model.layers[0], model.layers[1]
     assert isinstance(dense.ffn, QuantizedSwiGLU)
-    assert isinstance(moe.ffn.experts, QuantizedExperts) and moe.ffn.experts.w13.shape == (8, 64, 64)
+    assert isinstance(moe.ffn, QuantizedMoE) and isinstance(moe.ffn.experts, QuantizedExperts)
+    assert moe.ffn.experts.w13.shape == (8, 64, 64) and moe.ffn in model.moe_layers()
     for block in model.layers:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert isinstance(getattr(block.attn, name), QuantizedLinear)

@@ -9,10 +9,11 @@ helpers, cli.py `moekit quantize`.
 """
 
 from .formats import FORMATS, METHODS, Format, get_format
-from .modules import QuantizedExperts, QuantizedLinear, QuantizedSwiGLU, QuantizedWeight
+from .modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
 from .transform import model_bytes, quantize_model, quantized_bytes, size_report
 
 __all__ = [
-    "FORMATS", "METHODS", "Format", "get_format", "QuantizedExperts", "QuantizedLinear", "QuantizedSwiGLU",
+    "FORMATS", "METHODS", "Format", "get_format", "QuantizedExperts", "QuantizedLinear", "QuantizedMoE",
+    "QuantizedSwiGLU",
     "QuantizedWeight", "model_bytes", "quantize_model", "quantized_bytes", "size_report",
 ]

@@ -23,10 +23,11 @@ Storage (struct of arrays, the tensors a `QuantizedWeight` registers as buffers)
   scale    int16 (..., Kp/G) = the raw bits of fp16 scales; int8: int32 (..., 1) = raw fp32 bits
   offset   int16 (..., Kp/G) = raw fp16 bits (int4-gG only)
 Scales are kept as integer bit patterns so that `model.to(dtype)` / `.half()` never re-round
-them. 4-bit nibble order: int4-gG puts element 2i of a group in the low nibble of byte i and
-2i+1 in the high nibble; q4_0 follows GGML: byte j of a block holds element j (low) and
-j + 16 (high), so [fp16 d bytes, 16 qs bytes] per block is exactly GGML's `block_q4_0`
-(and [d, 32 qs] is `block_q8_0`).
+them. 4-bit nibble order, both 4-bit formats as GGML: byte j of a group holds element j in
+its low nibble and element j + G/2 in its high nibble, so each half of a group is a run of
+contiguous bytes (a fused reduction then reads packed bytes and activations with unit stride);
+[fp16 d bytes, 16 qs bytes] per block is exactly GGML's `block_q4_0` (and [d, 32 qs] is
+`block_q8_0`).
 Padding: when K is not a multiple of G, each row is zero-padded to Kp = ceil(K/G)*G before
 quantizing and the padding is cut off when dequantizing (it costs (Kp - K) stored values).
 
@@ -140,7 +141,7 @@ def quantize(method: str, w: torch.Tensor) -> Packed:
     m16 = mn.to(torch.float16)
     inv = _safe_inverse(s16.float())
     q = torch.floor((x_bg - m16.float()[..., None]) * inv[..., None] + 0.5).clamp(0, 15)
-    packed = _pack_pairs(q[..., 0::2], q[..., 1::2])
+    packed = _pack_pairs(q[..., : G // 2], q[..., G // 2:])
     return {"qweight": packed.reshape(*lead, Kp // 2), "scale": s16.view(torch.int16),
             "offset": m16.view(torch.int16)}
 
@@ -159,11 +160,7 @@ def dequantize(method: str, packed: Packed, K: int, dtype: torch.dtype = torch.f
         q = qw.reshape(*lead, NB, G).float()
     else:
         b = qw.reshape(*lead, NB, G // 2)
-        lo, hi = b & 15, b >> 4
-        if fmt.name == "q4_0":
-            q = torch.cat([lo, hi], dim=-1).float()
-        else:
-            q = torch.stack([lo, hi], dim=-1).reshape(*lead, NB, G).float()
+        q = torch.cat([b & 15, b >> 4], dim=-1).float()
     if fmt.name == "q4_0":
         w = (q - 8.0) * scale[..., None]
     elif fmt.has_offset:
@@ -172,6 +169,36 @@ def dequantize(method: str, packed: Packed, K: int, dtype: torch.dtype = torch.f
         w = q * scale[..., None]
     w = w.reshape(*lead, NB * G)
     return (w if NB * G == K else w[..., :K]).to(dtype)
+
+
+def fused_matvec(method: str, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+    """sum_k W[..., n, k] * x[..., 0, k] -> (..., N) straight from the packed weight (..., N, K).
+
+    x (..., 1, K) broadcasts against the weight's leading dims (a Linear: x (M, 1, K), weight
+    (N, K); gathered experts: x (P, 1, K), weight (P, N, K)). Per group the integer codes are
+    dotted with x and the scale (and offset * sum(x)) applied once per group, with the two
+    nibble halves of each byte run as unit-stride sums. Written for torch.compile, which fuses
+    it into one pass over the packed bytes; eagerly it builds (..., N, K) temporaries. Equals
+    `x @ dequantize(...)ᵀ` up to float summation order (that is its reference).
+    """
+    fmt = get_format(method)
+    qw, K = packed["qweight"], x.shape[-1]
+    Kp = fmt.padded(K)
+    if Kp != K:
+        x = F.pad(x, (0, Kp - K))
+    if fmt.name == "int8":
+        return (qw * x).sum(-1) * packed["scale"].view(torch.float32)[..., 0].to(x.dtype)
+    G, NB = fmt.group, Kp // fmt.group
+    scale = packed["scale"].view(torch.float16).to(x.dtype)  # (..., N, NB)
+    x_G = x.reshape(*x.shape[:-1], NB, G)  # (..., 1, NB, G)
+    if fmt.bits == 8:
+        return ((qw.reshape(*qw.shape[:-1], NB, G) * x_G).sum(-1) * scale).sum(-1)
+    b = qw.reshape(*qw.shape[:-1], NB, G // 2)
+    dot = ((b & 15) * x_G[..., : G // 2] + (b >> 4) * x_G[..., G // 2:]).sum(-1)  # (..., N, NB)
+    if fmt.name == "q4_0":
+        return ((dot - 8.0 * x_G.sum(-1)) * scale).sum(-1)
+    offset = packed["offset"].view(torch.float16).to(x.dtype)
+    return (dot * scale + offset * x_G.sum(-1)).sum(-1)
 
 
 def packed_nbytes(packed: Packed) -> int:
@@ -223,7 +250,8 @@ def reference_quantize_group(method: str, values: List[float]) -> bytes:
     s, m = _f16(_f32(_f32(mx - mn) / 15.0)), _f16(mn)
     inv = _f32(1.0 / s) if s else 0.0
     q = [max(0, min(15, math.floor(_f32(_f32(_f32(v - m) * inv) + 0.5)))) for v in x]
-    return struct.pack("<ee", s, m) + bytes(q[2 * i] | (q[2 * i + 1] << 4) for i in range(len(x) // 2))
+    half = len(x) // 2
+    return struct.pack("<ee", s, m) + bytes(q[j] | (q[j + half] << 4) for j in range(half))
 
 
 def reference_dequantize_group(method: str, data: bytes) -> List[float]:
@@ -241,7 +269,7 @@ def reference_dequantize_group(method: str, data: bytes) -> List[float]:
         q = [b & 15 for b in qs] + [b >> 4 for b in qs]
         return [_f32((v - 8) * d) for v in q]
     s, m = struct.unpack_from("<ee", data)
-    q = [v for b in data[4:] for v in (b & 15, b >> 4)]
+    q = [b & 15 for b in data[4:]] + [b >> 4 for b in data[4:]]
     return [_f32(_f32(v * s) + m) for v in q]
 
 

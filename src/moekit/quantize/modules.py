@@ -7,9 +7,13 @@ reference numerics: dequantize, then matmul). What is dequantized:
                                      the condition of moe/decode.py's gathered-weights path) only
                                      the experts of those pairs, one copy per pair; otherwise all
                                      E experts once, then the configured backend (grouped/reference).
-Under torch.compile (`generate(compile=True)`, `Transformer.decode_step`) a one-token Linear
-is written as a multiply-and-reduce over the dequantized weight instead, so inductor fuses
-the unpacking into the reduction and reads only the packed bytes.
+Static / compiled decoding (`Transformer.decode_step`, `generate(compile=True)`): a Linear
+with a few rows under torch.compile, and the routed experts of `QuantizedMoE.forward_static`
+(K experts per token, T*K <= E), use `formats.fused_matvec` instead: a per-group reduction
+over the packed codes that inductor fuses into one pass over the packed bytes (the gather of
+the chosen experts' bytes included), so the dequantized weights are never written out.
+`QuantizedMoE` is `MoE` with that static forward; the transform swaps it in for each MoE
+layer, keeping the router, shared experts and buffers (same state-dict keys).
 
 `QuantizedWeight` stands where the float tensor stood (`linear.weight`, `experts.w13`, ...)
 and quacks like it for the read-only uses elsewhere in moekit: `.shape`, `.dtype` (the
@@ -28,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.decode import use_gathered_weights
+from ..moe.decode import experts_static, use_gathered_weights
 from ..moe.experts import get_backend
 from ..moe.grouped import experts_grouped
+from ..moe.layer import MoE
 from . import formats
 
 _FUSED_MAX_ROWS = 4  # rows of x up to which a compiled Linear uses the fused multiply-and-reduce
@@ -111,8 +116,8 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[to
     """F.linear with a quantized weight (fused multiply-and-reduce for few rows under torch.compile)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if torch.compiler.is_compiling() and rows <= _FUSED_MAX_ROWS:
-        w_NK = weight.dequantize(dtype=x.dtype)
-        y = (w_NK * x[..., None, :]).sum(-1)
+        y_MN = formats.fused_matvec(weight.method, weight.packed(), x.reshape(rows, 1, x.shape[-1]))
+        y = y_MN.reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight.dequantize(dtype=x.dtype), bias)
 
@@ -205,3 +210,40 @@ class QuantizedExperts(nn.Module):
     def extra_repr(self) -> str:
         E, F2, D = self.w13.shape
         return f"num_experts={E}, d_model={D}, d_expert={F2 // 2}, impl={self.impl!r}, method={self.w13.method!r}"
+
+    def forward_static(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
+        """moe/decode.py's `experts_static` (K experts per token, no host syncs) on the packed weights:
+        with T*K <= E pairs a fused reduction over each pair's gathered packed bytes, else every
+        expert dequantized once and `experts_static`'s dense path."""
+        T, K = expert_idx_TK.shape
+        if T * K > self.w13.shape[0]:
+            dtype = x_TD.dtype
+            return experts_static(x_TD, self.w13.dequantize(dtype=dtype), self.w2.dequantize(dtype=dtype),
+                                  gates_TK, expert_idx_TK)
+        n = self.w2.shape[-1]
+        expert_idx_P = expert_idx_TK.reshape(-1)
+        x_P1D = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+        h_P2F = formats.fused_matvec(self.w13.method, self.w13.packed(expert_idx_P), x_P1D)
+        a_P1F = (F.silu(h_P2F[:, :n]) * h_P2F[:, n:] * gates_TK.to(x_TD.dtype).reshape(-1, 1)).unsqueeze(1)
+        y_PD = formats.fused_matvec(self.w2.method, self.w2.packed(expert_idx_P), a_P1F)
+        return y_PD.view(T, K, -1).sum(1)
+
+
+class QuantizedMoE(MoE):
+    """`MoE` whose static forward (compiled decoding) runs `QuantizedExperts.forward_static`."""
+
+    @classmethod
+    def from_moe(cls, moe: MoE, experts: QuantizedExperts, shared: Optional[nn.Module]) -> "QuantizedMoE":
+        with torch.device("meta"):  # no float expert weights are allocated; every submodule is replaced
+            new = cls(moe.cfg)
+        new.router, new.experts, new.shared, new.shared_gate = moe.router, experts, shared, moe.shared_gate
+        new.tokens_since_update = moe.tokens_since_update
+        return new.train(moe.training)
+
+    def forward_static(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        expert_idx_TK, gates_TK = self.router.route_static(x_TD, token_ids)
+        y_TD = self.experts.forward_static(x_TD, gates_TK, expert_idx_TK)
+        if self.shared is not None:
+            y_TD = y_TD + self._shared(x_TD)
+        return y_TD.view(x.shape)

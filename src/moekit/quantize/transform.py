@@ -9,7 +9,11 @@ and the routed experts (experts.w13 (E, 2F, D), experts.w2 (E, D, F)). Kept in f
 embedding, norms, the router (and Qwen2-MoE's shared-expert gate), attention biases, and the
 lm_head unless `quantize_head=True` (the head is small next to the experts of an MoE, and its
 error goes straight into the logits; a tied head cannot be quantized without keeping a second,
-float copy for the embedding, so that combination is refused).
+float copy for the embedding, so that combination is refused). Modules are replaced, not
+patched: Linear -> QuantizedLinear, SwiGLU -> QuantizedSwiGLU, Experts -> QuantizedExperts, and
+each MoE -> QuantizedMoE (the same router, shared experts and buffers; its static forward runs
+the fused packed-weight reduction), so state-dict keys keep their prefixes. The float weights
+are dropped as each module is replaced: the memory reduction is real.
 
 `model.quantization` records {"method", "quantize_head"}; `save_model` writes it to the
 checkpoint (quantization.json) and `load_model` rebuilds the quantized modules before loading
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .modules import QuantizedExperts, QuantizedLinear, QuantizedSwiGLU, QuantizedWeight
+from .modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -49,9 +53,9 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -
                 setattr(block.attn, name, QuantizedLinear.from_float(getattr(block.attn, name), method))
             if block.is_moe:
                 moe = block.ffn
-                moe.experts = QuantizedExperts.from_float(moe.experts, method)
-                if moe.shared is not None:
-                    moe.shared = QuantizedSwiGLU.from_float(moe.shared, method)
+                experts = QuantizedExperts.from_float(moe.experts, method)
+                shared = None if moe.shared is None else QuantizedSwiGLU.from_float(moe.shared, method)
+                block.ffn = QuantizedMoE.from_moe(moe, experts, shared)
             else:
                 block.ffn = QuantizedSwiGLU.from_float(block.ffn, method)
         if quantize_head:
