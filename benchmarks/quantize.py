@@ -106,6 +106,8 @@ def main(argv=None) -> int:
         if method != "float":
             quantize_model(model, method)
         report = size_report(model)
+        qcount = report["quantized_weights"] or size_report(quantize_model(copy.deepcopy(base), "int8"))[
+            "quantized_weights"]
         ppl = perplexity(model, windows, args.batches)
         eager, tokens = decode_speed(model, prompt, args.new_tokens, args.repeats, compile=False)
         compiled = None if args.no_compile else decode_speed(model, prompt, args.new_tokens, args.repeats, True)[0]
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
         agree = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), len(tokens))
         row = {"method": method, "ppl": ppl, "weight_bytes": report["total_bytes"],
                "reduction": float_bytes / report["total_bytes"], "bits": report["bits_per_quantized_weight"],
+               "quantized_part_bytes": report["quantized_bytes"], "quantized_part_float_bytes": 4 * qcount,
                "decode_tok_s": eager, "compiled_tok_s": compiled,
                "greedy_agree": min(agree, args.agree_tokens)}
         rows.append(row)
@@ -130,14 +133,18 @@ def main(argv=None) -> int:
           f"{min(args.batches * 8, windows.num_windows)} x {args.seq_len} tokens | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | {platform.processor() or platform.machine()} | commit {git_commit()}")
     print()
-    print("method | bits/weight (quantized part) | weight MiB | reduction | val ppl | ppl vs float | "
-          f"greedy = float (of {args.agree_tokens}) | decode tok/s eager | decode tok/s compile=True")
-    print("------ | ---------------------------- | ---------- | --------- | ------- | ------------ | "
-          "------------------ | ------------------ | -------------------------")
+    print("method | bits/weight (quantized part) | quantized part MiB | weight MiB (all) | reduction (all) | "
+          f"val ppl | ppl vs float | greedy = float (of {args.agree_tokens}) | decode tok/s eager | "
+          "decode tok/s compile=True")
+    print("------ | ---------------------------- | ------------------ | ---------------- | --------------- | "
+          "------- | ------------ | ------------------ | ------------------ | -------------------------")
     for r in rows:
         bits = "32 (float32)" if r["bits"] is None else f"{r['bits']:.3f}"
         comp = "-" if r["compiled_tok_s"] is None else f"{r['compiled_tok_s']:.0f}"
-        print(f"{r['method']} | {bits} | {r['weight_bytes'] / 2**20:.2f} | {r['reduction']:.2f}x | {r['ppl']:.3f} | "
+        part = r["quantized_part_bytes"] or r["quantized_part_float_bytes"]
+        part_x = r["quantized_part_float_bytes"] / part
+        print(f"{r['method']} | {bits} | {part / 2**20:.2f} ({part_x:.2f}x) | {r['weight_bytes'] / 2**20:.2f} | "
+              f"{r['reduction']:.2f}x | {r['ppl']:.3f} | "
               f"{100 * (r['ppl'] / ppl0 - 1):+.2f}% | {r['greedy_agree']} | {r['decode_tok_s']:.0f} | {comp}")
     return 0
 
