@@ -84,8 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--agree-tokens", type=int, default=16, help="greedy tokens compared with float")
     p.add_argument("--no-compile", action="store_true", help="skip the compile=True decode column")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
 
     base = load_model(args.checkpoint)

@@ -69,8 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--ngram", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-int4-self", action="store_true", help="skip the int4 self-draft rows")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     target = load_model(args.checkpoint)
     tok = target.tokenizer
