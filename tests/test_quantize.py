@@ -19,6 +19,15 @@ from moekit.quantize.modules import QuantizedExperts, QuantizedLinear, Quantized
 F32 = np.float32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: one thread avoids OpenMP overhead (large on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------- the plain reference
 def _roundf(v: float) -> int:  # C roundf: half away from zero
     return int(math.copysign(math.floor(abs(v) + 0.5), v))
