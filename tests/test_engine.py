@@ -107,11 +107,14 @@ def test_requests_join_and_leave_between_steps(model):
     assert [h.result().token_ids for h in handles] == [r[:n] for r, n in zip(ref, lengths)]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_batch_invariance_bitwise(preset):
+@pytest.mark.parametrize("preset,quantize", [("tiny", None), ("small", None), ("tiny", "int4-g32")])
+def test_batch_invariance_bitwise(preset, quantize):
     """Unscaled random models (near-ties everywhere): each request's log-probabilities are bitwise
-    those it gets alone, with requests joining at random steps, greedy and seeded sampling mixed."""
+    those it gets alone, with requests joining at random steps, greedy and seeded sampling mixed
+    (also with weight-only quantized weights)."""
     model = tiny_model(scaled=False, preset=preset)
+    if quantize:
+        model = pytest.importorskip("moekit.quantize").quantize_model(model, quantize)
     V = model.cfg.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 60))] for _ in range(8)]

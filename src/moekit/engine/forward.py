@@ -31,9 +31,11 @@ scheduler, so they do not depend on the load either.
 
 `tests/test_engine.py` checks the end result (logprobs bitwise equal alone and co-batched,
 requests joining at random steps), so a platform where the GEMM property does not hold
-fails loudly instead of silently. Modules that are not the stock ones (e.g. a quantized
-Linear or Experts replacement) are called through their own forward: correct, but their
-batch invariance is then theirs.
+fails loudly instead of silently. Weight-only quantized models (moekit.quantize) keep the
+guarantee: their Linear layers dequantize and run F.linear on the padded rows, and the
+SwiGLU / experts weights are dequantized here and run through the same padded paths. Any
+other replacement module is called through its own forward: correct, but its batch
+invariance is then its own business.
 
 Legend: N rows (tokens of all segments), Np rows padded, T tokens of a segment, D model dim,
 H heads, G KV heads, Dh head dim, S keys, E experts, K experts per token, F expert dim, V vocab.
@@ -48,7 +50,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model import KVCache, attention_mask, rope_cos_sin
-from ..moe.experts import Experts
 from ..moe.ffn import SwiGLU
 
 PAD_ID = 0
@@ -157,10 +158,23 @@ def swiglu_rows(w13_FD: torch.Tensor, w2_DF: torch.Tensor, x_ND: torch.Tensor) -
     return F.linear(_ew(F.silu, gate_NF) * up_NF, w2_DF)
 
 
+def _weight(w, index=None, dtype=None) -> torch.Tensor:
+    """A float weight (or its entry `index` of dim 0) from a tensor, or from a quantized weight
+    (anything with `.dequantize(index, dtype)`, e.g. moekit.quantize's QuantizedWeight)."""
+    if isinstance(w, torch.Tensor):
+        return w if index is None else w[index]
+    return w.dequantize(index, dtype)
+
+
+def _has_weights(module) -> bool:
+    return all(isinstance(getattr(module, n, None), torch.Tensor) or hasattr(getattr(module, n, None), "dequantize")
+               for n in ("w13", "w2"))
+
+
 def ffn_rows(ffn, x_ND: torch.Tensor) -> torch.Tensor:
-    """A dense SwiGLU FFN (a replacement module runs its own forward)."""
-    if type(ffn) is SwiGLU:
-        return swiglu_rows(ffn.w13, ffn.w2, x_ND)
+    """A SwiGLU FFN (stock or quantized weights); another module runs its own forward."""
+    if isinstance(ffn, SwiGLU) or _has_weights(ffn):
+        return swiglu_rows(_weight(ffn.w13, dtype=x_ND.dtype), _weight(ffn.w2, dtype=x_ND.dtype), x_ND)
     return ffn(x_ND)
 
 
@@ -197,9 +211,9 @@ def moe_rows(moe, x_ND: torch.Tensor, token_ids_N: torch.Tensor, n_real: int, ro
     expert_idx_TK, gates_TK = route_rows(moe.router, x_ND, token_ids_N)
     expert_idx_TK, gates_TK = expert_idx_TK[:n_real], gates_TK[:n_real]
     experts = moe.experts
-    if type(experts) is Experts and not torch.is_autocast_enabled(x_ND.device.type):
+    if _has_weights(experts) and not torch.is_autocast_enabled(x_ND.device.type):
         routed_TD = experts_rows(x_ND[:n_real], experts.w13, experts.w2, expert_idx_TK, gates_TK, row_quantum)
-    else:  # a replacement experts module (e.g. quantized): its own forward, its own numerics
+    else:  # an experts module without w13/w2: its own forward, its own numerics
         T, K = expert_idx_TK.shape
         token_idx_P = torch.arange(T, device=x_ND.device).repeat_interleave(K)
         routed_TD = experts(x_ND[:n_real], gates_TK.reshape(-1), token_idx_P, expert_idx_TK.reshape(-1))
@@ -214,7 +228,8 @@ def moe_rows(moe, x_ND: torch.Tensor, token_ids_N: torch.Tensor, n_real: int, ro
 
 def experts_rows(x_TD, w13_EFD, w2_EDF, expert_idx_TK, gates_TK, row_quantum: int) -> torch.Tensor:
     """Routed experts with row-invariant numerics: each expert's rows go through GEMMs whose
-    row count is a multiple of `row_quantum`.
+    row count is a multiple of `row_quantum`. The weights are tensors or quantized weights
+    (dequantized here: only the active experts' on the loop path).
 
     Few experts active (decoding a small batch): a loop over them, F.linear on each one's rows
     (the other experts' weights are never read). Most experts active: one padded grid, E blocks
@@ -224,6 +239,7 @@ def experts_rows(x_TD, w13_EFD, w2_EDF, expert_idx_TK, gates_TK, row_quantum: in
     T, K = expert_idx_TK.shape
     E, D = w13_EFD.shape[0], x_TD.shape[1]
     n = w2_EDF.shape[-1]
+    dtype = x_TD.dtype
     if T == 0:
         return x_TD.new_zeros(0, D)
     expert_P = expert_idx_TK.reshape(-1)  # token-major pairs: pair p = t*K + k
@@ -244,10 +260,10 @@ def experts_rows(x_TD, w13_EFD, w2_EDF, expert_idx_TK, gates_TK, row_quantum: in
         pair_R[slot_P] = order_P
         tok_R = torch.where(pair_R == pad_pair, T, pair_R // K)
         x_EBD = x_ext_TD.index_select(0, tok_R).view(E, block, D)
-        h_EB2F = torch.bmm(x_EBD, w13_EFD.transpose(1, 2))
+        h_EB2F = torch.bmm(x_EBD, _weight(w13_EFD, dtype=dtype).transpose(1, 2))
         a_EBF = (_ew(F.silu, h_EB2F[..., :n]) * h_EB2F[..., n:]
                  * gates_ext_P.index_select(0, pair_R).view(E, block, 1))
-        y_RD = torch.bmm(a_EBF, w2_EDF.transpose(1, 2)).view(E * block, D)
+        y_RD = torch.bmm(a_EBF, _weight(w2_EDF, dtype=dtype).transpose(1, 2)).view(E * block, D)
         y_PD.index_copy_(0, order_P, y_RD.index_select(0, slot_P))
     else:
         offset = 0
@@ -259,9 +275,9 @@ def experts_rows(x_TD, w13_EFD, w2_EDF, expert_idx_TK, gates_TK, row_quantum: in
             c_pad = round_up(c, row_quantum)
             pairs_r = F.pad(pairs_c, (0, c_pad - c), value=pad_pair) if c_pad != c else pairs_c
             tok_r = torch.where(pairs_r == pad_pair, T, pairs_r // K)
-            h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), w13_EFD[e])
+            h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), _weight(w13_EFD, e, dtype))
             a_rF = _ew(F.silu, h_r2F[:, :n]) * h_r2F[:, n:] * gates_ext_P.index_select(0, pairs_r)[:, None]
-            y_PD.index_copy_(0, pairs_c, F.linear(a_rF, w2_EDF[e])[:c])
+            y_PD.index_copy_(0, pairs_c, F.linear(a_rF, _weight(w2_EDF, e, dtype))[:c])
     y_TKD = y_PD.view(T, K, D)
     out_TD = y_TKD[:, 0].clone()
     for k in range(1, K):
