@@ -25,7 +25,8 @@ from ..generate import _eos_token_ids
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit serve", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="moekit serve", description="OpenAI-compatible HTTP server for a checkpoint "
+                                "(continuous batching; see moekit.server and moekit.engine).")
     p.add_argument("--checkpoint", required=True, help="moekit checkpoint, training run dir or HF checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
