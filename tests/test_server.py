@@ -294,6 +294,10 @@ def test_error_statuses_and_the_server_keeps_serving(server, client):
     assert status == 404 and "error" in json.loads(data)
     status, _, data = raw(server, "GET", "/v1/completions")
     assert status == 405 and json.loads(data)["error"]["code"] == "method_not_allowed"
+    status, _, data = raw(server, "DELETE", "/v1/models")
+    assert status == 405 and json.loads(data)["error"]["code"] == "method_not_allowed"
+    status, _, data = raw(server, "POST", "/v1/embeddings", b'{"input": "x"}', {"Content-Type": "application/json"})
+    assert status == 404 and json.loads(data)["error"]["type"] == "invalid_request_error"
     # still serving
     assert client.completions.create(model=NAME, prompt="x", max_tokens=3, temperature=0).choices[0].text is not None
     assert metrics(server)['moekit_http_requests_total{path="/v1/completions",status="400"}'] >= 10

@@ -176,9 +176,12 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _dispatch(self, fn) -> None:
+        self._body_read = False
         try:
             fn()
         except ApiError as err:
+            if self.command not in ("GET", "HEAD") and not self._body_read:
+                self.close_connection = True  # an unread body would be taken for the next request
             self._send_error(err)
         except _DISCONNECTED:
             self.close_connection = True
@@ -192,6 +195,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._dispatch(self._post)
+
+    def _not_allowed(self):
+        raise ApiError(405, f"method {self.command} is not allowed here", code="method_not_allowed")
+
+    def do_PUT(self):
+        self._dispatch(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT
 
     def _get(self):
         path = urlsplit(self.path).path
@@ -228,6 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"the request body is {n} bytes; the limit is {MAX_BODY_BYTES}")
         raw = self.rfile.read(n)
+        self._body_read = True
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
