@@ -58,6 +58,22 @@ def timed(fn, repeats: int):
     return best, result
 
 
+def forward_ms(model, T: int, context: int, n: int = 100) -> float:
+    """ms of one cached forward of T new tokens after `context` cached ones (batch 1)."""
+    from moekit.model import KVCache
+
+    cache = KVCache.allocate(model.cfg, 1, context + T, model.embed.weight.dtype, model.embed.weight.device)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, T))
+    with torch.inference_mode():
+        model(torch.randint(0, model.cfg.vocab_size, (1, context)), cache=cache, start=0)
+        for _ in range(5):
+            model(tokens, cache=cache, start=context)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model(tokens, cache=cache, start=context)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/default")
@@ -121,7 +137,12 @@ def main(argv=None) -> int:
                 else:
                     print(f"  {mode} {name} gamma={gamma}: acc {row['acceptance_rate']:.2f}, "
                           f"{row['tokens_per_pass']:.2f} tok/pass, {row['speedup']:.2f}x", file=sys.stderr, flush=True)
+    costs = {f"target T={T}": forward_ms(target, T, args.prompt_len) for T in sorted({1, *(g + 1 for g in gammas)})}
+    for name, kw in proposers.items():
+        if "draft" in kw:
+            costs[f"{name} T=1"] = forward_ms(kw["draft"], 1, args.prompt_len)
     if args.json:
+        print(json.dumps({"forward_ms": costs}))
         return 0
     print(f"target {args.checkpoint} ({target.num_params() / 1e6:.2f}M params) | draft {args.draft or '-'} | "
           f"{args.prompts} prompts x {args.prompt_len} tokens of stdlib code, {args.new_tokens} new | torch "
@@ -135,6 +156,9 @@ def main(argv=None) -> int:
         eq = "-" if r["equal_to_plain"] is None else ("yes" if r["equal_to_plain"] else "no")
         print(f"{r['mode']} | {r['proposer']} | {r['gamma']} | {r['acceptance_rate']:.2f} | {r['tokens_per_pass']:.2f} | "
               f"{r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | {r['speedup']:.2f}x | {eq}")
+    print()
+    print("cost of one cached forward (batch 1, after the prompt), ms: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
     return 0
 
 
