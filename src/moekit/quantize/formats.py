@@ -31,6 +31,11 @@ contiguous bytes (a fused reduction then reads packed bytes and activations with
 Padding: when K is not a multiple of G, each row is zero-padded to Kp = ceil(K/G)*G before
 quantizing and the padding is cut off when dequantizing (it costs (Kp - K) stored values).
 
+Functions: `quantize` / `dequantize` (vectorised, no host syncs: they also run on meta),
+`fused_matvec` (x @ Wᵀ straight from the packed codes, for compiled decoding), and the plain
+per-group reference `reference_quantize_group` / `reference_dequantize_group` (Python floats
+rounded to float32 step by step; bytes in the layouts above) that tests compare against.
+
 Legend: K the quantized (last) dim, Kp K padded to the group, G group size, NB groups per row.
 """
 
