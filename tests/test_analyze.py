@@ -89,13 +89,15 @@ def test_decode_bound_worked_example():
     expected = 1.935e12 / (r["weight_bytes"] - r["weight_bytes_by_component"]["embedding"] + r["kv_bytes_per_token"])
     assert r["decode_bound"] == "memory" and r["decode_tokens_per_s"] == pytest.approx(expected, rel=1e-12)
     # int4 is about 0.5 byte per weight plus scales, not 1 byte
-    assert PRECISIONS["int4"].bits_per_weight(4096) == 4.125
+    assert PRECISIONS["int4"].bits_per_weight(4096) == 4.25
 
 
 def test_quant_formats_bits_per_weight():
     assert PRECISIONS["q8_0"].bits_per_weight() == 8.5 and PRECISIONS["q8_0"].matrix_bytes(1, 32) == 34
     assert PRECISIONS["q4_0"].bits_per_weight() == 4.5 and PRECISIONS["q4_0"].matrix_bytes(1, 32) == 18
-    assert PRECISIONS["int8"].bits_per_weight(4096) == 8 + 16 / 4096
+    assert PRECISIONS["int8"].bits_per_weight(4096) == 8 + 32 / 4096
+    for n in (32, 64, 128):
+        assert PRECISIONS[f"int4-g{n}"].bits_per_weight(4096) == 4 + 32 / n
     assert PRECISIONS["fp8"].matrix_bytes(128, 128) == 128 * 128 + 4
 
 
@@ -325,3 +327,15 @@ def test_cli_plot_writes_pngs(tmp_path, capsys):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.rsplit("/", 1)[1] for p in r["plots"]) == ["decode_vs_batch.png", "roofline.png"]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64", "int4-g128", "q8_0", "q4_0"])
+def test_weight_bytes_equal_what_moekit_quantize_stores(method):
+    """The analyzer's bytes for a format equal the bytes moekit.quantize really allocates (padding included)."""
+    from moekit.quantize import quantize_model, size_report
+
+    cfg = ModelConfig.preset("tiny", d_ff=96)
+    model = quantize_model(Transformer(cfg), method)
+    wb = analyze(from_model_config(cfg), weights=method)["weight_bytes_by_component"]
+    predicted = sum(wb[c] for c in ("attention", "dense_ffn", "experts", "shared_experts"))
+    assert predicted == size_report(model)["quantized_bytes"]
