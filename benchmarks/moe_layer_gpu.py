@@ -58,22 +58,18 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from moekit.analyze.catalog import SONICMOE_H100
+from moekit.bench.memory import saved_bytes
+
 # (T, d, n, E, K)
-SONIC_SHAPES: List[Tuple[int, int, int, int, int]] = [
-    (24576, 1536, 256, 128, 8),
-    (24576, 1536, 1024, 32, 2),
-    (32768, 4096, 1024, 64, 4),
-]
+SONIC_SHAPES: List[Tuple[int, int, int, int, int]] = list(SONICMOE_H100)
 SMOKE_SHAPES: List[Tuple[int, int, int, int, int]] = [(64, 32, 16, 8, 2), (48, 64, 32, 4, 4)]
 
-# published H100 figures (FACTS.md): fwd/bwd TFLOPS, peak activation GiB per layer
+# published H100 figures (FACTS.md, kept in moekit.analyze.catalog): fwd/bwd TFLOPS, peak activation GiB per layer
 PUBLISHED: Dict[Tuple[int, int, int, int, int], Dict[str, float]] = {
-    (24576, 1536, 256, 128, 8): dict(sonic_fwd=364, sonic_bwd=405, sonic_gib=0.61,
-                                     scatter_fwd=206, scatter_bwd=210, scatter_gib=1.19),
-    (24576, 1536, 1024, 32, 2): dict(sonic_fwd=465, sonic_bwd=467, sonic_gib=0.60,
-                                     scatter_fwd=264, scatter_bwd=281, scatter_gib=0.77),
-    (32768, 4096, 1024, 64, 4): dict(sonic_fwd=553, sonic_bwd=555, sonic_gib=2.46,
-                                     scatter_fwd=368, scatter_bwd=340, scatter_gib=3.46),
+    shape: dict(sonic_fwd=v["sonicmoe"][0], sonic_bwd=v["sonicmoe"][1], sonic_gib=v["sonicmoe"][2],
+                scatter_fwd=v["scattermoe"][0], scatter_bwd=v["scattermoe"][1], scatter_gib=v["scattermoe"][2])
+    for shape, v in SONICMOE_H100.items()
 }
 
 ALIGN_M = 16  # rows per expert group are padded to this for torch._grouped_mm (bf16 needs >= 8)
@@ -193,20 +189,11 @@ def peak_bytes(fn, args, dout, device) -> Optional[int]:
     return peak
 
 
-def saved_bytes(fn, args) -> int:
-    param_ptrs = {t.untyped_storage().data_ptr() for t in args[1:3]}
-    storages: Dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(*args)
+def saved_activation_bytes(fn, args) -> int:
+    """Bytes fn(*args) saves for backward, the weights args[1:3] excluded."""
+    nbytes, y = saved_bytes(lambda: fn(*args), params=args[1:3])
     del y
-    return sum(storages.values())
+    return nbytes
 
 
 def rel_err(a, b) -> float:
@@ -337,7 +324,7 @@ def main(argv=None) -> int:
                 fwd_ms, bwd_ms = time_fwd_bwd(fn, inputs, dout, iters, warmup, device)
                 row.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms,
                            fwd_tflops=fwd_flops / fwd_ms / 1e9, bwd_tflops=bwd_flops / bwd_ms / 1e9,
-                           peak_bytes=peak_bytes(fn, inputs, dout, device), saved_bytes=saved_bytes(fn, inputs))
+                           peak_bytes=peak_bytes(fn, inputs, dout, device), saved_bytes=saved_activation_bytes(fn, inputs))
             except (RuntimeError, NotImplementedError, ValueError) as err:  # e.g. an op missing on this build
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
             row.update({k: v for k, v in (PUBLISHED.get(shape) or {}).items()})

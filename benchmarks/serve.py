@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -284,31 +283,13 @@ def batch1_decode(model, prompt, new_tokens: int) -> dict:
     eng = max(engine_run() for _ in range(3))
     gen = max(generate_run() for _ in range(3))
     context = len(prompt) + new_tokens // 2
-    try:
-        from moekit.analyze import analyze_model, local_hardware
+    from moekit.analyze import analyze_model, local_hardware
 
-        hw = local_hardware()
-        bound = analyze_model(model.cfg, hardware=hw, weights="fp32", batch=1, context=context)["decode_tokens_per_s"]
-        how = (f"moekit.analyze.analyze_model(weights='fp32', batch=1, context={context}) on local_hardware() "
-               f"(measured read bandwidth {hw.bw / 1e9:.1f} GB/s)")
-    except ImportError:  # the analyzer not there yet: measured bandwidth / weight bytes touched per token
-        # TODO(analyzer): drop this fallback once moekit.analyze is always present
-        x = torch.ones(64 << 20, dtype=torch.float32)
-        best = min(_timed(x.sum) for _ in range(5))
-        bw = x.numel() * 4 / best
-        moe = model.cfg.moe
-        per_expert = 3 * moe.d_expert * moe.d_model
-        touched = model.num_params() - len(model.moe_layers()) * (moe.num_experts - moe.top_k) * per_expert
-        touched -= model.cfg.vocab_size * model.cfg.d_model  # the embedding: one row per token
-        bound = bw / (4 * touched)
-        how = f"measured read bandwidth {bw / 1e9:.1f} GB/s / fp32 weight bytes touched per token ({4 * touched / 1e6:.1f} MB)"
+    hw = local_hardware()
+    bound = analyze_model(model.cfg, hardware=hw, weights="fp32", batch=1, context=context)["decode_tokens_per_s"]
+    how = (f"moekit.analyze.analyze_model(weights='fp32', batch=1, context={context}) on local_hardware() "
+           f"(measured read bandwidth {hw.bw / 1e9:.1f} GB/s)")
     return dict(engine_tok_s=eng, generate_tok_s=gen, bound_tok_s=bound, bound_how=how, context=context)
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------- report

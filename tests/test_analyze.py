@@ -14,9 +14,8 @@ from moekit.analyze.cli import cli
 from moekit.analyze.estimate import activation_bytes_per_moe_layer, flops_by_component, forward_flops_per_token
 from moekit.analyze.params import params_by_component
 from moekit.analyze.precision import PRECISIONS
+from moekit.bench.memory import saved_bytes
 from moekit.moe.grouped import experts_grouped
-
-from test_memory_contract import saved_bytes
 
 REQUIRED_KEYS = ["params_total", "params_active", "params_by_component", "granularity", "sparsity",
                  "flops_per_token_forward", "flops_per_token_training", "kv_bytes_per_token", "weight_bytes",

@@ -8,23 +8,8 @@ import pytest
 import torch
 
 from moekit.moe import MoE, MoEConfig
+from moekit.bench.memory import saved_bytes
 from moekit.moe.grouped import experts_grouped
-
-
-def saved_bytes(fn, params=()):
-    """Bytes of distinct storages saved for backward by fn(), excluding parameter storages."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 @pytest.mark.parametrize("layout", ["compact", "padded", 40])

@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from moekit.bench.memory import saved_bytes
+
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CUDA present: the compiled kernels are tested in test_triton_gpu.py "
                 "(set TRITON_INTERPRET=1 to test the interpreter here)", allow_module_level=True)
@@ -212,22 +214,6 @@ def test_layer_matches_reference(router, extra):
 
 
 # ---------------------------------------------------------------- memory contract
-
-
-def saved_bytes(fn, params=()):
-    """Bytes of distinct storages saved for backward by fn(), excluding parameter storages."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 def test_saves_only_x_h_gates_and_indices():

@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from moekit.bench.memory import saved_bytes
+
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
@@ -102,21 +104,6 @@ def test_matches_reference_on_cuda(triton_fn, case, dtype):
         assert n.dtype == r.dtype, name
         e_new, e_ref = rel_err(n, r64), rel_err(r, r64)
         assert e_new <= 2 * e_ref + ATOL[dtype], f"{case} {name}: triton err {e_new:.2e} vs reference err {e_ref:.2e}"
-
-
-def saved_bytes(fn, params=()):
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 @pytest.mark.parametrize("T,D,F,E,K", [(4096, 1536, 256, 128, 8), (4096, 1024, 512, 32, 2)])

@@ -47,7 +47,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from ..config import MoEConfig
 from ..moe import MoE
 from ..runtime import tune_cpu_allocator
+from .memory import saved_bytes
 
 # (T, D, F, E, K)
 DEFAULT_SHAPES: List[Tuple[int, int, int, int, int]] = [
@@ -89,26 +90,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------- measurement
-def _saved_bytes(fwd: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor]):
-    """Run fwd(x) under saved_tensors_hooks; return (output, bytes saved for backward).
-
-    Each storage counts once; the parameters' storages are excluded.
-    """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    saved: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs and ptr not in saved:
-            saved[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fwd(x)
-    return y, sum(saved.values())
-
-
 def _measure(fwd, x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tensor], warmup: int, iters: int) -> dict:
     """Saved-for-backward bytes and median forward+backward time (ms) of fwd on x.
 
@@ -121,7 +102,7 @@ def _measure(fwd, x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tens
             p.grad = None
 
     clear_grads()
-    y, saved = _saved_bytes(fwd, x, params)
+    saved, y = saved_bytes(lambda: fwd(x), params)
     y.backward(dy)
     del y
     for _ in range(max(warmup - 1, 0)):

@@ -21,16 +21,16 @@ class ParamError(ValueError):
 
 
 class ContextLengthError(ParamError):
-    pass
+    """The prompt (plus max_tokens) does not fit the model's context window."""
 
 
 class KVBudgetError(ParamError):
-    pass
+    """The request needs more KV cache than the whole budget: it can never be admitted."""
 
 
 class QueueFullError(RuntimeError):
-    pass
+    """`max_queue` requests are already waiting for admission (the server answers 429)."""
 
 
 class EngineStoppedError(RuntimeError):
-    pass
+    """The engine was stopped; it accepts no more requests."""
