@@ -42,18 +42,10 @@ from typing import List
 
 import torch
 
-from moekit import ModelConfig, MoEConfig, Transformer
+from moekit import Transformer
+from common import bench_config
 from moekit.generate import generate
 from moekit.runtime import tune_cpu_allocator
-
-
-def bench_config() -> ModelConfig:
-    """The `small` preset's shape with a Qwen3-MoE-representable MoE layer (see the docstring)."""
-    small = ModelConfig.preset("small")
-    m = small.moe
-    moe = MoEConfig(d_model=m.d_model, d_expert=m.d_expert, num_experts=m.num_experts, top_k=m.top_k,
-                    router="softmax_topk", norm_topk_prob=True, num_shared_experts=0)
-    return small.replace(name="small-qwen3moe", moe=moe, first_k_dense=0)
 
 
 def build_models(seed: int, tmpdir: str):

@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import git_commit
 from moekit import load_model
 from moekit.data import cached_shards, default_corpus_files, split_files, TokenWindows
 from moekit.generate import generate
@@ -63,14 +63,6 @@ def decode_speed(model, prompt, new_tokens: int, repeats: int, compile: bool):
         del t0
         best = min(best, stamps[-1] - stamps[0])
     return (len(stamps) - 1) / best, tokens
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -58,22 +58,14 @@ from typing import List
 
 import torch
 
-from moekit import ModelConfig, MoEConfig, Transformer, save_model
+from common import bench_config, git_commit
+from moekit import Transformer, save_model
 from moekit.generate import generate
 from moekit.runtime import tune_cpu_allocator
 
 MAX_BATCH = 64
 N_PROMPTS = 64
 HF_SEQUENTIAL = 8
-
-
-def bench_config() -> ModelConfig:
-    """The `small` preset's shape with a Qwen3-MoE-representable MoE layer (as benchmarks/decode.py)."""
-    small = ModelConfig.preset("small")
-    m = small.moe
-    moe = MoEConfig(d_model=m.d_model, d_expert=m.d_expert, num_experts=m.num_experts, top_k=m.top_k,
-                    router="softmax_topk", norm_topk_prob=True, num_shared_experts=0)
-    return small.replace(name="small-qwen3moe", moe=moe, first_k_dense=0)
 
 
 def build_checkpoints(tmp: Path, seed: int):
@@ -323,7 +315,7 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        sha = git_commit()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/serve.py"]).returncode
         return sha + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

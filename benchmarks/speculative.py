@@ -27,26 +27,18 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import git_commit
 from moekit import load_model
 from moekit.data import TokenWindows, cached_shards, default_corpus_files, split_files
 from moekit.generate import generate
 from moekit.quantize import quantize_model
 from moekit.speculative import speculative_generate
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, repeats: int):
