@@ -142,7 +142,7 @@ def test_token_rounding_backends_agree():
 @pytest.mark.parametrize("T", [1, 3])
 def test_inference_gathered_weight_path_matches_reference(dtype, T):
     """Few tokens without autograd take the gathered-weights path: same output as the reference."""
-    from moekit.moe.decode import experts_gathered_weights, use_gathered_weights
+    from moekit.moe.gathered import experts_gathered, use_gathered
     from moekit.moe.reference import experts_reference
 
     E, K, D, F = 16, 4, 24, 10
@@ -152,10 +152,10 @@ def test_inference_gathered_weight_path_matches_reference(dtype, T):
     exp = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).reshape(-1)
     gates = torch.rand(T * K)
     with torch.no_grad():
-        assert use_gathered_weights(x, T * K, E)
+        assert use_gathered(T * K, E)
         ref = experts_reference(x.double(), w13.double(), w2.double(), gates.double(), tok, exp)
         lo = experts_reference(x, w13, w2, gates, tok, exp)
-        got = experts_gathered_weights(x, w13, w2, gates, tok, exp)
-    assert not use_gathered_weights(x, T * K, E)  # with autograd on, training takes the grouped path
+        got = experts_gathered(x, w13, w2, gates, tok, exp)
+    assert not use_gathered(T * K, E)  # with autograd on, training takes the grouped path
     err = lambda a: ((a.double() - ref).abs().max() / ref.abs().max()).item()
     assert err(got) <= 2 * err(lo) + (1e-2 if dtype == torch.bfloat16 else 1e-6)

@@ -473,3 +473,87 @@ def test_real_model_parameter_counts_match_transformers(preset):
         ours = Transformer(ModelConfig.preset(preset))
     assert ours.num_params() == sum(p.numel() for p in hf_model.parameters())
     assert _fields(config_from_hf(PUBLISHED[preset]), preset) == _fields(ModelConfig.preset(preset), preset)
+
+
+# ------------------------------------------------------------------ the architecture registry
+@pytest.fixture
+def toy_spec():
+    """A made-up architecture registered for one test: qwen3_moe's config with its own
+    model_type and tensor names (Mixtral-style expert names under a "moe." block)."""
+    from moekit.hf import SPECS, register
+    from moekit.hf.qwen3_moe import Qwen3MoeSpec
+
+    class ToyMoeSpec(Qwen3MoeSpec):
+        model_type = "toy_moe"
+        architecture = "ToyMoeForCausalLM"
+        infer_rank = None  # written only when asked for
+        expert_names = ("w1", "w3", "w2")
+
+        def moe_module(self, layout):
+            return "moe."
+
+    spec = register(ToyMoeSpec())
+    yield spec
+    SPECS.pop(spec.model_type)
+
+
+def test_registered_spec_is_used_by_load_save_convert_and_analyze(toy_spec, tmp_path):
+    from moekit.analyze import analyze, from_hf_config
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=24,
+                      qk_norm="head", first_k_dense=1, moe=MoEConfig(d_model=32, d_expert=8, num_experts=4, top_k=2))
+    model = Transformer(cfg).eval()
+    _randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    assert infer_model_type(cfg) == "qwen3_moe"  # infer_rank None: never chosen unasked
+    for layout in ("per_expert", "fused"):
+        out = save_hf(model, tmp_path / layout, model_type="toy_moe", layout=layout)
+        config = json.loads((out / "config.json").read_text())
+        assert (config["model_type"], config["architectures"]) == ("toy_moe", ["ToyMoeForCausalLM"])
+        keys = _keys(out)
+        assert "model.layers.1.moe.gate.weight" in keys and not any(".mlp.experts" in k for k in keys)
+        if layout == "per_expert":
+            assert "model.layers.1.moe.experts.3.w3.weight" in keys
+        loaded = load_hf(out)
+        assert loaded.cfg.name == "toy_moe" and [loaded.cfg.is_dense_layer(i) for i in range(2)] == [True, False]
+        with torch.no_grad():
+            assert _max_diff(loaded(ids), ref) <= ATOL
+        assert analyze(from_hf_config(config))["params_total"] == model.num_params()
+    # the convert CLI offers it and converts to and from it
+    assert cli([str(tmp_path / "per_expert"), str(tmp_path / "qwen"), "--model-type", "qwen3_moe"]) == 0
+    assert cli([str(tmp_path / "qwen"), str(tmp_path / "toy"), "--model-type", "toy_moe", "--layout", "fused"]) == 0
+    with torch.no_grad():
+        assert _max_diff(load_hf(tmp_path / "toy")(ids), ref) <= ATOL
+    # what it cannot hold is refused in its own terms
+    with pytest.raises(ValueError, match="cannot save this model as toy_moe: .*qk_norm=None"):
+        save_hf(_tiny_model(), tmp_path / "bad", model_type="toy_moe")
+
+
+def test_unregistered_types_list_the_registry(toy_spec, tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, toy_moe$"):
+        save_hf(_tiny_model(), tmp_path, model_type="nope")
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'"):  # analysis only
+        config_from_hf({"model_type": "gpt2"})
+
+
+def test_no_model_type_comparisons_outside_spec_files():
+    """Architecture facts live in the spec files: generic code looks specs up, never compares names."""
+    import re
+    import sys
+    from pathlib import Path
+
+    import moekit
+    from moekit.hf import SPECS
+
+    src = Path(moekit.__file__).parent
+    spec_files = {Path(sys.modules[type(s).__module__].__file__) for s in SPECS.values()} | {src / "hf" / "spec.py"}
+    names = "|".join(SPECS)
+    pattern = re.compile(rf"\b(model_type|mt)\s*(==|!=)|\b(model_type|mt)\s+(not\s+)?in\s*[(\[{{]"
+                         rf"|(==|!=)\s*[\"']({names})[\"']")
+    offenders = [f"{path.relative_to(src)}:{n}: {line.strip()}"
+                 for path in sorted(src.rglob("*.py")) if path not in spec_files
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
+    assert not (src / "hf.py").exists()

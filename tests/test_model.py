@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from moekit import ModelConfig, MoEConfig, Transformer
-from moekit.model import KVCache
 
 
 def test_logits_are_causal():
@@ -24,7 +23,7 @@ def test_kv_cache_decoding_equals_full_forward(preset):
     tok = torch.randint(0, model.cfg.vocab_size, (3, 15))
     with torch.no_grad():
         full = model(tok)
-        cache = KVCache.allocate(model.cfg, 3, 20, torch.float32, "cpu")
+        cache = model.new_cache(3, 20)
         steps = [model(tok[:, :9], cache=cache, start=0)]
         steps += [model(tok[:, i:i + 1], cache=cache, start=i) for i in range(9, 15)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)

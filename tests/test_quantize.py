@@ -14,7 +14,11 @@ from moekit import ModelConfig, MoEConfig, Transformer, load_model, save_model
 from moekit import generate as gen_mod
 from moekit.generate import generate
 from moekit.quantize import METHODS, formats, model_bytes, quantize_model, quantized_bytes, size_report
-from moekit.quantize.modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
+from moekit.moe import MoE
+from moekit.moe.experts import Experts
+from moekit.moe.ffn import SwiGLU
+from moekit.moe.router import topk_routing
+from moekit.quantize.modules import QuantizedLinear, QuantizedWeight
 
 F32 = np.float32
 
@@ -147,7 +151,7 @@ def test_scales_keep_their_bits_under_model_to():
     scale, q = qw.scale.clone(), qw.qweight.clone()
     qw.to(torch.bfloat16)
     assert qw.dtype == torch.bfloat16 and torch.equal(qw.scale, scale) and torch.equal(qw.qweight, q)
-    assert qw.dequantize().dtype == torch.bfloat16
+    assert qw.dense().dtype == torch.bfloat16
 
 
 def test_quantize_runs_on_meta():
@@ -189,8 +193,9 @@ def test_quantized_logits_close_to_float(method, tol):
 def test_what_is_quantized_and_what_stays_float():
     model = quantize_model(tiny_model(n_layers=3, first_k_dense=1), "int8")
     dense, moe = model.layers[0], model.layers[1]
-    assert isinstance(dense.ffn, QuantizedSwiGLU)
-    assert isinstance(moe.ffn, QuantizedMoE) and isinstance(moe.ffn.experts, QuantizedExperts)
+    assert isinstance(dense.ffn, SwiGLU) and isinstance(dense.ffn.w13, QuantizedWeight)  # weights transformed,
+    assert isinstance(moe.ffn, MoE) and isinstance(moe.ffn.experts, Experts)  # modules kept
+    assert isinstance(moe.ffn.experts.w13, QuantizedWeight) and isinstance(moe.ffn.experts.w2, QuantizedWeight)
     assert moe.ffn.experts.w13.shape == (8, 64, 64) and moe.ffn in model.moe_layers()
     for block in model.layers:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -222,7 +227,7 @@ def test_quantized_generate_eager_and_static_step_agree(method, monkeypatch):
 
 
 def test_static_step_dense_expert_path():
-    """T*K > E in the static step: every expert dequantized (QuantizedWeight.transpose)."""
+    """T*K > E in the static step: every expert dequantized (the dense expert path)."""
     moe = MoEConfig(d_model=64, d_expert=32, num_experts=4, top_k=3)
     qmodel = quantize_model(tiny_model(moe=moe), "int4-g32")
     eager = generate(qmodel, [[1, 2, 3], [4, 5]], max_new_tokens=5)
@@ -235,19 +240,19 @@ def test_few_tokens_dequantize_only_the_touched_experts():
     qmodel = quantize_model(tiny_model(), "q4_0")
     experts = qmodel.layers[0].ffn.experts
     seen = []
-    original = experts.w13.dequantize
+    original = experts.w13.dense
 
     def spy(index=None, dtype=None):
         seen.append(None if index is None else index.tolist())
         return original(index, dtype)
 
-    experts.w13.dequantize = spy
+    experts.w13.dense = spy
     x = torch.randn(1, 64)
-    gates, tok, exp = torch.tensor([0.7, 0.3]), torch.tensor([0, 0]), torch.tensor([5, 2])
+    gates, exp = torch.tensor([[0.7, 0.3]]), torch.tensor([[5, 2]])
     with torch.no_grad():
-        y_fast = experts(x, gates, tok, exp)
+        y_fast = experts(x, topk_routing(None, exp, gates, None))
     assert seen == [[5, 2]]
-    w13, w2 = original(), experts.w2.dequantize()
+    w13, w2 = original(), experts.w2.dense()
     n = 32
     y_ref = torch.zeros_like(x)
     for g, e in zip(gates.tolist(), exp.tolist()):
@@ -257,7 +262,7 @@ def test_few_tokens_dequantize_only_the_touched_experts():
     with torch.no_grad():  # many tokens: all experts once, through the grouped backend
         seen.clear()
         x = torch.randn(12, 64)
-        experts(x, torch.rand(24), torch.arange(12).repeat_interleave(2), torch.randint(0, 8, (24,)))
+        experts(x, topk_routing(None, torch.randint(0, 8, (12, 2)), torch.rand(12, 2), None))
     assert seen == [None]
 
 
@@ -267,7 +272,7 @@ def test_padding_when_the_group_does_not_divide_the_dim():
         qmodel = quantize_model(copy.deepcopy(model), method)
         w2 = qmodel.layers[0].ffn.experts.w2
         assert w2.shape == (8, 64, 32) and w2.qweight.shape == (8, 64, formats.get_format(method).group // 2)
-        assert w2.dequantize().shape == (8, 64, 32)
+        assert w2.dense().shape == (8, 64, 32)
         assert logits_error(model, qmodel) < 0.2
 
 

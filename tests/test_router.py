@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from moekit.moe import MoE, MoEConfig
-from moekit.moe.router import Router, balanced_hash_table
+from moekit.moe.router import balanced_hash_table, build_router
 
 
 def identity_router(**kw):
     """A router whose logits equal its input (d_model = num_experts, weight = I)."""
     E = kw["num_experts"]
     cfg = MoEConfig(d_model=E, d_expert=4, **kw)
-    r = Router(cfg).double()
+    r = build_router(cfg).double()
     with torch.no_grad():
         r.weight.copy_(torch.eye(E))
     return r

@@ -56,15 +56,13 @@ def test_static_step_gives_eager_greedy_tokens(name, eager_static_step):
 
 def test_static_step_logits_match_eager_forward():
     model = make_model(**CONFIGS["sigmoid_groups_dense_first"])
-    from moekit.model import KVCache
-
     tok = torch.randint(0, 512, (2, 9))
     with torch.inference_mode():
         full = model(tok)[:, -1]
-        cache = KVCache.allocate(model.cfg, 2, 16, torch.float32, "cpu")
+        cache = model.new_cache(2, 16)
         model(tok[:, :8], cache=cache, start=0)
-        step = model.decode_step(tok[:, 8:], torch.full((2, 1), 8), torch.tensor([8]),
-                                 torch.ones(2, 16, dtype=torch.bool), cache.k, cache.v)
+        step = model.decode_step(tok[:, 8:], torch.full((2, 1), 8), torch.tensor([8, 8]),
+                                 torch.ones(2, 16, dtype=torch.bool), cache)
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 

@@ -1,7 +1,8 @@
 """moekit: train, analyze and serve fine-grained Mixture-of-Experts language models."""
 
-from .checkpoint import load_model, save_model
+from .checkpoint import save_model
 from .config import ModelConfig, MoEConfig
+from .loading import load_model
 from .model import Transformer
 
 __version__ = "0.1.0"

@@ -9,11 +9,10 @@ A moekit checkpoint is a directory:
                          model.safetensors then holds the packed buffers (see moekit/quantize)
 
     save_model(model, "ckpt")            # atomic: written to a temp dir beside "ckpt", then renamed
-    model = load_model("ckpt")           # a moekit checkpoint ...
-    model = load_model("runs/x")         # ... a training run directory holding checkpoint/ ...
-    model = load_model("hf_dir")         # ... or an HF checkpoint (config.json), via moekit.hf.load_hf
+    model = load_moekit("ckpt")
+    (`moekit.load_model`, in loading.py, also reads run directories and HF checkpoints)
 
-`load_model` attaches `model.tokenizer` (a `tokenizers.Tokenizer`, or None when the
+`load_moekit` attaches `model.tokenizer` (a `tokenizers.Tokenizer`, or None when the
 checkpoint has no tokenizer.json or the `tokenizers` package is missing).
 safetensors and tokenizers are imported only when a function needs them.
 """
@@ -30,7 +29,9 @@ from typing import Optional, Union
 import torch
 
 from .config import ModelConfig
-from .model import Transformer, rope_inv_freq
+from .model import Transformer
+from .moe.config import RUNTIME_FIELDS
+from .quantize import quantize_model
 
 CONFIG_FILE = "moekit_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -139,6 +140,8 @@ def read_config(path: PathLike) -> ModelConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{str(file)!r} has unknown ModelConfig fields {unknown} (written by a newer moekit?)")
+    if isinstance(data.get("moe"), dict):  # older checkpoints saved the expert backend: a runtime setting
+        data["moe"] = {k: v for k, v in data["moe"].items() if k not in RUNTIME_FIELDS}
     return ModelConfig.from_dict(data)
 
 
@@ -160,8 +163,6 @@ def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
         if quant is not None:  # rebuild the quantized modules (on meta) before adopting the stored buffers
-            from .quantize import quantize_model
-
             quantize_model(model, **quant)
     param_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if dtype is not None:
@@ -179,34 +180,9 @@ def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # non-persistent buffers are not in the file
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.inv_freq = model.rope_inv_freq().to(device)
     leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise ValueError(f"tensors not restored from {str(weights)!r}: {leftover[:8]}")
     model.tokenizer = load_tokenizer(path)
     return model.eval()
-
-
-def load_model(path: PathLike, dtype=None, device="cpu") -> Transformer:
-    """Load a moekit checkpoint, a training run directory (path/checkpoint) or an HF checkpoint.
-
-    The returned model is in eval mode and has `model.tokenizer` set (or None).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint path {str(path)!r} is not a directory")
-    if (path / CONFIG_FILE).is_file():
-        return load_moekit(path, dtype=dtype, device=device)
-    if (path / "config.json").is_file() and not (path / "checkpoint").is_dir():
-        from .hf import load_hf
-
-        model = load_hf(path, dtype=dtype, device=device)
-        if not hasattr(model, "tokenizer"):
-            model.tokenizer = load_tokenizer(path)
-        return model.eval()
-    if (path / "checkpoint").is_dir():
-        return load_model(path / "checkpoint", dtype=dtype, device=device)
-    raise ValueError(
-        f"{str(path)!r} is not a checkpoint: expected {CONFIG_FILE} (moekit), config.json (HF) "
-        f"or a checkpoint/ subdirectory (a training run)"
-    )

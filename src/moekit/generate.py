@@ -33,13 +33,12 @@ last token, so its leading tokens have already been streamed by then; the
 returned lists never contain them.
 
 Compiled decoding (`compile=True`): the prompt is still prefilled eagerly, but every
-decode step runs `Transformer.decode_step` -- the same model with static shapes (the
-new k/v are written with `index_copy_` at a slot tensor, attention covers the whole
-preallocated cache under a mask, MoE routes K experts per token without host syncs)
--- through `torch.compile(fullgraph=True, dynamic=False)`. The compiled step is cached
-on the model (`model._compiled_decode_step`): the first call compiles (about 11 s for the
-small model on a 2-core CPU, a few s with a warm inductor cache), and so does each
-new batch size or cache length. To keep the
+decode step runs `Transformer.decode_step` -- the one forward with a static plan (each
+row's new k/v written at a slot tensor, attention over the whole preallocated cache under
+a mask, MoE routing K experts per token without host syncs) -- through
+`torch.compile(fullgraph=True, dynamic=False)`. The compiled step is cached on the model
+(`model._compiled_decode_step`): the first call compiles (tens of seconds on a 2-core
+CPU, less with a warm inductor cache), and so does each new batch size or cache length. To keep the
 cache length from changing with every prompt, the cache is allocated for S rounded
 up to a power of two (at least 64, at most max_seq_len). Greedy tokens equal the
 eager path's (logits agree to float rounding). Not for MoE layers with
@@ -58,7 +57,6 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .model import KVCache
 
 PAD_ID = 0  # any valid id; pad slots are masked out of attention and never sampled from
 
@@ -261,11 +259,10 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
     if step_fn is not None:
         # static decoding: a bucketed cache length (fewer recompiles) and a mask tensor in every case
         S_static = min(max(64, 1 << (S - 1).bit_length()), cfg.max_seq_len)
-        static_key_mask_BS = torch.arange(S_static, device=device)[None, :] >= (P - lens_B)[:, None]
-        hash_limit = min([m.cfg.hash_vocab_size for m in model.moe_layers() if m.cfg.router == "hash"],
-                         default=cfg.vocab_size)
+        static_valid_BS = torch.arange(S_static, device=device)[None, :] >= (P - lens_B)[:, None]
+        token_limit = model.token_limit
         S = S_static
-    cache = KVCache.allocate(cfg, B, S, dtype, device)
+    cache = model.new_cache(B, S, dtype, device)
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
     logits_BV = model(tokens_BP, positions_BT=positions_BP, cache=cache, start=0, key_mask_BS=key_mask_BS)[:, -1]
@@ -300,10 +297,11 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
             logits_BV = model(next_B[:, None], positions_BT=positions_B1, cache=cache, start=P + step,
                               key_mask_BS=key_mask_BS)[:, -1]
         else:  # the static step skips input checks: a hash router's table must cover the fed ids
-            if max(t for t, d in zip(next_ids, done) if not d) >= hash_limit:
-                raise ValueError(f"token_ids must lie in [0, hash_vocab_size={hash_limit})")
-            slot_1 = torch.full((1,), P + step, dtype=torch.long, device=device)
-            logits_BV = step_fn(next_B[:, None], positions_B1, slot_1, static_key_mask_BS, cache.k, cache.v)
+            if max(t for t, d in zip(next_ids, done) if not d) >= token_limit:
+                raise ValueError(f"token ids must lie in [0, {token_limit}): the model routes by token id "
+                                 f"(a hash router with hash_vocab_size={token_limit})")
+            slots_B = torch.full((B,), P + step, dtype=torch.long, device=device)
+            logits_BV = step_fn(next_B[:, None], positions_B1, slots_B, static_valid_BS, cache)
     return out
 
 
@@ -425,7 +423,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
         if args.prompt is not None and args.prompt_ids is not None:
             raise ValueError("give either --prompt or --prompt-ids, not both")
-        from .checkpoint import load_model
+        from .loading import load_model
 
         if args.draft is not None and args.speculative is not None:
             raise ValueError("give either --draft DIR or --speculative ngram, not both")

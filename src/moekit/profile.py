@@ -132,7 +132,6 @@ def run_profile(model, mode: str = "train", steps: int = 3, batch: int = 4, seq:
     g = torch.Generator().manual_seed(seed)
     tokens_BT = torch.randint(0, model.cfg.vocab_size, (batch, seq + 1), generator=g).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    from .model import KVCache
 
     if mode == "train":
         model.train()
@@ -143,7 +142,7 @@ def run_profile(model, mode: str = "train", steps: int = 3, batch: int = 4, seq:
         tokens_per_step = batch * seq
     else:
         model.eval()
-        cache = KVCache.allocate(model.cfg, batch, seq + steps + 1, next(model.parameters()).dtype, device)
+        cache = model.new_cache(batch, seq + steps + 1, next(model.parameters()).dtype, device)
         with torch.no_grad():
             model(tokens_BT[:, :seq], cache=cache, start=0)
 
@@ -209,7 +208,7 @@ def _load(model_arg: str, device: str):
         torch.manual_seed(0)
         return Transformer(cfg).to(device)
     if Path(model_arg).is_dir():
-        from .checkpoint import load_model
+        from .loading import load_model
 
         return load_model(model_arg, device=device)
     raise ValueError(f"unknown model {model_arg!r}: give a preset ({', '.join(sorted(MODEL_PRESETS))}) "

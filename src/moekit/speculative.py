@@ -50,7 +50,6 @@ import torch
 
 from .generate import (StopSpec, _check_sampling, _ends_with_stop, _normalise_prompts, _normalise_stops,
                        top_k_filter, top_p_filter)
-from .model import KVCache
 
 
 @dataclass
@@ -205,7 +204,7 @@ class _Cached:
     def __init__(self, model, slots: int):
         weight = model.embed.weight
         self.model, self.device = model, weight.device
-        self.cache = KVCache.allocate(model.cfg, 1, slots, weight.dtype, weight.device)
+        self.cache = model.new_cache(1, slots)
         self.length = 0
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """A model's shape, as the analyzer needs it: `Arch` (attention, per-layer FFN, embeddings).
 
 Built from a moekit `ModelConfig` (presets, run directories, checkpoints), an HF
-`config.json` dict (qwen3_moe, mixtral, qwen2_moe, olmoe, deepseek_v3 with MLA,
-llama, gpt2 = the GPT-3-style dense layout), or a bare MoE layer `d,n,E,K`.
+`config.json` dict (any model_type registered in `moekit.hf`: qwen3_moe, mixtral,
+qwen2_moe, olmoe, deepseek_v3 with MLA, llama, gpt2 = the GPT-3-style dense layout), or a
+bare MoE layer `d,n,E,K`.
 
 Notation (FACTS.md): d = d_model, n = d_expert, E experts, K active, L layers,
 V vocab, h heads, h_kv KV heads, d_h head dim.
@@ -10,10 +11,11 @@ V vocab, h heads, h_kv KV heads, d_h head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 from ..config import ModelConfig
+from ..hf.spec import get_spec
 
 
 @dataclass(frozen=True)
@@ -106,97 +108,15 @@ def from_layer(d: int, n: int, E: int, K: int, name: str = "") -> Arch:
 
 
 # ------------------------------------------------------------------ HF config.json
-HF_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "llama", "gpt2")
-
-
-def _need(hf: dict, *keys: str) -> list:
-    missing = [k for k in keys if hf.get(k) is None]
-    if missing:
-        raise ValueError(f"config.json ({hf.get('model_type')}) is missing required fields: {', '.join(missing)}")
-    return [hf[k] for k in keys]
-
-
-def _dense_layers_qwen(hf: dict, L: int) -> set:
-    step = hf.get("decoder_sparse_step", 1) or 1
-    only = set(hf.get("mlp_only_layers") or [])
-    return {i for i in range(L) if i in only or (i + 1) % step != 0}
-
-
-REQUIRED = {
-    "qwen3_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
-    "qwen2_moe": ("moe_intermediate_size", "num_experts", "num_experts_per_tok"),
-    "mixtral": ("intermediate_size", "num_local_experts", "num_experts_per_tok"),
-    "olmoe": ("intermediate_size", "num_experts", "num_experts_per_tok"),
-    "llama": ("intermediate_size",),
-    "deepseek_v3": ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "moe_intermediate_size",
-                    "n_routed_experts", "num_experts_per_tok", "intermediate_size"),
-}
-COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-
-
 def from_hf_config(hf: dict, name: str = "") -> Arch:
-    mt = hf.get("model_type")
-    if mt not in HF_TYPES:
-        raise ValueError(f"cannot analyze model_type {mt!r}; supported: {', '.join(HF_TYPES)}")
-    if mt != "gpt2":
-        _need(hf, *COMMON, *REQUIRED[mt])  # report every missing field at once
-    name = name or hf.get("_name_or_path") or mt
-    if mt == "gpt2":
-        return _from_gpt2(hf, name)
-    V, d, L, h = _need(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-    h_kv = hf.get("num_key_value_heads") or h
-    d_h = hf.get("head_dim") or d // h
-    tie = bool(hf.get("tie_word_embeddings", False))
-    notes: list = []
-    if mt == "deepseek_v3":
-        return _from_deepseek_v3(hf, name, V, d, L, h, tie)
-    qk_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(mt)
-    qkv_bias = mt == "qwen2_moe" or bool(hf.get("attention_bias", False) if mt in ("llama",) else False)
-    attn = Attention("mha", h, h_kv, d_h, qkv_bias=qkv_bias, out_bias=bool(mt == "llama" and hf.get("attention_bias")),
-                     qk_norm=qk_norm)
-    if mt == "llama":
-        (d_ff,) = _need(hf, "intermediate_size")
-        if hf.get("mlp_bias"):
-            notes.append("mlp_bias is counted as dense_ffn parameters")
-        ffns = [FFN("dense", d_ff=d_ff, bias=bool(hf.get("mlp_bias")))] * L
-    elif mt == "mixtral":
-        n, E, K = _need(hf, "intermediate_size", "num_local_experts", "num_experts_per_tok")
-        ffns = [FFN("moe", num_experts=E, top_k=K, d_expert=n)] * L
-    elif mt == "olmoe":
-        n, E, K = _need(hf, "intermediate_size", "num_experts", "num_experts_per_tok")
-        ffns = [FFN("moe", num_experts=E, top_k=K, d_expert=n)] * L
-    else:  # qwen3_moe, qwen2_moe
-        n, E, K = _need(hf, "moe_intermediate_size", "num_experts", "num_experts_per_tok")
-        d_ff = hf.get("intermediate_size") or 0
-        shared = hf.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0
-        dense = _dense_layers_qwen(hf, L)
-        if dense and not d_ff:
-            raise ValueError(f"config.json ({mt}) has dense layers {sorted(dense)} but no intermediate_size")
-        moe = FFN("moe", num_experts=E, top_k=K, d_expert=n, d_shared=shared or 0, shared_gate=bool(shared))
-        ffns = [FFN("dense", d_ff=d_ff) if i in dense else moe for i in range(L)]
-    return Arch(name, d, V, attn, tuple(ffns), tie_embeddings=tie, max_seq_len=hf.get("max_position_embeddings", 4096),
-                dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"), notes=tuple(notes))
-
-
-def _from_deepseek_v3(hf: dict, name, V, d, L, h, tie) -> Arch:
-    kv_rank, rope, nope, v_dim = _need(hf, "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-    n, E, K, d_ff = _need(hf, "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "intermediate_size")
-    attn = Attention("mla", h, h, nope + rope, qkv_bias=bool(hf.get("attention_bias")), q_lora_rank=hf.get("q_lora_rank"),
-                     kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v_dim)
-    first_dense = hf.get("first_k_dense_replace", 0)
-    n_shared = hf.get("n_shared_experts") or 0
-    moe = FFN("moe", num_experts=E, top_k=K, d_expert=n, d_shared=n_shared * n)
-    ffns = [FFN("dense", d_ff=d_ff) if i < first_dense else moe for i in range(L)]
-    notes = ("MLA: KV cache holds the compressed latent (kv_lora_rank + qk_rope_head_dim per layer), as DeepSeek/vLLM cache it",
-             "the multi-token-prediction (MTP) module is not counted (HF transformers does not build it)")
-    return Arch(name, d, V, attn, tuple(ffns), tie_embeddings=tie, max_seq_len=hf.get("max_position_embeddings", 4096),
-                dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"), notes=notes)
-
-
-def _from_gpt2(hf: dict, name: str) -> Arch:
-    V, d, L, h, n_pos = _need(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
-    d_ff = hf.get("n_inner") or 4 * d
-    attn = Attention("mha", h, h, d // h, qkv_bias=True, out_bias=True)
-    ffns = (FFN("dense", d_ff=d_ff, activation="gelu", bias=True),) * L
-    return Arch(name, d, V, attn, ffns, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
-                n_positions=n_pos, max_seq_len=n_pos, dtype=str(hf.get("torch_dtype") or "float16"))
+    """The `Arch` of an HF config.json dict, read by the architecture's `moekit.hf` spec:
+    config.json -> ModelConfig -> `from_model_config` for the types moekit loads (values that
+    only change the numbers, such as an unsupported RoPE type, are ignored), the spec's own
+    `to_arch` for the analysis-only ones (deepseek_v3, llama, gpt2)."""
+    spec = get_spec(hf.get("model_type"), loadable=False)
+    name = name or hf.get("_name_or_path") or spec.model_type
+    if not spec.loadable:
+        return spec.to_arch(hf, name)
+    parsed = spec.parse_config(hf, strict=False)
+    return replace(from_model_config(parsed.cfg), name=name, max_seq_len=parsed.max_positions,
+                   dtype=parsed.hf_dtype or "bfloat16", notes=())

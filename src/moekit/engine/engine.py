@@ -9,6 +9,9 @@
     handle.cancel()                      # frees its KV reservation at the next step boundary
     engine.metrics(); engine.stop()
 
+`compile=True` runs the decode steps through torch.compile (one compilation, dynamic batch
+and cache length; see forward.py); the first decode step pays for it.
+
 Without `start()` the engine runs synchronously: `handle.result()`, iteration and
 `engine.generate(...)` drive `engine.step()` themselves (handy in scripts and tests).
 
@@ -38,7 +41,9 @@ import torch
 
 from ..generate import _ends_with_stop
 from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
-from .forward import ROW_QUANTUM, ragged_forward, rope_table
+from ..numerics import Numerics
+from ..rope import rope_table
+from .forward import DecodeStep, bucket_rows, prefill_forward
 from .kv import KVBudget, parse_budget
 from .metrics import EngineMetrics
 from .params import Completion, Event, SamplingParams, stop_sequences
@@ -116,7 +121,7 @@ class RequestHandle:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
-                 eos_token_ids: Sequence[int] = (), row_quantum: int = ROW_QUANTUM):
+                 eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
@@ -132,12 +137,13 @@ class Engine:
         weight = model.embed.weight
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        self.row_quantum = row_quantum
+        self.numerics = Numerics(row_quantum=row_quantum, invariant_elementwise=True)
         with torch.no_grad():
-            self._rope = rope_table(model, self.dtype)
+            self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, cfg, self.dtype)
-        self.kv = KVBudget(cfg, budget, self.dtype, self.device)
+        self.kv = KVBudget(model, bucket_rows(max_batch, row_quantum), budget, self.dtype, self.device)
+        self.decode_step = DecodeStep(model, self.kv, self.numerics, self._rope, compile)
         self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens)
         self.max_queue = max_queue
         self.metrics_ = EngineMetrics()
@@ -159,14 +165,14 @@ class Engine:
         return self._thread is not None
 
     def _check_prompt(self, prompt) -> List[int]:
-        V = self.model.cfg.vocab_size
+        V = self.model.token_limit
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
             raise ParamError("prompt must be a non-empty list of token ids", "prompt")
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ParamError(f"prompt holds {t!r}, not a token id in [0, vocab_size={V})", "prompt")
+                raise ParamError(f"prompt holds {t!r}, not a token id in [0, {V})", "prompt")
         return list(prompt)
 
     def _make_seq(self, prompt: List[int], params: SamplingParams, on_event) -> Seq:
@@ -262,20 +268,28 @@ class Engine:
             plan = self.scheduler.plan()
             if not plan:
                 return False
-            chunk = self.scheduler.prefill_chunk
-            segments = [s.next_segment(chunk) for s in plan]
-            prompt_tokens = sum(len(g.tokens) for s, g in zip(plan, segments) if s.in_prefill)
+            decoding = [s for s in plan if not s.in_prefill]
+            prefilling = [s for s in plan if s.in_prefill]
+            segments = [s.next_segment(self.scheduler.prefill_chunk) for s in prefilling]
+            prompt_tokens = sum(len(g.tokens) for g in segments)
             try:
                 with torch.inference_mode():
-                    logits_RV = ragged_forward(self.model, segments, self.row_quantum, self._rope)
+                    logits = []
+                    if decoding:  # first: its throw-away rows write above every row's computed slots
+                        logits.append(self.decode_step(decoding, self.scheduler.running))
+                    if segments:
+                        logits.append(prefill_forward(self.model, segments, self.numerics, self._rope))
+                    logits_RV = torch.cat(logits)
             except Exception as err:  # fail this step's requests, keep serving the rest
                 traceback.print_exc()
                 for s in plan:
                     self._finish(s, "error", f"{type(err).__name__}: {err}")
                 return True
-            for s, g in zip(plan, segments):
+            for s, g in zip(prefilling, segments):
                 s.computed += len(g.tokens)
-            sampled = [s for s, g in zip(plan, segments) if g.want_logits]
+            for s in decoding:
+                s.computed += 1
+            sampled = decoding + [s for s, g in zip(prefilling, segments) if g.want_logits]
             with torch.inference_mode():
                 choices = choose_tokens(logits_RV, sampled)
             for s, (token, logprob) in zip(sampled, choices):

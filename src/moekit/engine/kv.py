@@ -2,9 +2,10 @@
 
 Design (documented choice between "fixed slots" and "pages"): the budget is counted in
 tokens, and a request reserves, when it is admitted, room for its whole lifetime:
-prompt length + max_tokens. Its keys and values live in one contiguous `KVCache` of
-exactly that length (batch 1: (L, 1, G, S, Dh) for k and for v), allocated at admission
-and freed when the request finishes or is cancelled. So:
+prompt length + max_tokens. Its keys and values live in one row of a pooled cache
+(`max_batch` rows of min(context, budget) slots, allocated once), so the decode step can
+run all requests as one static-shape batch; the row is freed when the request finishes or
+is cancelled. So:
 
   * a running request can never run out of KV memory (no preemption, no recomputation);
   * the sum of reservations never exceeds the budget; a request that does not fit now
@@ -12,8 +13,9 @@ and freed when the request finishes or is cancelled. So:
   * attention reads each request's cache as a plain strided view -- no page gather copies,
     which on a CPU would cost as much memory traffic as the attention itself;
   * the price is reserving max_tokens up front: a request that stops early held more than
-    it used. (A paged pool with on-demand growth would admit more requests, but needs
-    preemption when pages run out; not worth it at the batch sizes a CPU serves.)
+    it used, and the pool's memory is rows x row length whatever the budget admits. (A paged
+    pool with on-demand growth would admit more requests, but needs preemption when pages
+    run out.)
 
 `parse_budget` reads "4096" (tokens) or sizes such as "64MiB", "1.5GB" (bytes of k + v).
 
@@ -29,7 +31,6 @@ from typing import Optional, Union
 import torch
 
 from ..config import ModelConfig
-from ..model import KVCache
 from .errors import KVBudgetError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -63,15 +64,26 @@ def parse_budget(value: Union[str, int], cfg: ModelConfig, dtype: torch.dtype) -
 
 
 class KVBudget:
-    """Token-granular reservations against a fixed budget; hands out per-request caches."""
+    """Token-granular reservations against a fixed budget, over one pooled cache.
 
-    def __init__(self, cfg: ModelConfig, budget_tokens: int, dtype: torch.dtype, device):
+    The pool (`self.cache`, from `model.new_cache`) has `rows` batch rows of `row_len` slots;
+    an admitted request gets the lowest free row and owns it until it finishes. The engine's
+    prefill writes a request's row through a batch-1 view (`row_cache`), and its decode step
+    runs every row in [0, bucket) at once (static shapes). Memory: rows x row_len slots.
+    """
+
+    def __init__(self, model, rows: int, budget_tokens: int, dtype: torch.dtype, device):
         if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
             raise ValueError(f"kv budget must be a positive number of tokens, got {budget_tokens!r}")
+        cfg = model.cfg
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.capacity = budget_tokens
         self.reserved = 0
+        self.rows = rows
+        self.row_len = min(cfg.max_seq_len, budget_tokens)
+        self.cache = model.new_cache(rows, self.row_len, dtype, self.device)
         self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
+        self.free_rows = list(range(rows))
         self._lock = threading.Lock()
 
     def check_fits(self, tokens: int) -> None:
@@ -81,20 +93,22 @@ class KVBudget:
                 f"the request needs {tokens} tokens of KV cache (prompt + max_tokens) but the server's whole "
                 f"KV budget is {self.capacity} tokens; lower max_tokens or shorten the prompt", "max_tokens")
 
-    def try_allocate(self, tokens: int) -> Optional[KVCache]:
-        """A cache for `tokens` positions, or None when the budget has no room now."""
+    def try_reserve(self, tokens: int) -> Optional[int]:
+        """A pool row with `tokens` reserved, or None when the budget (or the pool) has no room now."""
         with self._lock:
-            if self.reserved + tokens > self.capacity:
+            if self.reserved + tokens > self.capacity or not self.free_rows:
                 return None
             self.reserved += tokens
-        shape = (self.cfg.n_layers, 1, self.cfg.n_kv_heads, tokens, self.cfg.head_dim)
-        # uninitialised: every slot is written before attention reads it
-        return KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
-                       torch.empty(shape, dtype=self.dtype, device=self.device))
+            self.free_rows.sort()
+            return self.free_rows.pop(0)
 
-    def release(self, cache: KVCache) -> None:
+    def row_cache(self, row: int):
+        return self.cache.rows(row, row + 1)
+
+    def release(self, row: int, tokens: int) -> None:
         with self._lock:
-            self.reserved -= cache.max_len
+            self.reserved -= tokens
+            self.free_rows.append(row)
             assert self.reserved >= 0
 
     @property

@@ -22,8 +22,7 @@ from typing import Deque, List, Optional
 
 import torch
 
-from ..model import KVCache
-from .forward import Segment
+from ..plan import Segment
 from .kv import KVBudget
 from .params import SamplingParams
 from .text import TextStream
@@ -38,7 +37,8 @@ class Sequence:
         self.generator, self.text, self.handle = generator, text, handle
         self.out: List[int] = []
         self.logprobs: List[float] = []
-        self.cache: Optional[KVCache] = None
+        self.row: Optional[int] = None  # its row of the KV pool while admitted
+        self.cache = None  # the batch-1 view of that row
         self.computed = 0  # tokens whose k/v are in the cache
         self.emitted = 0  # tokens of `out` already streamed
         self.generated = 0  # tokens sampled (stop ids removed from `out` included)
@@ -73,10 +73,10 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            cache = self.kv.try_allocate(seq.reservation)
-            if cache is None:
+            row = self.kv.try_reserve(seq.reservation)
+            if row is None:
                 break
-            seq.cache = cache
+            seq.row, seq.cache = row, self.kv.row_cache(row)
             self.waiting.popleft()
             self.running.append(seq)
             admitted.append(seq)
@@ -106,12 +106,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.cache is not None:
-            self.kv.release(seq.cache)
-            seq.cache = None
-
-    def kv_tokens_in_use(self) -> int:
-        return sum(s.computed for s in self.running)
+        if seq.row is not None:
+            self.kv.release(seq.row, seq.reservation)
+            seq.row = seq.cache = None
 
 
 def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:

@@ -18,8 +18,6 @@ Legend: T tokens, E experts, B sequences, S tokens per sequence, P pairs.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -59,19 +57,3 @@ def bias_update(expert_bias_E: torch.Tensor, load_E: torch.Tensor, gamma: float)
     delta_E = gamma * torch.sign(load_E.mean() - load_E)
     expert_bias_E.add_(delta_E.to(expert_bias_E.dtype))
     return delta_E.to(expert_bias_E.dtype)
-
-
-def update_expert_biases(model: torch.nn.Module, gamma: Optional[float] = None) -> int:
-    """Apply the aux-loss-free bias update to every MoE layer in `model`; returns how many were updated.
-
-    Call it after `optimizer.step()`. Each layer uses the token counts it accumulated
-    in training-mode forwards since its last update.
-    """
-    from .layer import MoE
-
-    updated = 0
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.update_expert_bias(gamma)
-            updated += 1
-    return updated

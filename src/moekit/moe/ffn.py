@@ -1,7 +1,8 @@
-"""SwiGLU feed-forward network (dense FFN and shared experts).
+"""SwiGLU feed-forward network (dense FFN and shared experts), and the SwiGLU activation.
 
     y = W2 @ (silu(G) * U),   [G; U] = W13 @ x
-w13 (2F, D): rows [:F] gate, [F:] up;  w2 (D, F).
+w13 (2F, D): rows [:F] gate, [F:] up;  w2 (D, F). The weights go through the weight
+accessor (moe/weights.py), so a quantized SwiGLU is this module with other weights.
 
 Legend: T tokens, D model dim, F intermediate dim.
 """
@@ -11,6 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..numerics import PLAIN, Numerics
+from .weights import linear
+
+
+def swiglu(h_T2F: torch.Tensor, numerics: Numerics = PLAIN) -> torch.Tensor:
+    """silu(G) * U of the fused [G; U] rows (the one SwiGLU line every expert kernel uses)."""
+    n = h_T2F.shape[-1] // 2
+    return numerics.ew(F.silu, h_T2F[..., :n]) * h_T2F[..., n:]
 
 
 class SwiGLU(nn.Module):
@@ -24,9 +34,8 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w13, std=self.w13.shape[-1] ** -0.5)
         nn.init.normal_(self.w2, std=self.w2.shape[-1] ** -0.5)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_TF, up_TF = F.linear(x_TD, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate_TF) * up_TF, self.w2)
+    def forward(self, x_TD: torch.Tensor, numerics: Numerics = PLAIN) -> torch.Tensor:
+        return linear(swiglu(linear(x_TD, self.w13), numerics), self.w2)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.w13.shape[1]}, d_ff={self.w2.shape[1]}"
+        return f"d_model={self.w13.shape[-1]}, d_ff={self.w2.shape[-1]}"

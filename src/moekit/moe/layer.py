@@ -2,6 +2,11 @@
 
     y, aux = moe(x)            # x: (..., D) -> y: (..., D)
     y, aux = moe(x, token_ids) # router='hash' routes by token id
+    y, aux = moe(x, token_ids, numerics, static=True)   # the compiled decode step: aux is None
+
+`numerics` is the forward's numerics policy (numerics.py: plain, or the engine's batch-invariant
+one); `static=True` is the static-shape inference form (K experts per token, no host syncs,
+no input checks and no aux), which `Transformer`'s static plans use under torch.compile.
 
 `aux.loss` is the weighted sum of the enabled balancing losses; the unweighted
 values are reported beside it. In eval mode (inference) the losses are skipped:
@@ -20,12 +25,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import MoEConfig
+from ..numerics import PLAIN, Numerics
 from . import balancing
-from .decode import experts_static
+from .config import MoEConfig
 from .experts import Experts
 from .ffn import SwiGLU
-from .router import Router, Routing
+from .router import Routing, build_router
 
 
 @dataclass
@@ -44,62 +49,53 @@ class MoE(nn.Module):
         if not isinstance(cfg, MoEConfig):
             raise ValueError(f"MoE expects a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.router = Router(cfg)
+        self.router = build_router(cfg)
         self.experts = Experts(cfg)
         self.shared = SwiGLU(cfg.d_model, cfg.shared_dim) if cfg.num_shared_experts > 0 else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         # token counts since the last aux-loss-free bias update (training forwards only)
         self.register_buffer("tokens_since_update", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=True)
 
-    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, numerics: Numerics = PLAIN,
+                static: bool = False):
+        cfg = self.cfg
+        if not static:
+            self.check_inputs(x, token_ids)
+        x_TD = x.reshape(-1, cfg.d_model)
+        token_ids_T = None if token_ids is None else token_ids.reshape(-1)
+        routing = self.router(x_TD, token_ids_T, numerics)
+        y_TD = self.experts(x_TD, routing, numerics, static)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD, numerics)
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x @ g) * shared(x)
+                shared_TD = numerics.ew(torch.sigmoid, self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        if static:
+            return y_TD.view(x.shape), None
+        tokens_per_expert = routing.tokens_per_expert(cfg.num_experts)
+        if self.training:
+            self.tokens_since_update += tokens_per_expert.to(self.tokens_since_update.device)
+        seq_len = x.shape[-2] if x.dim() >= 2 else 1
+        return y_TD.view(x.shape), self._aux(routing, tokens_per_expert, seq_len)
+
+    def check_inputs(self, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> None:
         cfg = self.cfg
         if x.dim() < 1 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expects input of shape (..., d_model={cfg.d_model}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"MoE expects a floating-point input, got dtype {x.dtype}")
-        weight_dtype = self.experts.w13.dtype
+        weight_dtype = self.router.weight.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"MoE input dtype {x.dtype} does not match the weights' dtype {weight_dtype}; "
                 f"convert the module (moe.to({x.dtype})) or run under torch.autocast"
             )
-        seq_len = x.shape[-2] if x.dim() >= 2 else 1
-        x_TD = x.reshape(-1, cfg.d_model)
-        if token_ids is not None and token_ids.numel() != x_TD.shape[0]:
-            raise ValueError(f"token_ids has {token_ids.numel()} ids but x has {x_TD.shape[0]} tokens")
+        num_tokens = x.numel() // cfg.d_model
+        if token_ids is not None and token_ids.numel() != num_tokens:
+            raise ValueError(f"token_ids has {token_ids.numel()} ids but x has {num_tokens} tokens")
+        self.router.check_inputs(x.reshape(-1, cfg.d_model), None if token_ids is None else token_ids.reshape(-1))
 
-        routing = self.router(x_TD, token_ids)
-        y_TD = self.experts(x_TD, routing.gates_P, routing.token_idx_P, routing.expert_idx_P)
-        if self.shared is not None:
-            y_TD = y_TD + self._shared(x_TD)
-
-        tokens_per_expert = routing.tokens_per_expert(cfg.num_experts)
-        if self.training:
-            self.tokens_since_update += tokens_per_expert.to(self.tokens_since_update.device)
-        aux = self._aux(routing, tokens_per_expert, seq_len, x.dtype)
-        return y_TD.view(x.shape), aux
-
-    def forward_static(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Inference with static shapes and no host syncs (torch.compile'd decoding): y only, no aux.
-
-        K experts per token, so token_rounding (a data-dependent number of pairs) is not supported.
-        No input checks: the caller validates (hash token ids must lie in the table).
-        """
-        x_TD = x.reshape(-1, self.cfg.d_model)
-        expert_idx_TK, gates_TK = self.router.route_static(x_TD, token_ids)
-        y_TD = experts_static(x_TD, self.experts.w13, self.experts.w2, gates_TK, expert_idx_TK)
-        if self.shared is not None:
-            y_TD = y_TD + self._shared(x_TD)
-        return y_TD.view(x.shape)
-
-    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Shared experts, unweighted or (Qwen2-MoE) scaled by sigmoid(x @ g)."""
-        shared_TD = self.shared(x_TD)
-        if self.shared_gate is not None:
-            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-        return shared_TD
-
-    def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int, dtype) -> MoEAux:
+    def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int) -> MoEAux:
         cfg = self.cfg
         device = tokens_per_expert.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
@@ -137,3 +133,15 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"router={c.router!r}, top_k={c.top_k}, num_shared_experts={c.num_shared_experts}"
+
+
+def update_expert_biases(model: nn.Module, gamma: Optional[float] = None) -> int:
+    """Apply the aux-loss-free bias update to every MoE layer in `model`; returns how many were updated.
+
+    Call it after `optimizer.step()`. Each layer uses the token counts it accumulated
+    in training-mode forwards since its last update.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in layers:
+        moe.update_expert_bias(gamma)
+    return len(layers)

@@ -1,12 +1,23 @@
-"""Routers: which experts each token goes to, and with what gate weight.
+"""Routers as registered classes: which experts each token goes to, and with what gate.
 
-Every router returns a `Routing`: a flat list of P (token, expert) pairs with a
-differentiable gate per pair. Top-k routers give P = T*K pairs in token-major
-order; expert choice gives E*capacity pairs; token rounding gives a variable P.
-One pair representation keeps the expert backends router-agnostic.
+    router = build_router(cfg)                  # the class registered under cfg.router
+    routing = router(x_TD, token_ids_T, numerics)
 
-Legend: T tokens, D model dim, E experts, K experts per token, G groups,
-P (token, expert) pairs, V hash vocabulary.
+Every router returns a `Routing`. Top-k routers (and hash) give exactly K experts per token:
+`expert_idx_TK` / `gates_TK`, and the same as P = T*K token-major pairs (`token_idx_P`,
+`expert_idx_P`, `gates_P`). Expert choice and token rounding give a variable number of
+pairs per token (`expert_idx_TK` is None then). One representation serves training, decode,
+the compiled step and the engine: there is one gate formula per router.
+
+A top-k router class implements three things:
+    selection_scores(logits_TE, numerics)   what top-k picks from (never differentiated;
+                                            `expert_bias` added here and only here)
+    gates(logits_TE, logit_TK, valid_TK, numerics)   the gate of each chosen expert, (T, K)
+    probs(logits_TE)                        per-token distribution for the balance losses
+Add a router: subclass `TopKRouter` (or `Router` for another selection rule), decorate it
+with `@register_router("name")`, and give its config checks in `check(cfg)`. See docs/.
+
+Legend: T tokens, D model dim, E experts, K experts per token, G groups, P pairs, V hash vocab.
 """
 
 from __future__ import annotations
@@ -14,14 +25,35 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoEConfig
+from ..numerics import PLAIN, Numerics
 from .rounding import round_selection
+
+ROUTERS: Dict[str, type] = {}
+
+
+def register_router(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.name = name
+        ROUTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def router_class(name: str) -> type:
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose one of {tuple(ROUTERS)}")
+    return ROUTERS[name]
+
+
+def build_router(cfg) -> "Router":
+    return router_class(cfg.router)(cfg)
 
 
 @dataclass
@@ -32,25 +64,193 @@ class Routing:
     top1_T: torch.Tensor  # int64, each token's first choice (Switch loss f_i)
     logits_TE: Optional[torch.Tensor]  # raw router logits (fp32); None for hash
     num_tokens: int
-    router: str = "softmax_topk"
+    router: "Router"
+    expert_idx_TK: Optional[torch.Tensor] = None  # K experts per token (None: variable count)
+    gates_TK: Optional[torch.Tensor] = None
 
     def probs(self) -> Optional[torch.Tensor]:
-        """(T, E) per-token distribution over experts for the balance losses: softmax of the
-        logits, or s / sum(s) of the sigmoid scores for sigmoid_topk. None for hash."""
-        if self.logits_TE is None:
-            return None
-        if self.router == "sigmoid_topk":
-            scores_TE = torch.sigmoid(self.logits_TE)
-            return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        return torch.softmax(self.logits_TE, dim=-1)
+        """(T, E) per-token distribution over experts for the balance losses (None for hash)."""
+        return None if self.logits_TE is None else self.router.probs(self.logits_TE)
 
     def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
         return torch.bincount(self.expert_idx_P, minlength=num_experts)
 
 
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
     """Routing math runs in float32, or float64 when the input is float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def topk_routing(router: "Router", expert_idx_TK, gates_TK, logits_TE) -> Routing:
+    T, K = expert_idx_TK.shape
+    token_idx_P = torch.arange(T, device=expert_idx_TK.device).repeat_interleave(K)
+    return Routing(token_idx_P, expert_idx_TK.reshape(-1), gates_TK.reshape(-1), expert_idx_TK[:, 0], logits_TE, T,
+                   router, expert_idx_TK, gates_TK)
+
+
+class Router(nn.Module):
+    """Base: a linear router (weight (E, D)), the selection-only `expert_bias`, optional noise."""
+
+    name = "base"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.check(cfg)
+        self.cfg = cfg
+        E, D = cfg.num_experts, cfg.d_model
+        self.weight = nn.Parameter(torch.empty(E, D))
+        # added to the selection score only, never to the gates (aux-loss-free balancing)
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        self.noise_weight = nn.Parameter(torch.zeros(E, D)) if cfg.router_noise else None
+        self.reset_parameters()
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Router-specific config checks (ValueError naming the values); called by MoEConfig."""
+        if cfg.num_groups > 1:
+            raise ValueError(f"group-limited routing (num_groups={cfg.num_groups}) needs router='sigmoid_topk'")
+        if cfg.token_rounding is not None and not cls.supports_rounding:
+            raise ValueError(f"token_rounding applies to top-k routers, not router={cls.name!r}")
+
+    supports_rounding = False
+    causal = True  # a token's experts depend on that token alone
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.cfg.d_model**-0.5)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = F.linear(x_TD, self.weight).to(score_dtype(x_TD.dtype))
+        if self.noise_weight is not None and self.training:
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight).to(logits_TE.dtype))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        return logits_TE
+
+    def probs(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits_TE, dim=-1)
+
+    def token_id_limit(self) -> Optional[int]:
+        """Token ids this router can route (None: any); the hash router's table size."""
+        return None
+
+    def check_inputs(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> None:
+        """Input checks that need the data (host syncs): skipped by the static (compiled) step."""
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None,
+                numerics: Numerics = PLAIN) -> Routing:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"router={self.name!r}, num_experts={self.cfg.num_experts}, top_k={self.cfg.top_k}"
+
+
+class TopKRouter(Router):
+    """K experts per token by top-k over `selection_scores` (SonicMoE token rounding optional)."""
+
+    supports_rounding = True
+
+    def selection_scores(self, logits_TE: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gates(self, logits_TE, logit_TK, valid_TK, numerics: Numerics) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+        cfg = self.cfg
+        logits_TE = self.logits(x_TD)
+        with torch.no_grad():
+            select_TE = self.selection_scores(logits_TE, numerics)
+            topk_idx_TK = torch.topk(select_TE, cfg.top_k, dim=-1).indices
+        if cfg.token_rounding is None:
+            gates_TK = self.gates(logits_TE, logits_TE.gather(1, topk_idx_TK), None, numerics)
+            return topk_routing(self, topk_idx_TK, gates_TK * cfg.routed_scaling_factor, logits_TE)
+        # token rounding: a variable number of experts per token; the chosen ones padded to M columns
+        mask_TE = round_selection(select_TE, topk_idx_TK, cfg.rounding_tile, cfg.token_rounding)
+        count_T = mask_TE.sum(-1)
+        M = max(int(count_T.max()), 1) if count_T.numel() else 1
+        idx_TM = torch.sort(mask_TE.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :M]
+        valid_TM = torch.arange(M, device=x_TD.device)[None, :] < count_T[:, None]
+        gates_TM = self.gates(logits_TE, logits_TE.gather(1, idx_TM), valid_TM, numerics)
+        token_idx_P, col_P = valid_TM.nonzero(as_tuple=True)
+        expert_idx_P = idx_TM[token_idx_P, col_P]
+        gates_P = gates_TM[token_idx_P, col_P] * cfg.routed_scaling_factor
+        return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, logits_TE.shape[0], self)
+
+
+def masked_softmax(logit_TK: torch.Tensor, valid_TK: Optional[torch.Tensor]) -> torch.Tensor:
+    if valid_TK is None:
+        return torch.softmax(logit_TK, dim=-1)
+    return torch.softmax(logit_TK.masked_fill(~valid_TK, float("-inf")), dim=-1).masked_fill(~valid_TK, 0.0)
+
+
+@register_router("softmax_topk")
+class SoftmaxTopK(TopKRouter):
+    """Softmax over all E, then top-k (Qwen3-MoE, Mixtral, OLMoE). Normalised gates are the softmax
+    over the chosen logits; otherwise the full-softmax probabilities exp(logit - logsumexp)."""
+
+    def selection_scores(self, logits_TE, numerics):
+        return torch.softmax(logits_TE, dim=-1) + self.expert_bias.to(logits_TE.dtype)
+
+    def gates(self, logits_TE, logit_TK, valid_TK, numerics):
+        if self.cfg.norm_topk_prob:
+            return masked_softmax(logit_TK, valid_TK)
+        gates_TK = numerics.ew(torch.exp, logit_TK - torch.logsumexp(logits_TE, dim=-1, keepdim=True))
+        return gates_TK if valid_TK is None else gates_TK.masked_fill(~valid_TK, 0.0)
+
+
+@register_router("topk_softmax")
+class TopKSoftmax(TopKRouter):
+    """Top-k of the logits, softmax over the K chosen (SonicMoE's router)."""
+
+    def selection_scores(self, logits_TE, numerics):
+        return logits_TE + self.expert_bias.to(logits_TE.dtype)
+
+    def gates(self, logits_TE, logit_TK, valid_TK, numerics):
+        return masked_softmax(logit_TK, valid_TK)
+
+
+@register_router("sigmoid_topk")
+class SigmoidTopK(TopKRouter):
+    """DeepSeek-V3: s = sigmoid(logits); selection on s + bias, group-limited (keep the topk_groups
+    groups with the largest sum of their top-2 scores); gates from the unbiased s, optionally
+    normalised over the chosen experts."""
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.num_groups > 1:
+            per_group = cfg.num_experts // cfg.num_groups
+            if per_group < 2:
+                raise ValueError(f"group-limited routing needs >= 2 experts per group, got {per_group}")
+            if cfg.top_k > cfg.topk_groups * per_group:
+                raise ValueError(f"top_k={cfg.top_k} exceeds the experts in the kept groups "
+                                 f"(topk_groups={cfg.topk_groups} x {per_group} experts per group)")
+
+    def probs(self, logits_TE):
+        scores_TE = torch.sigmoid(logits_TE)
+        return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+    def selection_scores(self, logits_TE, numerics):
+        return self.group_limit(numerics.ew(torch.sigmoid, logits_TE) + self.expert_bias.to(logits_TE.dtype))
+
+    def group_limit(self, select_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.num_groups == 1:
+            return select_TE
+        T, G = select_TE.shape[0], cfg.num_groups
+        grouped_TGe = select_TE.view(T, G, -1)
+        group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        keep_idx = group_score_TG.topk(cfg.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros(T, G, dtype=torch.bool, device=select_TE.device).scatter_(1, keep_idx, True)
+        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+
+    def gates(self, logits_TE, logit_TK, valid_TK, numerics):
+        gates_TK = numerics.ew(torch.sigmoid, logit_TK)
+        if valid_TK is not None:
+            gates_TK = gates_TK.masked_fill(~valid_TK, 0.0)
+        if self.cfg.norm_topk_prob:
+            gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+        return gates_TK
 
 
 def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
@@ -72,161 +272,61 @@ def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: i
     return torch.tensor(rows, dtype=torch.int64, device="cpu").view(-1, top_k)
 
 
-class Router(nn.Module):
-    """Linear router with the selection rules of MoEConfig.router."""
+@register_router("hash")
+class HashRouter(Router):
+    """Hash layers: route by token id through a balanced (V, K) table; gates 1/K (times the scale)."""
 
-    def __init__(self, cfg: MoEConfig):
-        super().__init__()
-        self.cfg = cfg
-        E, D = cfg.num_experts, cfg.d_model
-        self.weight = nn.Parameter(torch.empty(E, D))
-        # added to the selection score only, never to the gates (aux-loss-free balancing)
-        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
-        self.noise_weight = nn.Parameter(torch.zeros(E, D)) if cfg.router_noise else None
-        if cfg.router == "hash":
-            table = balanced_hash_table(torch.ones(cfg.hash_vocab_size, device="cpu"), E, cfg.top_k)
-            self.register_buffer("hash_table", table.to(self.weight.device))
-        self.reset_parameters()
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.hash_vocab_size <= 0:
+            raise ValueError("router='hash' needs hash_vocab_size > 0 (the token-id table size)")
+        if cfg.router_noise:
+            raise ValueError("router_noise has no meaning for router='hash' (it has no logits)")
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.cfg.d_model**-0.5)
-        if self.noise_weight is not None:
-            nn.init.zeros_(self.noise_weight)
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        table = balanced_hash_table(torch.ones(cfg.hash_vocab_size, device="cpu"), cfg.num_experts, cfg.top_k)
+        self.register_buffer("hash_table", table.to(self.weight.device))
 
     @torch.no_grad()
     def build_hash_table(self, token_counts_V: torch.Tensor) -> None:
-        """Rebuild the hash router's table from token frequencies (balanced assignment)."""
-        if self.cfg.router != "hash":
-            raise ValueError(f"build_hash_table needs router='hash', this router is {self.cfg.router!r}")
+        """Rebuild the table from token frequencies (balanced assignment)."""
         if token_counts_V.numel() != self.cfg.hash_vocab_size:
-            raise ValueError(
-                f"token_counts has {token_counts_V.numel()} entries, expected hash_vocab_size={self.cfg.hash_vocab_size}"
-            )
+            raise ValueError(f"token_counts has {token_counts_V.numel()} entries, expected "
+                             f"hash_vocab_size={self.cfg.hash_vocab_size}")
         table = balanced_hash_table(token_counts_V, self.cfg.num_experts, self.cfg.top_k)
         self.hash_table.copy_(table.to(self.hash_table.device))
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> Routing:
-        if self.cfg.router == "hash":
-            return self._hash(x_TD, token_ids_T)
+    def token_id_limit(self) -> Optional[int]:
+        return self.cfg.hash_vocab_size
+
+    def check_inputs(self, x_TD, token_ids_T) -> None:
+        num_tokens = x_TD.shape[0]
+        if token_ids_T is None:
+            raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...) with the input ids")
+        if token_ids_T.numel() != num_tokens:
+            raise ValueError(f"token_ids has {token_ids_T.numel()} ids but x has {num_tokens} tokens")
+        if token_ids_T.numel() and (token_ids_T.min() < 0 or token_ids_T.max() >= self.cfg.hash_vocab_size):
+            raise ValueError(f"token_ids must lie in [0, hash_vocab_size={self.cfg.hash_vocab_size})")
+
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+        cfg = self.cfg
+        expert_idx_TK = self.hash_table[token_ids_T.reshape(-1).long()]
+        gates_TK = torch.full(expert_idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k,
+                              dtype=score_dtype(x_TD.dtype), device=x_TD.device)
+        return topk_routing(self, expert_idx_TK, gates_TK, None)
+
+
+@register_router("expert_choice")
+class ExpertChoice(Router):
+    """Each expert takes its top-c tokens, c = capacity_factor*T*K/E (not causal: encoders/training)."""
+
+    causal = False
+
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+        cfg = self.cfg
         logits_TE = self.logits(x_TD)
-        if self.cfg.router == "expert_choice":
-            return self._expert_choice(logits_TE)
-        return self._topk(logits_TE)
-
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD, self.weight).to(_score_dtype(x_TD.dtype))
-        if self.noise_weight is not None and self.training:
-            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight).to(logits_TE.dtype))
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-        return logits_TE
-
-    def _topk(self, logits_TE: torch.Tensor) -> Routing:
-        cfg = self.cfg
-        T, K = logits_TE.shape[0], cfg.top_k
-        with torch.no_grad():
-            select_TE = self._selection_scores(logits_TE)
-            topk_idx_TK = torch.topk(select_TE, K, dim=-1).indices
-        if cfg.token_rounding is None:
-            token_idx_P = torch.arange(T, device=logits_TE.device).repeat_interleave(K)
-            expert_idx_P = topk_idx_TK.reshape(-1)
-        else:
-            mask_TE = round_selection(select_TE, topk_idx_TK, cfg.rounding_tile, cfg.token_rounding)
-            token_idx_P, expert_idx_P = mask_TE.nonzero(as_tuple=True)
-        if cfg.token_rounding is None and not torch.is_grad_enabled():  # inference: (T, K) ops, no autograd
-            gates_P = self._gates_topk(logits_TE, topk_idx_TK).reshape(-1)
-        else:
-            gates_P = self._gates(logits_TE, token_idx_P, expert_idx_P)
-        return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, T, cfg.router)
-
-    def route_static(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None):
-        """Inference routing with static shapes: (expert_idx_TK, gates_TK), K experts per token.
-
-        Same selection and gates as `forward` without token rounding; no input checks and
-        no host syncs (for torch.compile'd decoding).
-        """
-        cfg = self.cfg
-        if cfg.router == "hash":
-            expert_idx_TK = self.hash_table[token_ids_T.reshape(-1)]
-            gates_TK = torch.full(expert_idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k,
-                                  dtype=_score_dtype(x_TD.dtype), device=x_TD.device)
-            return expert_idx_TK, gates_TK
-        if cfg.router not in ("softmax_topk", "topk_softmax", "sigmoid_topk"):
-            raise ValueError(f"static routing supports the top-k and hash routers, not router={cfg.router!r}")
-        if cfg.token_rounding is not None:
-            raise ValueError("static routing takes K experts per token; token_rounding is not supported")
-        logits_TE = self.logits(x_TD)
-        expert_idx_TK = torch.topk(self._selection_scores(logits_TE), cfg.top_k, dim=-1).indices
-        return expert_idx_TK, self._gates_topk(logits_TE, expert_idx_TK)
-
-    def _gates_topk(self, logits_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
-        """`_gates` for exactly K experts per token, as (T, K) ops."""
-        cfg = self.cfg
-        logit_TK = logits_TE.gather(1, topk_idx_TK)
-        if cfg.router == "sigmoid_topk":
-            gates_TK = torch.sigmoid(logit_TK)
-            if cfg.norm_topk_prob:
-                gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
-        elif cfg.router == "softmax_topk" and not cfg.norm_topk_prob:
-            gates_TK = torch.exp(logit_TK - torch.logsumexp(logits_TE, dim=-1, keepdim=True))
-        else:
-            gates_TK = torch.softmax(logit_TK, dim=-1)
-        return gates_TK * cfg.routed_scaling_factor
-
-    def _selection_scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        """Scores that pick the experts: the router's scores plus expert_bias (never differentiated)."""
-        bias_E = self.expert_bias.to(logits_TE.dtype)
-        if self.cfg.router == "softmax_topk":
-            return torch.softmax(logits_TE, dim=-1) + bias_E
-        if self.cfg.router == "topk_softmax":
-            return logits_TE + bias_E
-        return self._group_limit(torch.sigmoid(logits_TE) + bias_E)  # sigmoid_topk
-
-    def _gates(self, logits_TE: torch.Tensor, token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
-        """Gate of each pair from the unbiased scores.
-
-        Only the selected logits are gathered, so autograd keeps O(P) values instead of
-        the (T, E) probabilities:
-          softmax_topk, normalised / topk_softmax: softmax over the token's selected logits
-          softmax_topk, not normalised:            exp(logit - logsumexp over all E)
-          sigmoid_topk:                            sigmoid(logit), optionally normalised
-        """
-        cfg = self.cfg
-        T = logits_TE.shape[0]
-        logit_P = logits_TE[token_idx_P, expert_idx_P]
-        if cfg.router == "sigmoid_topk":
-            gates_P = torch.sigmoid(logit_P)
-            normalize = cfg.norm_topk_prob
-        elif cfg.router == "softmax_topk" and not cfg.norm_topk_prob:
-            gates_P = torch.exp(logit_P - torch.logsumexp(logits_TE, dim=-1)[token_idx_P])
-            normalize = False
-        else:
-            # exp(logit - max over the token's chosen logits): normalised, the softmax over the set
-            set_max_T = logit_P.detach().new_zeros(T).scatter_reduce(
-                0, token_idx_P, logit_P.detach(), reduce="amax", include_self=False
-            )
-            gates_P = torch.exp(logit_P - set_max_T[token_idx_P])
-            normalize = True
-        if normalize:
-            sum_T = torch.zeros(T, dtype=gates_P.dtype, device=gates_P.device).index_add(0, token_idx_P, gates_P)
-            gates_P = gates_P / (sum_T[token_idx_P] + 1e-20)
-        return gates_P * cfg.routed_scaling_factor
-
-    def _group_limit(self, select_TE: torch.Tensor) -> torch.Tensor:
-        """Keep the topk_groups groups with the largest sum of their top-2 scores; mask the rest."""
-        cfg = self.cfg
-        if cfg.num_groups == 1:
-            return select_TE
-        T, G = select_TE.shape[0], cfg.num_groups
-        grouped_TGe = select_TE.view(T, G, -1)
-        group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
-        keep_idx = group_score_TG.topk(cfg.topk_groups, dim=-1).indices
-        keep_TG = torch.zeros(T, G, dtype=torch.bool, device=select_TE.device).scatter_(1, keep_idx, True)
-        masked_TGe = grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf"))
-        return masked_TGe.view(T, -1)
-
-    def _expert_choice(self, logits_TE: torch.Tensor) -> Routing:
-        cfg = self.cfg
         T, E = logits_TE.shape
         capacity = min(T, max(1, math.ceil(cfg.capacity_factor * T * cfg.top_k / E)))
         probs_TE = torch.softmax(logits_TE.detach(), dim=-1)
@@ -236,20 +336,4 @@ class Router(nn.Module):
         token_idx_P, expert_idx_P = token_idx_EC.reshape(-1), expert_idx_EC.reshape(-1)
         log_probs_P = logits_TE[token_idx_P, expert_idx_P] - torch.logsumexp(logits_TE, dim=-1)[token_idx_P]
         gates_P = torch.exp(log_probs_P) * cfg.routed_scaling_factor
-        return Routing(token_idx_P, expert_idx_P, gates_P, logits_TE.detach().argmax(dim=-1), logits_TE, T, cfg.router)
-
-    def _hash(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> Routing:
-        cfg = self.cfg
-        if token_ids_T is None:
-            raise ValueError("router='hash' routes by token id: call moe(x, token_ids=...) with the input ids")
-        token_ids_T = token_ids_T.reshape(-1)
-        T = x_TD.shape[0]
-        if token_ids_T.numel() != T:
-            raise ValueError(f"token_ids has {token_ids_T.numel()} ids but x has {T} tokens")
-        if token_ids_T.numel() and (token_ids_T.min() < 0 or token_ids_T.max() >= cfg.hash_vocab_size):
-            raise ValueError(f"token_ids must lie in [0, hash_vocab_size={cfg.hash_vocab_size})")
-        experts_TK = self.hash_table[token_ids_T.long()]
-        K = cfg.top_k
-        token_idx_P = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        gates_P = torch.full((T * K,), cfg.routed_scaling_factor / K, dtype=_score_dtype(x_TD.dtype), device=x_TD.device)
-        return Routing(token_idx_P, experts_TK.reshape(-1), gates_P, experts_TK[:, 0], None, T, cfg.router)
+        return Routing(token_idx_P, expert_idx_P, gates_P, logits_TE.detach().argmax(dim=-1), logits_TE, T, self)

@@ -4,16 +4,14 @@
     quantize_model(model, "int8")                 # in place, returns the model
 
 formats.py holds the pack/unpack math (and a plain per-block reference), modules.py the
-quantized Linear / SwiGLU / Experts modules, transform.py `quantize_model` and the size
+quantized weight (a stand-in for a float weight) and the quantized Linear, transform.py `quantize_model` and the size
 helpers, cli.py `moekit quantize`.
 """
 
 from .formats import FORMATS, METHODS, Format, get_format
-from .modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
+from .modules import QuantizedLinear, QuantizedWeight
 from .transform import model_bytes, quantize_model, quantized_bytes, size_report
 
 __all__ = [
-    "FORMATS", "METHODS", "Format", "get_format", "QuantizedExperts", "QuantizedLinear", "QuantizedMoE",
-    "QuantizedSwiGLU",
-    "QuantizedWeight", "model_bytes", "quantize_model", "quantized_bytes", "size_report",
+    "FORMATS", "METHODS", "Format", "get_format", "QuantizedLinear", "QuantizedWeight", "model_bytes", "quantize_model", "quantized_bytes", "size_report",
 ]

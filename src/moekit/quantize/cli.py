@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cli(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..checkpoint import load_model, save_model
+        from ..checkpoint import save_model
+        from ..loading import load_model
         from .formats import get_format
         from .transform import model_bytes, quantize_model, size_report
 

@@ -1,15 +1,16 @@
-"""Weight-only quantization formats: vectorised pack/unpack, and a plain per-block reference.
+"""Weight-only quantization formats: one class per format family, each with vectorised pack/unpack,
+a fused matvec, its byte count and its plain per-group reference (in reference.py).
 
 Every format quantizes a weight (..., N, K) along its LAST dim K (the input / reduction
 dim of `F.linear` and of the expert matmuls), in groups of G consecutive values:
 
-  method     group G      stored per group                       value                    bits/weight
-  int8       K (a row)    fp32 scale s = max|w| / 127            q * s, q in [-127, 127]   8 + 32/K
-  int4-gG    32, 64, 128  fp16 scale s = (max - min) / 15,       q * s + m, q in [0, 15]   4 + 32/G
-                          fp16 offset m = min (asymmetric)                                 (5, 4.5, 4.25)
-  q8_0       32           fp16 d = max|w| / 127                  q * d, q int8             8.5
-  q4_0       32           fp16 d = w* / -8, w* the value of      (q - 8) * d, q in [0, 15] 4.5
-                          largest magnitude (sign kept)
+  class       method     group G      stored per group                       value                    bits/weight
+  RowInt8     int8       K (a row)    fp32 scale s = max|w| / 127            q * s, q in [-127, 127]   8 + 32/K
+  AffineInt4  int4-gG    32, 64, 128  fp16 scale s = (max - min) / 15,       q * s + m, q in [0, 15]   4 + 32/G
+                                      fp16 offset m = min (asymmetric)                                 (5, 4.5, 4.25)
+  Q8_0        q8_0       32           fp16 d = max|w| / 127                  q * d, q int8             8.5
+  Q4_0        q4_0       32           fp16 d = w* / -8, w* the value of      (q - 8) * d, q in [0, 15] 4.5
+                                      largest magnitude (sign kept)
 
 q8_0 and q4_0 are llama.cpp/GGML's Q8_0 and Q4_0 and reproduce `quantize_row_q8_0_ref` /
 `quantize_row_q4_0_ref` bit for bit: q8_0 rounds half away from zero; q4_0 computes
@@ -31,66 +32,36 @@ contiguous bytes (a fused reduction then reads packed bytes and activations with
 Padding: when K is not a multiple of G, each row is zero-padded to Kp = ceil(K/G)*G before
 quantizing and the padding is cut off when dequantizing (it costs (Kp - K) stored values).
 
-Functions: `quantize` / `dequantize` (vectorised, no host syncs: they also run on meta),
-`fused_matvec` (x @ Wᵀ straight from the packed codes, for compiled decoding), and the plain
-per-group reference `reference_quantize_group` / `reference_dequantize_group` (Python floats
-rounded to float32 step by step; bytes in the layouts above) that tests compare against.
+Classes: `Format` holds what every family shares (padding, bytes per row, and the entry points
+`quantize` / `dequantize` (vectorised, no host syncs: they also run on meta), `fused_matvec`
+(x @ Wᵀ straight from the packed codes, for compiled decoding), `group_bytes`), each of which
+pads or cuts and calls the family's hooks (`encode`, `decode`, `matvec`). `RowInt8` derives from
+it directly; `GroupFormat` (a scale per group of G) from it, with `Q8_0` (int8 codes) and
+`NibbleFormat` (4-bit codes, two per byte) under it, and `Q4_0` and `AffineInt4` under that.
+Each class's `reference_quantize_group` / `reference_dequantize_group` is the plain per-group
+reference (reference.py; Python floats rounded to float32 step by step, bytes in the layouts
+above) that tests compare against. `FORMATS` maps each method name to its instance;
+`bits_per_weight` / `row_nbytes` are the one table of storage cost (moekit.analyze reads it).
+The module-level functions (`quantize(method, w)`, ...) look the format up and delegate.
 
-Legend: K the quantized (last) dim, Kp K padded to the group, G group size, NB groups per row.
+Legend (tensor-name suffixes name the trailing dims; leading dims "..." are not named):
+K the quantized (last) dim, Kp K padded to a whole number of groups, G group size, H = G/2
+bytes of a 4-bit group, B = NB groups per row, N output rows (fused matvec), 1 a broadcast dim.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import reference
+
 Packed = Dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Format:
-    name: str
-    group: int  # values per scale; 0 = one scale per row (int8)
-    bits: int  # 8 or 4
-    has_offset: bool = False
-
-    def group_size(self, K: int) -> int:
-        return self.group or K
-
-    def padded(self, K: int) -> int:
-        G = self.group_size(K)
-        return -(-K // G) * G
-
-    def bits_per_weight(self, K: int) -> float:
-        """Stored bits per original weight of a row of K values (padding included)."""
-        G, Kp = self.group_size(K), self.padded(K)
-        scale_bits = 32 if self.group == 0 else 16 * (2 if self.has_offset else 1)
-        return (Kp * self.bits + (Kp // G) * scale_bits) / K
-
-
-FORMATS = {
-    "int8": Format("int8", 0, 8),
-    "int4-g32": Format("int4-g32", 32, 4, has_offset=True),
-    "int4-g64": Format("int4-g64", 64, 4, has_offset=True),
-    "int4-g128": Format("int4-g128", 128, 4, has_offset=True),
-    "q8_0": Format("q8_0", 32, 8),
-    "q4_0": Format("q4_0", 32, 4),
-}
-METHODS = tuple(FORMATS)
-
-
-def get_format(method: str) -> Format:
-    if method not in FORMATS:
-        raise ValueError(f"unknown quantization method {method!r}; choose one of {list(METHODS)}")
-    return FORMATS[method]
-
-
-# ---------------------------------------------------------------------------- vectorised
+# ---------------------------------------------------------------------------- elementwise helpers
 def _round_half_away(v: torch.Tensor) -> torch.Tensor:
     """C's roundf: halves go away from zero (torch.round goes to even)."""
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
@@ -104,191 +75,375 @@ def _fp16_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).view(torch.int16)
 
 
-def _pack_pairs(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    return (lo.to(torch.uint8) | (hi.to(torch.uint8) << 4)).to(torch.uint8)
+# ---------------------------------------------------------------------------- the base class
+class Format:
+    """A weight-only format: storage cost, and quantize / dequantize / fused_matvec entry points.
 
-
-def quantize(method: str, w: torch.Tensor) -> Packed:
-    """Quantize w (..., K) along its last dim: the storage tensors of the module docstring.
-
-    No host syncs and no data-dependent shapes, so it also runs on the meta device
-    (which is how a quantized checkpoint's module skeleton is built before loading).
+    Subclasses set `bits` (per stored code), `scale_bits` (per group: scale, and offset if any)
+    and `group_tensors` (the packed tensors holding one entry per group, besides qweight), and
+    implement the hooks `encode`, `decode`, `matvec` and the plain reference.
     """
-    fmt = get_format(method)
-    if w.dim() < 1 or w.shape[-1] == 0:
-        raise ValueError(f"cannot quantize a tensor of shape {tuple(w.shape)}: the last dim must be non-empty")
-    lead, K = w.shape[:-1], w.shape[-1]
-    x = w.detach().to(torch.float32)
-    Kp = fmt.padded(K)
-    if Kp != K:
-        x = F.pad(x, (0, Kp - K))
-    if fmt.name == "int8":
-        s = x.abs().amax(-1, keepdim=True) / 127.0
-        q = _round_half_away(x * _safe_inverse(s)).clamp(-127, 127)
-        return {"qweight": q.to(torch.int8), "scale": s.view(torch.int32)}
-    G = fmt.group
-    x_bg = x.reshape(*lead, Kp // G, G)
-    if fmt.name == "q8_0":
-        d = x_bg.abs().amax(-1) / 127.0
-        q = _round_half_away(x_bg * _safe_inverse(d)[..., None])
-        return {"qweight": q.to(torch.int8).reshape(*lead, Kp), "scale": _fp16_bits(d)}
-    if fmt.name == "q4_0":
-        idx = x_bg.abs().argmax(-1, keepdim=True)  # first of equal magnitudes, as llama.cpp's strict '<'
-        vmax = x_bg.gather(-1, idx).squeeze(-1)
-        vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)  # llama.cpp starts from +0.0
-        d = vmax / -8.0
-        q = torch.trunc(x_bg * _safe_inverse(d)[..., None] + 8.5).clamp(0, 15)
-        packed = _pack_pairs(q[..., : G // 2], q[..., G // 2:])
-        return {"qweight": packed.reshape(*lead, Kp // 2), "scale": _fp16_bits(d)}
-    # int4-gG: asymmetric, from the fp16-rounded scale and offset
-    mn, mx = x_bg.amin(-1), x_bg.amax(-1)
-    s16 = ((mx - mn) / 15.0).to(torch.float16)
-    m16 = mn.to(torch.float16)
-    inv = _safe_inverse(s16.float())
-    q = torch.floor((x_bg - m16.float()[..., None]) * inv[..., None] + 0.5).clamp(0, 15)
-    packed = _pack_pairs(q[..., : G // 2], q[..., G // 2:])
-    return {"qweight": packed.reshape(*lead, Kp // 2), "scale": s16.view(torch.int16),
-            "offset": m16.view(torch.int16)}
+
+    bits: int = 0
+    scale_bits: int = 0
+    group_tensors: Tuple[str, ...] = ("scale",)
+
+    def __init__(self, name: str, group: int):
+        self.name = name
+        self.group = group  # values per scale; 0 = one scale per row (int8)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def has_offset(self) -> bool:
+        return "offset" in self.group_tensors
+
+    @property
+    def layout(self) -> str:
+        """One line describing what is stored (for listings)."""
+        raise NotImplementedError
+
+    # -- storage cost (the single table of bytes per weight)
+    def group_size(self, K: int) -> int:
+        return self.group or K
+
+    def padded(self, K: int) -> int:
+        G = self.group_size(K)
+        return -(-K // G) * G
+
+    def row_bits(self, K: int) -> int:
+        """Stored bits of one row of K values: codes (padding included) and scales."""
+        Kp = self.padded(K)
+        return Kp * self.bits + (Kp // self.group_size(K)) * self.scale_bits
+
+    def row_nbytes(self, K: int) -> int:
+        """Stored bytes of one row of K values (what `quantize` allocates per row)."""
+        return self.row_bits(K) // 8
+
+    def bits_per_weight(self, K: int) -> float:
+        """Stored bits per original weight of a row of K values (padding included)."""
+        return self.row_bits(K) / K
+
+    # -- entry points
+    def quantize(self, w: torch.Tensor) -> Packed:
+        """Quantize w (..., K) along its last dim: the storage tensors of the module docstring.
+
+        No host syncs and no data-dependent shapes, so it also runs on the meta device
+        (which is how a quantized checkpoint's module skeleton is built before loading).
+        """
+        if w.dim() < 1 or w.shape[-1] == 0:
+            raise ValueError(f"cannot quantize a tensor of shape {tuple(w.shape)}: the last dim must be non-empty")
+        K = w.shape[-1]
+        x_Kp = w.detach().to(torch.float32)
+        Kp = self.padded(K)
+        if Kp != K:
+            x_Kp = F.pad(x_Kp, (0, Kp - K))
+        return self.encode(x_Kp)
+
+    def dequantize(self, packed: Packed, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (..., K) of `quantize`'s tensors (computed in float32, then cast to dtype)."""
+        w_Kp = self.decode(packed)
+        return (w_Kp if w_Kp.shape[-1] == K else w_Kp[..., :K]).to(dtype)
+
+    def fused_matvec(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+        """sum_k W[..., n, k] * x[..., 0, k] -> (..., N) straight from the packed weight (..., N, K).
+
+        x (..., 1, K) broadcasts against the weight's leading dims (a Linear: x (M, 1, K), weight
+        (N, K); gathered experts: x (P, 1, K), weight (P, N, K)). Per group the integer codes are
+        dotted with x and the scale (and offset * sum(x)) applied once per group, with the two
+        nibble halves of each byte run as unit-stride sums. Written for torch.compile, which fuses
+        it into one pass over the packed bytes; eagerly it builds (..., N, K) temporaries. Equals
+        `x @ dequantize(...)ᵀ` up to float summation order (that is its reference).
+        """
+        K = x.shape[-1]
+        Kp = self.padded(K)
+        x_1Kp = x if Kp == K else F.pad(x, (0, Kp - K))
+        return self.matvec(packed, x_1Kp)
+
+    def group_bytes(self, packed: Packed, row: int, group: int) -> bytes:
+        """The bytes of one group of a vectorised result (row-major over the leading dims), in the
+        `reference_quantize_group` layout, for comparing the two implementations."""
+        qweight_row = packed["qweight"].reshape(-1, packed["qweight"].shape[-1])[row]
+        Kp = qweight_row.shape[-1] * 8 // self.bits
+        per = self.group_size(Kp) * self.bits // 8  # code bytes per group
+        out = b"".join(packed[name].reshape(-1, packed[name].shape[-1])[row, group].numpy().tobytes()
+                       for name in self.group_tensors)
+        return out + qweight_row[group * per:(group + 1) * per].numpy().tobytes()
+
+    # -- hooks
+    def encode(self, x_Kp: torch.Tensor) -> Packed:
+        """The storage tensors of a float32 x (..., Kp), already padded."""
+        raise NotImplementedError
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        """The float32 weight (..., Kp), padding included."""
+        raise NotImplementedError
+
+    def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
+        """`fused_matvec` with x (..., 1, Kp) already padded."""
+        raise NotImplementedError
+
+    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
+        """One group (int8: one row) as bytes, in plain Python: the oracle for `quantize`.
+
+        Values must already be float32-representable and the group complete (padded).
+        """
+        raise NotImplementedError
+
+    def reference_dequantize_group(self, data: bytes) -> List[float]:
+        """Inverse of `reference_quantize_group`: the group's values (float32-rounded)."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- int8: one fp32 scale per row
+class RowInt8(Format):
+    """Symmetric int8 with one fp32 scale per row; reference layout [fp32 s][K x int8]."""
+
+    bits, scale_bits = 8, 32
+
+    def __init__(self):
+        super().__init__("int8", 0)
+
+    @property
+    def layout(self) -> str:
+        return "int8 codes, one fp32 scale per row (output channel)"
+
+    def encode(self, x_K: torch.Tensor) -> Packed:
+        s_1 = x_K.abs().amax(-1, keepdim=True) / 127.0
+        q_K = _round_half_away(x_K * _safe_inverse(s_1)).clamp(-127, 127)
+        return {"qweight": q_K.to(torch.int8), "scale": s_1.view(torch.int32)}
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        return packed["qweight"].float() * packed["scale"].view(torch.float32)
+
+    def matvec(self, packed: Packed, x_1K: torch.Tensor) -> torch.Tensor:
+        s_N = packed["scale"].view(torch.float32)[..., 0].to(x_1K.dtype)
+        return (packed["qweight"] * x_1K).sum(-1) * s_N
+
+    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
+        return reference.quantize_int8_row(values)
+
+    def reference_dequantize_group(self, data: bytes) -> List[float]:
+        return reference.dequantize_int8_row(data)
+
+
+# ---------------------------------------------------------------------------- a scale per group of G
+class GroupFormat(Format):
+    """A fp16 scale (as raw int16 bits) per group of G consecutive values of a row.
+
+    Subclasses give the codes: `encode_groups` (float codes and the per-group tensors),
+    `pack_codes` / `unpack_codes` (codes <-> qweight bytes), `values` (codes -> floats) and
+    `group_matvec` (the per-group reduction of `fused_matvec`).
+    """
+
+    def encode(self, x_Kp: torch.Tensor) -> Packed:
+        lead, Kp, G = x_Kp.shape[:-1], x_Kp.shape[-1], self.group
+        x_BG = x_Kp.reshape(*lead, Kp // G, G)
+        q_BG, per_group = self.encode_groups(x_BG)
+        return {"qweight": self.pack_codes(q_BG).reshape(*lead, Kp * self.bits // 8), **per_group}
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        s_B = packed["scale"].view(torch.float16).float()
+        lead, NB = s_B.shape[:-1], s_B.shape[-1]
+        q_BG = self.unpack_codes(packed["qweight"], lead, NB).float()
+        return self.values(q_BG, s_B, packed).reshape(*lead, NB * self.group)
+
+    def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
+        G = self.group
+        s_NB = packed["scale"].view(torch.float16).to(x_1Kp.dtype)
+        x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // G, G)
+        return self.group_matvec(packed, s_NB, x_1BG)
+
+    # -- hooks
+    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
+        raise NotImplementedError
+
+    def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
+        raise NotImplementedError
+
+    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Q8_0(GroupFormat):
+    """llama.cpp/GGML Q8_0: blocks of 32 int8 codes and a fp16 d = max|w| / 127 (block_q8_0)."""
+
+    bits, scale_bits = 8, 16
+
+    def __init__(self):
+        super().__init__("q8_0", 32)
+
+    @property
+    def layout(self) -> str:
+        return f"GGML block_q8_0: fp16 d + {self.group} int8 = {self.row_nbytes(self.group)} bytes"
+
+    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
+        d_B = x_BG.abs().amax(-1) / 127.0
+        q_BG = _round_half_away(x_BG * _safe_inverse(d_B)[..., None])
+        return q_BG, {"scale": _fp16_bits(d_B)}
+
+    def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
+        return q_BG.to(torch.int8)
+
+    def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
+        return qweight.reshape(*lead, NB, self.group)
+
+    def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
+        return q_BG * s_B[..., None]
+
+    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        qw = packed["qweight"]
+        q_NBG = qw.reshape(*qw.shape[:-1], x_1BG.shape[-2], self.group)
+        return ((q_NBG * x_1BG).sum(-1) * s_NB).sum(-1)
+
+    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
+        return reference.quantize_q8_0_block(values)
+
+    def reference_dequantize_group(self, data: bytes) -> List[float]:
+        return reference.dequantize_q8_0_block(data)
+
+
+class NibbleFormat(GroupFormat):
+    """4-bit codes, two per byte in GGML order: byte j of a group = element j (low nibble) and
+    element j + G/2 (high nibble)."""
+
+    bits = 4
+
+    def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
+        H = self.group // 2
+        return (q_BG[..., :H].to(torch.uint8) | (q_BG[..., H:].to(torch.uint8) << 4)).to(torch.uint8)
+
+    def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
+        b_BH = qweight.reshape(*lead, NB, self.group // 2)
+        return torch.cat([b_BH & 15, b_BH >> 4], dim=-1)
+
+    def nibble_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        """sum over a group of code * x -> (..., N, NB), each nibble half as a unit-stride sum."""
+        H = self.group // 2
+        b_NBH = qweight.reshape(*qweight.shape[:-1], x_1BG.shape[-2], H)
+        return ((b_NBH & 15) * x_1BG[..., :H] + (b_NBH >> 4) * x_1BG[..., H:]).sum(-1)
+
+
+class Q4_0(NibbleFormat):
+    """llama.cpp/GGML Q4_0: blocks of 32 4-bit codes and a fp16 d = w* / -8 (block_q4_0)."""
+
+    scale_bits = 16
+
+    def __init__(self):
+        super().__init__("q4_0", 32)
+
+    @property
+    def layout(self) -> str:
+        return f"GGML block_q4_0: fp16 d + {self.group} 4-bit = {self.row_nbytes(self.group)} bytes"
+
+    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
+        idx_B1 = x_BG.abs().argmax(-1, keepdim=True)  # first of equal magnitudes, as llama.cpp's strict '<'
+        vmax_B = x_BG.gather(-1, idx_B1).squeeze(-1)
+        vmax_B = torch.where(vmax_B == 0, torch.zeros_like(vmax_B), vmax_B)  # llama.cpp starts from +0.0
+        d_B = vmax_B / -8.0
+        q_BG = torch.trunc(x_BG * _safe_inverse(d_B)[..., None] + 8.5).clamp(0, 15)
+        return q_BG, {"scale": _fp16_bits(d_B)}
+
+    def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
+        return (q_BG - 8.0) * s_B[..., None]
+
+    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        dot_NB = self.nibble_dot(packed["qweight"], x_1BG)
+        return ((dot_NB - 8.0 * x_1BG.sum(-1)) * s_NB).sum(-1)
+
+    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
+        return reference.quantize_q4_0_block(values)
+
+    def reference_dequantize_group(self, data: bytes) -> List[float]:
+        return reference.dequantize_q4_0_block(data)
+
+
+class AffineInt4(NibbleFormat):
+    """int4-gG: asymmetric 4-bit with a fp16 scale and a fp16 offset (the minimum) per group of G."""
+
+    scale_bits = 32
+    group_tensors = ("scale", "offset")
+
+    def __init__(self, group: int):
+        super().__init__(f"int4-g{group}", group)
+
+    @property
+    def layout(self) -> str:
+        return f"4-bit codes, fp16 scale + fp16 offset per {self.group}"
+
+    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
+        mn_B, mx_B = x_BG.amin(-1), x_BG.amax(-1)
+        s16_B = ((mx_B - mn_B) / 15.0).to(torch.float16)
+        m16_B = mn_B.to(torch.float16)
+        inv_B = _safe_inverse(s16_B.float())
+        q_BG = torch.floor((x_BG - m16_B.float()[..., None]) * inv_B[..., None] + 0.5).clamp(0, 15)
+        return q_BG, {"scale": s16_B.view(torch.int16), "offset": m16_B.view(torch.int16)}
+
+    def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
+        return q_BG * s_B[..., None] + packed["offset"].view(torch.float16).float()[..., None]
+
+    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        dot_NB = self.nibble_dot(packed["qweight"], x_1BG)
+        m_NB = packed["offset"].view(torch.float16).to(x_1BG.dtype)
+        return (dot_NB * s_NB + m_NB * x_1BG.sum(-1)).sum(-1)
+
+    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
+        return reference.quantize_affine_int4_group(values)
+
+    def reference_dequantize_group(self, data: bytes) -> List[float]:
+        return reference.dequantize_affine_int4_group(data)
+
+
+# ---------------------------------------------------------------------------- registry
+FORMATS: Dict[str, Format] = {
+    fmt.name: fmt for fmt in (RowInt8(), AffineInt4(32), AffineInt4(64), AffineInt4(128), Q8_0(), Q4_0())
+}
+METHODS = tuple(FORMATS)
+
+
+def get_format(method: str) -> Format:
+    if method not in FORMATS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {list(METHODS)}")
+    return FORMATS[method]
+
+
+# ---------------------------------------------------------------------------- module-level entry points
+def quantize(method: str, w: torch.Tensor) -> Packed:
+    """`Format.quantize` of `method`'s format."""
+    return get_format(method).quantize(w)
 
 
 def dequantize(method: str, packed: Packed, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float weight (..., K) of `quantize`'s tensors (computed in float32, then cast to dtype)."""
-    fmt = get_format(method)
-    qw = packed["qweight"]
-    if fmt.name == "int8":
-        w = qw.float() * packed["scale"].view(torch.float32)
-        return (w if w.shape[-1] == K else w[..., :K]).to(dtype)
-    G = fmt.group
-    scale = packed["scale"].view(torch.float16).float()  # (..., NB)
-    lead, NB = scale.shape[:-1], scale.shape[-1]
-    if fmt.bits == 8:
-        q = qw.reshape(*lead, NB, G).float()
-    else:
-        b = qw.reshape(*lead, NB, G // 2)
-        q = torch.cat([b & 15, b >> 4], dim=-1).float()
-    if fmt.name == "q4_0":
-        w = (q - 8.0) * scale[..., None]
-    elif fmt.has_offset:
-        w = q * scale[..., None] + packed["offset"].view(torch.float16).float()[..., None]
-    else:
-        w = q * scale[..., None]
-    w = w.reshape(*lead, NB * G)
-    return (w if NB * G == K else w[..., :K]).to(dtype)
+    """`Format.dequantize` of `method`'s format."""
+    return get_format(method).dequantize(packed, K, dtype)
 
 
 def fused_matvec(method: str, packed: Packed, x: torch.Tensor) -> torch.Tensor:
-    """sum_k W[..., n, k] * x[..., 0, k] -> (..., N) straight from the packed weight (..., N, K).
-
-    x (..., 1, K) broadcasts against the weight's leading dims (a Linear: x (M, 1, K), weight
-    (N, K); gathered experts: x (P, 1, K), weight (P, N, K)). Per group the integer codes are
-    dotted with x and the scale (and offset * sum(x)) applied once per group, with the two
-    nibble halves of each byte run as unit-stride sums. Written for torch.compile, which fuses
-    it into one pass over the packed bytes; eagerly it builds (..., N, K) temporaries. Equals
-    `x @ dequantize(...)ᵀ` up to float summation order (that is its reference).
-    """
-    fmt = get_format(method)
-    qw, K = packed["qweight"], x.shape[-1]
-    Kp = fmt.padded(K)
-    if Kp != K:
-        x = F.pad(x, (0, Kp - K))
-    if fmt.name == "int8":
-        return (qw * x).sum(-1) * packed["scale"].view(torch.float32)[..., 0].to(x.dtype)
-    G, NB = fmt.group, Kp // fmt.group
-    scale = packed["scale"].view(torch.float16).to(x.dtype)  # (..., N, NB)
-    x_G = x.reshape(*x.shape[:-1], NB, G)  # (..., 1, NB, G)
-    if fmt.bits == 8:
-        return ((qw.reshape(*qw.shape[:-1], NB, G) * x_G).sum(-1) * scale).sum(-1)
-    b = qw.reshape(*qw.shape[:-1], NB, G // 2)
-    dot = ((b & 15) * x_G[..., : G // 2] + (b >> 4) * x_G[..., G // 2:]).sum(-1)  # (..., N, NB)
-    if fmt.name == "q4_0":
-        return ((dot - 8.0 * x_G.sum(-1)) * scale).sum(-1)
-    offset = packed["offset"].view(torch.float16).to(x.dtype)
-    return (dot * scale + offset * x_G.sum(-1)).sum(-1)
+    """`Format.fused_matvec` of `method`'s format."""
+    return get_format(method).fused_matvec(packed, x)
 
 
 def packed_nbytes(packed: Packed) -> int:
     return sum(t.numel() * t.element_size() for t in packed.values())
 
 
-# ---------------------------------------------------------------------------- plain reference
-def _f32(v: float) -> float:
-    """Round a Python float to float32 (each step below is a correctly rounded f32 op)."""
-    return struct.unpack("<f", struct.pack("<f", v))[0]
-
-
-def _f16(v: float) -> float:
-    return struct.unpack("<e", struct.pack("<e", v))[0]
-
-
-def _roundf(v: float) -> float:
-    return math.copysign(math.floor(abs(v) + 0.5), v)
-
-
-def reference_quantize_group(method: str, values: List[float]) -> bytes:
-    """One group (int8: one row) as bytes, in plain Python: the oracle for `quantize`.
-
-    Layouts: int8 = [fp32 s][K x int8]; q8_0 = GGML block_q8_0 [fp16 d][32 x int8];
-    q4_0 = GGML block_q4_0 [fp16 d][16 bytes]; int4-gG = [fp16 s][fp16 m][G/2 bytes].
-    Values must already be float32-representable and the group complete (padded).
-    """
-    fmt = get_format(method)
-    x = [_f32(v) for v in values]
-    if fmt.name in ("int8", "q8_0"):
-        amax = max(abs(v) for v in x)
-        d = _f32(amax / 127.0)
-        dq = _f16(d) if fmt.name == "q8_0" else d
-        inv = _f32(1.0 / d) if d else 0.0
-        qs = [int(max(-127, min(127, _roundf(_f32(v * inv))))) for v in x]
-        head = struct.pack("<e", dq) if fmt.name == "q8_0" else struct.pack("<f", d)
-        return head + struct.pack(f"<{len(qs)}b", *qs)
-    if fmt.name == "q4_0":
-        amax, vmax = 0.0, 0.0
-        for v in x:
-            if amax < abs(v):
-                amax, vmax = abs(v), v
-        d = _f32(vmax / -8.0)
-        inv = _f32(1.0 / d) if d else 0.0
-        q = [min(15, int(_f32(_f32(v * inv) + 8.5))) for v in x]
-        half = len(x) // 2
-        return struct.pack("<e", _f16(d)) + bytes(q[j] | (q[j + half] << 4) for j in range(half))
-    mn, mx = min(x), max(x)
-    s, m = _f16(_f32(_f32(mx - mn) / 15.0)), _f16(mn)
-    inv = _f32(1.0 / s) if s else 0.0
-    q = [max(0, min(15, math.floor(_f32(_f32(_f32(v - m) * inv) + 0.5)))) for v in x]
-    half = len(x) // 2
-    return struct.pack("<ee", s, m) + bytes(q[j] | (q[j + half] << 4) for j in range(half))
+def reference_quantize_group(method: str, values: Sequence[float]) -> bytes:
+    """`Format.reference_quantize_group` of `method`'s format."""
+    return get_format(method).reference_quantize_group(values)
 
 
 def reference_dequantize_group(method: str, data: bytes) -> List[float]:
-    """Inverse of `reference_quantize_group`: the group's values (float32-rounded)."""
-    fmt = get_format(method)
-    if fmt.name == "int8":
-        (s,) = struct.unpack_from("<f", data)
-        return [_f32(q * s) for q in struct.unpack_from(f"<{len(data) - 4}b", data, 4)]
-    if fmt.name == "q8_0":
-        (d,) = struct.unpack_from("<e", data)
-        return [_f32(q * d) for q in struct.unpack_from("<32b", data, 2)]
-    if fmt.name == "q4_0":
-        (d,) = struct.unpack_from("<e", data)
-        qs = data[2:]
-        q = [b & 15 for b in qs] + [b >> 4 for b in qs]
-        return [_f32((v - 8) * d) for v in q]
-    s, m = struct.unpack_from("<ee", data)
-    q = [b & 15 for b in data[4:]] + [b >> 4 for b in data[4:]]
-    return [_f32(_f32(v * s) + m) for v in q]
+    """`Format.reference_dequantize_group` of `method`'s format."""
+    return get_format(method).reference_dequantize_group(data)
 
 
 def packed_group_bytes(method: str, packed: Packed, row: int, group: int) -> bytes:
-    """The bytes of one group of a vectorised result (row-major over the leading dims), in the
-    `reference_quantize_group` layout, for comparing the two implementations."""
-    fmt = get_format(method)
-    qw = packed["qweight"].reshape(-1, packed["qweight"].shape[-1])[row]
-    if fmt.name == "int8":
-        return packed["scale"].reshape(-1)[row].numpy().tobytes() + qw.numpy().tobytes()
-    G = fmt.group
-    per = G if fmt.bits == 8 else G // 2
-    scale = packed["scale"].reshape(-1, packed["scale"].shape[-1])[row, group]
-    out = scale.numpy().tobytes()
-    if fmt.has_offset:
-        out += packed["offset"].reshape(-1, packed["offset"].shape[-1])[row, group].numpy().tobytes()
-    return out + qw[group * per:(group + 1) * per].numpy().tobytes()
+    """`Format.group_bytes` of `method`'s format."""
+    return get_format(method).group_bytes(packed, row, group)

@@ -9,11 +9,11 @@ and the routed experts (experts.w13 (E, 2F, D), experts.w2 (E, D, F)). Kept in f
 embedding, norms, the router (and Qwen2-MoE's shared-expert gate), attention biases, and the
 lm_head unless `quantize_head=True` (the head is small next to the experts of an MoE, and its
 error goes straight into the logits; a tied head cannot be quantized without keeping a second,
-float copy for the embedding, so that combination is refused). Modules are replaced, not
-patched: Linear -> QuantizedLinear, SwiGLU -> QuantizedSwiGLU, Experts -> QuantizedExperts, and
-each MoE -> QuantizedMoE (the same router, shared experts and buffers; its static forward runs
-the fused packed-weight reduction), so state-dict keys keep their prefixes. The float weights
-are dropped as each module is replaced: the memory reduction is real.
+float copy for the embedding, so that combination is refused). A transform of the weights,
+not of the modules: each Linear becomes a QuantizedLinear, and the w13/w2 parameters of every
+SwiGLU and Experts module are replaced by `QuantizedWeight`s, which the modules and the expert
+kernels read through the weight accessor (moe/weights.py). State-dict keys keep their
+prefixes. The float weights are dropped as they are replaced: the memory reduction is real.
 
 `model.quantization` records {"method", "quantize_head"}; `save_model` writes it to the
 checkpoint (quantization.json) and `load_model` rebuilds the quantized modules before loading
@@ -29,15 +29,14 @@ import torch
 from torch import nn
 
 from . import formats
-from .modules import QuantizedExperts, QuantizedLinear, QuantizedMoE, QuantizedSwiGLU, QuantizedWeight
+from ..model import Transformer
+from .modules import QuantizedLinear, QuantizedWeight
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -> nn.Module:
     """Quantize `model`'s weights in place with `method` (see `formats.METHODS`); returns the model."""
-    from ..model import Transformer
-
     formats.get_format(method)
     if not isinstance(model, Transformer):
         raise ValueError(f"quantize_model expects a moekit Transformer, got {type(model).__name__}")
@@ -51,18 +50,23 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -
         for block in model.layers:
             for name in ATTENTION_PROJECTIONS:
                 setattr(block.attn, name, QuantizedLinear.from_float(getattr(block.attn, name), method))
-            if block.is_moe:
-                moe = block.ffn
-                experts = QuantizedExperts.from_float(moe.experts, method)
-                shared = None if moe.shared is None else QuantizedSwiGLU.from_float(moe.shared, method)
-                block.ffn = QuantizedMoE.from_moe(moe, experts, shared)
-            else:
-                block.ffn = QuantizedSwiGLU.from_float(block.ffn, method)
+            swiglus = [block.ffn.experts, block.ffn.shared] if block.is_moe else [block.ffn]
+            for module in swiglus:
+                if module is not None:
+                    quantize_weights(module, method)
         if quantize_head:
             model.lm_head = QuantizedLinear.from_float(model.lm_head, method)
     model.quantization = {"method": method, "quantize_head": bool(quantize_head)}
     model.__dict__.pop("_compiled_decode_step", None)  # a step compiled for the float modules
     return model
+
+
+def quantize_weights(module: nn.Module, method: str, names=("w13", "w2")) -> None:
+    """Replace the float parameters `names` of `module` by QuantizedWeights (in place)."""
+    for name in names:
+        weight = getattr(module, name)
+        delattr(module, name)
+        setattr(module, name, QuantizedWeight.from_float(weight, method))
 
 
 def quantized_weights(model: nn.Module):

@@ -81,7 +81,7 @@ def quantize(model, method: str):
 
 
 def build_server(args):
-    from ..checkpoint import load_model
+    from ..loading import load_model
     from ..engine import Engine
     from .app import OpenAIServer
     from .chat_template import load_chat_template

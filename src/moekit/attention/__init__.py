@@ -1,0 +1,12 @@
+"""Attention kinds behind one interface (see base.py): `build_attention(cfg, layer_idx)`."""
+
+from .base import ATTENTION_KINDS, attend_spans, attention_class, register_attention
+from .gqa import GQAttention
+
+
+def build_attention(cfg, layer_idx: int):
+    return attention_class(cfg.attention)(cfg, layer_idx)
+
+
+__all__ = ["ATTENTION_KINDS", "GQAttention", "attend_spans", "attention_class", "build_attention",
+           "register_attention"]

@@ -1,0 +1,83 @@
+"""The attention interface, and the span loop every attention kind shares.
+
+An attention kind is an `nn.Module` registered with `@register_attention("name")` that
+implements:
+
+    forward(x_BTD, plan, rope_BT) -> (B, T, D)   rope_BT = (cos, sin) of the plan's positions
+    new_cache(batch, max_len, dtype, device)     its per-layer cache (cache.py: KVLayerCache today)
+
+and runs its core through `attend_spans(plan, layer_idx, q, new_state, attend)`: for each span
+of the plan (plan.py) it slices the new tokens' state, lets the layer cache `update` it (so
+the kind decides what is cached: K/V, a latent, a window, a recurrent state) and calls
+`attend(q, cached_state, span, numerics)`; the outputs are joined in row order, with zero rows
+for the numerics padding. Training, prefill, decode, the compiled step and the engine's
+ragged batches are therefore one code path per kind.
+
+Adding a kind (MLA, sliding window + sinks, Gated DeltaNet, ...): one file in attention/,
+its cache class in cache.py when it keeps other state, and a `ModelConfig.attention` value.
+
+Legend: B batch, T tokens, H heads, D model dim, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+
+ATTENTION_KINDS: Dict[str, type] = {}
+
+
+def register_attention(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.kind = name
+        ATTENTION_KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def attention_class(name: str) -> type:
+    if name not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention kind {name!r}; choose one of {tuple(ATTENTION_KINDS)}")
+    return ATTENTION_KINDS[name]
+
+
+def take_rows(t: torch.Tensor, a: int, b: int, whole: bool) -> torch.Tensor:
+    """Rows [a, b) of the token dim (dim 2 of a (B, H, T, Dh) tensor), contiguous as alone."""
+    return t if whole else t[:, :, a:b].contiguous()
+
+
+def attend_spans(plan, layer_idx: int, q_BHTDh: torch.Tensor, new_state, attend) -> torch.Tensor:
+    """Run `attend(q, state, span, plan.numerics)` for each span; `new_state` is a tuple of (B, *, T, *) tensors
+    written to the span's layer cache first. Returns the (B, H, T, Dh) outputs in row order."""
+    T = q_BHTDh.shape[2]
+    whole = len(plan.spans) == 1 and plan.spans[0].a == 0 and plan.spans[0].b == T
+    outs: List[torch.Tensor] = []
+    for span in plan.spans:
+        q = take_rows(q_BHTDh, span.a, span.b, whole)
+        state = tuple(take_rows(t, span.a, span.b, whole) for t in new_state)
+        if span.cache is not None:
+            state = span.cache[layer_idx].update(*state, span)
+        outs.append(attend(q, state, span, plan.numerics))
+    if whole:
+        return outs[0]
+    if plan.padded_from < T:
+        B, H, _, Dh = outs[0].shape
+        outs.append(q_BHTDh.new_zeros(B, H, T - plan.padded_from, Dh))
+    return torch.cat(outs, dim=2)
+
+
+def math_attention(q_BHTDh, k_BGSDh, v_BGSDh, mask_B1TS) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + mask) v with plain batched matmuls, GQA by grouping the query
+    heads (no k/v copies). A row's bits do not depend on the batch size, unlike the CPU flash
+    kernel's (its work split follows the thread count and the batch): the batch-invariant
+    numerics use this form for batches of several rows (the engine's decode step)."""
+    B, H, T, Dh = q_BHTDh.shape
+    G, S = k_BGSDh.shape[1], k_BGSDh.shape[2]
+    R = H // G
+    q_BGRTDh = q_BHTDh.reshape(B, G, R * T, Dh)
+    scores = torch.matmul(q_BGRTDh, k_BGSDh.transpose(-1, -2)) * (Dh ** -0.5)  # (B, G, R*T, S)
+    scores = scores.view(B, G, R, T, S).masked_fill(~mask_B1TS[:, :, None], float("-inf"))
+    probs = torch.softmax(scores.view(B, G, R * T, S), dim=-1)
+    return torch.matmul(probs, v_BGSDh).view(B, H, T, Dh)

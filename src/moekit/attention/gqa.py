@@ -1,0 +1,73 @@
+"""Grouped-query attention: MHA (G = H), GQA, MQA (G = 1); q/k RMSNorm per head (Qwen3) or over
+the whole projection (OLMoE), q/k/v bias (Qwen2-MoE), clipping (OLMoE), rotate-half RoPE, SDPA.
+Its layer cache holds keys and values (cache.KVLayerCache).
+
+Legend: B batch, T new tokens, S keys, D model dim, H heads, G KV heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVLayerCache
+from ..norm import RMSNorm
+from ..rope import apply_rope
+from .base import attend_spans, math_attention, register_attention
+
+
+@register_attention("gqa")
+class GQAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        H, G, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(H * Dh, cfg.norm_eps), RMSNorm(G * Dh, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVLayerCache:
+        cfg = self.cfg
+        return KVLayerCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    def project(self, x_BTD, cos_BTDh, sin_BTDh):
+        """Projections, qk-norm, clipping and RoPE: q (B, H, T, Dh), k and v (B, G, T, Dh)."""
+        cfg = self.cfg
+        B, T, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q_BTHDh = q.view(B, T, cfg.n_heads, cfg.head_dim)
+        k_BTGDh = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
+        q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_BTDh, sin_BTDh)
+        k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_BTDh, sin_BTDh)
+        v_BGTDh = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        return q_BHTDh, k_BGTDh, v_BGTDh
+
+    def attend(self, q_BHTDh, kv, span, numerics) -> torch.Tensor:
+        k_BGSDh, v_BGSDh = kv
+        if numerics.batch_invariant and q_BHTDh.shape[0] > 1 and span.mask_B1TS is not None:
+            return math_attention(q_BHTDh, k_BGSDh, v_BGSDh, span.mask_B1TS)
+        gqa = self.cfg.n_kv_heads != self.cfg.n_heads
+        # no mask: causal for a block of new tokens; one token (decoding) sees every key up to itself
+        causal = span.mask_B1TS is None and q_BHTDh.shape[2] > 1
+        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=span.mask_B1TS,
+                                              is_causal=causal, enable_gqa=gqa)
+
+    def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTDh, k_BGTDh, v_BGTDh = self.project(x_BTD, *rope_BT)
+        out_BHTDh = attend_spans(plan, self.layer_idx, q_BHTDh, (k_BGTDh, v_BGTDh), self.attend)
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))

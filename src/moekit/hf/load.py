@@ -1,0 +1,160 @@
+"""`load_hf`: an HF checkpoint directory -> a moekit Transformer, through the architecture's spec."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..checkpoint import load_tokenizer
+from ..config import ModelConfig
+from ..model import Transformer
+from .io import PathLike, dtype_name, read_config, read_weights, resolve_dtype, weight_files
+from .spec import ArchSpec, Piece, get_spec
+
+
+def load_table(spec: ArchSpec, cfg: ModelConfig) -> Dict[str, Piece]:
+    """Both layouts: a checkpoint may hold either (even mixed per layer). A tied model's
+    checkpoint may still hold lm_head.weight; load_hf accepts it when it equals the embedding."""
+    table = spec.tensor_table(cfg, "per_expert")
+    table.update(spec.tensor_table(cfg, "fused"))
+    if cfg.tie_embeddings:
+        table["lm_head.weight"] = Piece("lm_head.weight", optional=True)
+    return table
+
+
+def _listing(keys: List[str], limit: int = 8) -> str:
+    """'a', 'b' and 3 more"""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class StateBuilder:
+    """Collects moekit tensors from HF pieces, checking shapes and coverage."""
+
+    def __init__(self, table: Dict[str, Piece], shapes: Dict[str, torch.Size], dtype, device):
+        self.table, self.shapes, self.dtype, self.device = table, shapes, dtype, device
+        self.state: Dict[str, torch.Tensor] = {}
+        self.read: Dict[str, List[str]] = defaultdict(list)  # target -> HF keys read
+        self.unexpected: List[str] = []
+
+    def expected_shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        piece = self.table.get(key)
+        if piece is None:
+            return None
+        return piece.shape_in(tuple(self.shapes[piece.target]) if piece.target else ())
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        piece = self.table[key]
+        if piece.target is None:
+            return
+        self.read[piece.target].append(key)
+        if piece.whole:
+            self.state[piece.target] = tensor.to(self.device, self.dtype)
+            return
+        full = self.state.get(piece.target)
+        if full is None:
+            full = self.state[piece.target] = torch.empty(self.shapes[piece.target], dtype=self.dtype, device=self.device)
+        piece.view(full).copy_(tensor)
+
+    def check_complete(self) -> None:
+        if self.unexpected:
+            raise ValueError(
+                f"unexpected tensors in the checkpoint (moekit has no place for them): {_listing(self.unexpected)}"
+            )
+        keys_by_target: Dict[str, List[str]] = defaultdict(list)
+        for key, piece in self.table.items():
+            if piece.target is not None:
+                keys_by_target[piece.target].append(key)
+        missing: List[str] = []
+        for target, keys in keys_by_target.items():
+            if target in self.read or not all(self.table[k].optional for k in keys):
+                missing += self._missing_for(target, keys)
+        if missing:
+            raise ValueError(f"missing tensors in the checkpoint: {', '.join(missing[:8])}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+    def _missing_for(self, target: str, keys: List[str]) -> List[str]:
+        """Descriptions of what `target` still lacks: one whole tensor, or every per-expert piece."""
+        got = self.read.get(target, [])
+        whole_got = [k for k in got if self.table[k].whole]
+        if len(whole_got) > 1 or (whole_got and len(got) > len(whole_got)):
+            raise ValueError(f"tensors {_listing(got)} all provide {target!r}; a checkpoint must hold only one of them")
+        if whole_got:
+            return []
+        whole_keys = [k for k in keys if self.table[k].whole]
+        part_keys = [k for k in keys if not self.table[k].whole]
+        if got or not whole_keys:  # (some) pieces read: every piece is needed
+            got_set = set(got)
+            return [repr(k) for k in part_keys if k not in got_set]
+        alternatives = " or ".join(repr(k) for k in whole_keys)
+        if part_keys:
+            alternatives += f" (or its per-expert tensors such as {part_keys[0]!r})"
+        return [alternatives]
+
+
+def fold_attention_factor(model: Transformer, factor: float) -> None:
+    """Scale q and k by `factor` so scores match transformers' YaRN cos/sin scaling (RoPE is linear)."""
+    with torch.no_grad():
+        for block in model.layers:
+            attn = block.attn
+            for module in ((attn.q_norm, attn.k_norm) if attn.q_norm is not None else (attn.q_proj, attn.k_proj)):
+                for param in module.parameters():
+                    param.mul_(factor)
+
+
+def check_tied_head(state: Dict[str, torch.Tensor]) -> None:
+    """A stored lm_head.weight of a tied model must equal the embedding (transformers would untie)."""
+    head_VD = state.pop("lm_head.weight", None)
+    if head_VD is not None and not torch.equal(head_VD, state["embed.weight"]):
+        raise ValueError("config.json has tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
+                         "model.embed_tokens.weight; set tie_word_embeddings to false to load both")
+
+
+def materialize(model: Transformer, state: Dict[str, torch.Tensor], device) -> None:
+    """Assign the loaded tensors to the meta-device model (no second copy); zero the buffers
+    HF does not store (expert_bias, token counters) and rebuild the RoPE table."""
+    buffers = {name for name, _ in model.named_buffers()}
+    for name, meta in model.state_dict().items():
+        if name in state:
+            continue
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            state[name] = state["embed.weight"]
+        else:
+            assert name in buffers, f"internal: no HF tensor maps to parameter {name!r}"
+            state[name] = torch.zeros(meta.shape, dtype=meta.dtype, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = model.rope_inv_freq().to(device)
+
+
+def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) -> Transformer:
+    """Load an HF checkpoint directory as a moekit Transformer (eval mode).
+
+    dtype: torch.dtype or name; None keeps config.json's dtype. Shards are read one at a
+    time straight into the final tensors. `model.tokenizer` is the directory's
+    tokenizer.json as a `tokenizers.Tokenizer`, or None.
+    """
+    path = Path(path)
+    hf = read_config(path)
+    spec = get_spec(hf.get("model_type"))
+    dtype = resolve_dtype(dtype)
+    parsed = spec.parse_config(hf, dtype=None if dtype is None else dtype_name(dtype))
+    cfg = parsed.cfg
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    builder = StateBuilder(load_table(spec, cfg), shapes, cfg.torch_dtype, torch.device(device))
+    read_weights(files, builder, progress)
+    builder.check_complete()
+    if cfg.tie_embeddings:
+        check_tied_head(builder.state)
+    materialize(model, builder.state, device)
+    if parsed.attention_factor != 1.0:
+        fold_attention_factor(model, parsed.attention_factor)
+    model.tokenizer = load_tokenizer(path)
+    return model.eval()

@@ -1,0 +1,58 @@
+"""qwen2_moe (Qwen2MoeForCausalLM): qwen3_moe's layout (dense layers, sliding window switch,
+norm_topk_prob) with a q/k/v bias (`qkv_bias`, default true) instead of q/k norms, and one
+shared expert of shared_expert_intermediate_size behind a sigmoid gate.
+
+Shared expert tensors, HF -> moekit (`n_s` = shared_expert_intermediate_size):
+
+    model.layers.i.mlp.shared_expert.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
+    model.layers.i.mlp.shared_expert.down_proj.weight       layers.i.ffn.shared.w2
+    model.layers.i.mlp.shared_expert_gate.weight            layers.i.ffn.shared_gate.weight
+
+With shared_expert_intermediate_size=0 transformers still builds zero-size shared-expert
+tensors (and a gate whose output multiplies nothing): load_hf accepts them, save_hf writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from ..config import ModelConfig
+from .qwen3_moe import Qwen3MoeSpec
+from .spec import Piece, swiglu_pieces
+
+
+class Qwen2MoeSpec(Qwen3MoeSpec):
+    model_type = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+    infer_rank = 3  # the most general: whatever no other architecture claims
+    defaults = {"max_position_embeddings": 32768, "intermediate_size": 5632}
+    qk_norm = None
+    qkv_bias = True
+    shared_expert = True
+
+    def attention_from_hf(self, hf: dict, strict: bool) -> dict:
+        return dict(attention_bias=bool(hf.get("qkv_bias", True)), qk_norm=None, clip_qkv=None)
+
+    def shared_size(self, hf: dict) -> int:
+        return int(hf.get("shared_expert_intermediate_size") or 0)
+
+    def hf_fields(self, cfg: ModelConfig) -> dict:
+        fields = super().hf_fields(cfg)
+        del fields["attention_bias"]
+        fields.update(qkv_bias=cfg.attention_bias, shared_expert_intermediate_size=cfg.moe.shared_dim)
+        return fields
+
+    def claims(self, cfg: ModelConfig) -> bool:
+        return True
+
+    def extra_moe_tensors(self, cfg: ModelConfig, hf_prefix: str, target: str) -> Dict[str, Piece]:
+        p, t = hf_prefix, target
+        if cfg.moe.shared_dim:
+            table = swiglu_pieces(p + "shared_expert.", t + "shared.")
+            table[p + "shared_expert_gate.weight"] = Piece(t + "shared_gate.weight")
+            return table
+        D = cfg.d_model
+        table = {f"{p}shared_expert.{name}.weight": Piece(None, shape=shape)
+                 for name, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0)))}
+        table[p + "shared_expert_gate.weight"] = Piece(None, shape=(1, D))
+        return table

@@ -1,0 +1,60 @@
+"""Inference kernels for few tokens (decoding): each (token, expert) pair reads its expert's
+weights by index, instead of sorting pairs and looping over experts (gpt-fast style).
+
+`experts_gathered` (eager, any number of pairs per token): copies the P pairs' expert
+weights and runs two batched matmuls; used without autograd when P <= E, so each expert's
+weights are read about once, as the grouped path would.
+
+`experts_static` (static shapes, no host syncs, K experts per token: the compiled decode
+step): a multiply-and-reduce over the gathered weights, which torch.compile fuses into one
+pass that reads each chosen expert's weights without copying them. With many pairs
+(T*K > E) and `allow_dense`, every expert runs on every token instead and a (T, E) gate
+matrix, 0 off the chosen experts, weights the outputs: each expert's weights are read once.
+The engine passes allow_dense=False: its step must compute a row the same way whatever the
+batch size (bitwise batch invariance), and the per-pair form does.
+
+Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ffn import swiglu
+from .weights import dense, gathered_matvec
+
+
+def use_gathered(num_pairs: int, num_experts: int) -> bool:
+    return not torch.is_grad_enabled() and 0 < num_pairs <= num_experts
+
+
+@torch.no_grad()
+def experts_gathered(x_TD, w13, w2, gates_P, token_idx_P, expert_idx_P) -> torch.Tensor:
+    dtype = x_TD.dtype
+    x_PD1 = x_TD.index_select(0, token_idx_P).unsqueeze(-1)
+    h_P2F = torch.bmm(dense(w13, expert_idx_P, dtype), x_PD1).squeeze(-1)
+    a_PF1 = (swiglu(h_P2F) * gates_P.to(dtype)[:, None]).unsqueeze(-1)
+    y_PD = torch.bmm(dense(w2, expert_idx_P, dtype), a_PF1).squeeze(-1)
+    return torch.zeros_like(x_TD).index_add_(0, token_idx_P, y_PD)
+
+
+def experts_static(x_TD, w13, w2, gates_TK, expert_idx_TK, allow_dense: bool = True) -> torch.Tensor:
+    T, K = expert_idx_TK.shape
+    E = w13.shape[0]
+    gates_TK = gates_TK.to(x_TD.dtype)
+    if T * K <= E or not allow_dense:
+        expert_idx_P = expert_idx_TK.reshape(-1)
+        x_P1D = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+        h_P2F = gathered_matvec(w13, expert_idx_P, x_P1D)
+        a_P1F = (swiglu(h_P2F) * gates_TK.reshape(-1, 1)).unsqueeze(1)
+        y_PD = gathered_matvec(w2, expert_idx_P, a_P1F)
+        y_TKD = y_PD.view(T, K, -1)
+        out_TD = y_TKD[:, 0]
+        for k in range(1, K):  # a fixed order, k = 0..K-1
+            out_TD = out_TD + y_TKD[:, k]
+        return out_TD
+    w13_EFD, w2_EDF = dense(w13, dtype=x_TD.dtype), dense(w2, dtype=x_TD.dtype)
+    gates_ET = torch.zeros(T, E, dtype=x_TD.dtype, device=x_TD.device).scatter(1, expert_idx_TK, gates_TK).t()
+    h_ET2F = torch.matmul(x_TD, w13_EFD.transpose(1, 2))
+    a_ETF = swiglu(h_ET2F) * gates_ET[..., None]
+    return torch.matmul(a_ETF, w2_EDF.transpose(1, 2)).sum(0)

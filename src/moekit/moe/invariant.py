@@ -1,0 +1,70 @@
+"""Routed experts with batch-invariant numerics (the engine's policy, `numerics.py`): each
+expert's rows go through GEMMs whose row count is a multiple of `row_quantum`, and the
+SwiGLU runs through the policy's padded elementwise op, so a token's output is bitwise the
+same whatever other tokens share the call. Eager only (it reads the expert counts).
+
+Few experts active (decoding a small batch): a loop over them, F.linear on each one's rows
+(the other experts' weights are never read). Most experts active: one padded grid, E
+blocks of the same row count, two `bmm`s. Both give the same bits for a row (a padded bmm
+row equals the F.linear row; `tests/test_engine.py` checks it). A token sums its K expert
+outputs in the fixed order k = 0..K-1.
+
+Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs, R rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..numerics import Numerics, round_up
+from .ffn import swiglu
+from .weights import dense
+
+
+def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics) -> torch.Tensor:
+    T, K = expert_idx_TK.shape
+    E, D, q = w13.shape[0], x_TD.shape[1], numerics.row_quantum
+    dtype = x_TD.dtype
+    if T == 0:
+        return x_TD.new_zeros(0, D)
+    expert_P = expert_idx_TK.reshape(-1)  # token-major pairs: pair p = t*K + k
+    gates_P = gates_TK.reshape(-1).to(dtype)
+    order_P = torch.argsort(expert_P, stable=True)
+    counts = torch.bincount(expert_P, minlength=E).tolist()
+    x_ext_TD = F.pad(x_TD, (0, 0, 0, 1))  # row T is zeros: the padding rows gather it
+    gates_ext_P = F.pad(gates_P, (0, 1))
+    pad_pair = T * K
+    y_PD = x_TD.new_empty(T * K, D)
+    if 2 * sum(c > 0 for c in counts) > E:
+        block = round_up(max(counts), q)
+        counts_E = torch.tensor(counts, device=x_TD.device)
+        expert_sorted_P = expert_P.index_select(0, order_P)
+        rank_P = torch.arange(T * K, device=x_TD.device) - (torch.cumsum(counts_E, 0) - counts_E)[expert_sorted_P]
+        slot_P = expert_sorted_P * block + rank_P
+        pair_R = torch.full((E * block,), pad_pair, dtype=torch.long, device=x_TD.device)
+        pair_R[slot_P] = order_P
+        tok_R = torch.where(pair_R == pad_pair, T, pair_R // K)
+        x_EBD = x_ext_TD.index_select(0, tok_R).view(E, block, D)
+        h_EB2F = torch.bmm(x_EBD, dense(w13, dtype=dtype).transpose(1, 2))
+        a_EBF = swiglu(h_EB2F, numerics) * gates_ext_P.index_select(0, pair_R).view(E, block, 1)
+        y_RD = torch.bmm(a_EBF, dense(w2, dtype=dtype).transpose(1, 2)).view(E * block, D)
+        y_PD.index_copy_(0, order_P, y_RD.index_select(0, slot_P))
+    else:
+        offset = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            pairs_c = order_P[offset:offset + c]
+            offset += c
+            c_pad = round_up(c, q)
+            pairs_r = F.pad(pairs_c, (0, c_pad - c), value=pad_pair) if c_pad != c else pairs_c
+            tok_r = torch.where(pairs_r == pad_pair, T, pairs_r // K)
+            h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), dense(w13, e, dtype))
+            a_rF = swiglu(h_r2F, numerics) * gates_ext_P.index_select(0, pairs_r)[:, None]
+            y_PD.index_copy_(0, pairs_c, F.linear(a_rF, dense(w2, e, dtype))[:c])
+    y_TKD = y_PD.view(T, K, D)
+    out_TD = y_TKD[:, 0].clone()
+    for k in range(1, K):
+        out_TD += y_TKD[:, k]
+    return out_TD

@@ -1,0 +1,107 @@
+"""The plain-Python oracle for `formats`: one group (int8: one row) quantized value by value.
+
+Each step is a correctly rounded float32 operation (Python floats rounded to float32 after
+every op, as the C code does), and the result is the group's bytes in its documented layout:
+
+  int8     [fp32 s][K x int8]                       (one row)
+  q8_0     [fp16 d][32 x int8]                      = GGML block_q8_0
+  q4_0     [fp16 d][16 bytes]                       = GGML block_q4_0
+  int4-gG  [fp16 s][fp16 m][G/2 bytes]
+
+4-bit codes: byte j holds element j in its low nibble and element j + G/2 in its high nibble.
+Inputs must already be float32-representable and the group complete (padded). The format
+classes of `formats` call these from their `reference_quantize_group` /
+`reference_dequantize_group`; the tests compare the vectorised code against them byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import List, Sequence, Tuple
+
+
+def _f32(v: float) -> float:
+    """Round a Python float to float32."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def _f16(v: float) -> float:
+    return struct.unpack("<e", struct.pack("<e", v))[0]
+
+
+def _roundf(v: float) -> float:
+    """C's roundf: halves go away from zero."""
+    return math.copysign(math.floor(abs(v) + 0.5), v)
+
+
+def _nibble_bytes(q: List[int]) -> bytes:
+    half = len(q) // 2
+    return bytes(q[j] | (q[j + half] << 4) for j in range(half))
+
+
+def _nibbles(data: bytes) -> List[int]:
+    return [b & 15 for b in data] + [b >> 4 for b in data]
+
+
+def _symmetric_int8(values: Sequence[float]) -> Tuple[float, List[int]]:
+    """d = max|x| / 127 (float32) and q = clamp(roundf(x * (1/d)), -127, 127) (q = 0 when d = 0)."""
+    x = [_f32(v) for v in values]
+    d = _f32(max(abs(v) for v in x) / 127.0)
+    inv = _f32(1.0 / d) if d else 0.0
+    return d, [int(max(-127, min(127, _roundf(_f32(v * inv))))) for v in x]
+
+
+# ---------------------------------------------------------------------------- int8 (one row)
+def quantize_int8_row(values: Sequence[float]) -> bytes:
+    d, qs = _symmetric_int8(values)
+    return struct.pack("<f", d) + struct.pack(f"<{len(qs)}b", *qs)
+
+
+def dequantize_int8_row(data: bytes) -> List[float]:
+    (s,) = struct.unpack_from("<f", data)
+    return [_f32(q * s) for q in struct.unpack_from(f"<{len(data) - 4}b", data, 4)]
+
+
+# ---------------------------------------------------------------------------- q8_0 (llama.cpp quantize_row_q8_0_ref)
+def quantize_q8_0_block(values: Sequence[float]) -> bytes:
+    d, qs = _symmetric_int8(values)  # the codes use the float32 d; the fp16 d is what is stored
+    return struct.pack("<e", _f16(d)) + struct.pack(f"<{len(qs)}b", *qs)
+
+
+def dequantize_q8_0_block(data: bytes) -> List[float]:
+    (d,) = struct.unpack_from("<e", data)
+    return [_f32(q * d) for q in struct.unpack_from(f"<{len(data) - 2}b", data, 2)]
+
+
+# ---------------------------------------------------------------------------- q4_0 (llama.cpp quantize_row_q4_0_ref)
+def quantize_q4_0_block(values: Sequence[float]) -> bytes:
+    x = [_f32(v) for v in values]
+    amax, vmax = 0.0, 0.0
+    for v in x:  # the first value of largest magnitude, sign kept
+        if amax < abs(v):
+            amax, vmax = abs(v), v
+    d = _f32(vmax / -8.0)
+    inv = _f32(1.0 / d) if d else 0.0
+    q = [min(15, int(_f32(_f32(v * inv) + 8.5))) for v in x]
+    return struct.pack("<e", _f16(d)) + _nibble_bytes(q)
+
+
+def dequantize_q4_0_block(data: bytes) -> List[float]:
+    (d,) = struct.unpack_from("<e", data)
+    return [_f32((v - 8) * d) for v in _nibbles(data[2:])]
+
+
+# ---------------------------------------------------------------------------- int4-gG (asymmetric)
+def quantize_affine_int4_group(values: Sequence[float]) -> bytes:
+    x = [_f32(v) for v in values]
+    mn, mx = min(x), max(x)
+    s, m = _f16(_f32(_f32(mx - mn) / 15.0)), _f16(mn)  # the codes use the fp16-rounded pair
+    inv = _f32(1.0 / s) if s else 0.0
+    q = [max(0, min(15, math.floor(_f32(_f32(_f32(v - m) * inv) + 0.5)))) for v in x]
+    return struct.pack("<ee", s, m) + _nibble_bytes(q)
+
+
+def dequantize_affine_int4_group(data: bytes) -> List[float]:
+    s, m = struct.unpack_from("<ee", data)
+    return [_f32(_f32(v * s) + m) for v in _nibbles(data[4:])]
