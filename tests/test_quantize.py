@@ -255,7 +255,7 @@ def test_few_tokens_dequantize_only_the_touched_experts():
     w13, w2 = original(), experts.w2.dense()
     n = 32
     y_ref = torch.zeros_like(x)
-    for g, e in zip(gates.tolist(), exp.tolist()):
+    for g, e in zip(gates[0].tolist(), exp[0].tolist()):
         h = w13[e] @ x[0]
         y_ref[0] += g * (w2[e] @ (torch.nn.functional.silu(h[:n]) * h[n:]))
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
