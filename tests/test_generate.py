@@ -7,7 +7,8 @@ import torch
 
 from moekit import ModelConfig, Transformer, load_model, save_model
 from moekit import generate as gen_mod
-from moekit.generate import apply_repetition_penalty, generate, top_k_filter, top_p_filter
+from moekit.generate import generate
+from moekit.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1], [8, 3], [250, 251, 252, 253], [11]]
 

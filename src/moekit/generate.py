@@ -12,13 +12,11 @@ slots from attention, so a padded sequence computes what it would alone. One pre
 forward fills the cache with the prompts; then each decode step feeds one token per
 sequence. The cache is allocated once for P + max_new_tokens slots.
 
-Sampling, in the order applied to the last position's logits (float32):
-  1. repetition penalty (CTRL / HF semantics) over the prompt and generated tokens:
-     a positive logit is divided by the penalty, a negative one multiplied by it;
-  2. temperature == 0: greedy (argmax), the steps below are skipped;
-  3. logits / temperature, then top-k, then top-p (nucleus: the smallest set of
-     most likely tokens whose probability reaches top_p, at least one token);
-  4. a draw from the softmax with a `torch.Generator` seeded by `seed`.
+Sampling: `moekit.sampling` (its docstring gives the order the processors apply in):
+the repetition penalty over the prompt and generated tokens (greedy mode included), then
+greedy argmax when temperature == 0, else temperature, top-k, top-p and a draw with a
+`torch.Generator` seeded by `seed`. Invalid values raise `sampling.SamplingParamError` (a
+ValueError naming the field), with the same messages as the engine and the server.
 
 Stopping: `stop` holds token ids and/or token-id sequences; `eos_token_id` adds
 single ids. A sequence ends when its generated tokens end with one of them; the
@@ -50,127 +48,19 @@ Legend: B batch, P padded prompt length, S cache length (P + max_new_tokens), V 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional
 
 import torch
 
+from .sampling import (StopSpec, apply_repetition_penalty, check_sampling, ends_with_stop, new_generator,
+                       normalise_prompts, normalise_stops, sample_next)
+from .speculative import speculative_generate
+from .tokens import eos_token_ids
+
 
 PAD_ID = 0  # any valid id; pad slots are masked out of attention and never sampled from
-
-StopSpec = Optional[Sequence[Union[int, Sequence[int]]]]
-
-
-# ---------------------------------------------------------------------------- logits processing
-def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL penalty on tokens already seen: logit/penalty if positive, logit*penalty if not."""
-    if penalty == 1.0:
-        return logits_BV
-    penalised_BV = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
-    return torch.where(seen_BV, penalised_BV, logits_BV)
-
-
-def top_k_filter(logits_BV: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
-    """Keep the k largest logits of each row (ties with the k-th are kept); the rest -> -inf."""
-    if top_k is None or top_k >= logits_BV.shape[-1]:
-        return logits_BV
-    kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
-    return logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-
-
-def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= top_p.
-
-    A token is dropped when the probability of the tokens ranked above it already reaches
-    top_p, so the most likely token is always kept.
-    """
-    if top_p is None or top_p >= 1.0:
-        return logits_BV
-    sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
-    probs_BV = torch.softmax(sorted_BV, dim=-1)
-    mass_before_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV
-    drop_sorted_BV = mass_before_BV >= top_p
-    drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
-    return logits_BV.masked_fill(drop_BV, float("-inf"))
-
-
-def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row (B,) int64: argmax when temperature == 0, else a filtered draw."""
-    if temperature == 0.0:
-        return torch.argmax(logits_BV, dim=-1)
-    logits_BV = top_p_filter(top_k_filter(logits_BV / temperature, top_k), top_p)
-    probs_BV = torch.softmax(logits_BV, dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------- input checks
-def _normalise_prompts(prompts, vocab_size: int) -> List[List[int]]:
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
-    out = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        ids = []
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"prompt {i} holds a non-integer token {t!r}")
-            if not 0 <= t < vocab_size:
-                raise ValueError(f"prompt {i} holds token id {t} outside [0, vocab_size={vocab_size})")
-            ids.append(int(t))
-        out.append(ids)
-    return out
-
-
-def _normalise_stops(stop: StopSpec, eos_token_id, vocab_size: int) -> List[Tuple[int, ...]]:
-    """All stop conditions as token-id tuples (a single id becomes a 1-tuple)."""
-    items: list = []
-    if stop is not None:
-        if isinstance(stop, int) and not isinstance(stop, bool):
-            stop = [stop]
-        items.extend(stop)
-    if eos_token_id is not None:
-        items.extend([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    seqs = []
-    for item in items:
-        seq = (item,) if isinstance(item, int) else tuple(item)
-        if not seq or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in seq):
-            raise ValueError(f"stop entry {item!r} must be a token id or a non-empty list of ids in [0, {vocab_size})")
-        seqs.append(seq)
-    return seqs
-
-
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
-
-
-def _ends_with_stop(ids: List[int], stops: List[Tuple[int, ...]]) -> int:
-    """Length of the stop sequence that `ids` ends with, 0 when none."""
-    for seq in stops:
-        n = len(seq)
-        if len(ids) >= n and tuple(ids[-n:]) == seq:
-            return n
-    return 0
 
 
 # ---------------------------------------------------------------------------- generation
@@ -195,9 +85,10 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
     restored afterwards.
     """
     cfg = model.cfg
-    prompts = _normalise_prompts(prompts, cfg.vocab_size)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    stops = _normalise_stops(stop, eos_token_id, cfg.vocab_size)
+    prompts = normalise_prompts(prompts, cfg.vocab_size)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                   max_tokens_name="max_new_tokens", min_tokens=0)
+    stops = normalise_stops(stop, eos_token_id, cfg.vocab_size)
     lens = [len(p) for p in prompts]
     P = max(lens)
     S = P + max_new_tokens
@@ -218,10 +109,7 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
 
     weight = model.embed.weight
     device, dtype = weight.device, weight.dtype
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    generator = new_generator(temperature, seed, device)
 
     was_training = model.training
     model.eval()
@@ -277,7 +165,7 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
             if done[b]:
                 continue
             out[b].append(next_ids[b])
-            n_stop = _ends_with_stop(out[b], stops) if stops else 0
+            n_stop = ends_with_stop(out[b], stops) if stops else 0
             if n_stop:
                 del out[b][-n_stop:]
                 done[b] = True
@@ -349,23 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=int, default=4, help="speculative: tokens proposed per round (default 4)")
     p.add_argument("--ngram", type=int, default=3, help="--speculative ngram: longest suffix matched (default 3)")
     return p
-
-
-def _eos_token_ids(path: str, model) -> Optional[List[int]]:
-    """End-of-sequence ids: `model.eos_token_id`, else an HF checkpoint's generation_config.json/config.json."""
-    eos = getattr(model, "eos_token_id", None)
-    for name in ("generation_config.json", "config.json"):
-        file = os.path.join(path, name)
-        if eos is None and os.path.isfile(file):
-            with open(file) as f:
-                try:
-                    eos = json.load(f).get("eos_token_id")
-                except (json.JSONDecodeError, AttributeError):
-                    eos = None
-    if eos is None:
-        return None
-    ids = [eos] if isinstance(eos, int) else list(eos)
-    return [i for i in ids if isinstance(i, int) and 0 <= i < model.cfg.vocab_size] or None
 
 
 class _TextStreamer:
@@ -450,11 +321,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
         else:
             prompt_ids = _parse_ids(args.prompt_ids)
         stop = _parse_ids(args.stop_ids) if args.stop_ids else None
-        eos = _eos_token_ids(args.checkpoint, model)
+        eos = eos_token_ids(args.checkpoint, model)
         streamer = _IdStreamer() if tokenizer is None or args.print_ids else _TextStreamer(tokenizer)
         if draft is not None or args.speculative is not None:
-            from .speculative import speculative_generate
-
             if args.repetition_penalty != 1.0:
                 raise ValueError("--repetition-penalty is not supported with speculative decoding")
             _, stats = speculative_generate(

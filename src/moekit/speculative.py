@@ -38,6 +38,9 @@ produced after a stop are dropped). Stats: `proposed` / `accepted` draft tokens,
 prompt prefill not counted; plain decoding needs one per token), `tokens_per_pass` =
 (accepted + passes) / passes, `draft_forward_passes` (draft mode, its prompt prefill included).
 
+The sampling distributions (`filtered_probs`), draws, parameter checks, stop and prompt
+handling come from `moekit.sampling` (shared with `generate` and the engine).
+
 Legend: V vocab, X positions scored in one round (g + 1), G proposed tokens (g <= gamma).
 """
 
@@ -48,8 +51,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .generate import (StopSpec, _check_sampling, _ends_with_stop, _normalise_prompts, _normalise_stops,
-                       top_k_filter, top_p_filter)
+from .sampling import (StopSpec, check_sampling, draw, ends_with_stop, filtered_probs, new_generator,
+                       normalise_prompts, normalise_stops)
 
 
 @dataclass
@@ -74,20 +77,7 @@ class SpeculativeStats:
         return {**asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_pass": self.tokens_per_pass}
 
 
-# ---------------------------------------------------------------------------- distributions and the rule
-def filtered_probs(logits_XV: torch.Tensor, temperature: float, top_k: Optional[int],
-                   top_p: Optional[float]) -> torch.Tensor:
-    """The sampling distribution of each row (float32): `generate`'s filters, one-hot argmax when greedy."""
-    logits_XV = logits_XV.float()
-    if temperature == 0.0:
-        return torch.zeros_like(logits_XV).scatter_(-1, logits_XV.argmax(-1, keepdim=True), 1.0)
-    return torch.softmax(top_p_filter(top_k_filter(logits_XV / temperature, top_k), top_p), dim=-1)
-
-
-def _draw(probs_V: torch.Tensor, generator: Optional[torch.Generator]) -> int:
-    return int(torch.multinomial(probs_V, 1, generator=generator))
-
-
+# ---------------------------------------------------------------------------- the acceptance rule
 def verify(p_XV: torch.Tensor, proposal: Sequence[int], q_GV: Optional[torch.Tensor],
            generator: Optional[torch.Generator], greedy: bool = False) -> Tuple[List[int], int]:
     """The acceptance rule: (emitted tokens = accepted proposals + one drawn token, number accepted).
@@ -116,12 +106,12 @@ def verify(p_XV: torch.Tensor, proposal: Sequence[int], q_GV: Optional[torch.Ten
         rejected = (u * q_x >= p_x).tolist()  # accept iff u < p/q (q_x > 0: x was drawn from q)
         n = rejected.index(True) if True in rejected else G
     if n == G:
-        return list(proposal) + [_draw(p_XV[G], generator)], G
+        return list(proposal) + [int(draw(p_XV[G], generator))], G
     q_V = q_GV[n] if q_GV is not None else torch.zeros_like(p_XV[n]).index_fill_(0, x_G[n:n + 1], 1.0)
     residual_V = (p_XV[n] - q_V).clamp(min=0)
     if not residual_V.sum() > 0:  # p == q up to rounding: the residual is p itself
         residual_V = p_XV[n]
-    return list(proposal[:n]) + [_draw(residual_V, generator)], n
+    return list(proposal[:n]) + [int(draw(residual_V, generator))], n
 
 
 def ngram_proposal(context: Sequence[int], ngram: int, max_tokens: int) -> List[int]:
@@ -172,17 +162,15 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, draft=None, ga
         prompt_ids = prompt_ids.tolist()
     if isinstance(prompt_ids, Sequence) and prompt_ids and not isinstance(prompt_ids[0], (int, torch.Tensor)):
         raise ValueError("speculative_generate decodes one sequence: pass prompt_ids as one list of token ids")
-    prompt = _normalise_prompts([prompt_ids], target.cfg.vocab_size)[0]
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, 1.0)
-    stops = _normalise_stops(stop, None, target.cfg.vocab_size)
+    prompt = normalise_prompts([prompt_ids], target.cfg.vocab_size)[0]
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed=seed, max_tokens_name="max_new_tokens",
+                   min_tokens=0)
+    stops = normalise_stops(stop, None, target.cfg.vocab_size)
     _check_model_pair(target, draft, len(prompt) + max_new_tokens)
     stats = SpeculativeStats()
     if max_new_tokens == 0:
         return [], stats
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=target.embed.weight.device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    generator = new_generator(temperature, seed, target.embed.weight.device)
     models = [m for m in (target, draft) if m is not None]
     modes = [m.training for m in models]
     for m in models:
@@ -234,7 +222,7 @@ def _speculative_loop(target, draft, prompt, max_new_tokens, gamma, ngram, tempe
                 stats.draft_forward_passes += 1
                 for i in range(g_max):
                     q_V = filtered_probs(logits_V[None], temperature, top_k, top_p)[0]
-                    x = int(q_V.argmax()) if greedy else _draw(q_V, generator)
+                    x = int(q_V.argmax()) if greedy else int(draw(q_V, generator))
                     proposal.append(x)
                     q_rows.append(q_V)
                     if i < g_max - 1:
@@ -257,7 +245,7 @@ def _speculative_loop(target, draft, prompt, max_new_tokens, gamma, ngram, tempe
         for token in emitted:
             out.append(token)
             context.append(token)
-            n_stop = _ends_with_stop(out, stops) if stops else 0
+            n_stop = ends_with_stop(out, stops) if stops else 0
             if n_stop:
                 del out[-n_stop:]
                 return out

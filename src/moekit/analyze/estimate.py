@@ -60,10 +60,6 @@ def forward_flops_per_token(arch: Arch, ctx: float) -> float:
     return sum(flops_by_component(arch, ctx).values())
 
 
-def training_flops_per_token(arch: Arch, ctx: float) -> float:
-    return 3 * forward_flops_per_token(arch, ctx)
-
-
 def kv_bytes_per_token(arch: Arch, nbytes: float) -> float:
     a = arch.attention
     if a is None:

@@ -39,16 +39,15 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..generate import _ends_with_stop
-from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
 from ..numerics import Numerics
 from ..rope import rope_table
+from ..sampling import choose_tokens, ends_with_stop, new_generator
+from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
 from .forward import DecodeStep, bucket_rows, prefill_forward
 from .kv import KVBudget, parse_budget
 from .metrics import EngineMetrics
 from .params import Completion, Event, SamplingParams, stop_sequences
-from .sampling import choose_tokens
-from .scheduler import Scheduler, Sequence as Seq, make_generator
+from .scheduler import Scheduler, Sequence as Seq
 from .text import TextStream
 
 
@@ -192,7 +191,7 @@ class Engine:
         text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         seq_id = next(self._ids)
         handle = RequestHandle(self, seq_id, len(prompt), on_event)
-        seq = Seq(seq_id, prompt, params, stops, make_generator(params, self.device), text, handle)
+        seq = Seq(seq_id, prompt, params, stops, new_generator(params.temperature, params.seed, self.device), text, handle)
         handle._seq = seq
         return seq
 
@@ -305,7 +304,7 @@ class Engine:
             s.logprobs.append(logprob)
         s.generated += 1
         reason = None
-        n_stop = _ends_with_stop(s.out, s.stops) if s.stops else 0
+        n_stop = ends_with_stop(s.out, s.stops) if s.stops else 0
         if n_stop:
             del s.out[-n_stop:]
             del s.logprobs[len(s.out):]

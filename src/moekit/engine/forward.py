@@ -10,8 +10,9 @@ policy (numerics.py), so a request's logits are bitwise the same whatever else i
     length to a power of two >= 64. With `compile=True` the step runs under
     torch.compile (dynamic shapes: one compilation serves every bucket, and every bucket
     runs the same generated code). Pool rows in the bucket that are not decoding (empty, or
-    a request still in its prompt) write their throw-away k/v at slot S_bucket - 1, a slot
-    no request has written yet, and their logits are dropped.
+    a request still in its prompt) repeat a decoding row's token (so their MoE pairs read
+    weights already in cache), write their throw-away k/v at slot S_bucket - 1, a slot no
+    request has written yet, and their logits are dropped.
 
 Chunk boundaries of a prompt are fixed by the scheduler (multiples of prefill_chunk), so
 they do not depend on the load either. `tests/test_engine.py` checks the end result
@@ -73,7 +74,9 @@ class DecodeStep:
         B = bucket_rows(rows_used, self.numerics.row_quantum)
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.row_len)
-        tokens = [PAD_ID] * B
+        # rows not decoding feed a copy of a decoding row's token: their expert pairs then read the
+        # same experts' weights (already in cache), so a small batch costs what it would unpadded
+        tokens = [decoding[0].out[-1]] * B
         slots = [S - 1] * B
         for s in decoding:
             tokens[s.row], slots[s.row] = s.out[-1], s.computed

@@ -81,7 +81,9 @@ class KVBudget:
         self.reserved = 0
         self.rows = rows
         self.row_len = min(cfg.max_seq_len, budget_tokens)
-        self.cache = model.new_cache(rows, self.row_len, dtype, self.device)
+        # one spare slot: every view of the first S <= row_len slots is then strided alike (not
+        # contiguous), so the compiled decode step never recompiles for the view's layout
+        self.cache = model.new_cache(rows, self.row_len + 1, dtype, self.device)
         self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
         self.free_rows = list(range(rows))
         self._lock = threading.Lock()

@@ -20,8 +20,6 @@ import collections
 import time
 from typing import Deque, List, Optional
 
-import torch
-
 from ..plan import Segment
 from .kv import KVBudget
 from .params import SamplingParams
@@ -109,13 +107,3 @@ class Scheduler:
         if seq.row is not None:
             self.kv.release(seq.row, seq.reservation)
             seq.row = seq.cache = None
-
-
-def make_generator(params: SamplingParams, device) -> Optional[torch.Generator]:
-    """The request's own generator (None when greedy); seed None draws one from torch's global RNG."""
-    if params.temperature == 0:
-        return None
-    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen

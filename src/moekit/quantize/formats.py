@@ -442,8 +442,3 @@ def reference_quantize_group(method: str, values: Sequence[float]) -> bytes:
 def reference_dequantize_group(method: str, data: bytes) -> List[float]:
     """`Format.reference_dequantize_group` of `method`'s format."""
     return get_format(method).reference_dequantize_group(data)
-
-
-def packed_group_bytes(method: str, packed: Packed, row: int, group: int) -> bytes:
-    """`Format.group_bytes` of `method`'s format."""
-    return get_format(method).group_bytes(packed, row, group)

@@ -45,6 +45,7 @@ from typing import List, Optional
 from urllib.parse import urlsplit
 
 from ..engine import (ContextLengthError, EngineStoppedError, KVBudgetError, ParamError, QueueFullError)
+from ..sampling import SamplingParamError
 from . import metrics as prom
 from .chat_template import ChatTemplate, default_template
 from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, models_body, new_id, now,
@@ -73,7 +74,7 @@ def engine_error(err: Exception) -> ApiError:
         return ApiError(400, str(err), param=err.param, code="context_length_exceeded")
     if isinstance(err, KVBudgetError):
         return ApiError(400, str(err), param=err.param, code="kv_budget_exceeded")
-    if isinstance(err, ParamError):
+    if isinstance(err, (ParamError, SamplingParamError)):  # the engine's, or moekit.sampling's checks directly
         return ApiError(400, str(err), param=err.param, code="invalid_value")
     if isinstance(err, QueueFullError):
         return ApiError(429, str(err), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..generate import _eos_token_ids
+from ..tokens import eos_token_ids
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def eos_ids(path: Path, model, tokenizer) -> List[int]:
     """End-of-sequence token ids of a checkpoint (see the module docstring)."""
     ids = []
     for d in (path, path / "checkpoint"):
-        ids += _eos_token_ids(str(d), model) or []
+        ids += eos_token_ids(str(d), model) or []
         config = d / "tokenizer_config.json"
         if tokenizer is not None and config.is_file():
             try:
@@ -67,17 +67,6 @@ def eos_ids(path: Path, model, tokenizer) -> List[int]:
     if tokenizer is not None and tokenizer.token_to_id("<|endoftext|>") is not None:
         ids.append(tokenizer.token_to_id("<|endoftext|>"))
     return sorted({i for i in ids if 0 <= i < model.cfg.vocab_size})
-
-
-def quantize(model, method: str):
-    try:
-        from moekit.quantize import quantize_model
-    except ModuleNotFoundError as err:
-        if err.name != "moekit.quantize":
-            raise
-        raise ValueError("--quantize needs moekit.quantize, which this installation does not have") from None
-    result = quantize_model(model, method)
-    return model if result is None else result
 
 
 def build_server(args):
@@ -100,7 +89,9 @@ def build_server(args):
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint!r} has no tokenizer.json; the server needs one")
     if args.quantize:
-        model = quantize(model, args.quantize)
+        from ..quantize import quantize_model
+
+        quantize_model(model, args.quantize)  # in place; an unknown method raises ValueError
     template = load_chat_template(path, args.chat_template)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
                     prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,

@@ -1,7 +1,10 @@
 """The OpenAI API surface: request validation and response bodies.
 
 Requests are checked field by field; a bad value raises ApiError(400) naming the field in
-`param`, in OpenAI's error format {"error": {"message", "type", "param", "code"}}.
+`param`, in OpenAI's error format {"error": {"message", "type", "param", "code"}}. The sampling
+fields (max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids) go through
+`moekit.sampling`'s checks, so a value `generate` or the engine refuses is refused here with
+the same message; on top of them: temperature <= 2 (OpenAI's range), top_k -1 or 0 = off (vLLM).
 
 Supported (completions and chat): model, prompt / messages, max_tokens (chat also
 max_completion_tokens), temperature (default 1.0, as OpenAI), top_p, n, stream,
@@ -18,13 +21,14 @@ lists; choice index = prompt_index * n + j.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ..engine import SamplingParams
+from ..sampling import (SamplingParamError, check_max_tokens, check_seed, check_stop_strings, check_temperature,
+                        check_top_k, check_top_p, normalise_stops)
 
 MAX_N = 16
 
@@ -63,17 +67,16 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(body, name, default, lo=None, hi=None, lo_open=False):
+def _checked(body, name, check, default, *args):
+    """body[name] passed through a moekit.sampling check (SamplingParamError -> 400), or default when unset."""
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(name, f"'{name}' must be a number, got {v!r}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v!r}")
-    if hi is not None and v > hi:
-        raise bad(name, f"'{name}' must be <= {hi}, got {v!r}")
-    return float(v)
+    try:
+        check(v, name, *args)
+    except SamplingParamError as err:
+        raise bad(name, str(err)) from None
+    return v
 
 
 def _integer(body, name, default, lo=None, hi=None):
@@ -102,10 +105,25 @@ def _stop(body) -> List[str]:
     v = body.get("stop")
     if v is None:
         return []
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
-        raise bad("stop", f"'stop' must be a non-empty string or a list of non-empty strings, got {v!r}")
+    items = [v] if isinstance(v, str) else v  # OpenAI: one string or a list of them
+    if not isinstance(items, list):
+        raise bad("stop", f"'stop' must be a string or a list of strings, got {v!r}")
+    try:
+        check_stop_strings(items)
+    except SamplingParamError as err:
+        raise bad("stop", str(err)) from None
     return items
+
+
+def _stop_token_ids(body, vocab_size: int) -> List[int]:
+    v = body.get("stop_token_ids") or []
+    if not isinstance(v, list) or not all(_is_int(t) for t in v):  # vLLM: a flat list of ids
+        raise bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids, got {v!r}")
+    try:
+        normalise_stops(v, None, vocab_size, name="stop_token_ids")
+    except SamplingParamError as err:
+        raise bad("stop_token_ids", str(err)) from None
+    return v
 
 
 def _unsupported(body, neutral: Dict[str, Any]) -> None:
@@ -124,28 +142,28 @@ _NEUTRAL = {
 
 def _common(body: dict, ctx, chat: bool, prompt_lens: List[int]):
     """Sampling parameters shared by both endpoints -> (SamplingParams, n, stream, include_usage, given)."""
-    temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
-    top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
-    top_k = _integer(body, "top_k", None, lo=-1)
-    if top_k is not None and top_k <= 0:
-        top_k = None  # vLLM: -1 (or 0) = off
+    temperature = float(_checked(body, "temperature", check_temperature, 1.0))
+    if temperature > 2:
+        raise bad("temperature", f"temperature must be <= 2 (OpenAI's range), got {body['temperature']!r}")
+    top_p = float(_checked(body, "top_p", check_top_p, 1.0))
+    top_k = body.get("top_k")
+    off = _is_int(top_k) and top_k in (-1, 0)  # vLLM: -1 (or 0) = off
+    top_k = None if off else _checked(body, "top_k", check_top_k, None)
     n = _integer(body, "n", 1, lo=1, hi=MAX_N)
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or not stream):
         raise bad("stream_options", "'stream_options' must be an object and needs stream=true")
     include_usage = bool(opts and opts.get("include_usage"))
-    seed = _integer(body, "seed", None)
+    seed = _checked(body, "seed", check_seed, None)
     stop = _stop(body)
     ignore_eos = _bool(body, "ignore_eos")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < ctx.vocab_size for t in stop_ids):
-        raise bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids in [0, {ctx.vocab_size})")
+    stop_ids = _stop_token_ids(body, ctx.vocab_size)
     name = "max_tokens"
-    max_tokens = _integer(body, "max_tokens", None, lo=1)
+    max_tokens = _checked(body, name, check_max_tokens, None)
     if chat and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
-        max_tokens = _integer(body, name, None, lo=1)
+        max_tokens = _checked(body, name, check_max_tokens, None)
     given = max_tokens is not None
     longest = max(prompt_lens)
     if longest >= ctx.max_seq_len:

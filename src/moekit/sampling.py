@@ -1,0 +1,296 @@
+"""Sampling in one place: logits processors, parameter checks, stop handling, prompt checks.
+
+    from moekit.sampling import sample_next, check_sampling, normalise_stops, ends_with_stop
+    next_B = sample_next(logits_BV, temperature=0.8, top_k=50, top_p=0.95, generator=gen)
+
+Processors, in the order applied to a row of the last position's logits (float32):
+  1. repetition penalty (CTRL / HF semantics) over the prompt and generated tokens:
+     a positive logit is divided by the penalty, a negative one multiplied by it
+     (`apply_repetition_penalty`; `generate` only, greedy mode included);
+  2. temperature == 0: greedy (argmax, `greedy`), the steps below are skipped;
+  3. logits / temperature (`apply_temperature`), then top-k (`top_k_filter`: the k largest
+     logits, ties with the k-th kept), then top-p (`top_p_filter`, nucleus: the smallest set
+     of most likely tokens whose probability reaches top_p, at least one token);
+  4. a draw from the softmax (`draw`) with a `torch.Generator` (`new_generator`, seeded by
+     `seed`; no seed draws one from torch's global RNG).
+`filter_logits` is step 3, `sample_next` steps 2-4, `filtered_probs` the distribution
+steps 2-3 define (one-hot argmax when greedy).
+
+Parameter checks (`check_sampling`, or one `check_*` per field) raise SamplingParamError, a
+ValueError whose `param` names the field; the message is the same one-line text for every
+caller: `generate` and `speculative_generate` let it propagate, the engine's
+`SamplingParams.validate` re-raises it as `ParamError` (same message and param), and the
+server's request parsing turns it into a 400 reply (same message, `param` = the field).
+
+Stopping: `normalise_stops` turns stop ids / id sequences (and EOS ids) into token-id tuples;
+`ends_with_stop` gives the length of the stop sequence a list of ids ends with. Prompts:
+`normalise_prompts` checks a batch of token-id lists.
+
+Callers: `moekit.generate` (processors 1-4, checks, stops, prompts), `moekit.speculative`
+(`filtered_probs`, `draw`, checks, stops, prompts), the engine (`choose_tokens` for each step's
+rows, `check_sampling` / `normalise_stops` / `check_stop_strings` in `SamplingParams`,
+`ends_with_stop`), the server (`check_*` per request field).
+
+Legend: B batch rows, V vocab, R engine rows (requests with logits this step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+StopSpec = Optional[Union[int, Sequence[Union[int, Sequence[int]]]]]
+
+
+# ---------------------------------------------------------------------------- logits processors
+def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL penalty on tokens already seen: logit/penalty if positive, logit*penalty if not."""
+    if penalty == 1.0:
+        return logits_BV
+    penalised_BV = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, penalised_BV, logits_BV)
+
+
+def apply_temperature(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature (temperature > 0; 0 means greedy and is handled by the caller)."""
+    return logits_BV / temperature
+
+
+def top_k_filter(logits_BV: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept); the rest -> -inf."""
+    if top_k is None or top_k >= logits_BV.shape[-1]:
+        return logits_BV
+    kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+    return logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+
+
+def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= top_p.
+
+    A token is dropped when the probability of the tokens ranked above it already reaches
+    top_p, so the most likely token is always kept.
+    """
+    if top_p is None or top_p >= 1.0:
+        return logits_BV
+    sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+    probs_BV = torch.softmax(sorted_BV, dim=-1)
+    mass_before_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV
+    drop_sorted_BV = mass_before_BV >= top_p
+    drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
+    return logits_BV.masked_fill(drop_BV, float("-inf"))
+
+
+def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int],
+                  top_p: Optional[float]) -> torch.Tensor:
+    """Step 3 of the module docstring: temperature, then top-k, then top-p (temperature > 0)."""
+    return top_p_filter(top_k_filter(apply_temperature(logits_BV, temperature), top_k), top_p)
+
+
+def greedy(logits_BV: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row (B,) int64."""
+    return torch.argmax(logits_BV, dim=-1)
+
+
+def draw(probs_BV: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row of `probs` ((B, V) -> (B,), (V,) -> a 0-d tensor), from `generator`."""
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row (B,) int64: argmax when temperature == 0, else a filtered draw."""
+    if temperature == 0.0:
+        return greedy(logits_BV)
+    return draw(torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p), dim=-1), generator)
+
+
+def filtered_probs(logits_XV: torch.Tensor, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float]) -> torch.Tensor:
+    """The sampling distribution of each row (float32): the filters above, one-hot argmax when greedy."""
+    logits_XV = logits_XV.float()
+    if temperature == 0.0:
+        return torch.zeros_like(logits_XV).scatter_(-1, logits_XV.argmax(-1, keepdim=True), 1.0)
+    return torch.softmax(filter_logits(logits_XV, temperature, top_k, top_p), dim=-1)
+
+
+def new_generator(temperature: float, seed: Optional[int], device) -> Optional[torch.Generator]:
+    """The sampling generator (None when greedy); seed None draws one from torch's global RNG."""
+    if temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return generator
+
+
+def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float]]]:
+    """The engine's per-row choice: (token, logprob or None) per row; seqs[r] has .params and .generator.
+
+    Rows are independent: greedy rows take the argmax (batched, a row-wise op); sampled rows go
+    one at a time through `sample_next` with the request's own generator, so a seeded request
+    draws the same tokens alone or among others, and the same as `generate(model, [prompt],
+    seed=s)` draws for it (given equal logits). Logprobs (when `params.logprobs`) are of the
+    chosen token under the raw logits.
+    """
+    R = logits_RV.shape[0]
+    out: List[Optional[int]] = [None] * R
+    greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0]
+    if greedy_rows:
+        idx = torch.tensor(greedy_rows, device=logits_RV.device)
+        for r, t in zip(greedy_rows, greedy(logits_RV.index_select(0, idx)).tolist()):
+            out[r] = t
+    for r in range(R):
+        if out[r] is None:
+            p = seqs[r].params
+            out[r] = int(sample_next(logits_RV[r:r + 1], float(p.temperature), p.top_k, p.top_p,
+                                     seqs[r].generator)[0])
+    want = [r for r in range(R) if seqs[r].params.logprobs]
+    logprobs: List[Optional[float]] = [None] * R
+    if want:
+        idx = torch.tensor(want, device=logits_RV.device)
+        lp_RV = torch.log_softmax(logits_RV.index_select(0, idx), dim=-1)
+        for j, r in enumerate(want):
+            logprobs[r] = float(lp_RV[j, out[r]])
+    return list(zip(out, logprobs))
+
+
+# ---------------------------------------------------------------------------- parameter checks
+class SamplingParamError(ValueError):
+    """An invalid sampling parameter or input; `param` names the field (the engine re-raises it as
+    ParamError, the server answers 400 with it)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_max_tokens(value, name: str = "max_tokens", minimum: int = 1) -> None:
+    """An integer >= minimum (generate allows 0: max_new_tokens; the engine and server need 1)."""
+    if not _is_int(value) or value < minimum:
+        raise SamplingParamError(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+
+
+def check_temperature(value, name: str = "temperature") -> None:
+    """A finite number >= 0 (0 = greedy)."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise SamplingParamError(f"{name} must be a finite number >= 0 (0 = greedy), got {value!r}", name)
+
+
+def check_top_k(value, name: str = "top_k") -> None:
+    """None (off) or an integer >= 1."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise SamplingParamError(f"{name} must be an integer >= 1 (or unset), got {value!r}", name)
+
+
+def check_top_p(value, name: str = "top_p") -> None:
+    """None (off) or a number in (0, 1] (1 = off)."""
+    if value is not None and (not _is_number(value) or not 0 < value <= 1):  # NaN fails 0 < value
+        raise SamplingParamError(f"{name} must be a number in (0, 1] (or unset), got {value!r}", name)
+
+
+def check_repetition_penalty(value, name: str = "repetition_penalty") -> None:
+    """A finite number > 0 (1.0 = off)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise SamplingParamError(f"{name} must be a finite number > 0 (1.0 = off), got {value!r}", name)
+
+
+def check_seed(value, name: str = "seed") -> None:
+    """None (a random seed) or an integer."""
+    if value is not None and not _is_int(value):
+        raise SamplingParamError(f"{name} must be an integer, got {value!r}", name)
+
+
+def check_sampling(max_tokens, temperature, top_k=None, top_p=None, repetition_penalty=1.0, seed=None, *,
+                   max_tokens_name: str = "max_tokens", min_tokens: int = 1) -> None:
+    """Every sampling field, in this order; raises SamplingParamError for the first invalid one."""
+    check_max_tokens(max_tokens, max_tokens_name, min_tokens)
+    check_temperature(temperature)
+    check_top_k(top_k)
+    check_top_p(top_p)
+    check_repetition_penalty(repetition_penalty)
+    check_seed(seed)
+
+
+# ---------------------------------------------------------------------------- stops and prompts
+def check_stop_strings(stop, name: str = "stop") -> None:
+    """A list/tuple of non-empty strings (a bare string is refused: wrap it in a list)."""
+    if isinstance(stop, str):
+        raise SamplingParamError(f"{name} must be a list of strings (wrap a single string in a list)", name)
+    if not isinstance(stop, (list, tuple)):
+        raise SamplingParamError(f"{name} must be a list of strings, got {stop!r}", name)
+    for item in stop:
+        if not isinstance(item, str) or not item:
+            raise SamplingParamError(f"{name} strings must be non-empty strings, got {item!r}", name)
+
+
+def _stop_items(spec) -> list:
+    if spec is None:
+        return []
+    if _is_int(spec):
+        return [spec]
+    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__iter__"):
+        return [spec]  # refused entry by entry below, with the message that names it
+    return list(spec)
+
+
+def normalise_stops(stop: StopSpec, eos_token_id: StopSpec, vocab_size: int,
+                    name: str = "stop") -> List[Tuple[int, ...]]:
+    """All stop conditions (stop entries, then EOS ids) as token-id tuples (a single id -> a 1-tuple).
+
+    Each of `stop` / `eos_token_id` is None, one id, or a list of ids and/or id sequences.
+    """
+    seqs = []
+    for item in _stop_items(stop) + _stop_items(eos_token_id):
+        seq = (item,) if _is_int(item) else item
+        ok = not isinstance(seq, (str, bytes)) and hasattr(seq, "__iter__")
+        seq = tuple(seq) if ok else ()
+        if not seq or not all(_is_int(t) and 0 <= t < vocab_size for t in seq):
+            raise SamplingParamError(f"{name} entry {item!r} must be a token id or a non-empty list of ids "
+                                     f"in [0, {vocab_size})", name)
+        seqs.append(seq)
+    return seqs
+
+
+def ends_with_stop(ids: List[int], stops: List[Tuple[int, ...]]) -> int:
+    """Length of the stop sequence that `ids` ends with, 0 when none."""
+    for seq in stops:
+        n = len(seq)
+        if len(ids) >= n and tuple(ids[-n:]) == seq:
+            return n
+    return 0
+
+
+def normalise_prompts(prompts, vocab_size: int, name: str = "prompts") -> List[List[int]]:
+    """A batch of prompts (token-id lists or tensors, each non-empty, ids in [0, vocab_size)) as lists."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise SamplingParamError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}", name)
+    if len(prompts) == 0:
+        raise SamplingParamError("prompts is empty: pass at least one prompt (a list of token ids)", name)
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise SamplingParamError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}", name)
+        if len(prompt) == 0:
+            raise SamplingParamError(f"prompt {i} is empty: every prompt needs at least one token", name)
+        ids = []
+        for t in prompt:
+            if not _is_int(t):
+                raise SamplingParamError(f"prompt {i} holds a non-integer token {t!r}", name)
+            if not 0 <= t < vocab_size:
+                raise SamplingParamError(f"prompt {i} holds token id {t} outside [0, vocab_size={vocab_size})", name)
+            ids.append(int(t))
+        out.append(ids)
+    return out

@@ -1,0 +1,31 @@
+"""Token ids a checkpoint declares, for `moekit generate` and `moekit serve`.
+
+    from moekit.tokens import eos_token_ids
+    eos_token_ids("runs/t", model)   # -> [2] or None
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional
+
+
+def eos_token_ids(path: str, model) -> Optional[List[int]]:
+    """End-of-sequence ids: `model.eos_token_id`, else an HF checkpoint's generation_config.json/config.json.
+
+    Ids outside [0, vocab_size) are dropped; None when there are none.
+    """
+    eos = getattr(model, "eos_token_id", None)
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if eos is None and os.path.isfile(file):
+            with open(file) as f:
+                try:
+                    eos = json.load(f).get("eos_token_id")
+                except (json.JSONDecodeError, AttributeError):
+                    eos = None
+    if eos is None:
+        return None
+    ids = [eos] if isinstance(eos, int) else list(eos)
+    return [i for i in ids if isinstance(i, int) and 0 <= i < model.cfg.vocab_size] or None
