@@ -96,11 +96,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int) -> subprocess.Popen:
+def engine_kwargs(compile_: bool) -> dict:
+    """Engine(compile=...) where this moekit has it (older commits have no compiled step)."""
+    from moekit.engine import Engine
+
+    return {"compile": compile_} if "compile" in inspect.signature(Engine).parameters else {}
+
+
+def start_server(ckpt: Path, port: int, compile_: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moekit.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
            "--model-name", "bench", "--max-batch", str(MAX_BATCH), "--quiet"]
+    if engine_kwargs(compile_):
+        cmd.append("--compile")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.time() + 120
+    end = time.time() + 600  # --compile compiles the decode step before listening
     while time.time() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"moekit serve exited: {proc.stderr.read()}")
@@ -240,40 +249,48 @@ def moekit_static_row(model, prompts, new_tokens: int):
                      len(prompts) * new_tokens, wall, [wall]), out
 
 
-def engine_row(model, prompts, new_tokens: int) -> dict:
+def engine_row(model, prompts, new_tokens: int, compile_: bool) -> dict:
     """The engine in this process (no HTTP): all prompts submitted at once, max batch 64."""
     from moekit.engine import Engine, SamplingParams
 
     sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    kw = engine_kwargs(compile_)
+    if kw:  # compile outside the timed runs
+        Engine(model, max_batch=MAX_BATCH, **kw).generate(prompts[:1], SamplingParams(max_tokens=2))
     walls = []
-    for _ in range(2):  # best of two
-        engine = Engine(model, max_batch=MAX_BATCH)
+    for _ in range(3):  # best of three
+        engine = Engine(model, max_batch=MAX_BATCH, **kw)
         t0 = time.perf_counter()
         done = engine.generate(prompts, sp)
         walls.append(time.perf_counter() - t0)
     wall = min(walls)
-    return summarize(f"moekit Engine in process (no HTTP), {len(prompts)} at once", len(prompts), len(prompts),
+    how = "compiled step" if kw else "eager step"
+    return summarize(f"moekit Engine in process (no HTTP, {how}), {len(prompts)} at once", len(prompts), len(prompts),
                      sum(c.generated_tokens for c in done), wall, [c.latency for c in done],
                      [c.time_to_first_token for c in done])
 
 
-def batch1_decode(model, prompt, new_tokens: int) -> dict:
+def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     from moekit.engine import Engine, SamplingParams
 
+    kw = engine_kwargs(compile_)
+
     def engine_run():
-        engine = Engine(model)
+        engine = Engine(model, **kw)
         times = [time.perf_counter() for _ in engine.submit(prompt, SamplingParams(max_tokens=new_tokens,
                                                                                     ignore_eos=True))]
         return (new_tokens - 1) / (times[-1] - times[0])
 
-    def generate_run():
+    def generate_run(compiled: bool):
         times = []
-        generate(model, [prompt], max_new_tokens=new_tokens, stream=lambda _: times.append(time.perf_counter()))
+        generate(model, [prompt], max_new_tokens=new_tokens, compile=compiled,
+                 stream=lambda _: times.append(time.perf_counter()))
         return (new_tokens - 1) / (times[-1] - times[0])
 
-    engine_run(), generate_run()  # warm-up
+    engine_run(), generate_run(False), generate_run(True)  # warm-up (and compilation)
     eng = max(engine_run() for _ in range(3))
-    gen = max(generate_run() for _ in range(3))
+    gen = max(generate_run(False) for _ in range(3))
+    gen_c = max(generate_run(True) for _ in range(3))
     context = len(prompt) + new_tokens // 2
     from moekit.analyze import analyze_model, local_hardware
 
@@ -281,7 +298,8 @@ def batch1_decode(model, prompt, new_tokens: int) -> dict:
     bound = analyze_model(model.cfg, hardware=hw, weights="fp32", batch=1, context=context)["decode_tokens_per_s"]
     how = (f"moekit.analyze.analyze_model(weights='fp32', batch=1, context={context}) on local_hardware() "
            f"(measured read bandwidth {hw.bw / 1e9:.1f} GB/s)")
-    return dict(engine_tok_s=eng, generate_tok_s=gen, bound_tok_s=bound, bound_how=how, context=context)
+    return dict(engine_tok_s=eng, engine_compiled=bool(kw), generate_tok_s=gen, generate_compiled_tok_s=gen_c,
+                bound_tok_s=bound, bound_how=how, context=context)
 
 
 # ---------------------------------------------------------------------------- report
@@ -331,6 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the server (OMP_NUM_THREADS); default: torch's choice")
     p.add_argument("--skip-hf", action="store_true", help="leave out the HF transformers rows")
+    p.add_argument("--engine-only", action="store_true",
+                   help="only the in-process engine and batch-1 rows (no server, no HF): for old/new side by side")
+    p.add_argument("--no-compile", action="store_true", help="run the engine's eager decode step")
     p.add_argument("--no-stream", action="store_true", help="non-streamed requests (no TTFT)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
@@ -347,34 +368,37 @@ def main(argv=None) -> int:
         model = build_checkpoints(tmp, args.seed)
         gen = torch.Generator().manual_seed(args.seed)
         prompts = torch.randint(1, model.cfg.vocab_size, (N_PROMPTS, args.prompt_len), generator=gen).tolist()
-        port = free_port()
-        proc = start_server(tmp / "moekit", port)
-        try:
-            load_test(port, prompts, 4, 8, 8)  # warm-up
-            served = {}
-            for c in levels:
-                print(f"moekit serve at concurrency {c} ...", file=sys.stderr)
-                rows.append(load_test(port, prompts, c, max(16, 2 * c), args.new_tokens, not args.no_stream))
-            for i in range(4):  # greedy outputs of the server, for the comparison with HF
-                served[i] = one_request(port, prompts[i], args.new_tokens)["text"]
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        compile_ = not args.no_compile
+        served = {}
+        if not args.engine_only:
+            port = free_port()
+            proc = start_server(tmp / "moekit", port, compile_)
+            try:
+                load_test(port, prompts, 4, 8, 8)  # warm-up
+                for c in levels:
+                    print(f"moekit serve at concurrency {c} ...", file=sys.stderr)
+                    rows.append(load_test(port, prompts, c, max(16, 2 * c), args.new_tokens, not args.no_stream))
+                for i in range(4):  # greedy outputs of the server, for the comparison with HF
+                    served[i] = one_request(port, prompts[i], args.new_tokens)["text"]
+            finally:
+                proc.terminate()
+                proc.wait(30)
         print("moekit engine in process ...", file=sys.stderr)
-        rows.append(engine_row(model, prompts, args.new_tokens))
+        rows.append(engine_row(model, prompts, args.new_tokens, compile_))
         print("moekit generate static batch ...", file=sys.stderr)
         static_row, static_out = moekit_static_row(model, prompts, args.new_tokens)
         rows.append(static_row)
-        agree = all(model.tokenizer.decode(static_out[i]) == served[i] for i in served)
-        notes.append(f"greedy text of moekit serve == moekit generate on {len(served)} prompts: {agree}")
-        if not args.skip_hf:
+        if served:
+            agree = all(model.tokenizer.decode(static_out[i]) == served[i] for i in served)
+            notes.append(f"greedy text of moekit serve == moekit generate on {len(served)} prompts: {agree}")
+        if not args.skip_hf and not args.engine_only:
             print("HF transformers ...", file=sys.stderr)
             hf, hf_out = hf_rows(tmp / "hf", prompts, args.new_tokens)
             rows += hf
             same = sum(a == b for a, b in zip(static_out, hf_out))
             notes.append(f"greedy tokens of HF static batch == moekit generate: {same}/{len(prompts)} prompts")
         print("batch-1 decode ...", file=sys.stderr)
-        b1 = batch1_decode(model, prompts[0], 128)
+        b1 = batch1_decode(model, prompts[0], 128, compile_)
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -400,9 +424,12 @@ def main(argv=None) -> int:
         "",
         "| path | tok/s | share of bound |",
         "|---|---:|---:|",
-        f"| moekit engine (in process, batch-invariant step) | {b1['engine_tok_s']:.0f} | "
-        f"{b1['engine_tok_s'] / b1['bound_tok_s']:.0%} |",
+        f"| moekit engine (in process, batch-invariant {'compiled' if b1['engine_compiled'] else 'eager'} step) | "
+        f"{b1['engine_tok_s']:.0f} | {b1['engine_tok_s'] / b1['bound_tok_s']:.0%} |",
         f"| moekit generate (eager) | {b1['generate_tok_s']:.0f} | {b1['generate_tok_s'] / b1['bound_tok_s']:.0%} |",
+        f"| moekit generate (compile=True) | {b1['generate_compiled_tok_s']:.0f} | "
+        f"{b1['generate_compiled_tok_s'] / b1['bound_tok_s']:.0%} |",
+        f"| engine / generate(compile=True) | {b1['engine_tok_s'] / b1['generate_compiled_tok_s']:.2f}x | |",
         f"| memory-bandwidth bound | {b1['bound_tok_s']:.0f} | 100% |",
         "",
         f"Bound: {b1['bound_how']}.",

@@ -136,13 +136,13 @@ def import_graph():
         top = list(top_level_imports(tree.body))
         graph[module] = {p for node in top for t in imported_modules(module, is_pkg, node)
                          for p in with_packages(t)} - {module}
-        top_ids = set(map(id, top))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top_ids:
-                targets = imported_modules(module, is_pkg, node)
-                where = f"{path.relative_to(PACKAGE_DIR.parent.parent)}:{node.lineno}"
-                for target in targets[1:] or targets[:1]:  # the submodules imported, else the `from` module
-                    local.append((module, where, target))
+        in_functions = {id(n): n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in sorted(in_functions.values(), key=lambda n: n.lineno):
+            targets = imported_modules(module, is_pkg, node)
+            where = f"{path.relative_to(PACKAGE_DIR.parent.parent)}:{node.lineno}"
+            for target in targets[1:] or targets[:1]:  # the submodules imported, else the `from` module
+                local.append((module, where, target))
     return graph, local
 
 

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 from .attention import attention_class
 from .moe.config import MoEConfig
+from .moe.router import router_class
 from .presets import MODEL_PRESETS
 
 ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
@@ -82,8 +83,8 @@ class ModelConfig:
         if self.moe is not None:
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"MoE d_model={self.moe.d_model} differs from the model's d_model={self.d_model}")
-            if self.moe.router == "expert_choice":
-                raise ValueError("router='expert_choice' is not causal and cannot be used in a decoder language model")
+            if not router_class(self.moe.router).causal:
+                raise ValueError(f"router={self.moe.router!r} is not causal and cannot be used in a decoder language model")
 
     def is_dense_layer(self, i: int) -> bool:
         return (

@@ -21,26 +21,15 @@ Legend: B batch, T tokens, H heads, D model dim, Dh head dim.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import List
 
 import torch
 
-ATTENTION_KINDS: Dict[str, type] = {}
+from ..registry import Registry
 
-
-def register_attention(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.kind = name
-        ATTENTION_KINDS[name] = cls
-        return cls
-
-    return deco
-
-
-def attention_class(name: str) -> type:
-    if name not in ATTENTION_KINDS:
-        raise ValueError(f"unknown attention kind {name!r}; choose one of {tuple(ATTENTION_KINDS)}")
-    return ATTENTION_KINDS[name]
+ATTENTION_KINDS = Registry("attention kind")
+register_attention = ATTENTION_KINDS.register
+attention_class = ATTENTION_KINDS.get
 
 
 def take_rows(t: torch.Tensor, a: int, b: int, whole: bool) -> torch.Tensor:

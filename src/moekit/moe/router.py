@@ -25,31 +25,19 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import PLAIN, Numerics
+from ..registry import Registry
 from .rounding import round_selection
 
-ROUTERS: Dict[str, type] = {}
-
-
-def register_router(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        ROUTERS[name] = cls
-        return cls
-
-    return deco
-
-
-def router_class(name: str) -> type:
-    if name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; choose one of {tuple(ROUTERS)}")
-    return ROUTERS[name]
+ROUTERS = Registry("router")
+register_router = ROUTERS.register
+router_class = ROUTERS.get
 
 
 def build_router(cfg) -> "Router":
