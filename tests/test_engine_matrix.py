@@ -122,5 +122,6 @@ def test_compiled_engine_equals_generate():
     expected = [generate(model, [p], max_new_tokens=NEW)[0] for p in prompts]
     engine = Engine(model, compile=True, **KW)
     assert [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=NEW))] == expected
+    assert engine.decode_step.fn is model.__dict__["_compiled_engine_step"]  # the decode steps ran compiled
     # again: the cached compiled step, other bucket sizes (fewer rows)
     assert engine.generate(prompts[:1], SamplingParams(max_tokens=NEW))[0].token_ids == expected[0]

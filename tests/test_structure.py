@@ -197,14 +197,6 @@ def test_no_module_imports_a_private_name_of_another():
 LOCAL_CYCLES_ALLOWED = {
     ("moekit.moe.experts", "moekit.moe.triton"): "optional dependency: the Triton kernels import triton",
 }
-# Hidden cycles known today (a bug, reported; the test is xfail while this is non-empty).
-KNOWN_HIDDEN_CYCLES = {
-    ("moekit.hf.deepseek_v3", "moekit.analyze.arch"),
-    ("moekit.hf.gpt2", "moekit.analyze.arch"),
-    ("moekit.hf.llama", "moekit.analyze.arch"),
-}
-
-
 def hidden_cycles():
     graph, local = import_graph()
     found = []
@@ -227,18 +219,9 @@ def test_the_function_local_cycle_allow_list_is_current():
     assert len(local) > 10  # the scan sees the package's function-local imports
 
 
-@pytest.mark.xfail(bool(KNOWN_HIDDEN_CYCLES), strict=True,
-                   reason="hf/{deepseek_v3,gpt2,llama}.py import moekit.analyze.arch inside ArchSpec.arch(): "
-                          "analyze/arch.py imports moekit.hf.spec at top level, whose package __init__ imports "
-                          "those modules (an hf <-> analyze package cycle)")
 def test_no_function_local_import_hides_an_import_cycle():
     found = hidden_cycles()
     assert not found, "function-local imports hiding import cycles:\n" + "\n".join(f for _, _, f in found)
-
-
-def test_known_hidden_cycles_are_still_there():
-    """Keeps KNOWN_HIDDEN_CYCLES honest: once one is fixed, drop it (and the xfail with the last one)."""
-    assert {(m, t) for m, t, _ in hidden_cycles()} == KNOWN_HIDDEN_CYCLES
 
 
 # ============================================================================ optional backends in checkpoints

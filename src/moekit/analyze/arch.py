@@ -11,74 +11,13 @@ V vocab, h heads, h_kv KV heads, d_h head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple
+from dataclasses import replace
 
 from ..config import ModelConfig
 from ..hf.spec import get_spec
+from ..shape import FFN, Arch, Attention
 
-
-@dataclass(frozen=True)
-class Attention:
-    """kind "mha" covers MHA/GQA/MQA; kind "mla" is DeepSeek's multi-head latent attention."""
-
-    kind: str = "mha"
-    n_heads: int = 1
-    n_kv_heads: int = 1
-    head_dim: int = 1
-    qkv_bias: bool = False
-    out_bias: bool = False
-    qk_norm: Optional[str] = None  # None | "head" (Qwen3) | "full" (OLMoE)
-    # MLA only
-    q_lora_rank: Optional[int] = None
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-
-
-@dataclass(frozen=True)
-class FFN:
-    """kind "dense" (d_ff) or "moe" (E experts of size n, K active, shared experts of total size d_shared)."""
-
-    kind: str = "dense"
-    d_ff: int = 0
-    activation: str = "swiglu"  # "swiglu" (3 matrices) | "gelu" (2 matrices, GPT)
-    bias: bool = False  # GPT-style biases on the MLP matrices
-    num_experts: int = 0
-    top_k: int = 0
-    d_expert: int = 0
-    d_shared: int = 0
-    shared_gate: bool = False
-
-
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    d_model: int
-    vocab_size: int
-    attention: Optional[Attention]  # None: a bare MoE layer
-    ffns: Tuple[FFN, ...]  # one per layer
-    tie_embeddings: bool = False
-    norm: str = "rms"  # "rms" (weight) | "layernorm" (weight + bias)
-    n_positions: int = 0  # learned position embeddings (GPT); 0 with RoPE
-    max_seq_len: int = 4096
-    dtype: str = "bfloat16"
-    notes: Tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.ffns)
-
-    @property
-    def moe_ffns(self) -> List[FFN]:
-        return [f for f in self.ffns if f.kind == "moe"]
-
-    @property
-    def moe(self) -> Optional[FFN]:
-        """The MoE layer shape (all MoE layers of a model share it), or None for a dense model."""
-        moes = self.moe_ffns
-        return moes[0] if moes else None
+__all__ = ["Arch", "Attention", "FFN", "from_hf_config", "from_layer", "from_model_config"]
 
 
 def from_model_config(cfg: ModelConfig) -> Arch:

@@ -5,6 +5,7 @@ layers dense. moekit's decoder has no MLA, so load_hf refuses it; the analyzer c
 
 from __future__ import annotations
 
+from ..shape import FFN, Arch, Attention
 from .spec import COMMON_KEYS, ArchSpec
 
 
@@ -16,8 +17,6 @@ class DeepseekV3Spec(ArchSpec):
                 "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "intermediate_size")
 
     def to_arch(self, hf: dict, name: str):
-        from ..analyze.arch import FFN, Arch, Attention  # the analyzer imports this package
-
         self.check_required(hf)
         h, rope, nope = hf["num_attention_heads"], hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
         attn = Attention("mla", h, h, nope + rope, qkv_bias=bool(hf.get("attention_bias")),

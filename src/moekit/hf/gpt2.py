@@ -5,6 +5,7 @@ moekit's decoder cannot run it; load_hf refuses it and the analyzer counts it.
 
 from __future__ import annotations
 
+from ..shape import FFN, Arch, Attention
 from .spec import ArchSpec
 
 
@@ -15,8 +16,6 @@ class Gpt2Spec(ArchSpec):
     required = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
 
     def to_arch(self, hf: dict, name: str):
-        from ..analyze.arch import FFN, Arch, Attention  # the analyzer imports this package
-
         self.check_required(hf)
         d, h, n_pos = hf["n_embd"], hf["n_head"], hf["n_positions"]
         attn = Attention("mha", h, h, d // h, qkv_bias=True, out_bias=True)

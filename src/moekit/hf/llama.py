@@ -5,6 +5,7 @@ mapped to a ModelConfig; load_hf refuses it and the analyzer counts it.
 
 from __future__ import annotations
 
+from ..shape import FFN, Arch, Attention
 from .spec import COMMON_KEYS, ArchSpec
 
 
@@ -15,8 +16,6 @@ class LlamaSpec(ArchSpec):
     required = (*COMMON_KEYS, "intermediate_size")
 
     def to_arch(self, hf: dict, name: str):
-        from ..analyze.arch import FFN, Arch, Attention  # the analyzer imports this package
-
         self.check_required(hf)
         d, h = hf["hidden_size"], hf["num_attention_heads"]
         bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
