@@ -6,7 +6,8 @@
 A `Cache` is a list of per-layer caches, each built by its layer's attention kind
 (`Attention.new_cache`), so layers can hold different state: plain keys and values today
 (`KVLayerCache`); a compressed latent (MLA), a sliding window with sinks, or a fixed-size
-recurrent state are other `LayerCache` classes with the same three operations:
+recurrent state are other `LayerCache` classes with the same operations (how each would fit,
+and what a recurrent state needs beyond them: docs/architecture.md):
 
     update(new state of T tokens, span) -> what the layer attends over
         `span` (plan.py) says where the tokens go: `slots_T` (cache slots shared by every
@@ -14,7 +15,8 @@ recurrent state are other `LayerCache` classes with the same three operations:
         step), and how much to read back (`end`, or every slot for static plans)
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
-    nbytes_per_token (for budgets and the analyzer)
+    nbytes_per_token  bytes of one slot across the cache's batch rows (nothing reads it yet:
+                      the engine's budget uses engine.kv.kv_bytes_per_token)
 
 Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim.
 """

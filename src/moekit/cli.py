@@ -3,7 +3,7 @@
     moekit bench                 train the tiny MoE layer on a toy task, then print a benchmark table
     moekit bench moe-layer ...   the MoE layer benchmark (see benchmarks/moe_layer.py)
 
-Each subcommand lives in its own module as `main(argv) -> int`; this file only dispatches,
+Each subcommand lives in its own module as `cli(argv) -> int`; this file only dispatches,
 so `moekit --help` stays fast (nothing heavy is imported until a command runs).
 """
 

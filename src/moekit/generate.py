@@ -35,11 +35,11 @@ decode step runs `Transformer.decode_step` -- the one forward with a static plan
 row's new k/v written at a slot tensor, attention over the whole preallocated cache under
 a mask, MoE routing K experts per token without host syncs) -- through
 `torch.compile(fullgraph=True, dynamic=False)`. The compiled step is cached on the model
-(`model._compiled_decode_step`): the first call compiles (tens of seconds on a 2-core
-CPU, less with a warm inductor cache), and so does each new batch size or cache length. To keep the
-cache length from changing with every prompt, the cache is allocated for S rounded
-up to a power of two (at least 64, at most max_seq_len). Greedy tokens equal the
-eager path's (logits agree to float rounding). Not for MoE layers with
+(`model._compiled_decode_step`): the first call compiles (`benchmarks/decode.py` reports
+the time, "compile s"; less with a warm inductor cache), and so does each new batch size or
+cache length. To keep the cache length from changing with every prompt, the cache is
+allocated for S rounded up to a power of two (at least 64, at most max_seq_len). Greedy
+tokens equal the eager path's (logits agree to float rounding). Not for MoE layers with
 token_rounding (it changes the number of (token, expert) pairs).
 
 Legend: B batch, P padded prompt length, S cache length (P + max_new_tokens), V vocab.

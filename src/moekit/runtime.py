@@ -3,8 +3,8 @@
 `tune_cpu_allocator()`: glibc serves every large allocation (> 32 MiB at most) with a
 fresh mmap and returns it with munmap on free, so each training step of a CPU MoE
 re-faults hundreds of MiB of pages. On small (virtual) machines those page faults
-cost more than the arithmetic: an elementwise multiply over a 64 MiB tensor took
-18 ms with fresh pages and 2 ms with reused ones on the 2-core CI machine. Keeping
+can cost more than the arithmetic (`benchmarks/moe_layer.py --no-malloc-tune` shows the
+effect; benchmarks/results/moe_layer_cpu.md has the measured table). Keeping
 freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost
 for every PyTorch op alike, at the price of the process holding on to its peak heap.
 Nothing calls it on import; the `moekit` command and the benchmarks call it unless

@@ -14,7 +14,7 @@ Each round proposes up to `gamma` tokens, then the target scores them all in ONE
       n tokens (n = ngram, then n-1, ..., 1; nothing found = no proposal this round). The
       proposal is deterministic, i.e. q_i is a point mass on x_i.
 
-Verification (Leviathan et al., FACTS.md), with p_i the target's filtered distribution at the
+Verification (Leviathan et al.; docs/formulas.md), with p_i the target's filtered distribution at the
 same position: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection
 draw the round's last token from normalize(max(0, p_i - q_i)) and drop the rest; when all are
 accepted draw a bonus token from p_{g+1}. Each round therefore emits accepted + 1 tokens, and

@@ -1,6 +1,6 @@
 """Training: `TrainConfig`, `Trainer`, checkpoints that resume exactly, and `moekit train`.
 
-    moekit train                                  # small preset on the default corpus (~10 min on 2 cores)
+    moekit train                                  # small preset, default corpus (a measured run: benchmarks/results/default_run/)
     moekit train --preset tiny --max-steps 50 --out runs/t
     moekit train --out runs/t --resume            # continue: the loss sequence is bit-identical on CPU
 

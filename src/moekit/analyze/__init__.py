@@ -5,7 +5,7 @@
     report["decode_tokens_per_s"]
 
 Modules: arch (model shapes), params (counts by component), precision (bits per weight),
-hardware (catalog + local measurement), formulas (FACTS.md, named), estimate (model-level
+hardware (catalog + local measurement), formulas (docs/formulas.md, named), estimate (model-level
 FLOPs/bytes/speed), catalog (published configs), report (analyze + text), plots, cli.
 """
 

@@ -5,7 +5,7 @@ Built from a moekit `ModelConfig` (presets, run directories, checkpoints), an HF
 qwen2_moe, olmoe, deepseek_v3 with MLA, llama, gpt2 = the GPT-3-style dense layout), or a
 bare MoE layer `d,n,E,K`.
 
-Notation (FACTS.md): d = d_model, n = d_expert, E experts, K active, L layers,
+Notation (docs/notation.md): d = d_model, n = d_expert, E experts, K active, L layers,
 V vocab, h heads, h_kv KV heads, d_h head dim.
 """
 

@@ -1,4 +1,4 @@
-"""Published configurations (FACTS.md) and resolving a MODEL argument to an `Arch`.
+"""Published configurations (docs/formulas.md) and resolving a MODEL argument to an `Arch`.
 
 MODEL may be: a moekit preset name, an analyzer model name below (real HF configs the
 moekit decoder cannot run, e.g. DeepSeek-V3 with MLA), an HF config.json file or a
@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 
 from .arch import Arch, from_hf_config, from_layer, from_model_config
 
-# (d, n, K, E) of FACTS.md's fine-grained MoE table; `--layer NAME` takes these names.
+# (d, n, K, E) of the fine-grained MoE table in docs/formulas.md; `--layer NAME` takes these names.
 LAYERS: Dict[str, Tuple[int, int, int, int]] = {
     "mixtral-8x22b": (6144, 16384, 2, 8),
     "deepseek-v2": (5120, 1536, 6, 160),

@@ -5,7 +5,7 @@ Conventions (the tests and `moekit profile` rely on them):
   the embedding lookup count 0. A token multiplies every non-expert weight matrix, the
   router, K of E routed experts and the head (the embedding matrix when tied).
 - Attention over a context of ctx tokens adds 4·h·d_h·ctx per layer (QKᵀ and AV, full ctx,
-  no causal halving: the FACTS/Kaplan convention, and what FlopCounterMode counts for
+  no causal halving: the Kaplan convention of docs/formulas.md, and what FlopCounterMode counts for
   SDPA with T = ctx); MLA adds 2·h·(d_nope + d_rope)·ctx + 2·h·d_v·ctx.
 - Training = 3 × forward (backward is 2 × forward), i.e. 6·N_matmul + 12·L·h·d_h·ctx.
 - Decode at batch B and context C: bytes read per step = every non-expert weight matrix +

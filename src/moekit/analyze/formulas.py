@@ -1,4 +1,4 @@
-"""The named formulas of FACTS.md, one function each; the report cites these names.
+"""The named formulas of docs/formulas.md, one function each; the report cites these names.
 
 Notation: T tokens, d = d_model, n = d_expert, E experts, K active, rho = K/E, G = d/n,
 L layers, h heads, h_kv KV heads, d_h head dim, ctx context length.

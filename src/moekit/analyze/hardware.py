@@ -1,6 +1,7 @@
-"""Hardware: peak dense 16-bit FLOP/s and memory bandwidth (FACTS.md table), or measured locally.
+"""Hardware: peak dense 16-bit FLOP/s and memory bandwidth (the table in docs/formulas.md), or measured
+locally.
 
-`local_hardware()` measures this machine with a short micro-benchmark (about 2 s):
+`local_hardware()` measures this machine with a short micro-benchmark:
   - FLOP/s: the best of a few square matmuls (2*N^3 FLOPs each) in bf16 and in fp32,
     on CUDA when a GPU is present, else on the CPU with all of torch's threads;
   - bandwidth: the best of a few reads of a 256 MiB tensor (`sum`, bytes read / time),

@@ -5,7 +5,7 @@ Operation intensities (FLOPs per byte moved, weights at --weights, activations/K
   decode experts at batch B:            2·B·K / (E_touched(B) · bytes_per_weight)
   decode attention over the KV cache:   score FLOPs / KV bytes = 2·(h / h_kv) / kv_bytes (MHA/GQA)
   prefill projection (d x d) at M = B·C tokens: 2·M·d² / (d²·b_w + 2·M·d·b_a)
-  MoE layer at --tokens T:              the FACTS.md arithmetic-intensity formula
+  MoE layer at --tokens T:              the arithmetic-intensity formula of docs/formulas.md
 Each point sits at its attainable FLOP/s min(peak, AI·BW).
 """
 

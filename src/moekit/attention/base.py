@@ -14,9 +14,11 @@ for the numerics padding. Training, prefill, decode, the compiled step and the e
 ragged batches are therefore one code path per kind.
 
 Adding a kind (MLA, sliding window + sinks, Gated DeltaNet, ...): one file in attention/,
-its cache class in cache.py when it keeps other state, and a `ModelConfig.attention` value.
+its cache class in cache.py when it keeps other state, and a `ModelConfig.attention` value
+(step by step, and what else may need changing: docs/extending.md).
 
-Legend: B batch, T tokens, H heads, D model dim, Dh head dim.
+Legend: B batch, T tokens, S keys, H heads, G KV heads, R query heads per KV head (H / G),
+D model dim, Dh head dim.
 """
 
 from __future__ import annotations

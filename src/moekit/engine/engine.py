@@ -260,7 +260,8 @@ class Engine:
             self._queued -= n
 
     def step(self) -> bool:
-        """One scheduling step: admit, run one ragged forward, sample. False when there was nothing to do."""
+        """One scheduling step: admit, run the decode step and/or one ragged prefill forward, sample.
+        False when there was nothing to do."""
         with self._step_lock:
             self._drain()
             self._dequeued(len(self.scheduler.admit()))

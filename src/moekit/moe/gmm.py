@@ -9,11 +9,11 @@
 
 block = 0 is the plain compact layout (a per-expert GEMM loop on contiguous slices,
 no padding, empty experts cost nothing); block = max count is fully padded (one
-bmm). On the 2-core AVX512-BF16 CI machine a bf16 bmm over 256 experts x ~165 rows
-ran at 632 GFLOP/s against 342 for the per-expert loop, so for many small experts
-the grid wins even with some padding; `choose_block` picks the block by a cost
-model (grid rows + 3x tail rows + a per-GEMM overhead), tuned by timing
-blocks 120..180 at E=256, K=8, T=4096 (best near the 90th percentile count).
+bmm). For many small experts on a CPU one bmm beats the per-expert loop even with
+some padding (compare with `benchmarks/moe_layer.py --layout compact|padded`; measured
+tables in benchmarks/results/moe_layer_cpu.md). `choose_block` picks the block by a cost
+model (grid rows + 3x tail rows + a per-GEMM overhead: the constants below), tuned by
+timing blocks 120..180 at E=256, K=8, T=4096 (best near the 90th percentile count).
 
 Operations (R rows of the layout):
     gather(src_TD)             rows of src for every slot (zeros for padding)
@@ -22,7 +22,8 @@ Operations (R rows of the layout):
     mm(a_RK, w_ENK)            out[rows_e] = a[rows_e] @ w[e].T   (w_transposed: @ w[e])
     wgrad(a_RK, b_RN)          out[e] = a[rows_e].T @ b[rows_e]   -> (E, K, N)
 
-Legend: T tokens, P pairs (sorted by expert), R rows of the layout, E experts, K/N dims.
+Legend: T tokens, P pairs (sorted by expert), R rows of the layout, E experts, K/N dims,
+B candidate block sizes (choose_block).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ LAYOUTS = ("auto", "compact", "padded")
 TAIL_ROW_COST = 3.0
 TAIL_CALL_COST = 64.0
 # with this many rows per expert on average the per-expert GEMMs are already efficient
-# (measured: compact beat padded at E=32, K=4, T=4096, i.e. 512 rows per expert)
+# (compact beat padded at E=32, K=4, T=4096, i.e. 512 rows per expert: benchmarks/moe_layer.py)
 MAX_MEAN_ROWS_FOR_GRID = 256
 
 

@@ -15,9 +15,12 @@ A top-k router class implements three things:
     gates(logits_TE, logit_TK, valid_TK, numerics)   the gate of each chosen expert, (T, K)
     probs(logits_TE)                        per-token distribution for the balance losses
 Add a router: subclass `TopKRouter` (or `Router` for another selection rule), decorate it
-with `@register_router("name")`, and give its config checks in `check(cfg)`. See docs/.
+with `@register_router("name")`, and give its config checks in `check(cfg)`. See
+docs/extending.md.
 
-Legend: T tokens, D model dim, E experts, K experts per token, G groups, P pairs, V hash vocab.
+Legend: T tokens, D model dim, E experts, K experts per token, G groups, e experts per group,
+P pairs, V hash vocab, C capacity per expert (expert choice), M chosen experts per token
+padded to the largest count (token rounding).
 """
 
 from __future__ import annotations

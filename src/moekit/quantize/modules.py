@@ -16,7 +16,7 @@ tensor for read-only uses: `.shape`, `.dtype` (the compute dtype, carried by a z
 parameter so `model.to(dtype)` and loading with a dtype move it), `.device`, `w[idx]`. The
 quantized buffers never change dtype.
 
-Legend: P pairs, N out, K in.
+Legend: P pairs, M rows of x, N out, K in.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
                  [--prefill-chunk 128] [--max-step-tokens 256] [--chat-template FILE|default]
 
 Threads: by default the model runs on one torch (OpenMP) thread fewer than torch would use,
-leaving a core for the HTTP threads (parsing, tokenizing, streaming): on the 2-core test
-machine, OpenMP threads competing with them made the server about 2x slower.
+leaving a core for the HTTP threads (parsing, tokenizing, streaming): on a small machine
+OpenMP threads competing with them slow the server down (measured with
+`benchmarks/serve.py`; see benchmarks/results/serve_cpu.md).
 
 End-of-sequence ids: the checkpoint's eos_token_id (generation_config.json / config.json),
 the tokenizer_config.json eos_token, and "<|endoftext|>" when the tokenizer has it (the

@@ -7,10 +7,11 @@ pair's row sits in the expert-sorted order. Used for the forward output (Y' = S*
 rows: the gate was folded into A', so the sum is unweighted) and for dX (dXg rows).
 
 A separate kernel, as in SonicMoE (fusing the scatter into the down-projection
-epilogue needs atomics or a second sort, and cost ~20% there on Hopper): each
-program reads one token's K rows for BLOCK_D columns and writes the sum once,
-accumulated in float32, with no atomics (deterministic). A token without pairs
-gets zeros. Any number of pairs per token (token rounding, expert choice).
+epilogue needs atomics or a second sort, and cost ~20% there on Hopper, as SonicMoE
+reports; docs/formulas.md): each program reads one token's K rows for BLOCK_D columns
+and writes the sum once, accumulated in float32, with no atomics (deterministic). A
+token without pairs gets zeros. Any number of pairs per token (token rounding, expert
+choice).
 
 Legend: T tokens, D model dim, P pairs.
 """
