@@ -95,6 +95,16 @@ def test_engine_greedy_equals_generate(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_engine_without_batch_invariance_greedy_equals_generate(name):
+    """batch_invariant=False (plain numerics, no row padding): the same greedy tokens as generate."""
+    model = build(name, True)
+    prompts = prompts_for(model)
+    expected = [generate(model, [p], max_new_tokens=NEW)[0] for p in prompts]
+    out = Engine(model, batch_invariant=False, **KW).generate(prompts, SamplingParams(max_tokens=NEW))
+    assert [o.token_ids for o in out] == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_engine_logprobs_bitwise_alone_and_co_batched(name):
     model = build(name, False)
     prompts = prompts_for(model, seed=1)
@@ -122,6 +132,6 @@ def test_compiled_engine_equals_generate():
     expected = [generate(model, [p], max_new_tokens=NEW)[0] for p in prompts]
     engine = Engine(model, compile=True, **KW)
     assert [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=NEW))] == expected
-    assert engine.decode_step.fn is model.__dict__["_compiled_engine_step"]  # the decode steps ran compiled
+    assert engine.decode_step.fn is model.__dict__["_compiled_engine_step_invariant"]  # the steps ran compiled
     # again: the cached compiled step, other bucket sizes (fewer rows)
     assert engine.generate(prompts[:1], SamplingParams(max_tokens=NEW))[0].token_ids == expected[0]

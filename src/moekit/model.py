@@ -52,7 +52,7 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), plan, rope_BT)
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
-            y_BTD, self.last_aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static)
+            y_BTD, self.last_aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static, plan.active_rows)
         else:
             y_BTD = self.ffn(h_BTD, plan.numerics)
         return x_BTD + y_BTD
@@ -145,17 +145,20 @@ class Transformer(nn.Module):
 
     def decode_step(self, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, row_slots_B: torch.Tensor,
                     valid_BS: torch.Tensor, cache: Cache, numerics: Numerics = PLAIN,
-                    rope_table=None, static: bool = True) -> torch.Tensor:
+                    rope_table=None, static: bool = True, active_rows=None) -> torch.Tensor:
         """One decoding step with static shapes (for torch.compile): logits (B, V).
 
         Row b's new token (RoPE position positions_B1[b]) is written at cache slot row_slots_B[b]
         and attends over every slot s <= row_slots_B[b] with valid_BS[b, s] (False: padding).
         No input checks and no host syncs (the caller validates the tokens); no MoE aux.
-        static=False runs the same plan with the eager kernels (host syncs allowed).
+        static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
+        (optional, static only): the rows whose tokens are real; the others only pad the batch to
+        its bucket and skip the routed experts.
         """
         S = cache.max_len
         visible_BS = (torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None]) & valid_BS
         plan = ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache, numerics, rope_table, static)
+        plan.active_rows = active_rows if static else None
         return self.forward_plan(tokens_B1, plan)[:, -1]
 
     # ------------------------------------------------------------------ MoE bookkeeping

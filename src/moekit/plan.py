@@ -18,7 +18,7 @@ Legend: B batch, T new tokens, S cache slots, Dh head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -67,7 +67,7 @@ class ForwardPlan:
     static: bool = False
     rope_table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (cos, sin) (S_max, Dh), or computed
     logits_rows: Optional[List[int]] = None  # rows of the token dim whose logits are returned (ragged)
-    extra: dict = field(default_factory=dict)
+    active_rows: Optional[torch.Tensor] = None  # static decode: batch rows that are real (the rest pad)
 
     @property
     def padded_from(self) -> int:

@@ -9,8 +9,11 @@
     handle.cancel()                      # frees its KV reservation at the next step boundary
     engine.metrics(); engine.stop()
 
-`compile=True` runs the decode steps through torch.compile (one compilation, dynamic batch
-and cache length; see forward.py); the first decode step pays for it.
+Bitwise batch invariance (default): a request's tokens and logprobs are the same whatever else
+runs beside it (numerics.py; engine/forward.py). `batch_invariant=False` drops that guarantee
+for speed, as vLLM does by default: plain numerics, no row padding, flash attention, the dense
+expert path for busy batches. `compile=True` runs the decode steps through torch.compile
+(forward.py says how it is compiled in each mode); the first decode steps pay for it.
 
 Without `start()` the engine runs synchronously: `handle.result()`, iteration and
 `engine.generate(...)` drive `engine.step()` themselves (handy in scripts and tests).
@@ -39,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..numerics import Numerics
+from ..numerics import PLAIN, Numerics
 from ..rope import rope_table
 from ..sampling import choose_tokens, ends_with_stop, new_generator
 from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
@@ -120,7 +123,8 @@ class RequestHandle:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
-                 eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False):
+                 eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False,
+                 batch_invariant: bool = True):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
@@ -136,12 +140,14 @@ class Engine:
         weight = model.embed.weight
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        self.numerics = Numerics(row_quantum=row_quantum, invariant_elementwise=True)
+        if not isinstance(batch_invariant, bool) or not isinstance(compile, bool):
+            raise ValueError(f"batch_invariant and compile must be True or False, got {batch_invariant!r}, {compile!r}")
+        self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, cfg, self.dtype)
-        self.kv = KVBudget(model, bucket_rows(max_batch, row_quantum), budget, self.dtype, self.device)
+        self.kv = KVBudget(model, bucket_rows(max_batch, self.numerics.row_quantum), budget, self.dtype, self.device)
         self.decode_step = DecodeStep(model, self.kv, self.numerics, self._rope, compile)
         self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens)
         self.max_queue = max_queue

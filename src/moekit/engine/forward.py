@@ -10,9 +10,10 @@ policy (numerics.py), so a request's logits are bitwise the same whatever else i
     length to a power of two >= 64. With `compile=True` the step runs under
     torch.compile (dynamic shapes: one compilation serves every bucket, and every bucket
     runs the same generated code). Pool rows in the bucket that are not decoding (empty, or
-    a request still in its prompt) repeat a decoding row's token (so their MoE pairs read
-    weights already in cache), write their throw-away k/v at slot S_bucket - 1, a slot no
-    request has written yet, and their logits are dropped.
+    a request still in its prompt) skip the routed experts (the step's `active_rows`: the
+    per-pair expert kernel computes a row the same way whatever the other rows, so only the
+    dense GEMMs need the padded row count), write their throw-away k/v at slot S_bucket - 1, a
+    slot no request has written yet, and their logits are dropped.
 
 Chunk boundaries of a prompt are fixed by the scheduler (multiples of prefill_chunk), so
 they do not depend on the load either. `tests/test_engine.py` checks the end result
@@ -45,7 +46,7 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
 
 
 def bucket_rows(n: int, quantum: int) -> int:
-    """The smallest power of two >= n that is a multiple of `quantum`."""
+    """The smallest power of two >= n that is a multiple of `quantum` (quantum: a power of two)."""
     b = quantum
     while b < n:
         b *= 2
@@ -61,10 +62,14 @@ class DecodeStep:
         self.compile = compile
         self.fn = model.decode_step
         if compile:
-            fn = model.__dict__.get("_compiled_engine_step")
+            # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
+            # otherwise torch's automatic dynamic shapes (the first bucket, batch 1 alone, is
+            # compiled for its exact shape: the fastest code for it)
+            key = "_compiled_engine_step" + ("_invariant" if numerics.batch_invariant else "")
+            fn = model.__dict__.get(key)
             if fn is None:
-                fn = torch.compile(model.decode_step, fullgraph=True, dynamic=True)
-                model.__dict__["_compiled_engine_step"] = fn
+                fn = torch.compile(model.decode_step, fullgraph=True, dynamic=True if numerics.batch_invariant else None)
+                model.__dict__[key] = fn
             self.fn = fn
 
     def __call__(self, decoding: Sequence, running: Sequence) -> torch.Tensor:
@@ -74,9 +79,7 @@ class DecodeStep:
         B = bucket_rows(rows_used, self.numerics.row_quantum)
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.row_len)
-        # rows not decoding feed a copy of a decoding row's token: their expert pairs then read the
-        # same experts' weights (already in cache), so a small batch costs what it would unpadded
-        tokens = [decoding[0].out[-1]] * B
+        tokens = [PAD_ID] * B
         slots = [S - 1] * B
         for s in decoding:
             tokens[s.row], slots[s.row] = s.out[-1], s.computed
@@ -84,7 +87,8 @@ class DecodeStep:
         slots_B = torch.tensor(slots, dtype=torch.long, device=self.device)
         valid_BS = torch.ones(B, S, dtype=torch.bool, device=self.device)
         cache = self.kv.cache.rows(0, B).slots(S)
+        rows = torch.tensor(sorted(s.row for s in decoding), dtype=torch.long, device=self.device)
         logits_BV = self.fn(tokens_B1, slots_B[:, None], slots_B, valid_BS, cache, self.numerics, self.rope_table,
-                            self.compile)
+                            self.compile, rows)
         rows = torch.tensor([s.row for s in decoding], dtype=torch.long, device=self.device)
         return logits_BV.index_select(0, rows).float()

@@ -3,6 +3,7 @@
     y, aux = moe(x)            # x: (..., D) -> y: (..., D)
     y, aux = moe(x, token_ids) # router='hash' routes by token id
     y, aux = moe(x, token_ids, numerics, static=True)   # the compiled decode step: aux is None
+    y, aux = moe(x, token_ids, numerics, True, active_rows)  # routed experts for these rows only
 
 `numerics` is the forward's numerics policy (numerics.py: plain, or the engine's batch-invariant
 one); `static=True` is the static-shape inference form (K experts per token, no host syncs,
@@ -30,7 +31,7 @@ from . import balancing
 from .config import MoEConfig
 from .experts import Experts
 from .ffn import SwiGLU
-from .router import Routing, build_router
+from .router import Routing, build_router, topk_routing
 
 
 @dataclass
@@ -57,14 +58,20 @@ class MoE(nn.Module):
         self.register_buffer("tokens_since_update", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=True)
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, numerics: Numerics = PLAIN,
-                static: bool = False):
+                static: bool = False, active_rows: Optional[torch.Tensor] = None):
         cfg = self.cfg
         if not static:
             self.check_inputs(x, token_ids)
         x_TD = x.reshape(-1, cfg.d_model)
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
         routing = self.router(x_TD, token_ids_T, numerics)
-        y_TD = self.experts(x_TD, routing, numerics, static)
+        if active_rows is None:
+            y_TD = self.experts(x_TD, routing, numerics, static)
+        else:  # only these rows need the routed experts (the others pad a static batch)
+            picked = topk_routing(self.router, routing.expert_idx_TK.index_select(0, active_rows),
+                                  routing.gates_TK.index_select(0, active_rows), None)
+            y_RD = self.experts(x_TD.index_select(0, active_rows), picked, numerics, static)
+            y_TD = torch.zeros_like(x_TD).index_copy(0, active_rows, y_RD)
         if self.shared is not None:
             shared_TD = self.shared(x_TD, numerics)
             if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x @ g) * shared(x)
