@@ -15,8 +15,6 @@ and what a recurrent state needs beyond them: docs/architecture.md):
         step), and how much to read back (`end`, or every slot for static plans)
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
-    nbytes_per_token  bytes of one slot across the cache's batch rows (nothing reads it yet:
-                      the engine's budget uses engine.kv.kv_bytes_per_token)
 
 Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim.
 """
@@ -43,10 +41,6 @@ class KVLayerCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def nbytes_per_token(self) -> int:
-        return 2 * self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
 
     def rows(self, a: int, b: int) -> "KVLayerCache":
         return KVLayerCache(self.k[a:b], self.v[a:b])
@@ -78,10 +72,6 @@ class Cache:
     @property
     def max_len(self) -> int:
         return self.layers[0].max_len
-
-    @property
-    def nbytes_per_token(self) -> int:
-        return sum(layer.nbytes_per_token for layer in self.layers)
 
     def rows(self, a: int, b: int) -> "Cache":
         return Cache([layer.rows(a, b) for layer in self.layers])

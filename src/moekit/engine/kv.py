@@ -10,12 +10,9 @@ is cancelled. So:
   * a running request can never run out of KV memory (no preemption, no recomputation);
   * the sum of reservations never exceeds the budget; a request that does not fit now
     waits in the queue, and one larger than the whole budget is rejected (KVBudgetError);
-  * attention reads each request's cache as a plain strided view -- no page gather copies,
-    which on a CPU would cost as much memory traffic as the attention itself;
-  * the price is reserving max_tokens up front: a request that stops early held more than
-    it used, and the pool's memory is rows x row length whatever the budget admits. (A paged
-    pool with on-demand growth would admit more requests, but needs preemption when pages
-    run out.)
+  * attention reads a request's cache as a plain strided view (no page gathers);
+  * the price is reserving max_tokens up front, and the pool's memory is rows x row length
+    whatever the budget admits (a paged pool would admit more, but needs preemption).
 
 `parse_budget` reads "4096" (tokens) or sizes such as "64MiB", "1.5GB" (bytes of k + v).
 

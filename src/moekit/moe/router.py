@@ -3,19 +3,11 @@
     router = build_router(cfg)                  # the class registered under cfg.router
     routing = router(x_TD, token_ids_T, numerics)
 
-Every router returns a `Routing`. Top-k routers (and hash) give exactly K experts per token:
-`expert_idx_TK` / `gates_TK`, and the same as P = T*K token-major pairs (`token_idx_P`,
-`expert_idx_P`, `gates_P`). Expert choice and token rounding give a variable number of
-pairs per token (`expert_idx_TK` is None then). One representation serves training, decode,
-the compiled step and the engine: there is one gate formula per router.
-
-A top-k router class implements three things:
-    selection_scores(logits_TE, numerics)   what top-k picks from (never differentiated;
-                                            `expert_bias` added here and only here)
-    gates(logits_TE, logit_TK, valid_TK, numerics)   the gate of each chosen expert, (T, K)
-    probs(logits_TE)                        per-token distribution for the balance losses
-Add a router: subclass `TopKRouter` (or `Router` for another selection rule), decorate it
-with `@register_router("name")`, and give its config checks in `check(cfg)`. See
+Every router returns a `Routing`: K experts per token (`expert_idx_TK`, `gates_TK`, and the
+same as T*K token-major pairs) or, for expert choice and token rounding, a variable number of
+pairs per token (`expert_idx_TK` None). One gate formula per router serves training, decode,
+the compiled step and the engine. A top-k router implements `selection_scores` (what top-k
+picks from; `expert_bias` is added here only), `gates` and `probs`; how to add one:
 docs/extending.md.
 
 Legend: T tokens, D model dim, E experts, K experts per token, G groups, e experts per group,
