@@ -1,11 +1,5 @@
-"""The `moekit` command line.
-
-    moekit bench                 train the tiny MoE layer on a toy task, then print a benchmark table
-    moekit bench moe-layer ...   the MoE layer benchmark (see benchmarks/moe_layer.py)
-
-Each subcommand lives in its own module as `cli(argv) -> int`; this file only dispatches,
-so `moekit --help` stays fast (nothing heavy is imported until a command runs).
-"""
+"""The `moekit` command line. Each subcommand lives in its own module as `cli(argv) -> int`;
+this file only dispatches, so `moekit --help` imports nothing heavy."""
 
 from __future__ import annotations
 

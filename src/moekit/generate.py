@@ -1,46 +1,19 @@
 """Batched autoregressive generation with a preallocated KV cache, and `moekit generate`.
 
-    from moekit.generate import generate
-    new_ids = generate(model, prompts=[[1, 2, 3], [4, 5]], max_new_tokens=16,
-                       temperature=0.0, top_k=None, top_p=None, seed=None, stop=None)
-    # -> one list of new token ids per prompt (the prompt is not repeated)
+    new_ids = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16)  # one list of new ids per prompt
 
-How a batch runs: prompts of different lengths are LEFT-padded to the longest one
-(P tokens), so every sequence's next token is written to the same cache slot. Each
-sequence's RoPE positions count only its real tokens, and a key mask hides the pad
-slots from attention, so a padded sequence computes what it would alone. One prefill
-forward fills the cache with the prompts; then each decode step feeds one token per
-sequence. The cache is allocated once for P + max_new_tokens slots.
+Prompts are LEFT-padded to the longest one (P tokens), so every sequence's next token goes to the
+same cache slot; RoPE positions count only real tokens and a key mask hides the pad slots, so a
+padded sequence computes what it would alone. One prefill forward, then one token per sequence
+per step. Sampling, checks and stops: `moekit.sampling`. A sequence ends when its tokens end with
+a stop sequence (not returned); finished ones are fed a pad token until the batch is done.
+`stream(step_tokens)` gets the new token per prompt, or None once finished (a multi-token stop
+is recognised at its last token, after its leading tokens were streamed).
 
-Sampling: `moekit.sampling` (its docstring gives the order the processors apply in):
-the repetition penalty over the prompt and generated tokens (greedy mode included), then
-greedy argmax when temperature == 0, else temperature, top-k, top-p and a draw with a
-`torch.Generator` seeded by `seed`. Invalid values raise `sampling.SamplingParamError` (a
-ValueError naming the field), with the same messages as the engine and the server.
-
-Stopping: `stop` holds token ids and/or token-id sequences; `eos_token_id` adds
-single ids. A sequence ends when its generated tokens end with one of them; the
-stop ids themselves are NOT returned (like a stop string in vLLM/OpenAI APIs).
-Finished sequences are fed a pad token until the whole batch is done (their
-outputs are ignored); the loop ends early once every sequence has finished.
-
-Streaming: `stream(step_tokens)` is called after each step with one entry per
-prompt: the new token, or None when that sequence has finished (a single stop
-id is reported as None). A multi-token stop sequence is only recognised at its
-last token, so its leading tokens have already been streamed by then; the
-returned lists never contain them.
-
-Compiled decoding (`compile=True`): the prompt is still prefilled eagerly, but every
-decode step runs `Transformer.decode_step` -- the one forward with a static plan (each
-row's new k/v written at a slot tensor, attention over the whole preallocated cache under
-a mask, MoE routing K experts per token without host syncs) -- through
-`torch.compile(fullgraph=True, dynamic=False)`. The compiled step is cached on the model
-(`model._compiled_decode_step`): the first call compiles (`benchmarks/decode.py` reports
-the time, "compile s"; less with a warm inductor cache), and so does each new batch size or
-cache length. To keep the cache length from changing with every prompt, the cache is
-allocated for S rounded up to a power of two (at least 64, at most max_seq_len). Greedy
-tokens equal the eager path's (logits agree to float rounding). Not for MoE layers with
-token_rounding (it changes the number of (token, expert) pairs).
+`compile=True` runs each decode step through `Transformer.decode_step` (the static plan,
+docs/architecture.md) under `torch.compile(fullgraph=True, dynamic=False)`, cached on the model;
+each new batch size or cache length compiles again, so the cache length is S rounded up to a
+power of two (64 to max_seq_len). Not for MoE layers with token_rounding.
 
 Legend: B batch, P padded prompt length, S cache length (P + max_new_tokens), V vocab.
 """
@@ -63,26 +36,16 @@ from .tokens import eos_token_ids
 PAD_ID = 0  # any valid id; pad slots are masked out of attention and never sampled from
 
 
-# ---------------------------------------------------------------------------- generation
 def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
              stop: StopSpec = None, eos_token_id=None,
              stream: Optional[Callable[[List[Optional[int]]], None]] = None,
              compile: bool = False) -> List[List[int]]:
-    """Generate up to `max_new_tokens` tokens after each prompt (see the module docstring).
+    """One list of up to `max_new_tokens` new ids per prompt (non-empty token-id lists of any lengths).
 
-    prompts: list of token-id lists (different lengths allowed; each needs >= 1 id).
-    temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
-    top_k, top_p: sampling filters (None = off); ignored when greedy.
-    repetition_penalty: > 0; 1.0 = off; applied in greedy mode too (as in HF).
-    seed: seeds the sampling generator; None draws a seed from torch's global RNG,
-        so `torch.manual_seed` also makes the output reproducible.
-    stop / eos_token_id: ids or id sequences that end a sequence; not returned.
-    stream: called after each step with one new token (or None) per prompt.
-    compile: run the decode steps through the torch.compile'd static-shape step (see
-        the module docstring; the first call per model, batch size and cache length compiles).
-    Returns one list of new token ids per prompt. The model's train/eval mode is
-    restored afterwards.
+    temperature 0 = greedy; top_k / top_p None = off; repetition_penalty 1.0 = off (greedy mode too,
+    as in HF); seed None draws one from torch's global RNG; stop / eos_token_id: ids or id sequences
+    that end a sequence. The model's train/eval mode is restored afterwards.
     """
     cfg = model.cfg
     prompts = normalise_prompts(prompts, cfg.vocab_size)
@@ -93,24 +56,15 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
     P = max(lens)
     S = P + max_new_tokens
     if S > cfg.max_seq_len:
-        raise ValueError(
-            f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {S} exceeds the model's "
-            f"max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_new_tokens"
-        )
+        raise ValueError(f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {S} exceeds the "
+                         f"model's max_seq_len={cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    step_fn = None
-    if compile:
-        for moe in model.moe_layers():
-            if moe.cfg.token_rounding is not None:
-                raise ValueError("generate(compile=True) does not support MoE layers with token_rounding; "
-                                 "use compile=False")
-        step_fn = compiled_decode_step(model)
-
-    weight = model.embed.weight
-    device, dtype = weight.device, weight.dtype
+    if compile and any(moe.cfg.token_rounding is not None for moe in model.moe_layers()):
+        raise ValueError("generate(compile=True) does not support MoE layers with token_rounding; use compile=False")
+    step_fn = compiled_decode_step(model) if compile else None
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
     generator = new_generator(temperature, seed, device)
-
     was_training = model.training
     model.eval()
     try:
@@ -123,33 +77,23 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
 
 def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                  generator, stops, stream, device, dtype, step_fn=None) -> List[List[int]]:
-    cfg = model.cfg
     B = len(prompts)
-    tokens_BP = torch.full((B, P), PAD_ID, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        tokens_BP[b, P - lens[b]:] = torch.tensor(prompt, dtype=torch.long)
-    tokens_BP = tokens_BP.to(device)
+    tokens_BP = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
     lens_B = torch.tensor(lens, dtype=torch.long, device=device)
-    padded = min(lens) < P
-    key_mask_BS = None
-    positions_BP = None
-    if padded:
-        # real prompt tokens and every generated slot are visible; pad slots are not
-        slot_S = torch.arange(S, device=device)
-        key_mask_BS = slot_S[None, :] >= (P - lens_B)[:, None]
+    key_mask_BS = positions_BP = None
+    if min(lens) < P:  # padded: real prompt tokens and every generated slot are visible, pad slots are not
+        key_mask_BS = torch.arange(S, device=device)[None, :] >= (P - lens_B)[:, None]
         positions_BP = (key_mask_BS[:, :P].long().cumsum(1) - 1).clamp(min=0)
     seen_BV = None
     if repetition_penalty != 1.0:
-        seen_BV = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen_BV = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
         for b, prompt in enumerate(prompts):
             seen_BV[b, torch.tensor(prompt, device=device)] = True
 
-    if step_fn is not None:
-        # static decoding: a bucketed cache length (fewer recompiles) and a mask tensor in every case
-        S_static = min(max(64, 1 << (S - 1).bit_length()), cfg.max_seq_len)
-        static_valid_BS = torch.arange(S_static, device=device)[None, :] >= (P - lens_B)[:, None]
+    if step_fn is not None:  # static decoding: a bucketed cache length (fewer recompiles), a mask in every case
+        S = min(max(64, 1 << (S - 1).bit_length()), model.cfg.max_seq_len)
+        static_valid_BS = torch.arange(S, device=device)[None, :] >= (P - lens_B)[:, None]
         token_limit = model.token_limit
-        S = S_static
     cache = model.new_cache(B, S, dtype, device)
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -202,7 +146,6 @@ def compiled_decode_step(model):
     return step
 
 
-# ---------------------------------------------------------------------------- command line
 def _parse_ids(text: str) -> List[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -211,10 +154,8 @@ def _parse_ids(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moekit generate",
-        description="Generate text from a moekit checkpoint, a training run directory or an HF checkpoint.",
-    )
+    p = argparse.ArgumentParser(prog="moekit generate", description="Generate text from a moekit checkpoint, "
+                                "a training run directory or an HF checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (moekit, run dir or HF format)")
     p.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (works without a tokenizer)")
@@ -239,19 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _TextStreamer:
-    """Prints decoded text as tokens arrive: decodes all ids so far and prints the new suffix."""
+class _Streamer:
+    """Prints the text of the ids so far as tokens arrive (its new suffix each time): decoded with
+    `tokenizer`, or the ids separated by spaces when it is None."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer=None, out=None):
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: List[int] = []
         self.printed = ""
+
+    def text(self) -> str:
+        return " ".join(map(str, self.ids)) if self.tokenizer is None else self.tokenizer.decode(self.ids)
 
     def __call__(self, step_tokens: List[Optional[int]]) -> None:
         if step_tokens[0] is None:
             return
         self.ids.append(step_tokens[0])
-        text = self.tokenizer.decode(self.ids)
+        text = self.text()
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
         new = text[len(self.printed):]  # (a decoder that rewrites earlier text cannot unprint it)
@@ -261,25 +206,9 @@ class _TextStreamer:
         self.printed = text
 
     def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
+        text = self.text()
         if text.startswith(self.printed) and len(text) > len(self.printed):
             self.out.write(text[len(self.printed):])
-        self.out.write("\n")
-        self.out.flush()
-
-
-class _IdStreamer:
-    def __init__(self, out=None):
-        self.out, self.first = out or sys.stdout, True
-
-    def __call__(self, step_tokens: List[Optional[int]]) -> None:
-        if step_tokens[0] is None:
-            return
-        self.out.write(("" if self.first else " ") + str(step_tokens[0]))
-        self.out.flush()
-        self.first = False
-
-    def finish(self) -> None:
         self.out.write("\n")
         self.out.flush()
 
@@ -311,10 +240,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         tokenizer = getattr(model, "tokenizer", None)
         if args.prompt is not None:
             if tokenizer is None:
-                raise ValueError(
-                    f"checkpoint {args.checkpoint!r} has no tokenizer (tokenizer.json), so --prompt TEXT cannot be "
-                    "encoded; pass token ids with --prompt-ids 1,2,3"
-                )
+                raise ValueError(f"checkpoint {args.checkpoint!r} has no tokenizer (tokenizer.json), so --prompt TEXT "
+                                 "cannot be encoded; pass token ids with --prompt-ids 1,2,3")
             prompt_ids = tokenizer.encode(args.prompt).ids
             if not prompt_ids:
                 raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
@@ -322,7 +249,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
             prompt_ids = _parse_ids(args.prompt_ids)
         stop = _parse_ids(args.stop_ids) if args.stop_ids else None
         eos = eos_token_ids(args.checkpoint, model)
-        streamer = _IdStreamer() if tokenizer is None or args.print_ids else _TextStreamer(tokenizer)
+        streamer = _Streamer(None if args.print_ids else tokenizer)
         if draft is not None or args.speculative is not None:
             if args.repetition_penalty != 1.0:
                 raise ValueError("--repetition-penalty is not supported with speculative decoding")

@@ -6,17 +6,11 @@
     for g in opt.param_groups:        # an LR schedule scales every group from its base_lr
         g["lr"] = g["base_lr"] * factor
 
-Muon (Keller Jordan, 2024): SGD with Nesterov momentum whose update is replaced by
-its orthogonalization, computed with five quintic Newton–Schulz steps
-X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) = (3.4445, -4.7750, 2.0315), after
-X /= ||X||_F, and scaled by sqrt(max(1, rows/cols)). It is meant for hidden 2-D
-weights only; embeddings, the LM head, norms, routers and scalars use AdamW.
-Expert weights (E, rows, cols) are orthogonalized per expert (batched over E).
-
-The quintic does not converge to exactly 1: after five steps the singular values of
-the result lie in about [0.68, 1.20] (the iteration's invariant band is
-[0.68, 1.13]) for every input singular value above ~0.0015 * ||G||_F; smaller ones
-stay smaller. That is the intended trade of speed for exactness.
+Muon (its Newton–Schulz coefficients, scaling and which weights it takes): docs/formulas.md,
+"Optimizers". Expert weights (E, rows, cols) are orthogonalized per expert. The quintic does
+not converge to exactly 1: after five steps the singular values lie in about [0.68, 1.20]
+(the iteration's invariant band is [0.68, 1.13]) for every input singular value above
+~0.0015 * ||G||_F; smaller ones stay smaller. That is the intended trade of speed for exactness.
 
 Legend: E experts, M rows, N cols of the (last two dims of the) matrix.
 """
@@ -40,11 +34,8 @@ _ADAMW_NAME_PARTS = {"embed", "embed_tokens", "wte", "wpe", "tok_embeddings", "l
 
 
 def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T of G = U S V^T with quintic Newton–Schulz steps.
-
-    G: (..., M, N), batched over leading dims. Computes in float32 and returns G's
-    shape and dtype. Transposes when M > N so that A = X X^T is the smaller side.
-    """
+    """Approximate U V^T of G = U S V^T, G (..., M, N), with quintic Newton–Schulz steps in
+    float32 (transposed when M > N, so A = X X^T is the smaller side); G's shape and dtype."""
     if G.dim() < 2:
         raise ValueError(f"newton_schulz5 needs a (..., M, N) tensor, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
@@ -70,8 +61,6 @@ class Muon(torch.optim.Optimizer):
         u = g + momentum * buf  (nesterov)  or  buf
         u = newton_schulz5(u) * sqrt(max(1, rows / cols))   (over the last two dims)
         p *= 1 - lr * weight_decay;  p -= lr * u
-    Parameters with more than two dims (experts (E, rows, cols)) are orthogonalized per
-    slice of the leading dims.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -113,27 +102,16 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(mom).add_(g)
                 update = g.add(buf, alpha=mom) if group["nesterov"] else buf
                 update = newton_schulz5(update, steps=group["ns_steps"])
-                rows, cols = p.shape[-2], p.shape[-1]
-                scale = math.sqrt(max(1.0, rows / cols))
+                scale = math.sqrt(max(1.0, p.shape[-2] / p.shape[-1]))  # rows / cols
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 p.add_(update.to(p.dtype), alpha=-lr * scale)
         return loss
 
 
-def _is_muon_param(name: str, p: torch.Tensor, embedding_ids: set) -> bool:
-    if p.dim() < 2 or id(p) in embedding_ids:
-        return False
-    return not any(part in _ADAMW_NAME_PARTS for part in name.split("."))
-
-
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Split a model's parameters: {"muon": hidden matrices, "adamw": the rest}.
-
-    Muon takes parameters with >= 2 dims except embeddings, the LM head, routers
-    (router.weight, router.noise_weight) and shared-expert gates. Tied parameters
-    appear once, under their first name.
-    """
+    """{"muon": parameters with >= 2 dims except embeddings, the LM head, routers and
+    shared-expert gates; "adamw": the rest}. Tied parameters appear once, under their first name."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": []}
     seen = set()
@@ -141,16 +119,14 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        groups["muon" if _is_muon_param(name, p, embedding_ids) else "adamw"].append((name, p))
+        muon = p.dim() >= 2 and id(p) not in embedding_ids and not _ADAMW_NAME_PARTS.intersection(name.split("."))
+        groups["muon" if muon else "adamw"].append((name, p))
     return groups
 
 
 class CombinedOptimizer:
-    """Several torch optimizers stepped together (Muon for matrices + AdamW for the rest), with one state_dict.
-
-    `param_groups` lists every group of every optimizer; each has "lr", "base_lr" (the
-    lr it was built with, for schedulers: lr = base_lr * factor) and "name".
-    """
+    """Several torch optimizers stepped together, with one state_dict. `param_groups` lists every
+    group of every optimizer, each with "lr", "base_lr" (for schedulers) and "name"."""
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         if not optimizers:
@@ -205,33 +181,17 @@ def _compress_names(names: Iterable[str]) -> list[str]:
     return [k if c == 1 else f"{k} x{c}" for k, c in counts.items()]
 
 
-def _describe(groups: list[tuple[str, str, list[tuple[str, nn.Parameter]]]]) -> str:
-    lines = []
-    for title, settings, named in groups:
-        numel = sum(p.numel() for _, p in named)
-        lines.append(f"{title} ({settings}): {len(named)} tensors, {numel:,} params")
-        lines.extend(f"    {n}" for n in _compress_names(n for n, _ in named))
-    return "\n".join(lines)
-
-
 def build_optimizer(model: nn.Module, kind: str = "adamw", lr: float = 3e-3, weight_decay: float = 0.1,
                     betas=(0.9, 0.95), muon_lr: float = 0.02,
                     muon_momentum: float = 0.95) -> tuple[CombinedOptimizer, str]:
-    """(optimizer, description of the grouping) for `model`.
-
-    kind "adamw": one AdamW over all parameters, weight decay on >= 2-D ones only.
-    kind "muon": Muon (lr=muon_lr, momentum=muon_momentum, the same decoupled weight
-    decay) for the hidden matrices of `param_groups(model)`, AdamW (lr, decay rule as
-    above) for the rest.
-    """
+    """(optimizer, description of the grouping) for `model`. kind "adamw": one AdamW, weight decay
+    on >= 2-D parameters only; kind "muon": Muon (muon_lr, muon_momentum, the same decoupled
+    weight decay) for the "muon" group of `param_groups(model)`, that AdamW for the rest."""
     if kind not in ("adamw", "muon"):
         raise ValueError(f"unknown optimizer kind={kind!r}; expected 'adamw' or 'muon'")
     split = param_groups(model)
-    if kind == "adamw":
-        adamw_named = split["muon"] + split["adamw"]
-        muon_named: list[tuple[str, nn.Parameter]] = []
-    else:
-        adamw_named, muon_named = split["adamw"], split["muon"]
+    muon_named = split["muon"] if kind == "muon" else []
+    adamw_named = split["adamw"] if kind == "muon" else split["muon"] + split["adamw"]
     decay = [(n, p) for n, p in adamw_named if p.dim() >= 2]
     no_decay = [(n, p) for n, p in adamw_named if p.dim() < 2]
 
@@ -251,6 +211,9 @@ def build_optimizer(model: nn.Module, kind: str = "adamw", lr: float = 3e-3, wei
         optimizers["adamw"] = torch.optim.AdamW(adamw_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if not optimizers:
         raise ValueError("build_optimizer: the model has no parameters")
-    total = sum(p.numel() for _, named in split.items() for _, p in named)
-    header = f"optimizer {kind}: {total:,} params in {sum(len(v) for v in split.values())} tensors"
-    return CombinedOptimizer(optimizers), header + "\n" + _describe(described)
+    total = sum(p.numel() for named in split.values() for _, p in named)
+    lines = [f"optimizer {kind}: {total:,} params in {sum(len(v) for v in split.values())} tensors"]
+    for title, settings, named in described:
+        lines.append(f"{title} ({settings}): {len(named)} tensors, {sum(p.numel() for _, p in named):,} params")
+        lines.extend(f"    {n}" for n in _compress_names(n for n, _ in named))
+    return CombinedOptimizer(optimizers), "\n".join(lines)

@@ -47,9 +47,7 @@ def plot_run(run_dir, out_dir: Optional[str] = None) -> List[Path]:
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"{run_dir.name}: loss")
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy (nats/token)", title=f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -64,10 +62,8 @@ def plot_run(run_dir, out_dir: Optional[str] = None) -> List[Path]:
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
                           extent=(train[0]["step"] - 0.5, train[-1]["step"] + 0.5, len(grid) - 0.5, -0.5))
         fig.colorbar(image, ax=ax, label="max / mean tokens per expert")
-        ax.set_yticks(range(len(grid)))
-        ax.set_xlabel("step")
-        ax.set_ylabel("MoE layer (in order)")
-        ax.set_title(f"{run_dir.name}: expert load imbalance")
+        ax.set(yticks=range(len(grid)), xlabel="step", ylabel="MoE layer (in order)",
+               title=f"{run_dir.name}: expert load imbalance")
         fig.tight_layout()
         paths.append(out / "expert_load.png")
         fig.savefig(paths[-1], dpi=120)

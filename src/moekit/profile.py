@@ -4,15 +4,13 @@
     moekit profile runs/demo --mode decode --steps 16
 
 How time is attributed (CPU time; on CUDA the profiler's device time of the same events):
-- forward: module hooks open a `moekit::<component>` record_function range around each
-  component's module (embedding, attention incl. its q/k norms, norms, dense_ffn, router,
-  experts, shared_experts incl. Qwen2-MoE's gate, head incl. the loss); the ranges appear in the
-  Chrome trace. A component's forward time is the sum of its ranges.
-- backward: each autograd node runs as an `autograd::engine::evaluate_function` event
-  carrying the sequence number of the forward op that created it; that op's enclosing
-  `moekit::` range names the component.
-- other: the measured step time minus everything attributed (the MoE's routing glue,
-  residual adds, optimizer step, Python overhead).
+- forward: hooks wrap each component's module (`component_modules`; attention includes its
+  q/k norms, shared_experts Qwen2-MoE's gate, head the loss) in a `moekit::<component>`
+  record_function range, also seen in the Chrome trace; its time is the sum of its ranges.
+- backward: each `autograd::engine::evaluate_function` event carries the sequence number of
+  the forward op that created it, whose enclosing `moekit::` range names the component.
+- other: the measured step time minus everything attributed (routing glue, residual adds,
+  optimizer step, Python overhead).
 Predicted: `moekit.analyze` FLOPs per token by component at the profiled context
 (training = 3 x forward), as a share of the total. Norms and embedding have 0 matmul FLOPs.
 """
@@ -46,31 +44,19 @@ def component_modules(model) -> List[tuple]:
     return pairs
 
 
-class _Ranges:
-    """Forward hooks that wrap modules in profiler ranges."""
-
-    def __init__(self, pairs):
-        self.handles, self.open = [], []
-        for module, comp in pairs:
-            self.handles.append(module.register_forward_pre_hook(self._enter(comp)))
-            self.handles.append(module.register_forward_hook(self._exit))
-
-    def _enter(self, comp):
-        def hook(module, args):
-            self.open.append(torch.ops.profiler._record_function_enter_new(RANGE + comp, None))
-        return hook
-
-    def _exit(self, module, args, out):
-        torch.ops.profiler._record_function_exit._RecordFunction(self.open.pop())
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def _add_ranges(pairs) -> list:
+    """Forward hooks that wrap each (module, component) in a profiler range; returns their handles."""
+    enter, exit_ = torch.ops.profiler._record_function_enter_new, torch.ops.profiler._record_function_exit
+    opened, handles = [], []  # the open ranges, innermost last
+    for module, comp in pairs:
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, name=RANGE + comp: opened.append(enter(name, None))))
+        handles.append(module.register_forward_hook(lambda m, a, out: exit_._RecordFunction(opened.pop())))
+    return handles
 
 
-def _component_of(event) -> Optional[str]:
-    e = event
-    while e is not None:
+def _component_of(e) -> Optional[str]:
+    while e is not None:  # the innermost enclosing moekit:: range
         if e.name.startswith(RANGE):
             return e.name[len(RANGE):]
         e = e.cpu_parent
@@ -100,15 +86,6 @@ def attribute(events, cuda: bool) -> Dict[str, float]:
     return dict(out)
 
 
-def predicted_flops(model, mode: str, ctx: int) -> Dict[str, float]:
-    from .analyze import from_model_config
-    from .analyze.estimate import flops_by_component
-
-    f = flops_by_component(from_model_config(model.cfg), ctx)
-    factor = 3 if mode == "train" else 1
-    return {c: factor * v for c, v in f.items()}
-
-
 def _train_step(model, opt, tokens_BT):
     logits_BTV = model(tokens_BT[:, :-1])
     with torch.profiler.record_function(RANGE + "head"):
@@ -120,6 +97,9 @@ def _train_step(model, opt, tokens_BT):
 
 def run_profile(model, mode: str = "train", steps: int = 3, batch: int = 4, seq: int = 128, trace: Optional[str] = None,
                 seed: int = 0) -> Dict:
+    from .analyze import from_model_config
+    from .analyze.estimate import flops_by_component
+
     if mode not in ("train", "decode"):
         raise ValueError(f"--mode must be 'train' or 'decode', got {mode!r}")
     for name, v in (("--steps", steps), ("--batch", batch), ("--seq", seq)):
@@ -151,7 +131,7 @@ def run_profile(model, mode: str = "train", steps: int = 3, batch: int = 4, seq:
                 model(tokens_BT[:, seq:seq + 1], cache=cache, start=seq + i)
         ctx = seq + steps // 2
         tokens_per_step = batch
-    ranges = _Ranges(component_modules(model))
+    hooks = _add_ranges(component_modules(model))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     try:
         with torch.profiler.profile(activities=activities) as prof:
@@ -162,12 +142,14 @@ def run_profile(model, mode: str = "train", steps: int = 3, batch: int = 4, seq:
             sync()
             wall = time.perf_counter() - t0
     finally:
-        ranges.remove()
+        for h in hooks:
+            h.remove()
     if trace:
         prof.export_chrome_trace(trace)
     measured = attribute(prof.events(), cuda)
     measured["other"] = max(0.0, wall - sum(measured.values()))
-    flops = predicted_flops(model, mode, ctx)
+    factor = 3 if mode == "train" else 1  # training = 3 x forward
+    flops = {c: factor * v for c, v in flops_by_component(from_model_config(model.cfg), ctx).items()}
     total_flops = sum(flops.values())
     rows = []
     for c in COMPONENTS:

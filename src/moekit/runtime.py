@@ -1,14 +1,10 @@
 """Process-level runtime settings that entry points (CLI, benchmarks) opt into explicitly.
 
-`tune_cpu_allocator()`: glibc serves every large allocation (> 32 MiB at most) with a
-fresh mmap and returns it with munmap on free, so each training step of a CPU MoE
-re-faults hundreds of MiB of pages. On small (virtual) machines those page faults
-can cost more than the arithmetic (`benchmarks/moe_layer.py --no-malloc-tune` shows the
-effect; benchmarks/results/moe_layer_cpu.md has the measured table). Keeping
-freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost
-for every PyTorch op alike, at the price of the process holding on to its peak heap.
-Nothing calls it on import; the `moekit` command and the benchmarks call it unless
-told not to (--no-malloc-tune).
+`tune_cpu_allocator()`: glibc serves large allocations with a fresh mmap and munmaps them
+on free, so each CPU MoE training step re-faults hundreds of MiB of pages, which on small
+machines can cost more than the arithmetic (benchmarks/results/moe_layer_cpu.md). Keeping
+freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost, at the
+price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
 """
 
 from __future__ import annotations
@@ -29,8 +25,7 @@ def tune_cpu_allocator(trim_threshold: int = 1 << 30) -> bool:
     if name is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

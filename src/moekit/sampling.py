@@ -1,35 +1,15 @@
-"""Sampling in one place: logits processors, parameter checks, stop handling, prompt checks.
-
-    from moekit.sampling import sample_next, check_sampling, normalise_stops, ends_with_stop
-    next_B = sample_next(logits_BV, temperature=0.8, top_k=50, top_p=0.95, generator=gen)
+"""Sampling in one place: logits processors, parameter checks, stop handling, prompt checks, shared
+by `generate`, `speculative`, the engine (`choose_tokens`, `SamplingParams`) and the server.
 
 Processors, in the order applied to a row of the last position's logits (float32):
-  1. repetition penalty (CTRL / HF semantics) over the prompt and generated tokens:
-     a positive logit is divided by the penalty, a negative one multiplied by it
-     (`apply_repetition_penalty`; `generate` only, greedy mode included);
-  2. temperature == 0: greedy (argmax, `greedy`), the steps below are skipped;
-  3. logits / temperature (`apply_temperature`), then top-k (`top_k_filter`: the k largest
-     logits, ties with the k-th kept), then top-p (`top_p_filter`, nucleus: the smallest set
-     of most likely tokens whose probability reaches top_p, at least one token);
-  4. a draw from the softmax (`draw`) with a `torch.Generator` (`new_generator`, seeded by
-     `seed`; no seed draws one from torch's global RNG).
-`filter_logits` is step 3, `sample_next` steps 2-4, `filtered_probs` the distribution
-steps 2-3 define (one-hot argmax when greedy).
-
-Parameter checks (`check_sampling`, or one `check_*` per field) raise SamplingParamError, a
-ValueError whose `param` names the field; the message is the same one-line text for every
-caller: `generate` and `speculative_generate` let it propagate, the engine's
-`SamplingParams.validate` re-raises it as `ParamError` (same message and param), and the
-server's request parsing turns it into a 400 reply (same message, `param` = the field).
-
-Stopping: `normalise_stops` turns stop ids / id sequences (and EOS ids) into token-id tuples;
-`ends_with_stop` gives the length of the stop sequence a list of ids ends with. Prompts:
-`normalise_prompts` checks a batch of token-id lists.
-
-Callers: `moekit.generate` (processors 1-4, checks, stops, prompts), `moekit.speculative`
-(`filtered_probs`, `draw`, checks, stops, prompts), the engine (`choose_tokens` for each step's
-rows, `check_sampling` / `normalise_stops` / `check_stop_strings` in `SamplingParams`,
-`ends_with_stop`), the server (`check_*` per request field).
+  1. repetition penalty (CTRL / HF) over the prompt and generated tokens (`generate` only, greedy
+     mode included): a positive logit is divided by the penalty, a negative one multiplied by it;
+  2. temperature == 0: greedy (argmax), the steps below are skipped;
+  3. logits / temperature, then top-k (ties with the k-th kept), then top-p (`filter_logits`);
+  4. a draw from the softmax (`draw`) with a `torch.Generator` (`new_generator`, seeded by `seed`).
+`sample_next` is steps 2-4, `filtered_probs` the distribution steps 2-3 define. The checks raise
+SamplingParamError, a ValueError whose `param` names the field, with one message for every
+caller (the engine re-raises it as `ParamError`, the server answers 400 with it).
 
 Legend: B batch rows, V vocab, R engine rows (requests with logits this step).
 """
@@ -44,7 +24,6 @@ import torch
 StopSpec = Optional[Union[int, Sequence[Union[int, Sequence[int]]]]]
 
 
-# ---------------------------------------------------------------------------- logits processors
 def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL penalty on tokens already seen: logit/penalty if positive, logit*penalty if not."""
     if penalty == 1.0:
@@ -67,11 +46,8 @@ def top_k_filter(logits_BV: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
 
 
 def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= top_p.
-
-    A token is dropped when the probability of the tokens ranked above it already reaches
-    top_p, so the most likely token is always kept.
-    """
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability is >= top_p
+    (a token is dropped when the tokens ranked above it already reach top_p: at least one is kept)."""
     if top_p is None or top_p >= 1.0:
         return logits_BV
     sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
@@ -126,13 +102,9 @@ def new_generator(temperature: float, seed: Optional[int], device) -> Optional[t
 
 def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float]]]:
     """The engine's per-row choice: (token, logprob or None) per row; seqs[r] has .params and .generator.
-
-    Rows are independent: greedy rows take the argmax (batched, a row-wise op); sampled rows go
-    one at a time through `sample_next` with the request's own generator, so a seeded request
-    draws the same tokens alone or among others, and the same as `generate(model, [prompt],
-    seed=s)` draws for it (given equal logits). Logprobs (when `params.logprobs`) are of the
-    chosen token under the raw logits.
-    """
+    Greedy rows take the argmax (batched); sampled rows go one at a time through `sample_next` with
+    the request's own generator, so a seeded request draws the same tokens alone, among others, or
+    in `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
     greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0]
@@ -155,10 +127,8 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     return list(zip(out, logprobs))
 
 
-# ---------------------------------------------------------------------------- parameter checks
 class SamplingParamError(ValueError):
-    """An invalid sampling parameter or input; `param` names the field (the engine re-raises it as
-    ParamError, the server answers 400 with it)."""
+    """An invalid sampling parameter or input; `param` names the field."""
 
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
@@ -174,7 +144,7 @@ def _is_number(v) -> bool:
 
 
 def check_max_tokens(value, name: str = "max_tokens", minimum: int = 1) -> None:
-    """An integer >= minimum (generate allows 0: max_new_tokens; the engine and server need 1)."""
+    """An integer >= minimum (generate allows 0 max_new_tokens; also speculative's gamma and ngram)."""
     if not _is_int(value) or value < minimum:
         raise SamplingParamError(f"{name} must be an integer >= {minimum}, got {value!r}", name)
 
@@ -220,7 +190,6 @@ def check_sampling(max_tokens, temperature, top_k=None, top_p=None, repetition_p
     check_seed(seed)
 
 
-# ---------------------------------------------------------------------------- stops and prompts
 def check_stop_strings(stop, name: str = "stop") -> None:
     """A list/tuple of non-empty strings (a bare string is refused: wrap it in a list)."""
     if isinstance(stop, str):
@@ -232,27 +201,23 @@ def check_stop_strings(stop, name: str = "stop") -> None:
             raise SamplingParamError(f"{name} strings must be non-empty strings, got {item!r}", name)
 
 
+def _is_iterable(v) -> bool:
+    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__")
+
+
 def _stop_items(spec) -> list:
     if spec is None:
         return []
-    if _is_int(spec):
-        return [spec]
-    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__iter__"):
-        return [spec]  # refused entry by entry below, with the message that names it
-    return list(spec)
+    return list(spec) if _is_iterable(spec) else [spec]  # a non-int is refused below, by its entry
 
 
 def normalise_stops(stop: StopSpec, eos_token_id: StopSpec, vocab_size: int,
                     name: str = "stop") -> List[Tuple[int, ...]]:
-    """All stop conditions (stop entries, then EOS ids) as token-id tuples (a single id -> a 1-tuple).
-
-    Each of `stop` / `eos_token_id` is None, one id, or a list of ids and/or id sequences.
-    """
+    """All stop conditions (stop entries, then EOS ids) as token-id tuples (a single id -> a 1-tuple);
+    each of `stop` / `eos_token_id` is None, one id, or a list of ids and/or id sequences."""
     seqs = []
     for item in _stop_items(stop) + _stop_items(eos_token_id):
-        seq = (item,) if _is_int(item) else item
-        ok = not isinstance(seq, (str, bytes)) and hasattr(seq, "__iter__")
-        seq = tuple(seq) if ok else ()
+        seq = (item,) if _is_int(item) else tuple(item) if _is_iterable(item) else ()
         if not seq or not all(_is_int(t) and 0 <= t < vocab_size for t in seq):
             raise SamplingParamError(f"{name} entry {item!r} must be a token id or a non-empty list of ids "
                                      f"in [0, {vocab_size})", name)
@@ -269,28 +234,29 @@ def ends_with_stop(ids: List[int], stops: List[Tuple[int, ...]]) -> int:
     return 0
 
 
+def _as_list(value, message: str, name: str):
+    """A tensor as a list; a sequence other than a string as itself; else SamplingParamError."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise SamplingParamError(f"{message}, got {type(value).__name__}", name)
+    return value
+
+
 def normalise_prompts(prompts, vocab_size: int, name: str = "prompts") -> List[List[int]]:
     """A batch of prompts (token-id lists or tensors, each non-empty, ids in [0, vocab_size)) as lists."""
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise SamplingParamError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}", name)
+    prompts = _as_list(prompts, "prompts must be a list of token-id lists", name)
     if len(prompts) == 0:
         raise SamplingParamError("prompts is empty: pass at least one prompt (a list of token ids)", name)
     out = []
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise SamplingParamError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}", name)
+        prompt = _as_list(prompt, f"prompt {i} must be a list of token ids", name)
         if len(prompt) == 0:
             raise SamplingParamError(f"prompt {i} is empty: every prompt needs at least one token", name)
-        ids = []
         for t in prompt:
             if not _is_int(t):
                 raise SamplingParamError(f"prompt {i} holds a non-integer token {t!r}", name)
             if not 0 <= t < vocab_size:
                 raise SamplingParamError(f"prompt {i} holds token id {t} outside [0, vocab_size={vocab_size})", name)
-            ids.append(int(t))
-        out.append(ids)
+        out.append([int(t) for t in prompt])
     return out

@@ -4,9 +4,7 @@
     report = analyze(resolve_model("qwen3-30b-a3b"), hardware="h100", weights="bf16", batch=8)
     report["decode_tokens_per_s"]
 
-Modules: arch (model shapes), params (counts by component), precision (bits per weight),
-hardware (catalog + local measurement), formulas (docs/formulas.md, named), estimate (model-level
-FLOPs/bytes/speed), catalog (published configs), report (analyze + text), plots, cli.
+Modules: docs/architecture.md#layout; formulas and conventions: docs/formulas.md.
 """
 
 from .arch import Arch, from_hf_config, from_layer, from_model_config

@@ -1,12 +1,5 @@
-"""A model's shape, as the analyzer needs it: `Arch` (attention, per-layer FFN, embeddings).
-
-Built from a moekit `ModelConfig` (presets, run directories, checkpoints), an HF
-`config.json` dict (any model_type registered in `moekit.hf`: qwen3_moe, mixtral,
-qwen2_moe, olmoe, deepseek_v3 with MLA, llama, gpt2 = the GPT-3-style dense layout), or a
-bare MoE layer `d,n,E,K`.
-
-Notation (docs/notation.md): d = d_model, n = d_expert, E experts, K active, L layers,
-V vocab, h heads, h_kv KV heads, d_h head dim.
+"""The analyzer's `Arch` (`moekit.shape`) from a moekit `ModelConfig`, an HF config.json dict (any
+model_type registered in `moekit.hf`) or a bare MoE layer `d,n,E,K`. Notation: docs/notation.md.
 """
 
 from __future__ import annotations
@@ -46,12 +39,9 @@ def from_layer(d: int, n: int, E: int, K: int, name: str = "") -> Arch:
     return Arch(name or f"layer d={d} n={n} E={E} K={K}", d, 0, None, (ffn,))
 
 
-# ------------------------------------------------------------------ HF config.json
 def from_hf_config(hf: dict, name: str = "") -> Arch:
-    """The `Arch` of an HF config.json dict, read by the architecture's `moekit.hf` spec:
-    config.json -> ModelConfig -> `from_model_config` for the types moekit loads (values that
-    only change the numbers, such as an unsupported RoPE type, are ignored), the spec's own
-    `to_arch` for the analysis-only ones (deepseek_v3, llama, gpt2)."""
+    """The `Arch` of an HF config.json dict: the spec's lenient `parse_config` for loadable types
+    (values that do not change the shapes are ignored), its `to_arch` for analysis-only ones."""
     spec = get_spec(hf.get("model_type"), loadable=False)
     name = name or hf.get("_name_or_path") or spec.model_type
     if not spec.loadable:

@@ -1,8 +1,5 @@
-"""Published configurations (docs/formulas.md) and resolving a MODEL argument to an `Arch`.
-
-MODEL may be: a moekit preset name, an analyzer model name below (real HF configs the
-moekit decoder cannot run, e.g. DeepSeek-V3 with MLA), an HF config.json file or a
-directory holding one, a moekit checkpoint directory or a training run directory.
+"""Published configurations (docs/formulas.md) and resolving a MODEL argument (a preset or known name,
+an HF config.json or a directory holding one, a moekit checkpoint or run directory) to an `Arch`.
 """
 
 from __future__ import annotations
@@ -59,20 +56,13 @@ HF_CONFIGS: Dict[str, dict] = {
 }
 
 
-def model_names() -> list:
-    from ..presets import MODEL_PRESETS
-
-    return sorted(set(MODEL_PRESETS) | set(HF_CONFIGS))
-
-
 def parse_layer(spec: str) -> Arch:
     """`--layer d,n,E,K` or one of the LAYERS names."""
     if spec in LAYERS:
         d, n, K, E = LAYERS[spec]
         return from_layer(d, n, E, K, name=spec)
-    parts = spec.split(",")
     try:
-        d, n, E, K = (int(p) for p in parts)
+        d, n, E, K = (int(p) for p in spec.split(","))
     except ValueError:
         raise ValueError(f"--layer takes d,n,E,K (four integers) or a published name ({', '.join(LAYERS)}); got {spec!r}") from None
     return from_layer(d, n, E, K)
@@ -101,7 +91,7 @@ def resolve_model(model: str) -> Arch:
             return _from_json_file(path / "config.json")
         raise ValueError(f"directory {model!r} holds no config.json, {CONFIG_FILE} or checkpoint/")
     raise ValueError(f"unknown model {model!r}: not a file or directory, and not a known name; "
-                     f"known names: {', '.join(model_names())}")
+                     f"known names: {', '.join(sorted(set(MODEL_PRESETS) | set(HF_CONFIGS)))}")
 
 
 def _from_json_file(path: Path) -> Arch:

@@ -1,18 +1,5 @@
-"""FLOPs, bytes and speeds of a whole model (`Arch`) on given hardware.
-
-Conventions (the tests and `moekit profile` rely on them):
-- FLOPs count matrix multiplies only (2 per multiply-add); norms, activations, softmax and
-  the embedding lookup count 0. A token multiplies every non-expert weight matrix, the
-  router, K of E routed experts and the head (the embedding matrix when tied).
-- Attention over a context of ctx tokens adds 4·h·d_h·ctx per layer (QKᵀ and AV, full ctx,
-  no causal halving: the Kaplan convention of docs/formulas.md, and what FlopCounterMode counts for
-  SDPA with T = ctx); MLA adds 2·h·(d_nope + d_rope)·ctx + 2·h·d_v·ctx.
-- Training = 3 × forward (backward is 2 × forward), i.e. 6·N_matmul + 12·L·h·d_h·ctx.
-- Decode at batch B and context C: bytes read per step = every non-expert weight matrix +
-  the expected experts touched per MoE layer E·(1 − (1 − K/E)^B) + the KV cache B·C·kv_bytes;
-  time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
-- Prefill of B prompts of C tokens: all weights once (experts touched at B·C tokens),
-  FLOPs at the causal mean context (C + 1)/2, KV written once.
+"""FLOPs, bytes and speeds of a whole model (`Arch`) on given hardware, with the conventions of
+docs/formulas.md#inference-arithmetic (matmul FLOPs only, full-context attention, training = 3 × forward).
 """
 
 from __future__ import annotations
@@ -21,7 +8,7 @@ from typing import Dict
 
 from . import formulas
 from .arch import Arch
-from .params import COMPONENTS, model_tensors
+from .params import COMPONENTS, active_numel, model_tensors
 from .precision import Precision
 
 
@@ -38,12 +25,9 @@ def attention_score_flops(arch: Arch, ctx: float) -> float:
 def matmul_params_by_component(arch: Arch) -> Dict[str, int]:
     """Weights one token multiplies (FLOPs = 2 x these), by component; the embedding lookup is free."""
     out = {c: 0 for c in COMPONENTS}
-    moe = arch.moe
     for x in model_tensors(arch):
-        if not x.matrix or x.component == "embedding":
-            continue
-        n = x.numel * moe.top_k // moe.num_experts if x.per_expert else x.numel
-        out[x.component] += n
+        if x.matrix and x.component != "embedding":
+            out[x.component] += active_numel(arch, x)
     if arch.tie_embeddings and arch.vocab_size:
         out["head"] += arch.vocab_size * arch.d_model
     return out
@@ -102,6 +86,8 @@ def decode(arch: Arch, prec: Precision, hw_flops: float, bw: float, B: int, ctx:
 
 
 def prefill(arch: Arch, prec: Precision, hw_flops: float, bw: float, B: int, ctx: int, kv_nbytes: float) -> Dict[str, float]:
+    """B prompts of ctx tokens: all weights read once (experts touched at B·ctx tokens), FLOPs at the causal
+    mean context (ctx + 1)/2, the KV written once."""
     tokens = B * ctx
     flops = tokens * forward_flops_per_token(arch, (ctx + 1) / 2)
     nbytes = decode_step_bytes(arch, prec, tokens, 0, kv_nbytes) + tokens * kv_bytes_per_token(arch, kv_nbytes)
@@ -126,14 +112,10 @@ def break_even_batch(arch: Arch, prec: Precision, hw_flops: float, bw: float, ct
 
 
 def activation_bytes_per_moe_layer(d: int, n: int, E: int, K: int, T: int, act_bytes: float) -> Dict[str, float]:
-    """Bytes a training step keeps for backward in one MoE layer's experts, by caching policy.
-
-    All policies keep the routing metadata: gates (T·K, activation dtype), the pair order and token index
-    (2·T·K int64) and per-expert counts (E int64).
-      moekit     X (T, d) and H (T·K, 2n): the grouped backend (SonicMoE's policy)
-      scattermoe X, H, A = SwiGLU(H) (T·K, n) and the expert outputs Y (T·K, d) (for dS)
-      naive      the above plus the gathered X (T·K, d) (torchtitan-style grouped GEMM)
-    """
+    """Bytes one MoE layer's experts keep for backward, by caching policy: moekit X (T, d) and H (T·K, 2n)
+    (the grouped backend's memory contract, docs/architecture.md); scattermoe also A (T·K, n) and Y (T·K, d);
+    naive also the gathered X (T·K, d). Each adds the routing metadata: gates (T·K, activation dtype), pair
+    order and token index (2·T·K int64), per-expert counts (E int64)."""
     P = T * K
     meta = P * act_bytes + 2 * P * 8 + E * 8
     x, h, a, y = T * d * act_bytes, P * 2 * n * act_bytes, P * n * act_bytes, P * d * act_bytes

@@ -1,7 +1,5 @@
 """The named formulas of docs/formulas.md, one function each; the report cites these names.
-
-Notation: T tokens, d = d_model, n = d_expert, E experts, K active, rho = K/E, G = d/n,
-L layers, h heads, h_kv KV heads, d_h head dim, ctx context length.
+Notation: docs/notation.md (T tokens, d = d_model, n = d_expert, E experts, K active, ctx context).
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""Hardware: peak dense 16-bit FLOP/s and memory bandwidth (the table in docs/formulas.md), or measured
-locally.
-
-`local_hardware()` measures this machine with a short micro-benchmark:
-  - FLOP/s: the best of a few square matmuls (2*N^3 FLOPs each) in bf16 and in fp32,
-    on CUDA when a GPU is present, else on the CPU with all of torch's threads;
-  - bandwidth: the best of a few reads of a 256 MiB tensor (`sum`, bytes read / time),
-    i.e. the read bandwidth a memory-bound decode step sees.
-Catalog entries give one 16-bit peak; `flops_fp32` is None there and the analyzer uses
-the 16-bit figure (state it), while local measurement gives both.
-"""
+"""Hardware: peak dense 16-bit FLOP/s and memory bandwidth (docs/formulas.md#hardware), or measured
+locally; only measurement gives a separate fp32 peak."""
 
 from __future__ import annotations
 
@@ -67,34 +58,23 @@ def _best_seconds(fn, repeats: int, sync) -> float:
     return best
 
 
-def measure_matmul_flops(dtype, n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
-    import torch
-
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats, sync)
-
-
-def measure_read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, device: str = "cpu") -> float:
-    import torch
-
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return nbytes / _best_seconds(lambda: x.sum(), repeats, sync)
-
-
 def local_hardware(refresh: bool = False) -> Hardware:
-    """This machine, measured once per process (see the module docstring)."""
+    """This machine, measured once per process: the best of 5 square matmuls (2·n³ FLOPs) in bf16 and in
+    fp32, and of 5 reads of a 256 MiB tensor (the read bandwidth a memory-bound decode step sees), on
+    CUDA when present, else on the CPU with all of torch's threads."""
     global _LOCAL
     if _LOCAL is None or refresh:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        n = 4096 if device == "cuda" else 1024
-        f16 = measure_matmul_flops(torch.bfloat16, n, device=device)
-        f32 = measure_matmul_flops(torch.float32, n, device=device)
-        bw = measure_read_bandwidth(device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        n, nbytes = (4096 if device == "cuda" else 1024), 256 << 20
+        flops = []  # bf16, fp32
+        for dtype in (torch.bfloat16, torch.float32):
+            a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+            flops.append(2 * n**3 / _best_seconds(lambda: torch.mm(a, b), 5, sync))
+        x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        bw = nbytes / _best_seconds(lambda: x.sum(), 5, sync)
         where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        _LOCAL = Hardware("local", f16, bw, flops_fp32=f32, note=f"measured: {where}")
+        _LOCAL = Hardware("local", flops[0], bw, flops_fp32=flops[1], note=f"measured: {where}")
     return _LOCAL

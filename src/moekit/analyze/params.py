@@ -1,15 +1,11 @@
-"""Parameter counts by component, as a list of weight tensors (`Tensor` rows) per layer.
-
-Every count is exact for the architectures in arch.py: it equals `sum(p.numel())` of the
-transformers model built on the meta device (tests check five real configs). Buffers
-(DeepSeek's e_score_correction_bias, moekit's expert_bias) are not parameters and are not counted.
-
-Components: embedding (token + learned position embeddings), attention, dense_ffn, experts,
-shared_experts (incl. Qwen2-MoE's shared gate), router, norms (incl. q/k norms), head.
+"""Parameter counts by component from a list of weight tensors (`Tensor` rows) per layer: exactly
+`sum(p.numel())` of the transformers model (buffers such as expert_bias are not counted). Components:
+`COMPONENTS`; shared_experts include Qwen2-MoE's shared gate, norms the q/k norms.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -113,10 +109,7 @@ def model_tensors(arch: Arch) -> List[Tensor]:
         t.append(Tensor("embedding", "embed", arch.vocab_size, arch.d_model))
         if arch.n_positions:
             t.append(Tensor("embedding", "pos_embed", arch.n_positions, arch.d_model))
-    groups: Dict[FFN, int] = {}
-    for f in arch.ffns:
-        groups[f] = groups.get(f, 0) + 1
-    for f, n_layers in groups.items():
+    for f, n_layers in Counter(arch.ffns).items():
         for x in layer_tensors(arch, f):
             t.append(Tensor(x.component, x.name, x.rows, x.cols, x.count * n_layers, x.matrix, x.per_expert))
     if arch.vocab_size:
@@ -128,10 +121,7 @@ def model_tensors(arch: Arch) -> List[Tensor]:
 
 def active_numel(arch: Arch, x: Tensor) -> int:
     """Parameters of x a token uses: K of E for routed experts."""
-    if not x.per_expert:
-        return x.numel
-    f = arch.moe
-    return x.numel * f.top_k // f.num_experts
+    return x.numel * arch.moe.top_k // arch.moe.num_experts if x.per_expert else x.numel
 
 
 def params_by_component(arch: Arch, active: bool = False) -> Dict[str, int]:

@@ -1,12 +1,5 @@
-"""`moekit analyze --plot DIR`: a roofline with the model's main operations, and decode tok/s vs batch.
-
-Operation intensities (FLOPs per byte moved, weights at --weights, activations/KV at their dtype):
-  decode projections / head at batch B: 2·B / bytes_per_weight (weights dominate the traffic)
-  decode experts at batch B:            2·B·K / (E_touched(B) · bytes_per_weight)
-  decode attention over the KV cache:   score FLOPs / KV bytes = 2·(h / h_kv) / kv_bytes (MHA/GQA)
-  prefill projection (d x d) at M = B·C tokens: 2·M·d² / (d²·b_w + 2·M·d·b_a)
-  MoE layer at --tokens T:              the arithmetic-intensity formula of docs/formulas.md
-Each point sits at its attainable FLOP/s min(peak, AI·BW).
+"""`moekit analyze --plot DIR`: a roofline with the model's main operations (each at its attainable
+FLOP/s min(peak, AI·BW)), and decode tok/s vs batch.
 """
 
 from __future__ import annotations
@@ -31,7 +24,9 @@ def _pyplot():
 
 
 def operations(arch: Arch, r: Dict) -> List[tuple]:
-    """(label, arithmetic intensity) of the model's main operations under the report's inputs."""
+    """(label, FLOPs per byte moved) of the model's main operations under the report's inputs: decode
+    projections and experts (weight traffic dominates), decode attention over the KV cache, a prefill
+    d x d projection over B·C tokens, and the MoE layer (docs/formulas.md#moe-layer-arithmetic)."""
     inp = r["inputs"]
     B, bpw, kvb = inp["batch"], r["bytes_per_weight"], dtype_bytes(inp["kv_dtype"])
     act_b = 4 if inp["weights"] == "fp32" else 2

@@ -1,20 +1,7 @@
-"""Weight precisions with their real storage cost, scales included.
-
-bytes(matrix of R rows x C input features) = R*C*bits/8 + (number of scales) * scale_bytes:
-
-| name | layout | bits per weight |
-|---|---|---|
-| fp32 / bf16 / fp16 | plain | 32 / 16 / 16 |
-| fp8  | E4M3, one fp32 scale per 128x128 block (DeepSeek-V3) | 8 + 32/16384 = 8.002 |
-| int8, int4-g32/64/128, q8_0, q4_0 | the weight-only formats of `moekit.quantize.formats` | `Format.bits_per_weight(C)` |
-| int4 | = int4-g128 | |
-
-The weight-only formats' bytes are not restated here: `WeightOnly` asks the format class that
-`moekit.quantize` stores with (`Format.row_nbytes` / `bits_per_weight`, padding included; the
-table with their layouts and bits per weight is in that module's docstring), so the analyzer
-and the quantizer share one table. Only weight matrices are quantized; biases, norm weights and
-(for the analyzer) the router stay in 16-bit (32-bit when the weights are fp32). Activations
-and the KV cache have their own dtype (`--kv-dtype`).
+"""Weight precisions with their real storage cost, scales included: fp32/bf16/fp16, fp8 (one fp32
+scale per 128x128 block, docs/formulas.md#number-formats), and the `moekit.quantize` formats, whose
+bytes come from the format class itself (int4 = int4-g128). Only weight matrices are quantized;
+biases, norm weights and the router stay 16-bit (32-bit with fp32 weights).
 """
 
 from __future__ import annotations
@@ -42,29 +29,18 @@ class Precision:
 
 @dataclass(frozen=True)
 class FloatPrecision(Precision):
-    """Plain floats, no scales."""
+    """Plain floats, or with one scale per block x block tile (fp8 as DeepSeek-V3 stores it)."""
 
     name: str
     bits: int
-    float_bytes: int = 2
-    note: str = ""
-
-    def matrix_bytes(self, rows: int, cols: int) -> float:
-        return rows * cols * self.bits / 8
-
-
-@dataclass(frozen=True)
-class BlockScaledFp8(Precision):
-    """fp8 with one scale per block x block tile (DeepSeek-V3)."""
-
-    name: str
-    bits: int = 8
-    block: int = 128
+    block: int = 0  # 0: no scales
     scale_bits: int = 32
     float_bytes: int = 2
     note: str = ""
 
     def matrix_bytes(self, rows: int, cols: int) -> float:
+        if not self.block:
+            return rows * cols * self.bits / 8
         n_scales = math.ceil(rows / self.block) * math.ceil(cols / self.block)
         return rows * cols * self.bits / 8 + n_scales * self.scale_bits / 8
 
@@ -94,7 +70,7 @@ FLOAT_PRECISIONS = {p.name: p for p in (
     FloatPrecision("fp32", 32, float_bytes=4),
     FloatPrecision("bf16", 16),
     FloatPrecision("fp16", 16),
-    BlockScaledFp8("fp8", note="E4M3, fp32 scale per 128x128 block"),
+    FloatPrecision("fp8", 8, block=128, note="E4M3, fp32 scale per 128x128 block"),
 )}
 WEIGHT_ONLY = {name: WeightOnly(name, fmt) for name, fmt in FORMATS.items()}
 # listed as fp32, bf16, fp16, fp8, int8, int4 (the alias), then the other formats in moekit.quantize's order
@@ -114,7 +90,7 @@ def get_precision(name: str) -> Precision:
     return PRECISIONS[name]
 
 
-def dtype_bytes(name: str, what: str = "--kv-dtype") -> int:
+def dtype_bytes(name: str) -> int:
     if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown {what} {name!r}; choose one of fp32, bf16, fp16, fp8, int8")
+        raise ValueError(f"unknown --kv-dtype {name!r}; choose one of fp32, bf16, fp16, fp8, int8")
     return DTYPE_BYTES[name]

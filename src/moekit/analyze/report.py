@@ -14,10 +14,6 @@ from .precision import dtype_bytes, get_precision
 GiB = 1 << 30
 
 
-def default_weights(arch: Arch) -> str:
-    return {"float32": "fp32", "float16": "fp16", "float64": "fp32"}.get(arch.dtype, "bf16")
-
-
 def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype: Optional[str] = None,
             batch: int = 1, context: int = 4096, tokens: int = 4096) -> Dict:
     """All analyzer outputs as a dict (the `--json` document); see the module docs for formulas."""
@@ -25,7 +21,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     hw: Hardware = get_hardware(hardware)
-    weights = weights or default_weights(arch)
+    weights = weights or {"float32": "fp32", "float16": "fp16", "float64": "fp32"}.get(arch.dtype, "bf16")
     prec = get_precision(weights)
     kv_dtype = kv_dtype or (weights if weights in ("fp32", "bf16", "fp16") else "bf16")
     kv_nbytes = dtype_bytes(kv_dtype)

@@ -1,12 +1,10 @@
 """Quick demo: train a tiny MoE layer on a teacher-student regression, then benchmark a small shape.
 
-Task: a fixed random "teacher" MoE (the "tiny" preset, its own seed) maps random
-inputs x (256 tokens per step, fresh every step) to targets y = teacher(x). A
-student MoE of the same configuration (grouped backend, softmax_topk router,
-Switch aux loss 0.01) is trained with AdamW (lr 3e-3) on MSE + aux.loss, calling
-`student.update_expert_bias()` after every optimizer step (aux-loss-free
-balancing). Initial and final loss are the MSE on a fixed held-out batch; the
-imbalance is max/mean of tokens per expert on that batch.
+A fixed random teacher MoE (the "tiny" preset, its own seed) maps fresh random inputs (256
+tokens per step) to targets; a student of the same configuration (grouped backend,
+softmax_topk, Switch aux loss 0.01) learns them with AdamW (lr 3e-3) on MSE + aux loss,
+calling `update_expert_bias()` after every step. Losses are the MSE on a fixed held-out
+batch; the imbalance is max/mean tokens per expert on it.
 
     python -m moekit.bench.demo [--steps 1000] [--seed 0] [--no-bench]
 
@@ -30,10 +28,6 @@ EVAL_TOKENS = 1024
 BENCH_SHAPES = [(1024, 256, 64, 32, 4)]
 
 
-def _demo_config() -> MoEConfig:
-    return MoEConfig.preset("tiny", router="softmax_topk", aux_loss_coef=0.01, experts_impl="grouped")
-
-
 @torch.no_grad()
 def _evaluate(student: MoE, teacher: MoE, x_TD: torch.Tensor):
     """(held-out MSE, tokens-per-expert max/mean) of the student in eval mode."""
@@ -50,7 +44,7 @@ def run_demo(steps: int = 1000, seed: int = 0, lr: float = 3e-3, log_every: int 
     """Train the student for `steps` AdamW steps; returns initial/final held-out MSE and the final imbalance."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    cfg = _demo_config()
+    cfg = MoEConfig.preset("tiny", router="softmax_topk", aux_loss_coef=0.01, experts_impl="grouped")
     torch.manual_seed(seed + 1)
     teacher = MoE(cfg).eval().requires_grad_(False)
     torch.manual_seed(seed)
@@ -90,10 +84,8 @@ def run_demo(steps: int = 1000, seed: int = 0, lr: float = 3e-3, log_every: int 
 
 def main(argv=None) -> int:
     """Command-line entry; returns the exit status 0 (results are printed; use run_demo for the dict)."""
-    p = argparse.ArgumentParser(
-        prog="moekit.bench.demo",
-        description="Train a tiny MoE layer on a teacher-student regression, then benchmark a small shape.",
-    )
+    p = argparse.ArgumentParser(prog="moekit.bench.demo", description="Train a tiny MoE layer on a teacher-student "
+                                "regression, then benchmark a small shape.")
     p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bench", action="store_true", help="skip the small MoE-layer benchmark")

@@ -1,7 +1,5 @@
-"""Bytes a forward saves for backward, measured with `torch.autograd.graph.saved_tensors_hooks`.
-
-Used by the memory-contract tests, the analyzer's tests and the layer benchmarks.
-"""
+"""Bytes a forward saves for backward (`torch.autograd.graph.saved_tensors_hooks`), for the
+memory-contract and analyzer tests and the layer benchmarks."""
 
 from __future__ import annotations
 
@@ -13,10 +11,8 @@ T = TypeVar("T")
 
 
 def saved_bytes(fn: Callable[[], T], params: Iterable[torch.Tensor] = ()) -> Tuple[int, T]:
-    """Run fn() and return (bytes of the distinct storages it saves for backward, its output).
-
-    Each storage counts once; the storages of `params` (weights) are excluded.
-    """
+    """Run fn(); (bytes of the distinct storages it saves for backward, its output). Each storage
+    counts once; the storages of `params` (weights) are excluded."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     storages: Dict[int, int] = {}
 

@@ -1,39 +1,20 @@
 """MoE layer benchmark: moekit grouped experts vs a dense FFN of equal FLOPs vs HF Qwen3-MoE.
 
-For every shape (T, D, F, E, K) and dtype it times forward+backward of three
-implementations on the same input, in the same run (CPU, default thread count):
+For every shape (T, D, F, E, K) and dtype it times forward+backward on the same input (CPU):
+    moekit-grouped  MoE(softmax_topk, norm_topk_prob=True, experts_impl="grouped"), x requires grad
+    dense-ffn       the peer: ONE dense SwiGLU FFN over M = T*K rows, i.e. exactly the MoE's
+                    expert GEMM work with perfect batching (no routing, gather, scatter or
+                    per-expert loop); x_MD requires grad, so backward runs the same 4 GEMMs
+    hf-qwen3moe     transformers' Qwen3MoeSparseMoeBlock (eager per-expert loop) holding the
+                    moekit layer's weights; the outputs are checked to agree before timing
 
-    moekit-grouped  MoE(MoEConfig(..., router="softmax_topk", norm_topk_prob=True,
-                    experts_impl="grouped")), x requires grad
-    dense-ffn       the peer: ONE dense SwiGLU FFN over M = T*K rows,
-                        h_M2F = x_MD @ w13_2FD.T;  a_MF = silu(g) * u;  y_MD = a_MF @ w2_DF.T
-                    i.e. exactly the expert GEMM work of the MoE layer with perfect
-                    batching (no routing, gather, scatter or per-expert loop). x_MD
-                    requires grad, so backward runs the same 4 GEMMs as the MoE.
-    hf-qwen3moe     transformers' Qwen3MoeSparseMoeBlock with the eager per-expert loop,
-                    holding weights identical to the moekit layer (outputs are checked
-                    to agree before timing).
+FLOPs, expert GEMMs only (formulas.md): forward 6*P*D*F, backward twice that, 18*T*K*D*F in
+all, for every row. "frac of dense" = GFLOP/s / dense-ffn GFLOP/s at the same shape and dtype
+(target for moekit-grouped: >= 0.85); the header gives a 2048^3 matmul's rate per dtype.
+"saved MiB" = `memory.saved_bytes` of one forward; the JSON rows also give x_bytes (T*D*elem)
+and h_bytes (T*K*2F*elem): the grouped backend's contract is saved ~= x_bytes + h_bytes + small.
 
-FLOP count (expert GEMMs only; router, softmax, gather/scatter and SwiGLU ignored):
-
-    forward   2*P*D*2F (up: X @ W13.T)  + 2*P*F*D (down: A @ W2.T)          =  6*P*D*F
-    backward  2x forward (dX and dW for both GEMMs)                         = 12*P*D*F
-    total     18 * T*K * D*F            (P = T*K token-expert pairs)
-
-The same count is used for every row, so "GFLOP/s" is useful work per second
-and "frac of dense" = GFLOP/s / dense-ffn GFLOP/s of the same shape and dtype
-(the target for moekit-grouped is >= 0.85). The header also gives the plain
-square-GEMM rate (one 2048^3 matmul forward) per dtype for context.
-
-"saved MiB" is measured with `torch.autograd.graph.saved_tensors_hooks` during one
-forward: the bytes of every tensor saved for backward, counting each storage once
-(deduplicated by `untyped_storage().data_ptr()`) and excluding the storages of the
-module's parameters. The JSON rows also give X bytes (T*D*elem) and H bytes
-(T*K*2F*elem) so the grouped backend's memory contract (saves X and H plus O(T*K)
-routing data) can be checked: saved ~= x_bytes + h_bytes + small.
-
-    python benchmarks/moe_layer.py [--shapes "4096,512,128,64,8;..."] [--dtypes float32,bfloat16]
-                                   [--iters 3] [--warmup 1] [--no-hf] [--json]
+    python benchmarks/moe_layer.py [--shapes "4096,512,128,64,8;..."] [--json] (--help: the rest)
 
 Legend: T tokens, D model dim (d), F expert dim (n), E experts, K active experts,
 M = T*K rows of the dense peer, P token-expert pairs.
@@ -58,11 +39,8 @@ from ..runtime import tune_cpu_allocator
 from .memory import saved_bytes
 
 # (T, D, F, E, K)
-DEFAULT_SHAPES: List[Tuple[int, int, int, int, int]] = [
-    (4096, 512, 128, 64, 8),
-    (4096, 512, 64, 256, 8),
-    (4096, 1024, 256, 32, 4),
-]
+DEFAULT_SHAPES: List[Tuple[int, int, int, int, int]] = [(4096, 512, 128, 64, 8), (4096, 512, 64, 256, 8),
+                                                         (4096, 1024, 256, 32, 4)]
 DEFAULT_DTYPES = ("float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # HF-vs-moekit output agreement before timing: max|dy| <= tol * max|y_moekit|
@@ -91,10 +69,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------- measurement
 def _measure(fwd, x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tensor], warmup: int, iters: int) -> dict:
-    """Saved-for-backward bytes and median forward+backward time (ms) of fwd on x.
-
-    The saved-bytes pass is itself a full forward+backward and counts as the first warmup.
-    """
+    """Saved-for-backward bytes and median forward+backward time (ms) of fwd on x; the saved-bytes
+    pass is itself a full forward+backward and counts as the first warmup."""
 
     def clear_grads():
         x.grad = None
@@ -120,8 +96,7 @@ def _measure(fwd, x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tens
 
 def square_gemm_gflops(dtype: torch.dtype, size: int = 2048, iters: int = 3) -> float:
     """Forward rate of one size^3 matmul in dtype (median of iters after one warmup)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
     times = []
     for _ in range(iters):
@@ -132,14 +107,6 @@ def square_gemm_gflops(dtype: torch.dtype, size: int = 2048, iters: int = 3) -> 
 
 
 # --------------------------------------------------------------------------- implementations
-def build_moekit(T: int, D: int, F_: int, E: int, K: int, layout: str = "auto") -> MoE:
-    cfg = MoEConfig(
-        d_model=D, d_expert=F_, num_experts=E, top_k=K,
-        router="softmax_topk", norm_topk_prob=True, experts_impl="grouped", grouped_layout=layout,
-    )
-    return MoE(cfg)
-
-
 class DenseSwiGLU(torch.nn.Module):
     """The peer: one SwiGLU FFN over M rows with the expert GEMM shapes (w13 gate rows first)."""
 
@@ -166,11 +133,10 @@ def hf_unavailable_reason() -> Optional[str]:
 
 
 def build_hf_from_moekit(moe: MoE):
-    """Qwen3MoeSparseMoeBlock with the eager expert loop and moe's exact weights.
-
-    Returns (block, description of the experts implementation actually dispatched).
-    """
+    """(Qwen3MoeSparseMoeBlock with the eager expert loop and moe's exact weights,
+    the experts implementation it actually dispatches to)."""
     from transformers import Qwen3MoeConfig
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     c = moe.cfg
@@ -187,32 +153,22 @@ def build_hf_from_moekit(moe: MoE):
         # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2) -> rows [:F] gate, [F:] up, as moekit's w13
         block.experts.gate_up_proj.copy_(moe.experts.w13)
         block.experts.down_proj.copy_(moe.experts.w2)
-    return block, _hf_experts_impl(block)
-
-
-def _hf_experts_impl(block) -> str:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    experts = block.experts
-    name = experts.config._experts_implementation
-    original = getattr(type(experts).forward, "__wrapped__", type(experts).forward)
-    fn = ALL_EXPERTS_FUNCTIONS.get_interface(name, original)
-    return f"{name} ({fn.__qualname__})"
+    name = block.experts.config._experts_implementation
+    forward = type(block.experts).forward
+    fn = ALL_EXPERTS_FUNCTIONS.get_interface(name, getattr(forward, "__wrapped__", forward))
+    return block, f"{name} ({fn.__qualname__})"
 
 
 # --------------------------------------------------------------------------- the run
 def _row(shape, dtype, impl, flops, meas, **extra) -> dict:
     T, D, F_, E, K = shape
-    gflops = flops / (meas["ms"] / 1e3) / 1e9
-    row = {
+    return {
         "shape": f"{T},{D},{F_},{E},{K}", "T": T, "d": D, "n": F_, "E": E, "K": K,
         "dtype": _dtype_name(dtype), "impl": impl, "flops": flops,
-        "ms": meas["ms"], "ms_all": meas["ms_all"], "gflops": gflops, "frac_of_dense": None,
+        "ms": meas["ms"], "ms_all": meas["ms_all"], "gflops": flops / (meas["ms"] / 1e3) / 1e9, "frac_of_dense": None,
         "saved_bytes": meas["saved_bytes"], "saved_mib": meas["saved_bytes"] / MiB,
-        "speedup_vs_hf": None, "saved_ratio_hf_over_moekit": None,
+        "speedup_vs_hf": None, "saved_ratio_hf_over_moekit": None, **extra,
     }
-    row.update(extra)
-    return row
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -222,22 +178,15 @@ def _log(msg: str, progress: bool) -> None:
 
 def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: int = 3, with_hf: bool = True,
         seed: int = 0, progress: bool = True, layout: str = "auto") -> List[dict]:
-    """Benchmark every (shape, dtype); returns one dict per (shape, dtype, implementation).
-
-    Progress lines go to stderr when `progress` is true.
-    """
+    """One dict per (shape, dtype, implementation); progress lines go to stderr when `progress`."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     dtypes = [_dtype(d) for d in dtypes]
-    hf_note = None
-    if with_hf:
-        reason = hf_unavailable_reason()
-        if reason is not None:
-            hf_note = f"HF rows skipped: {reason}"
-            _log(hf_note, progress)
-            with_hf = False
-    else:
-        hf_note = "HF rows skipped (--no-hf)"
+    hf_note = None if with_hf else "HF rows skipped (--no-hf)"
+    reason = hf_unavailable_reason() if with_hf else None
+    if reason is not None:
+        hf_note, with_hf = f"HF rows skipped: {reason}", False
+        _log(hf_note, progress)
     threads = torch.get_num_threads()
     gemm_peak = {}
     for dtype in dtypes:
@@ -250,13 +199,12 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
         shape = (T, D, F_, E, K)
         flops = moe_flops(T, D, F_, K)
         torch.manual_seed(seed)
-        moe_f32 = build_moekit(*shape, layout=layout)
+        moe_f32 = MoE(MoEConfig(d_model=D, d_expert=F_, num_experts=E, top_k=K, router="softmax_topk",
+                                norm_topk_prob=True, experts_impl="grouped", grouped_layout=layout))
         dense_f32 = DenseSwiGLU(D, F_)
         hf_f32, hf_impl = build_hf_from_moekit(moe_f32) if with_hf else (None, None)
-        x32_TD = torch.randn(T, D)
-        dy32_TD = torch.randn(T, D)
-        x32_MD = torch.randn(T * K, D)
-        dy32_MD = torch.randn(T * K, D)
+        x32_TD, dy32_TD = torch.randn(T, D), torch.randn(T, D)
+        x32_MD, dy32_MD = torch.randn(T * K, D), torch.randn(T * K, D)
 
         for dtype in dtypes:
             common = {"threads": threads, "square_gemm_gflops": gemm_peak[dtype], "hf_note": hf_note}
@@ -274,7 +222,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
             moe = copy.deepcopy(moe_f32).to(dtype)
             x_TD = x32_TD.to(dtype).requires_grad_(True)
             dy_TD = dy32_TD.to(dtype)
-            hf_row, agree = None, {}
+            hf_row = None
             if with_hf:
                 hf = copy.deepcopy(hf_f32).to(dtype)
                 with torch.no_grad():
@@ -283,19 +231,17 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
                     diff = (y_hf.float() - y_mk.float()).abs().max().item()
                     scale = y_mk.float().abs().max().item()
                 del y_mk, y_hf
-                agree = {"max_abs_diff_vs_moekit": diff, "output_scale": scale}
                 _log(f"{tag} HF vs moekit: max |dy| = {diff:.3g} (output max |y| = {scale:.3g}); "
                      f"HF experts impl: {hf_impl}", progress)
                 tol = _AGREE_TOL.get(dtype, 5e-2)
                 if not diff <= tol * scale:
-                    raise AssertionError(
-                        f"{tag} HF and moekit outputs disagree: max abs diff {diff:.3g} > {tol:g} * {scale:.3g}"
-                    )
+                    raise AssertionError(f"{tag} HF and moekit outputs disagree: max abs diff {diff:.3g} > "
+                                         f"{tol:g} * {scale:.3g}")
                 x_1TD = x32_TD.to(dtype).view(1, T, D).requires_grad_(True)
                 _log(f"{tag} {IMPL_HF} ...", progress)
                 m = _measure(hf, x_1TD, dy_TD.view(1, T, D), list(hf.parameters()), warmup, iters)
                 hf_row = _row(shape, dtype, IMPL_HF, flops, m, x_bytes=x_bytes, h_bytes=h_bytes,
-                              hf_experts_impl=hf_impl, **agree, **common)
+                              hf_experts_impl=hf_impl, max_abs_diff_vs_moekit=diff, output_scale=scale, **common)
                 del hf, x_1TD
 
             _log(f"{tag} {IMPL_MOEKIT} ...", progress)
@@ -303,29 +249,23 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
             moe_row = _row(shape, dtype, IMPL_MOEKIT, flops, m, x_bytes=x_bytes, h_bytes=h_bytes, **common)
             del moe, x_TD
 
-            for row in (moe_row, dense_row, hf_row):
-                if row is not None:
-                    row["frac_of_dense"] = row["gflops"] / dense_row["gflops"]
+            new = [r for r in (moe_row, dense_row, hf_row) if r is not None]
+            for row in new:
+                row["frac_of_dense"] = row["gflops"] / dense_row["gflops"]
             if hf_row is not None:
                 moe_row["speedup_vs_hf"] = hf_row["ms"] / moe_row["ms"]
                 moe_row["saved_ratio_hf_over_moekit"] = hf_row["saved_bytes"] / moe_row["saved_bytes"]
-            rows.extend(r for r in (moe_row, dense_row, hf_row) if r is not None)
+            rows += new
             _log(f"{tag} done: moekit {moe_row['ms']:.1f} ms, dense {dense_row['ms']:.1f} ms"
                  + (f", hf {hf_row['ms']:.1f} ms" if hf_row else ""), progress)
     return rows
 
 
 # --------------------------------------------------------------------------- output
-_COLUMNS = [
-    # (header, row key, format)
-    ("shape (T,d,n,E,K)", "shape", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("impl", "impl", "{}"),
-    ("ms fwd+bwd", "ms", "{:.1f}"),
-    ("GFLOP/s", "gflops", "{:.1f}"),
-    ("frac of dense", "frac_of_dense", "{:.2f}"),
-    ("saved MiB", "saved_mib", "{:.1f}"),
-    ("speedup vs HF", "speedup_vs_hf", "{:.2f}x"),
+_COLUMNS = [  # (header, row key, format)
+    ("shape (T,d,n,E,K)", "shape", "{}"), ("dtype", "dtype", "{}"), ("impl", "impl", "{}"),
+    ("ms fwd+bwd", "ms", "{:.1f}"), ("GFLOP/s", "gflops", "{:.1f}"), ("frac of dense", "frac_of_dense", "{:.2f}"),
+    ("saved MiB", "saved_mib", "{:.1f}"), ("speedup vs HF", "speedup_vs_hf", "{:.2f}x"),
     ("saved HF/moekit", "saved_ratio_hf_over_moekit", "{:.2f}x"),
 ]
 
@@ -334,31 +274,22 @@ def format_table(rows: List[dict]) -> str:
     """Header (threads, square-GEMM rate per dtype), one line per row, then notes."""
     if not rows:
         return "(no rows)"
+    peaks = {r["dtype"]: r["square_gemm_gflops"] for r in rows}  # one figure per dtype
     lines = [f"MoE layer forward+backward on CPU, {rows[0]['threads']} threads; "
-             f"GFLOP/s from 18*T*K*d*n (expert GEMMs only)"]
-    peaks = {}
-    for r in rows:
-        peaks.setdefault(r["dtype"], r["square_gemm_gflops"])
-    lines.append("square GEMM 2048^3 forward: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+             f"GFLOP/s from 18*T*K*d*n (expert GEMMs only)",
+             "square GEMM 2048^3 forward: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())]
     cells = [[h for h, _, _ in _COLUMNS]]
-    for r in rows:
-        cells.append(["" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in _COLUMNS])
+    cells += [["" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in _COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
-    for j, line in enumerate(cells):
+    cells.insert(1, ["-" * w for w in widths])
+    for line in cells:  # the first three columns left-aligned, the numbers right-aligned
         lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    notes = []
-    for r in rows:
-        if r["impl"] == IMPL_HF:
-            notes.append(f"{r['shape']} {r['dtype']}: HF experts impl {r['hf_experts_impl']}; max |y_hf - y_moekit| = "
-                         f"{r['max_abs_diff_vs_moekit']:.3g} (max |y| = {r['output_scale']:.3g})")
-    note = rows[0].get("hf_note")
-    if note:
-        notes.append(note)
+    notes = [f"{r['shape']} {r['dtype']}: HF experts impl {r['hf_experts_impl']}; max |y_hf - y_moekit| = "
+             f"{r['max_abs_diff_vs_moekit']:.3g} (max |y| = {r['output_scale']:.3g})"
+             for r in rows if r["impl"] == IMPL_HF]
+    notes += [rows[0]["hf_note"]] if rows[0].get("hf_note") else []
     if notes:
-        lines.append("")
-        lines.extend(notes)
+        lines += [""] + notes
     return "\n".join(lines)
 
 
@@ -382,10 +313,8 @@ def parse_shapes(text: str) -> List[Tuple[int, int, int, int, int]]:
 
 def main(argv=None) -> int:
     """Command-line entry; returns the exit status 0 (rows are printed, not returned)."""
-    p = argparse.ArgumentParser(
-        prog="moe_layer", description="Forward+backward of the moekit MoE layer vs a dense FFN of equal FLOPs "
-        "and HF Qwen3-MoE (CPU).",
-    )
+    p = argparse.ArgumentParser(prog="moe_layer", description="Forward+backward of the moekit MoE layer vs a dense "
+                                "FFN of equal FLOPs and HF Qwen3-MoE (CPU).")
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
                    help='semicolon-separated T,d,n,E,K tuples, e.g. "4096,512,128,64,8;1024,256,64,32,4"')
     p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="comma-separated, e.g. float32,bfloat16")

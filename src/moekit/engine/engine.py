@@ -9,25 +9,18 @@
     handle.cancel()                      # frees its KV reservation at the next step boundary
     engine.metrics(); engine.stop()
 
-Bitwise batch invariance (default): a request's tokens and logprobs are the same whatever else
-runs beside it (numerics.py; engine/forward.py). `batch_invariant=False` drops that guarantee
-for speed, as vLLM does by default: plain numerics, no row padding, flash attention, the dense
-expert path for busy batches. `compile=True` runs the decode steps through torch.compile
-(forward.py says how it is compiled in each mode); the first decode steps pay for it.
+Bitwise batch invariance (default; docs/architecture.md): a request's tokens and logprobs are
+the same whatever runs beside it. `batch_invariant=False` drops that for speed, as vLLM does:
+plain numerics, no row padding, flash attention, the dense expert path for busy batches.
+`compile=True` runs the decode steps through torch.compile (forward.py), paid by the first ones.
 
 Without `start()` the engine runs synchronously: `handle.result()`, iteration and
 `engine.generate(...)` drive `engine.step()` themselves (handy in scripts and tests).
 
-Threading: `submit`/`cancel` may be called from any thread; they validate the request on
-the caller's thread (raising ParamError / ContextLengthError / KVBudgetError /
-QueueFullError) and pass it to the engine thread through a thread-safe queue. Only the
-engine thread runs the model. Events reach a request through its handle's queue, or, when
-an `on_event` callback is given, through that callback only (it runs on the engine thread:
-keep it cheap).
-
-Scheduling: see `scheduler.py`; the KV budget: `kv.py`; batch invariance: `forward.py`.
-Queueing: a request that cannot be admitted waits (FIFO); once `max_queue` requests wait,
-`submit` raises QueueFullError (the server answers 429).
+Threading: `submit`/`cancel` validate on the caller's thread (errors.py) and queue the request
+for the engine thread, the only one that runs the model. Events go to the handle's queue, or
+only to its `on_event` callback (run on the engine thread: keep it cheap). Once `max_queue`
+requests wait for admission, `submit` raises QueueFullError. Design: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -57,10 +50,8 @@ from .text import TextStream
 class RequestHandle:
     """A submitted request: iterate for streaming events, `result()` for the Completion, `cancel()`."""
 
-    def __init__(self, engine: "Engine", seq_id: int, prompt_tokens: int,
-                 on_event: Optional[Callable[[Event], None]]):
-        self.engine, self.id, self.prompt_tokens = engine, seq_id, prompt_tokens
-        self._on_event = on_event
+    def __init__(self, engine: "Engine", seq_id: int, on_event: Optional[Callable[[Event], None]]):
+        self.engine, self.id, self._on_event = engine, seq_id, on_event
         self._events: "queue.Queue[Event]" = queue.Queue()
         self._done = threading.Event()
         self.completion: Optional[Completion] = None
@@ -97,9 +88,7 @@ class RequestHandle:
 
     def __iter__(self):
         while True:
-            event = self.next_event()
-            if event is None:
-                continue
+            event = self.next_event()  # no timeout: never None
             yield event
             if event.finish_reason is not None:
                 return
@@ -169,17 +158,6 @@ class Engine:
     def threaded(self) -> bool:
         return self._thread is not None
 
-    def _check_prompt(self, prompt) -> List[int]:
-        V = self.model.token_limit
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ParamError("prompt must be a non-empty list of token ids", "prompt")
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ParamError(f"prompt holds {t!r}, not a token id in [0, {V})", "prompt")
-        return list(prompt)
-
     def _make_seq(self, prompt: List[int], params: SamplingParams, on_event) -> Seq:
         cfg = self.model.cfg
         params.validate(cfg.vocab_size, self.tokenizer is not None)
@@ -192,11 +170,10 @@ class Engine:
                 f"+ max_tokens={params.max_tokens} = {len(prompt) + params.max_tokens}; lower max_tokens to at most "
                 f"{cfg.max_seq_len - len(prompt)}", "max_tokens")
         self.kv.check_fits(len(prompt) + params.max_tokens)
-        stops = stop_sequences(params.stop_token_ids, () if params.ignore_eos else self.eos_token_ids,
-                               cfg.vocab_size)
+        stops = stop_sequences(params.stop_token_ids, () if params.ignore_eos else self.eos_token_ids, cfg.vocab_size)
         text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         seq_id = next(self._ids)
-        handle = RequestHandle(self, seq_id, len(prompt), on_event)
+        handle = RequestHandle(self, seq_id, on_event)
         seq = Seq(seq_id, prompt, params, stops, new_generator(params.temperature, params.seed, self.device), text, handle)
         handle._seq = seq
         return seq
@@ -214,8 +191,15 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ParamError(f"n must be an integer >= 1, got {n!r}", "n")
         params = params or SamplingParams()
-        prompt = self._check_prompt(prompt)
-        seqs = []
+        V = self.model.token_limit
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ParamError("prompt must be a non-empty list of token ids", "prompt")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ParamError(f"prompt holds {t!r}, not a token id in [0, {V})", "prompt")
+        prompt, seqs = list(prompt), []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
             cb = None if on_event is None else (lambda event, i=i: on_event(i, event))
@@ -256,9 +240,8 @@ class Engine:
                 else:
                     self.scheduler.waiting.append(seq)
             elif kind == "cancel" and seq.finish_reason is None:
-                if seq.cache is None:  # still waiting
-                    if seq in self.scheduler.waiting:
-                        self._dequeued(1)
+                if seq.cache is None and seq in self.scheduler.waiting:  # still queued
+                    self._dequeued(1)
                 self._finish(seq, "cancelled")
 
     def _dequeued(self, n: int) -> None:
@@ -335,8 +318,7 @@ class Engine:
         now = time.perf_counter()
         new = s.out[s.emitted:]
         s.emitted = len(s.out)
-        text = None
-        delta = ""
+        delta, text = "", None
         if s.text is not None:
             if reason in ("cancelled", "error"):
                 s.text.update(s.out)
@@ -361,9 +343,6 @@ class Engine:
             self._thread.start()
         return self
 
-    def _has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty())
-
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         try:
@@ -371,7 +350,8 @@ class Engine:
                 if not self._resume.is_set():
                     self._resume.wait(0.05)
                     continue
-                if not (self._has_work() and self.step()):  # idle: sleep until a submission or cancel
+                busy = self.scheduler.running or self.scheduler.waiting or not self._inbox.empty()
+                if not (busy and self.step()):  # idle: sleep until a submission or cancel
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as err:  # noqa: BLE001 -- report, and refuse new work
@@ -412,7 +392,7 @@ class Engine:
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict:
         running = list(self.scheduler.running)
-        prompt_rate, gen_rate = self.metrics_.rates()
+        prompt_rate, gen_rate, totals = self.metrics_.snapshot()
         kv = self.kv
         return {
             "queue_depth": self._queued,
@@ -424,6 +404,6 @@ class Engine:
             "kv_bytes_per_token": kv.bytes_per_token,
             "prompt_tokens_per_s": prompt_rate,
             "generation_tokens_per_s": gen_rate,
-            "totals": self.metrics_.snapshot_totals(),
+            "totals": totals,
             "thread_alive": self._thread is not None and self._thread.is_alive(),
         }

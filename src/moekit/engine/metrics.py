@@ -1,7 +1,5 @@
-"""Engine counters and gauges (thread-safe snapshot for /metrics and tests).
-
-Rates are over a sliding window (default 10 s) of recent steps; totals count since start.
-"""
+"""Engine counters since start and token rates over a sliding window (default 10 s) of recent
+steps, thread-safe; `Engine.metrics()` reads them for /metrics (server/metrics.py) and tests."""
 
 from __future__ import annotations
 
@@ -36,16 +34,12 @@ class EngineMetrics:
         while self._steps and self._steps[0][0] < now - self.window_s:
             self._steps.popleft()
 
-    def rates(self) -> Tuple[float, float]:
-        """(prompt tokens/s, generated tokens/s) over the window."""
+    def snapshot(self) -> Tuple[float, float, Dict[str, int]]:
+        """(prompt tokens/s, generated tokens/s) over the window, and a copy of the totals."""
         now = time.perf_counter()
         with self._lock:
             self._trim(now)
             span = min(self.window_s, now - self.started)
             if span <= 0:
-                return 0.0, 0.0
-            return (sum(s[1] for s in self._steps) / span, sum(s[2] for s in self._steps) / span)
-
-    def snapshot_totals(self) -> Dict[str, int]:
-        with self._lock:
-            return dict(self.totals)
+                return 0.0, 0.0, dict(self.totals)
+            return sum(s[1] for s in self._steps) / span, sum(s[2] for s in self._steps) / span, dict(self.totals)

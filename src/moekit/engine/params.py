@@ -4,11 +4,10 @@
                    stop=["\\n\\n"], stop_token_ids=[0, [13, 13]], ignore_eos=False, logprobs=False)
 
 Sampling and the field checks are `moekit.sampling`'s, shared with `generate` and the server
-(temperature 0 = greedy; else logits / temperature, top-k, top-p, then a draw from the
-request's own `torch.Generator`, seeded by `seed`); a bad field raises ParamError naming it,
-with the message `moekit.sampling` gives. Stopping: `stop` strings (need a tokenizer; the text
-is cut before the match), `stop_token_ids` (single ids or id sequences; not returned, as in
-`generate`), the engine's EOS ids unless `ignore_eos`, and `max_tokens`.
+(temperature 0 = greedy; a seeded `torch.Generator` per request); a bad field raises ParamError
+naming it. Stopping: `stop` strings (need a tokenizer; the text is cut before the match),
+`stop_token_ids` (ids or id sequences; not returned), the engine's EOS ids unless
+`ignore_eos`, and `max_tokens`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Continuous-batching scheduler: the waiting queue, admission against the KV budget, and
-the plan of each step (which requests feed which tokens).
+which requests feed tokens each step (docs/architecture.md, "The engine's two forwards").
 
-Each step (`Scheduler.plan`):
-  1. admission, strictly first come first served: the oldest waiting request is admitted
-     while fewer than `max_batch` run and the KV budget has room for its reservation
-     (prompt + max_tokens); when it does not fit, everything behind it waits too (no
-     overtaking, so a large request is not starved by small ones);
-  2. every running request past its prompt feeds its last sampled token (a decode row);
-  3. requests still in their prompt each feed their next prefill chunk, oldest first, while
-     the step stays within `max_step_tokens` rows (at least one chunk per step, so prompts
-     progress even when decode rows fill the step).
-Chunk boundaries are fixed multiples of `prefill_chunk` from the prompt start -- a function
-of the request alone, never of the load -- so chunking keeps results batch-invariant.
+Admission is strictly first come first served: the oldest waiting request is admitted while
+fewer than `max_batch` run and the KV budget has room for prompt + max_tokens; when it does
+not fit, everything behind it waits too (a large request is not starved by small ones).
+Each step, every request past its prompt decodes one token, and requests in their prompt
+feed their next chunk, oldest first, within `max_step_tokens` rows (at least one chunk).
+Chunk boundaries are multiples of `prefill_chunk` from the prompt start, never load-dependent.
 """
 
 from __future__ import annotations
@@ -53,11 +48,14 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.computed < len(self.prompt)
 
+    def chunk_end(self, prefill_chunk: int) -> int:
+        """End of the next prefill chunk: the next multiple of `prefill_chunk`, or the prompt's end."""
+        return min((self.computed // prefill_chunk + 1) * prefill_chunk, len(self.prompt))
+
     def next_segment(self, prefill_chunk: int) -> Segment:
-        if self.in_prefill:
-            end = min((self.computed // prefill_chunk + 1) * prefill_chunk, len(self.prompt))
-            return Segment(self.prompt[self.computed:end], self.computed, self.cache, end == len(self.prompt))
-        return Segment([self.out[-1]], self.computed, self.cache, True)
+        """The next prefill chunk (its logits wanted only when it ends the prompt)."""
+        end = self.chunk_end(prefill_chunk)
+        return Segment(self.prompt[self.computed:end], self.computed, self.cache, end == len(self.prompt))
 
 
 class Scheduler:
@@ -82,15 +80,10 @@ class Scheduler:
 
     def plan(self) -> List[Sequence]:
         """The requests that feed tokens this step (decode rows first, then prefill chunks)."""
-        decode = [s for s in self.running if not s.in_prefill]
-        chosen = list(decode)
-        rows = len(decode)
-        took_chunk = False
-        for seq in self.running:
-            if not seq.in_prefill:
-                continue
-            end = min((seq.computed // self.prefill_chunk + 1) * self.prefill_chunk, len(seq.prompt))
-            n = end - seq.computed
+        chosen = [s for s in self.running if not s.in_prefill]
+        rows, took_chunk = len(chosen), False
+        for seq in [s for s in self.running if s.in_prefill]:
+            n = seq.chunk_end(self.prefill_chunk) - seq.computed
             if took_chunk and rows + n > self.max_step_tokens:
                 break
             chosen.append(seq)

@@ -1,11 +1,9 @@
 """Incremental detokenization with stop strings, for streaming.
 
-Each update decodes all generated ids (simple, and exact for byte-level BPE, whose text
-of a prefix is a prefix of the text) and looks for the earliest stop string; the text is
-cut before it. What may be streamed so far holds back:
-  * the last len(longest stop) - 1 characters (they could be the start of a stop string,
-    which must never reach the client), and
-  * a trailing U+FFFD (an incomplete multi-byte character: the next token completes it).
+Each update re-decodes all generated ids (exact for byte-level BPE, whose text of a prefix is
+a prefix of the text) and cuts the text before the earliest stop string. What is streamed
+holds back the last len(longest stop) - 1 characters (the start of a stop string must never
+reach the client) and a trailing U+FFFD (an incomplete multi-byte character).
 """
 
 from __future__ import annotations

@@ -4,18 +4,9 @@
     save_hf(model, "out_dir", layout="per_expert")     # loads in transformers with the same logits
     moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]
 
-Only `safetensors` is needed (imported when used); transformers is not.
-
-Supported `model_type`s (one `ArchSpec` file each) and what sets them apart:
-
-    qwen3_moe  q/k RMSNorm per head (qk_norm="head"), optional dense layers
-               (decoder_sparse_step, mlp_only_layers), norm_topk_prob
-    qwen2_moe  q/k/v bias, a shared expert behind a sigmoid gate, dense layers, norm_topk_prob
-    olmoe      q/k RMSNorm over the whole projection (qk_norm="full"), clip_qkv, norm_topk_prob
-    mixtral    softmax over the top-k logits (= softmax_topk with norm_topk_prob=True)
-
-and, for the analyzer only (`moekit.analyze.from_hf_config`; load_hf refuses them):
-deepseek_v3 (MLA), llama (dense, with o_proj/MLP biases), gpt2 (the GPT-3-style dense layout).
+Only `safetensors` is needed (imported when used); transformers is not. One `ArchSpec` file per
+`model_type` says what sets it apart (docs/architecture.md#hf-specs; adding one:
+docs/extending.md#an-hf-architecture). Analysis only (load_hf refuses them): deepseek_v3, llama, gpt2.
 
 Tensor names, HF (with the "model." prefix) -> moekit; `i` layer, `e` expert, n expert dim:
 
@@ -39,40 +30,16 @@ Tensor names, HF (with the "model." prefix) -> moekit; `i` layer, `e` expert, n 
     model.layers.i.mlp.experts.e.down_proj.weight  layers.i.ffn.experts.w2[e]
     mixtral per-expert: model.layers.i.block_sparse_moe.experts.e.{w1,w3,w2}.weight and
                         model.layers.i.block_sparse_moe.gate.weight (router)
-    qwen2_moe shared expert:
+    qwen2_moe shared expert (zero-size tensors when shared_expert_intermediate_size=0):
     model.layers.i.mlp.shared_expert.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
     model.layers.i.mlp.shared_expert.down_proj.weight       layers.i.ffn.shared.w2
     model.layers.i.mlp.shared_expert_gate.weight            layers.i.ffn.shared_gate.weight
 
-Two conventions keep the logits identical in both directions:
+Logits match in both directions: `load_hf` folds transformers' YaRN cos/sin factor into q and k
+(`save_hf` writes attention_factor 1.0) and caps max_seq_len at a sliding window (exact up to W tokens).
+A model the chosen architecture cannot represent exactly raises ValueError listing why.
 
-- YaRN: transformers multiplies cos/sin by an attention factor (0.1 ln(factor) + 1 unless
-  given); moekit's RoPE does not. `load_hf` folds that factor into the q and k projections
-  (or into the q/k norm weights), and `save_hf` writes `attention_factor: 1.0`.
-- A sliding window W is exact for sequences of at most W tokens, so `load_hf` caps
-  `max_seq_len` at W (moekit refuses longer sequences) and says so in `cfg.notes`.
-
-Which architecture `save_hf` writes when `model_type` is not given (`infer_model_type`): the
-first spec, in `infer_rank` order, that `claims` the config: qk_norm "head" -> qwen3_moe;
-qk_norm "full" -> olmoe; mixtral when every layer is MoE without shared experts or q/k/v bias
-and the top-k gates are renormalised; else qwen2_moe. A model the chosen architecture cannot
-represent exactly raises ValueError listing why (`ArchSpec.problems`).
-
-How to add an architecture: write `hf/<model_type>.py` with an `ArchSpec` subclass (copy the
-closest one): set `model_type`, `architecture`, the `required` config keys and transformers'
-`defaults`, the feature flags (qk_norm, qkv_bias, clip_qkv, dense_layers, shared_expert,
-always_renormalise) and the config.json names of the MoE shape, then override the hooks where
-the layout differs: `hf_fields` (config.json it writes), `sliding_window`, `layer_pattern`,
-`attention_from_hf`, `moe_module`/`expert_names`/`extra_moe_tensors` (tensor names),
-`problems`/`check_parsed` (what it cannot hold) and `claims`/`infer_rank` (inference). For an
-architecture moekit cannot run, set `loadable = False` and implement `to_arch(hf, name)` for
-the analyzer instead. Then add one `register(...)` line below; load_hf, save_hf,
-`moekit convert` and the analyzer pick it up. Generic code never compares model_type strings.
-
-Files: spec.py (ArchSpec, Piece, the registry), one file per architecture, io.py (config.json,
-safetensors shards, index, progress), load.py (load_hf), save.py (save_hf, the convert CLI).
-
-Legend: L layers, E experts, D model dim, n expert dim, V vocab.
+Legend: E experts, D model dim, n expert dim, n_s shared expert dim.
 """
 
 from .deepseek_v3 import DeepseekV3Spec

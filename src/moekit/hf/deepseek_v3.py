@@ -1,7 +1,5 @@
-"""deepseek_v3 (DeepseekV3ForCausalLM), analysis only: multi-head latent attention (MLA),
-n_routed_experts routed + n_shared_experts shared experts, the first first_k_dense_replace
-layers dense. moekit's decoder has no MLA, so load_hf refuses it; the analyzer counts it.
-"""
+"""deepseek_v3 (DeepseekV3ForCausalLM), analysis only: MLA attention, n_routed_experts routed +
+n_shared_experts shared experts, the first first_k_dense_replace layers dense."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""gpt2 (GPT2LMHeadModel), analysis only: the GPT-3-style dense layout (LayerNorm with
-bias, learned position embeddings, a 2-matrix GELU MLP, biases everywhere, tied head).
-moekit's decoder cannot run it; load_hf refuses it and the analyzer counts it.
-"""
+"""gpt2 (GPT2LMHeadModel), analysis only: the GPT-3-style dense layout (LayerNorm with bias, learned
+positions, a 2-matrix GELU MLP, biases everywhere, tied head)."""
 
 from __future__ import annotations
 

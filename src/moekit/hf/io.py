@@ -68,37 +68,6 @@ def weight_files(path: Path) -> List[Path]:
     raise ValueError(f"no weights in {str(path)!r}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _plan_shards(sizes: Dict[str, int], max_shard_bytes: int) -> List[List[str]]:
-    """Tensor names (in order) grouped into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
-    shards: List[List[str]] = [[]]
-    used = 0
-    for key, size in sizes.items():
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += size
-    return shards
-
-
-def _shard_names(count: int) -> List[str]:
-    if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-
-
-def _write_index(path: Path, shards: List[List[str]], names: List[str], total_size: int) -> None:
-    weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _remove_old_weights(path: Path) -> None:
-    for old in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-        if old.is_file():
-            old.unlink()
-
-
 def read_weights(files: List[Path], builder, progress: bool) -> None:
     """Stream every tensor of `files` into `builder` (load.StateBuilder): `expected_shape(key)`
     (None: a tensor it has no place for, collected in `builder.unexpected`), then `add(key, tensor)`."""
@@ -134,9 +103,19 @@ def write_weights(path: Path, sizes: Dict[str, int], tensor_for: Callable[[str],
     shards of at most max_shard_bytes with an index; `tensor_for(name)` makes each one when its
     shard is written, so only one shard is in memory. Old weight files in `path` are removed."""
     _, save_file = safetensors()
-    _remove_old_weights(path)
-    shards = _plan_shards(sizes, max_shard_bytes)
-    names = _shard_names(len(shards))
+    for old in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        if old.is_file():
+            old.unlink()
+    shards: List[List[str]] = [[]]  # tensor names in order; a tensor bigger than max_shard_bytes gets its own
+    used = 0
+    for key, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    count = len(shards)
+    names = [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
     bar = Progress(len(sizes), "writing tensors", progress)
     for keys, name in zip(shards, names):
         tensors = {}
@@ -146,8 +125,10 @@ def write_weights(path: Path, sizes: Dict[str, int], tensor_for: Callable[[str],
         save_file(tensors, str(path / name), metadata={"format": "pt"})
         del tensors
     bar.close()
-    if len(shards) > 1:
-        _write_index(path, shards, names, sum(sizes.values()))
+    if count > 1:
+        weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 class Progress:
@@ -159,9 +140,8 @@ class Progress:
             try:
                 from tqdm import tqdm
             except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="tensor")
+                return  # the plain counter line
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="tensor")
 
     def update(self, n: int = 1) -> None:
         self.count += n

@@ -1,7 +1,5 @@
-"""llama (LlamaForCausalLM), analysis only: a dense decoder. `attention_bias` puts a bias on
-q, k, v and o (moekit's o_proj has none) and `mlp_bias` on the MLP matrices, so it is not
-mapped to a ModelConfig; load_hf refuses it and the analyzer counts it.
-"""
+"""llama (LlamaForCausalLM), analysis only: a dense decoder whose `attention_bias` (q, k, v and o) and
+`mlp_bias` moekit cannot hold."""
 
 from __future__ import annotations
 

@@ -9,26 +9,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..checkpoint import load_tokenizer
-from ..config import ModelConfig
 from ..model import Transformer
 from .io import PathLike, dtype_name, read_config, read_weights, resolve_dtype, weight_files
-from .spec import ArchSpec, Piece, get_spec
+from .spec import Piece, get_spec
 
 
-def load_table(spec: ArchSpec, cfg: ModelConfig) -> Dict[str, Piece]:
-    """Both layouts: a checkpoint may hold either (even mixed per layer). A tied model's
-    checkpoint may still hold lm_head.weight; load_hf accepts it when it equals the embedding."""
-    table = spec.tensor_table(cfg, "per_expert")
-    table.update(spec.tensor_table(cfg, "fused"))
-    if cfg.tie_embeddings:
-        table["lm_head.weight"] = Piece("lm_head.weight", optional=True)
-    return table
-
-
-def _listing(keys: List[str], limit: int = 8) -> str:
-    """'a', 'b' and 3 more"""
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def _listing(items: List[str], limit: int = 8) -> str:
+    """a, b and 3 more"""
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 class StateBuilder:
@@ -42,9 +30,7 @@ class StateBuilder:
 
     def expected_shape(self, key: str) -> Optional[Tuple[int, ...]]:
         piece = self.table.get(key)
-        if piece is None:
-            return None
-        return piece.shape_in(tuple(self.shapes[piece.target]) if piece.target else ())
+        return None if piece is None else piece.shape_in(self.shapes.get(piece.target, ()))
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         piece = self.table[key]
@@ -61,9 +47,8 @@ class StateBuilder:
 
     def check_complete(self) -> None:
         if self.unexpected:
-            raise ValueError(
-                f"unexpected tensors in the checkpoint (moekit has no place for them): {_listing(self.unexpected)}"
-            )
+            unexpected = _listing([repr(k) for k in self.unexpected])
+            raise ValueError(f"unexpected tensors in the checkpoint (moekit has no place for them): {unexpected}")
         keys_by_target: Dict[str, List[str]] = defaultdict(list)
         for key, piece in self.table.items():
             if piece.target is not None:
@@ -73,15 +58,15 @@ class StateBuilder:
             if target in self.read or not all(self.table[k].optional for k in keys):
                 missing += self._missing_for(target, keys)
         if missing:
-            raise ValueError(f"missing tensors in the checkpoint: {', '.join(missing[:8])}"
-                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+            raise ValueError(f"missing tensors in the checkpoint: {_listing(missing)}")
 
     def _missing_for(self, target: str, keys: List[str]) -> List[str]:
         """Descriptions of what `target` still lacks: one whole tensor, or every per-expert piece."""
         got = self.read.get(target, [])
         whole_got = [k for k in got if self.table[k].whole]
         if len(whole_got) > 1 or (whole_got and len(got) > len(whole_got)):
-            raise ValueError(f"tensors {_listing(got)} all provide {target!r}; a checkpoint must hold only one of them")
+            got_keys = _listing([repr(k) for k in got])
+            raise ValueError(f"tensors {got_keys} all provide {target!r}; a checkpoint must hold only one of them")
         if whole_got:
             return []
         whole_keys = [k for k in keys if self.table[k].whole]
@@ -93,24 +78,6 @@ class StateBuilder:
         if part_keys:
             alternatives += f" (or its per-expert tensors such as {part_keys[0]!r})"
         return [alternatives]
-
-
-def fold_attention_factor(model: Transformer, factor: float) -> None:
-    """Scale q and k by `factor` so scores match transformers' YaRN cos/sin scaling (RoPE is linear)."""
-    with torch.no_grad():
-        for block in model.layers:
-            attn = block.attn
-            for module in ((attn.q_norm, attn.k_norm) if attn.q_norm is not None else (attn.q_proj, attn.k_proj)):
-                for param in module.parameters():
-                    param.mul_(factor)
-
-
-def check_tied_head(state: Dict[str, torch.Tensor]) -> None:
-    """A stored lm_head.weight of a tied model must equal the embedding (transformers would untie)."""
-    head_VD = state.pop("lm_head.weight", None)
-    if head_VD is not None and not torch.equal(head_VD, state["embed.weight"]):
-        raise ValueError("config.json has tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
-                         "model.embed_tokens.weight; set tie_word_embeddings to false to load both")
 
 
 def materialize(model: Transformer, state: Dict[str, torch.Tensor], device) -> None:
@@ -148,13 +115,23 @@ def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) ->
     with torch.device("meta"):
         model = Transformer(cfg)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
-    builder = StateBuilder(load_table(spec, cfg), shapes, cfg.torch_dtype, torch.device(device))
+    # both layouts: a checkpoint may hold either (even mixed per layer); a tied model's may hold an equal lm_head
+    table = {**spec.tensor_table(cfg, "per_expert"), **spec.tensor_table(cfg, "fused")}
+    if cfg.tie_embeddings:
+        table["lm_head.weight"] = Piece("lm_head.weight", optional=True)
+    builder = StateBuilder(table, shapes, cfg.torch_dtype, torch.device(device))
     read_weights(files, builder, progress)
     builder.check_complete()
-    if cfg.tie_embeddings:
-        check_tied_head(builder.state)
+    head_VD = builder.state.pop("lm_head.weight", None) if cfg.tie_embeddings else None
+    if head_VD is not None and not torch.equal(head_VD, builder.state["embed.weight"]):  # transformers would untie
+        raise ValueError("config.json has tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
+                         "model.embed_tokens.weight; set tie_word_embeddings to false to load both")
     materialize(model, builder.state, device)
-    if parsed.attention_factor != 1.0:
-        fold_attention_factor(model, parsed.attention_factor)
+    if parsed.attention_factor != 1.0:  # scale q and k so scores match transformers' YaRN cos/sin (RoPE is linear)
+        with torch.no_grad():
+            for attn in (block.attn for block in model.layers):
+                for module in (attn.q_norm, attn.k_norm) if attn.q_norm is not None else (attn.q_proj, attn.k_proj):
+                    for param in module.parameters():
+                        param.mul_(parsed.attention_factor)
     model.tokenizer = load_tokenizer(path)
     return model.eval()

@@ -1,10 +1,5 @@
-"""mixtral (MixtralForCausalLM): a softmax over the top-k router logits (= moekit's
-softmax_topk with norm_topk_prob=True), MoE in every layer, a sliding window when
-`sliding_window` is set. The expert size is `intermediate_size`.
-
-Per-expert tensors live under `block_sparse_moe` with the original names:
-model.layers.i.block_sparse_moe.experts.e.{w1,w3,w2}.weight (gate, up, down) and
-model.layers.i.block_sparse_moe.gate.weight (router); the fused layout uses `mlp` like the others.
+"""mixtral (MixtralForCausalLM): softmax over the top-k logits (softmax_topk, norm_topk_prob=True), MoE
+in every layer, `sliding_window`; expert size `intermediate_size`; per-expert tensors under `block_sparse_moe`.
 """
 
 from __future__ import annotations
@@ -33,8 +28,7 @@ class MixtralSpec(ArchSpec):
         return "block_sparse_moe." if layout == "per_expert" else "mlp."
 
     def hf_fields(self, cfg: ModelConfig) -> dict:
-        moe = cfg.moe
-        return dict(intermediate_size=moe.d_expert, num_local_experts=moe.num_experts, sliding_window=None)
+        return dict(intermediate_size=cfg.moe.d_expert, num_local_experts=cfg.moe.num_experts, sliding_window=None)
 
     def claims(self, cfg: ModelConfig) -> bool:
         """Every layer MoE without shared experts or q/k/v bias, top-k gates renormalised."""

@@ -1,6 +1,5 @@
-"""olmoe (OlmoeForCausalLM): q/k RMSNorm over the whole projection (qk_norm="full"),
-clip_qkv, norm_topk_prob, MoE in every layer. The expert size is `intermediate_size`;
-config.json has no head_dim (transformers derives hidden_size // num_attention_heads).
+"""olmoe (OlmoeForCausalLM): q/k RMSNorm over the whole projection (qk_norm="full"), clip_qkv,
+norm_topk_prob, MoE in every layer; expert size `intermediate_size`; head_dim derived, never written.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""qwen2_moe (Qwen2MoeForCausalLM): qwen3_moe's layout (dense layers, sliding window switch,
-norm_topk_prob) with a q/k/v bias (`qkv_bias`, default true) instead of q/k norms, and one
-shared expert of shared_expert_intermediate_size behind a sigmoid gate.
-
-Shared expert tensors, HF -> moekit (`n_s` = shared_expert_intermediate_size):
-
-    model.layers.i.mlp.shared_expert.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
-    model.layers.i.mlp.shared_expert.down_proj.weight       layers.i.ffn.shared.w2
-    model.layers.i.mlp.shared_expert_gate.weight            layers.i.ffn.shared_gate.weight
-
-With shared_expert_intermediate_size=0 transformers still builds zero-size shared-expert
-tensors (and a gate whose output multiplies nothing): load_hf accepts them, save_hf writes them.
+"""qwen2_moe (Qwen2MoeForCausalLM): qwen3_moe's layout with a q/k/v bias (`qkv_bias`, default true)
+instead of q/k norms, and one shared expert behind a sigmoid gate (tensor names: hf/__init__.py).
+With shared_expert_intermediate_size=0 transformers still builds zero-size shared-expert tensors
+(and a gate whose output multiplies nothing): load_hf accepts them, save_hf writes them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""qwen3_moe (Qwen3MoeForCausalLM): q/k RMSNorm per head, optional dense layers, norm_topk_prob.
-
-Dense layers: layer i is dense when (i + 1) % decoder_sparse_step != 0 or i is in
-mlp_only_layers; their FFN size is intermediate_size, the experts' moe_intermediate_size.
-A sliding window applies only when use_sliding_window is set.
+"""qwen3_moe (Qwen3MoeForCausalLM): q/k RMSNorm per head, norm_topk_prob, dense layers (layer i when
+(i + 1) % decoder_sparse_step != 0 or i in mlp_only_layers), a sliding window if use_sliding_window.
 """
 
 from __future__ import annotations

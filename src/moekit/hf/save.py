@@ -84,7 +84,6 @@ def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None
     return path
 
 
-# =============================================================== command line
 def _parser() -> argparse.ArgumentParser:
     types = loadable_types()
     parser = argparse.ArgumentParser(

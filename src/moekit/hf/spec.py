@@ -1,20 +1,6 @@
-"""`ArchSpec`: what moekit knows about one HF architecture, and the registry of them.
-
-An `ArchSpec` subclass (one file per architecture, an instance registered in `__init__.py`)
-gives, for its `model_type`:
-
-- `parse_config`: config.json -> `ModelConfig` (with transformers' `defaults` for missing
-  keys and the `required` keys that have none), strict for the loader, lenient for the
-  analyzer; `config_to_hf`: `ModelConfig` -> config.json;
-- `problems`: why a `ModelConfig` cannot be written as this architecture;
-- `tensor_table`: HF tensor name -> `Piece` (a moekit state-dict entry or a slice of one);
-- `claims` / `infer_rank`: which architecture `save_hf` writes when none is named.
-
-The base class implements the Llama-style layout all supported MoE models share, driven by
-the feature flags below; a subclass sets flags and overrides the hooks where it differs.
-Analysis-only specs (`loadable = False`) implement `to_arch` instead.
-
-Nothing here imports torch: a `Piece` slices whatever tensor it is given.
+"""`ArchSpec`: what moekit knows about one HF architecture (the Llama-style base layout, driven
+by feature flags and hooks), and the registry of them. See docs/architecture.md#hf-specs and
+docs/extending.md#an-hf-architecture.
 """
 
 from __future__ import annotations
@@ -37,15 +23,11 @@ BASE_DEFAULTS: Dict[str, Any] = {
 ConfigKey = Union[str, Tuple[str, ...]]  # a config.json key, or alternatives (the first present wins)
 
 
-# =============================================================== tensor pieces
 @dataclass(frozen=True)
 class Piece:
-    """Where one HF tensor lives in moekit: the state-dict name `target`, optionally one
-    expert (index along dim 0) and one half of a fused gate/up tensor.
-
-    target None: a tensor moekit has no place for, accepted only because it cannot change
-    the output (qwen2_moe's shared-expert tensors when shared_expert_intermediate_size=0);
-    `shape` is then its expected shape and save_hf writes zeros.
+    """Where one HF tensor lives in moekit: state-dict entry `target`, optionally one expert (dim 0)
+    and one half of a fused gate/up tensor. target None: a tensor that cannot change the output
+    (qwen2_moe's zero-size shared expert), of `shape`; save_hf writes zeros.
     """
 
     target: Optional[str]
@@ -87,7 +69,6 @@ def swiglu_pieces(hf_prefix: str, target: str, names=("gate_proj", "up_proj", "d
     }
 
 
-# =============================================================== config helpers
 @dataclass
 class ParsedConfig:
     """What `ArchSpec.parse_config` reads from a config.json."""
@@ -178,13 +159,11 @@ def rope_scaling_to_hf(cfg: ModelConfig) -> Optional[dict]:
 
 
 def refuse(message: str, strict: bool) -> None:
-    """A config value moekit cannot run exactly: an error when strict (loading), else ignored
-    (the analyzer counts shapes, which such values do not change)."""
+    """A config value moekit cannot run exactly: an error when strict (loading), else ignored (analyzer)."""
     if strict:
         raise ValueError(message)
 
 
-# =============================================================== the spec
 class ArchSpec:
     """One HF architecture. Subclass per architecture (one file each) and `register` an instance."""
 
@@ -216,8 +195,7 @@ class ArchSpec:
         return self.defaults.get(key, BASE_DEFAULTS.get(key))
 
     def value(self, hf: dict, key: ConfigKey):
-        """config.json's value for `key` (or the first present alternative), else transformers'
-        default for this architecture; ValueError when there is neither."""
+        """config.json's value for `key`, else transformers' default; ValueError when there is neither."""
         value = first_present(hf, key)
         name = key if isinstance(key, str) else key[0]
         if value is None:
@@ -247,8 +225,7 @@ class ArchSpec:
             if strict:
                 raise
             scaling, attention_factor = None, 1.0
-        window = self.sliding_window(hf)
-        window = int(window) if window else None
+        window = int(self.sliding_window(hf) or 0)
         max_seq_len = min(max_pos, window) if window else max_pos
         notes = f"imported from HF {self.model_type}"
         if window and window < max_pos:
@@ -369,8 +346,7 @@ class ArchSpec:
         return problems
 
     def claims(self, cfg: ModelConfig) -> bool:
-        """Whether save_hf should write `cfg` as this architecture when no model_type is named
-        (tried in `infer_rank` order). Default: a q/k norm of this spec's kind."""
+        """Whether save_hf writes `cfg` as this architecture when none is named (default: q/k norm of this kind)."""
         return cfg.qk_norm is not None and cfg.qk_norm == self.qk_norm
 
     # ----------------------------------------------------------- tensor names
@@ -422,12 +398,10 @@ class ArchSpec:
 
     # ----------------------------------------------------------- analysis only
     def to_arch(self, hf: dict, name: str):
-        """The analyzer's `Arch` for a config.json moekit cannot load (loadable specs go
-        through `parse_config` and `analyze.arch.from_model_config` instead)."""
+        """The analyzer's `Arch` for a config.json moekit cannot load (`loadable = False`)."""
         raise NotImplementedError(f"{type(self).__name__} maps config.json to a ModelConfig; use parse_config")
 
 
-# =============================================================== registry
 SPECS: Dict[str, ArchSpec] = {}  # model_type -> spec, in registration order
 
 
@@ -459,7 +433,6 @@ def _having(flag: str, template: str) -> str:
     return template.format(" / ".join(names)) if names else ""
 
 
-# =============================================================== generic entry points
 def config_from_hf(hf: dict) -> ModelConfig:
     """The ModelConfig for an HF config.json dict (raises ValueError when unsupported)."""
     return get_spec(hf.get("model_type")).parse_config(hf).cfg
@@ -471,11 +444,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: str) -> dict:
 
 
 def infer_model_type(cfg: ModelConfig) -> str:
-    """The architecture `save_hf` writes by default: the first registered spec, in
-    `infer_rank` order, that `claims` cfg (else the last one)."""
+    """The architecture `save_hf` writes by default: the first, in `infer_rank` order, that `claims` cfg."""
     ranked = sorted((s for s in SPECS.values() if s.loadable and s.infer_rank is not None), key=lambda s: s.infer_rank)
-    if not ranked:
-        raise ValueError("no registered HF architecture can be inferred")
     for spec in ranked:
         if spec.claims(cfg):
             return spec.model_type

@@ -3,9 +3,7 @@
     moekit quantize --checkpoint runs/default --method int4-g64 --out runs/default-int4
     moekit generate --checkpoint runs/default-int4 --prompt "def "
 
-The output is a moekit checkpoint directory (moekit_config.json, model.safetensors holding
-the packed buffers and float tensors, quantization.json {"method", "quantize_head"}, and
-the tokenizer when the source has one); `load_model` returns the quantized model.
+The output is a moekit checkpoint (moekit/checkpoint.py); `load_model` returns the quantized model.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import json
 import sys
 from typing import List, Optional
 
-from .formats import METHODS
+from .formats import METHODS, get_format
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +32,6 @@ def cli(argv: Optional[List[str]] = None) -> int:
     try:
         from ..checkpoint import save_model
         from ..loading import load_model
-        from .formats import get_format
         from .transform import model_bytes, quantize_model, size_report
 
         get_format(args.method)  # fail before loading

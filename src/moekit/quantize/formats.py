@@ -1,8 +1,9 @@
 """Weight-only quantization formats: one class per format family, each with vectorised pack/unpack,
-a fused matvec, its byte count and its plain per-group reference (in reference.py).
+a fused matvec, its byte count and its plain per-group reference (reference.py). Adding a format:
+docs/extending.md ("A quantization format"); how a model uses them: docs/architecture.md.
 
-Every format quantizes a weight (..., N, K) along its LAST dim K (the input / reduction
-dim of `F.linear` and of the expert matmuls), in groups of G consecutive values:
+Every format quantizes a weight (..., N, K) along its LAST dim K (the reduction dim of `F.linear`
+and of the expert matmuls), in groups of G consecutive values:
 
   class       method     group G      stored per group                       value                    bits/weight
   RowInt8     int8       K (a row)    fp32 scale s = max|w| / 127            q * s, q in [-127, 127]   8 + 32/K
@@ -12,46 +13,28 @@ dim of `F.linear` and of the expert matmuls), in groups of G consecutive values:
   Q4_0        q4_0       32           fp16 d = w* / -8, w* the value of      (q - 8) * d, q in [0, 15] 4.5
                                       largest magnitude (sign kept)
 
-q8_0 and q4_0 are llama.cpp/GGML's Q8_0 and Q4_0 and reproduce `quantize_row_q8_0_ref` /
-`quantize_row_q4_0_ref` bit for bit: q8_0 rounds half away from zero; q4_0 computes
-q = min(15, trunc(w * (1/d) + 8.5)). int4-gG is asymmetric (a Q4_1-like scale and minimum)
-with q = clamp(round((w - m) / s), 0, 15) computed from the fp16-rounded s and m, so the
-stored pair is the one the rounding used. Arithmetic is float32 (1/d then a multiply, as
-llama.cpp does); a scale of 0 (an all-zero group) gives q = 0 (q4_0: q = 8).
+q8_0 and q4_0 reproduce llama.cpp's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` bit for bit:
+q8_0 rounds half away from zero; q4_0 computes q = min(15, trunc(w * (1/d) + 8.5)). int4-gG
+computes q = clamp(round((w - m) / s), 0, 15) from the fp16-rounded s and m (the stored pair).
+Arithmetic is float32 (1/d then a multiply, as llama.cpp); a scale of 0 gives q = 0 (q4_0: 8).
 
-Storage (struct of arrays, the tensors a `QuantizedWeight` registers as buffers):
+Storage (struct of arrays, the buffers of a `QuantizedWeight`):
   qweight  int8 (..., Kp) for int8/q8_0; uint8 (..., Kp/2) for int4/q4_0, two values per byte
   scale    int16 (..., Kp/G) = the raw bits of fp16 scales; int8: int32 (..., 1) = raw fp32 bits
   offset   int16 (..., Kp/G) = raw fp16 bits (int4-gG only)
-Scales are kept as integer bit patterns so that `model.to(dtype)` / `.half()` never re-round
-them. 4-bit nibble order, both 4-bit formats as GGML: byte j of a group holds element j in
-its low nibble and element j + G/2 in its high nibble, so each half of a group is a run of
-contiguous bytes (a fused reduction then reads packed bytes and activations with unit stride);
-[fp16 d bytes, 16 qs bytes] per block is exactly GGML's `block_q4_0` (and [d, 32 qs] is
-`block_q8_0`).
-Padding: when K is not a multiple of G, each row is zero-padded to Kp = ceil(K/G)*G before
-quantizing and the padding is cut off when dequantizing (it costs (Kp - K) stored values).
+Scales are integer bit patterns so that `model.to(dtype)` never re-rounds them. 4-bit codes (GGML
+order): byte j of a group holds element j in its low nibble and element j + G/2 in its high one,
+so [fp16 d, 16 bytes] per block is GGML's `block_q4_0` (and [d, 32 int8] `block_q8_0`). Rows are
+zero-padded to Kp = ceil(K/G)*G; dequantizing cuts the padding. `FORMATS` maps method names to
+instances; `row_nbytes` / `bits_per_weight` are the one table of storage cost (moekit.analyze).
 
-Classes: `Format` holds what every family shares (padding, bytes per row, and the entry points
-`quantize` / `dequantize` (vectorised, no host syncs: they also run on meta), `fused_matvec`
-(x @ Wᵀ straight from the packed codes, for compiled decoding), `group_bytes`), each of which
-pads or cuts and calls the family's hooks (`encode`, `decode`, `matvec`). `RowInt8` derives from
-it directly; `GroupFormat` (a scale per group of G) from it, with `Q8_0` (int8 codes) and
-`NibbleFormat` (4-bit codes, two per byte) under it, and `Q4_0` and `AffineInt4` under that.
-Each class's `reference_quantize_group` / `reference_dequantize_group` is the plain per-group
-reference (reference.py; Python floats rounded to float32 step by step, bytes in the layouts
-above) that tests compare against. `FORMATS` maps each method name to its instance;
-`bits_per_weight` / `row_nbytes` are the one table of storage cost (moekit.analyze reads it).
-The module-level functions (`quantize(method, w)`, ...) look the format up and delegate.
-
-Legend (tensor-name suffixes name the trailing dims; leading dims "..." are not named):
-K the quantized (last) dim, Kp K padded to a whole number of groups, G group size, H = G/2
-bytes of a 4-bit group, B = NB groups per row, N output rows (fused matvec), 1 a broadcast dim.
+Legend: K the quantized (last) dim, Kp K padded to whole groups, G group size, H = G/2 bytes of
+a 4-bit group, B = NB groups per row, N output rows (fused matvec), 1 a broadcast dim.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +44,6 @@ from . import reference
 Packed = Dict[str, torch.Tensor]
 
 
-# ---------------------------------------------------------------------------- elementwise helpers
 def _round_half_away(v: torch.Tensor) -> torch.Tensor:
     """C's roundf: halves go away from zero (torch.round goes to even)."""
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
@@ -71,22 +53,16 @@ def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _fp16_bits(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).view(torch.int16)
-
-
-# ---------------------------------------------------------------------------- the base class
 class Format:
-    """A weight-only format: storage cost, and quantize / dequantize / fused_matvec entry points.
-
-    Subclasses set `bits` (per stored code), `scale_bits` (per group: scale, and offset if any)
-    and `group_tensors` (the packed tensors holding one entry per group, besides qweight), and
-    implement the hooks `encode`, `decode`, `matvec` and the plain reference.
+    """A weight-only format: storage cost, and the quantize / dequantize / fused_matvec entry points,
+    which call a subclass's hooks `encode` / `decode` / `matvec` on padded values (the hooks, the
+    class attributes and the plain reference a subclass gives: docs/extending.md, "A quantization
+    format"). `layout` is `layout_text` with {G} (group size) and {nbytes} (bytes of a group) filled in.
     """
 
-    bits: int = 0
-    scale_bits: int = 0
+    bits, scale_bits = 0, 0
     group_tensors: Tuple[str, ...] = ("scale",)
+    layout_text: str = ""
 
     def __init__(self, name: str, group: int):
         self.name = name
@@ -96,13 +72,11 @@ class Format:
         return f"{type(self).__name__}({self.name!r})"
 
     @property
-    def has_offset(self) -> bool:
-        return "offset" in self.group_tensors
-
-    @property
     def layout(self) -> str:
         """One line describing what is stored (for listings)."""
-        raise NotImplementedError
+        if not self.group:
+            return self.layout_text
+        return self.layout_text.format(G=self.group, nbytes=self.row_nbytes(self.group))
 
     # -- storage cost (the single table of bytes per weight)
     def group_size(self, K: int) -> int:
@@ -126,88 +100,38 @@ class Format:
         return self.row_bits(K) / K
 
     # -- entry points
-    def quantize(self, w: torch.Tensor) -> Packed:
-        """Quantize w (..., K) along its last dim: the storage tensors of the module docstring.
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) zero-padded to (..., Kp)."""
+        K, Kp = x.shape[-1], self.padded(x.shape[-1])
+        return x if Kp == K else F.pad(x, (0, Kp - K))
 
-        No host syncs and no data-dependent shapes, so it also runs on the meta device
-        (which is how a quantized checkpoint's module skeleton is built before loading).
-        """
+    def quantize(self, w: torch.Tensor) -> Packed:
+        """Quantize w (..., K) along its last dim: the storage tensors of the module docstring. No host
+        syncs, no data-dependent shapes: it runs on the meta device (`load_model` builds skeletons so)."""
         if w.dim() < 1 or w.shape[-1] == 0:
             raise ValueError(f"cannot quantize a tensor of shape {tuple(w.shape)}: the last dim must be non-empty")
-        K = w.shape[-1]
-        x_Kp = w.detach().to(torch.float32)
-        Kp = self.padded(K)
-        if Kp != K:
-            x_Kp = F.pad(x_Kp, (0, Kp - K))
-        return self.encode(x_Kp)
+        return self.encode(self.pad(w.detach().to(torch.float32)))
 
     def dequantize(self, packed: Packed, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (..., K) of `quantize`'s tensors (computed in float32, then cast to dtype)."""
-        w_Kp = self.decode(packed)
-        return (w_Kp if w_Kp.shape[-1] == K else w_Kp[..., :K]).to(dtype)
+        return self.decode(packed)[..., :K].to(dtype)
 
     def fused_matvec(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
-        """sum_k W[..., n, k] * x[..., 0, k] -> (..., N) straight from the packed weight (..., N, K).
-
-        x (..., 1, K) broadcasts against the weight's leading dims (a Linear: x (M, 1, K), weight
-        (N, K); gathered experts: x (P, 1, K), weight (P, N, K)). Per group the integer codes are
-        dotted with x and the scale (and offset * sum(x)) applied once per group, with the two
-        nibble halves of each byte run as unit-stride sums. Written for torch.compile, which fuses
-        it into one pass over the packed bytes; eagerly it builds (..., N, K) temporaries. Equals
-        `x @ dequantize(...)ᵀ` up to float summation order (that is its reference).
-        """
-        K = x.shape[-1]
-        Kp = self.padded(K)
-        x_1Kp = x if Kp == K else F.pad(x, (0, Kp - K))
-        return self.matvec(packed, x_1Kp)
-
-    def group_bytes(self, packed: Packed, row: int, group: int) -> bytes:
-        """The bytes of one group of a vectorised result (row-major over the leading dims), in the
-        `reference_quantize_group` layout, for comparing the two implementations."""
-        qweight_row = packed["qweight"].reshape(-1, packed["qweight"].shape[-1])[row]
-        Kp = qweight_row.shape[-1] * 8 // self.bits
-        per = self.group_size(Kp) * self.bits // 8  # code bytes per group
-        out = b"".join(packed[name].reshape(-1, packed[name].shape[-1])[row, group].numpy().tobytes()
-                       for name in self.group_tensors)
-        return out + qweight_row[group * per:(group + 1) * per].numpy().tobytes()
-
-    # -- hooks
-    def encode(self, x_Kp: torch.Tensor) -> Packed:
-        """The storage tensors of a float32 x (..., Kp), already padded."""
-        raise NotImplementedError
-
-    def decode(self, packed: Packed) -> torch.Tensor:
-        """The float32 weight (..., Kp), padding included."""
-        raise NotImplementedError
-
-    def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
-        """`fused_matvec` with x (..., 1, Kp) already padded."""
-        raise NotImplementedError
-
-    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
-        """One group (int8: one row) as bytes, in plain Python: the oracle for `quantize`.
-
-        Values must already be float32-representable and the group complete (padded).
-        """
-        raise NotImplementedError
-
-    def reference_dequantize_group(self, data: bytes) -> List[float]:
-        """Inverse of `reference_quantize_group`: the group's values (float32-rounded)."""
-        raise NotImplementedError
+        """sum_k W[..., n, k] * x[..., 0, k] -> (..., N) straight from the packed weight (..., N, K); x
+        (..., 1, K) broadcasts against its leading dims (a Linear: x (M, 1, K), weight (N, K); gathered
+        experts: x (P, 1, K), weight (P, N, K)). The codes are dotted with x and the scale (and offset *
+        sum(x)) applied once per group; torch.compile fuses it into one pass over the packed bytes.
+        Equals `x @ dequantize(...)ᵀ` up to summation order."""
+        return self.matvec(packed, self.pad(x))
 
 
-# ---------------------------------------------------------------------------- int8: one fp32 scale per row
 class RowInt8(Format):
     """Symmetric int8 with one fp32 scale per row; reference layout [fp32 s][K x int8]."""
 
     bits, scale_bits = 8, 32
-
-    def __init__(self):
-        super().__init__("int8", 0)
-
-    @property
-    def layout(self) -> str:
-        return "int8 codes, one fp32 scale per row (output channel)"
+    layout_text = "int8 codes, one fp32 scale per row (output channel)"
+    reference_quantize_group = staticmethod(reference.quantize_int8_row)
+    reference_dequantize_group = staticmethod(reference.dequantize_int8_row)
 
     def encode(self, x_K: torch.Tensor) -> Packed:
         s_1 = x_K.abs().amax(-1, keepdim=True) / 127.0
@@ -221,26 +145,18 @@ class RowInt8(Format):
         s_N = packed["scale"].view(torch.float32)[..., 0].to(x_1K.dtype)
         return (packed["qweight"] * x_1K).sum(-1) * s_N
 
-    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
-        return reference.quantize_int8_row(values)
 
-    def reference_dequantize_group(self, data: bytes) -> List[float]:
-        return reference.dequantize_int8_row(data)
-
-
-# ---------------------------------------------------------------------------- a scale per group of G
 class GroupFormat(Format):
-    """A fp16 scale (as raw int16 bits) per group of G consecutive values of a row.
-
-    Subclasses give the codes: `encode_groups` (float codes and the per-group tensors),
-    `pack_codes` / `unpack_codes` (codes <-> qweight bytes), `values` (codes -> floats) and
-    `group_matvec` (the per-group reduction of `fused_matvec`).
+    """A fp16 scale (as raw int16 bits) per group of G consecutive values of a row. Subclasses give
+    `encode_groups(x_BG)` -> (float codes q_BG, the per-group tensors), `values(q_BG, s_B, packed)`
+    (codes -> floats) and `group_matvec(packed, dot_NB, s_NB, x_1BG)` (`fused_matvec` from dot_NB,
+    each group's codes dotted with x). Codes are int8 bytes here; NibbleFormat overrides
+    `pack_codes` / `unpack_codes` / `code_dot` for 4-bit codes.
     """
 
     def encode(self, x_Kp: torch.Tensor) -> Packed:
         lead, Kp, G = x_Kp.shape[:-1], x_Kp.shape[-1], self.group
-        x_BG = x_Kp.reshape(*lead, Kp // G, G)
-        q_BG, per_group = self.encode_groups(x_BG)
+        q_BG, per_group = self.encode_groups(x_Kp.reshape(*lead, Kp // G, G))
         return {"qweight": self.pack_codes(q_BG).reshape(*lead, Kp * self.bits // 8), **per_group}
 
     def decode(self, packed: Packed) -> torch.Tensor:
@@ -253,41 +169,7 @@ class GroupFormat(Format):
         G = self.group
         s_NB = packed["scale"].view(torch.float16).to(x_1Kp.dtype)
         x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // G, G)
-        return self.group_matvec(packed, s_NB, x_1BG)
-
-    # -- hooks
-    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
-        raise NotImplementedError
-
-    def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
-        raise NotImplementedError
-
-    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Q8_0(GroupFormat):
-    """llama.cpp/GGML Q8_0: blocks of 32 int8 codes and a fp16 d = max|w| / 127 (block_q8_0)."""
-
-    bits, scale_bits = 8, 16
-
-    def __init__(self):
-        super().__init__("q8_0", 32)
-
-    @property
-    def layout(self) -> str:
-        return f"GGML block_q8_0: fp16 d + {self.group} int8 = {self.row_nbytes(self.group)} bytes"
-
-    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
-        d_B = x_BG.abs().amax(-1) / 127.0
-        q_BG = _round_half_away(x_BG * _safe_inverse(d_B)[..., None])
-        return q_BG, {"scale": _fp16_bits(d_B)}
+        return self.group_matvec(packed, self.code_dot(packed["qweight"], x_1BG), s_NB, x_1BG)
 
     def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
         return q_BG.to(torch.int8)
@@ -295,19 +177,30 @@ class Q8_0(GroupFormat):
     def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
         return qweight.reshape(*lead, NB, self.group)
 
+    def code_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+        """sum over each group of code * x -> (..., N, NB)."""
+        return (qweight.reshape(*qweight.shape[:-1], x_1BG.shape[-2], self.group) * x_1BG).sum(-1)
+
+
+class Q8_0(GroupFormat):
+    """llama.cpp/GGML Q8_0: blocks of 32 int8 codes and a fp16 d = max|w| / 127 (block_q8_0)."""
+
+    bits, scale_bits = 8, 16
+    layout_text = "GGML block_q8_0: fp16 d + {G} int8 = {nbytes} bytes"
+    reference_quantize_group = staticmethod(reference.quantize_q8_0_block)
+    reference_dequantize_group = staticmethod(reference.dequantize_q8_0_block)
+
+    def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
+        d_B = x_BG.abs().amax(-1) / 127.0
+        q_BG = _round_half_away(x_BG * _safe_inverse(d_B)[..., None])
+        return q_BG, {"scale": d_B.to(torch.float16).view(torch.int16)}
+
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return q_BG * s_B[..., None]
 
-    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        qw = packed["qweight"]
-        q_NBG = qw.reshape(*qw.shape[:-1], x_1BG.shape[-2], self.group)
-        return ((q_NBG * x_1BG).sum(-1) * s_NB).sum(-1)
-
-    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
-        return reference.quantize_q8_0_block(values)
-
-    def reference_dequantize_group(self, data: bytes) -> List[float]:
-        return reference.dequantize_q8_0_block(data)
+    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
+                     x_1BG: torch.Tensor) -> torch.Tensor:
+        return (dot_NB * s_NB).sum(-1)
 
 
 class NibbleFormat(GroupFormat):
@@ -324,7 +217,7 @@ class NibbleFormat(GroupFormat):
         b_BH = qweight.reshape(*lead, NB, self.group // 2)
         return torch.cat([b_BH & 15, b_BH >> 4], dim=-1)
 
-    def nibble_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
+    def code_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
         """sum over a group of code * x -> (..., N, NB), each nibble half as a unit-stride sum."""
         H = self.group // 2
         b_NBH = qweight.reshape(*qweight.shape[:-1], x_1BG.shape[-2], H)
@@ -335,13 +228,9 @@ class Q4_0(NibbleFormat):
     """llama.cpp/GGML Q4_0: blocks of 32 4-bit codes and a fp16 d = w* / -8 (block_q4_0)."""
 
     scale_bits = 16
-
-    def __init__(self):
-        super().__init__("q4_0", 32)
-
-    @property
-    def layout(self) -> str:
-        return f"GGML block_q4_0: fp16 d + {self.group} 4-bit = {self.row_nbytes(self.group)} bytes"
+    layout_text = "GGML block_q4_0: fp16 d + {G} 4-bit = {nbytes} bytes"
+    reference_quantize_group = staticmethod(reference.quantize_q4_0_block)
+    reference_dequantize_group = staticmethod(reference.dequantize_q4_0_block)
 
     def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
         idx_B1 = x_BG.abs().argmax(-1, keepdim=True)  # first of equal magnitudes, as llama.cpp's strict '<'
@@ -349,20 +238,14 @@ class Q4_0(NibbleFormat):
         vmax_B = torch.where(vmax_B == 0, torch.zeros_like(vmax_B), vmax_B)  # llama.cpp starts from +0.0
         d_B = vmax_B / -8.0
         q_BG = torch.trunc(x_BG * _safe_inverse(d_B)[..., None] + 8.5).clamp(0, 15)
-        return q_BG, {"scale": _fp16_bits(d_B)}
+        return q_BG, {"scale": d_B.to(torch.float16).view(torch.int16)}
 
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return (q_BG - 8.0) * s_B[..., None]
 
-    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        dot_NB = self.nibble_dot(packed["qweight"], x_1BG)
+    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
+                     x_1BG: torch.Tensor) -> torch.Tensor:
         return ((dot_NB - 8.0 * x_1BG.sum(-1)) * s_NB).sum(-1)
-
-    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
-        return reference.quantize_q4_0_block(values)
-
-    def reference_dequantize_group(self, data: bytes) -> List[float]:
-        return reference.dequantize_q4_0_block(data)
 
 
 class AffineInt4(NibbleFormat):
@@ -370,13 +253,12 @@ class AffineInt4(NibbleFormat):
 
     scale_bits = 32
     group_tensors = ("scale", "offset")
+    layout_text = "4-bit codes, fp16 scale + fp16 offset per {G}"
+    reference_quantize_group = staticmethod(reference.quantize_affine_int4_group)
+    reference_dequantize_group = staticmethod(reference.dequantize_affine_int4_group)
 
     def __init__(self, group: int):
         super().__init__(f"int4-g{group}", group)
-
-    @property
-    def layout(self) -> str:
-        return f"4-bit codes, fp16 scale + fp16 offset per {self.group}"
 
     def encode_groups(self, x_BG: torch.Tensor) -> Tuple[torch.Tensor, Packed]:
         mn_B, mx_B = x_BG.amin(-1), x_BG.amax(-1)
@@ -389,22 +271,14 @@ class AffineInt4(NibbleFormat):
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return q_BG * s_B[..., None] + packed["offset"].view(torch.float16).float()[..., None]
 
-    def group_matvec(self, packed: Packed, s_NB: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        dot_NB = self.nibble_dot(packed["qweight"], x_1BG)
+    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
+                     x_1BG: torch.Tensor) -> torch.Tensor:
         m_NB = packed["offset"].view(torch.float16).to(x_1BG.dtype)
         return (dot_NB * s_NB + m_NB * x_1BG.sum(-1)).sum(-1)
 
-    def reference_quantize_group(self, values: Sequence[float]) -> bytes:
-        return reference.quantize_affine_int4_group(values)
 
-    def reference_dequantize_group(self, data: bytes) -> List[float]:
-        return reference.dequantize_affine_int4_group(data)
-
-
-# ---------------------------------------------------------------------------- registry
-FORMATS: Dict[str, Format] = {
-    fmt.name: fmt for fmt in (RowInt8(), AffineInt4(32), AffineInt4(64), AffineInt4(128), Q8_0(), Q4_0())
-}
+FORMATS: Dict[str, Format] = {fmt.name: fmt for fmt in (
+    RowInt8("int8", 0), AffineInt4(32), AffineInt4(64), AffineInt4(128), Q8_0("q8_0", 32), Q4_0("q4_0", 32))}
 METHODS = tuple(FORMATS)
 
 
@@ -414,31 +288,22 @@ def get_format(method: str) -> Format:
     return FORMATS[method]
 
 
-# ---------------------------------------------------------------------------- module-level entry points
-def quantize(method: str, w: torch.Tensor) -> Packed:
-    """`Format.quantize` of `method`'s format."""
-    return get_format(method).quantize(w)
-
-
-def dequantize(method: str, packed: Packed, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`Format.dequantize` of `method`'s format."""
-    return get_format(method).dequantize(packed, K, dtype)
-
-
-def fused_matvec(method: str, packed: Packed, x: torch.Tensor) -> torch.Tensor:
-    """`Format.fused_matvec` of `method`'s format."""
-    return get_format(method).fused_matvec(packed, x)
-
-
 def packed_nbytes(packed: Packed) -> int:
     return sum(t.numel() * t.element_size() for t in packed.values())
 
 
+# -- by method name: look the format up and call its method of the same name
+def quantize(method: str, w: torch.Tensor) -> Packed:
+    return get_format(method).quantize(w)
+
+
+def dequantize(method: str, packed: Packed, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return get_format(method).dequantize(packed, K, dtype)
+
+
+def fused_matvec(method: str, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+    return get_format(method).fused_matvec(packed, x)
+
+
 def reference_quantize_group(method: str, values: Sequence[float]) -> bytes:
-    """`Format.reference_quantize_group` of `method`'s format."""
     return get_format(method).reference_quantize_group(values)
-
-
-def reference_dequantize_group(method: str, data: bytes) -> List[float]:
-    """`Format.reference_dequantize_group` of `method`'s format."""
-    return get_format(method).reference_dequantize_group(data)

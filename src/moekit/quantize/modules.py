@@ -1,20 +1,12 @@
 """A quantized weight, and the quantized Linear.
 
-`QuantizedWeight` stands where a float weight stood (`linear.weight`, `experts.w13`,
-`ffn.w2`, ...) and implements the weight accessor of moe/weights.py, so the SwiGLU and
-Experts modules and every expert kernel run on it unchanged:
-
-    dense(index=None, dtype=None)   dequantize (only the entries `index` of dim 0 when given:
-                                    the gathered decode kernel dequantizes just the chosen experts)
-    linear(x, bias=None)            F.linear on the dequantized weight; under torch.compile with
-                                    a few rows, `formats.fused_matvec` on the packed codes instead
-    gathered_matvec(index_P, x)     the compiled decode step's per-pair reduction, straight from
-                                    the packed bytes of each pair's expert (fused by inductor)
-
-Every eager op is the reference numerics (dequantize, then the float op). It also quacks like a
-tensor for read-only uses: `.shape`, `.dtype` (the compute dtype, carried by a zero-size
-parameter so `model.to(dtype)` and loading with a dtype move it), `.device`, `w[idx]`. The
-quantized buffers never change dtype.
+`QuantizedWeight` stands where a float weight stood (`linear.weight`, `experts.w13`, `ffn.w2`, ...)
+and implements the weight accessor of moe/weights.py (`dense`, `linear`, `gathered_matvec`: see
+docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager ops
+dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
+straight from the packed bytes. It quacks like a tensor for read-only uses (`.shape`, `.device`,
+`w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
+moves it, while the quantized buffers never change dtype).
 
 Legend: P pairs, M rows of x, N out, K in.
 """
@@ -43,8 +35,8 @@ class QuantizedWeight(nn.Module):
         self.buffer_names = tuple(packed)
         for name, tensor in packed.items():
             self.register_buffer(name, tensor)
-        device = packed["qweight"].device
-        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=packed["qweight"].device),
+                                         requires_grad=False)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, method: str) -> "QuantizedWeight":
@@ -59,12 +51,10 @@ class QuantizedWeight(nn.Module):
     def device(self) -> torch.device:
         return self.qweight.device
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def dim(self) -> int:
         return len(self.shape)
+
+    ndim = property(dim)
 
     def size(self, dim: Optional[int] = None):
         return self.shape if dim is None else self.shape[dim]
@@ -88,9 +78,7 @@ class QuantizedWeight(nn.Module):
         return tensors
 
     def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, tuple):
-            return self.dense()[index]
-        return self.dense(index)
+        return self.dense()[index] if isinstance(index, tuple) else self.dense(index)
 
     # -- the weight accessor (moe/weights.py)
     def dense(self, index=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

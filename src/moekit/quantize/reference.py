@@ -1,17 +1,13 @@
-"""The plain-Python oracle for `formats`: one group (int8: one row) quantized value by value.
+"""The plain-Python oracle for `formats` (it never calls the vectorised code, which tests compare
+against it byte for byte): one group (int8: one row) quantized value by value, each step a
+correctly rounded float32 operation as in the C code, returning the group's bytes:
 
-Each step is a correctly rounded float32 operation (Python floats rounded to float32 after
-every op, as the C code does), and the result is the group's bytes in its documented layout:
+  int8     [fp32 s][K x int8]            (one row)
+  q8_0     [fp16 d][32 x int8]           = GGML block_q8_0
+  q4_0     [fp16 d][16 bytes]            = GGML block_q4_0
+  int4-gG  [fp16 s][fp16 m][G/2 bytes]   (4-bit: byte j = element j (low nibble), j + G/2 (high))
 
-  int8     [fp32 s][K x int8]                       (one row)
-  q8_0     [fp16 d][32 x int8]                      = GGML block_q8_0
-  q4_0     [fp16 d][16 bytes]                       = GGML block_q4_0
-  int4-gG  [fp16 s][fp16 m][G/2 bytes]
-
-4-bit codes: byte j holds element j in its low nibble and element j + G/2 in its high nibble.
-Inputs must already be float32-representable and the group complete (padded). The format
-classes of `formats` call these from their `reference_quantize_group` /
-`reference_dequantize_group`; the tests compare the vectorised code against them byte for byte.
+Inputs must be float32-representable and the group complete (padded).
 """
 
 from __future__ import annotations
@@ -44,18 +40,17 @@ def _nibbles(data: bytes) -> List[int]:
     return [b & 15 for b in data] + [b >> 4 for b in data]
 
 
-def _symmetric_int8(values: Sequence[float]) -> Tuple[float, List[int]]:
-    """d = max|x| / 127 (float32) and q = clamp(roundf(x * (1/d)), -127, 127) (q = 0 when d = 0)."""
+def _int8_codes(values: Sequence[float]) -> Tuple[float, bytes]:
+    """d = max|x| / 127 (float32) and the codes clamp(roundf(x * (1/d)), -127, 127) (0 when d = 0)."""
     x = [_f32(v) for v in values]
     d = _f32(max(abs(v) for v in x) / 127.0)
     inv = _f32(1.0 / d) if d else 0.0
-    return d, [int(max(-127, min(127, _roundf(_f32(v * inv))))) for v in x]
+    return d, struct.pack(f"<{len(x)}b", *(int(max(-127, min(127, _roundf(_f32(v * inv))))) for v in x))
 
 
-# ---------------------------------------------------------------------------- int8 (one row)
 def quantize_int8_row(values: Sequence[float]) -> bytes:
-    d, qs = _symmetric_int8(values)
-    return struct.pack("<f", d) + struct.pack(f"<{len(qs)}b", *qs)
+    d, qs = _int8_codes(values)
+    return struct.pack("<f", d) + qs
 
 
 def dequantize_int8_row(data: bytes) -> List[float]:
@@ -63,10 +58,9 @@ def dequantize_int8_row(data: bytes) -> List[float]:
     return [_f32(q * s) for q in struct.unpack_from(f"<{len(data) - 4}b", data, 4)]
 
 
-# ---------------------------------------------------------------------------- q8_0 (llama.cpp quantize_row_q8_0_ref)
-def quantize_q8_0_block(values: Sequence[float]) -> bytes:
-    d, qs = _symmetric_int8(values)  # the codes use the float32 d; the fp16 d is what is stored
-    return struct.pack("<e", _f16(d)) + struct.pack(f"<{len(qs)}b", *qs)
+def quantize_q8_0_block(values: Sequence[float]) -> bytes:  # llama.cpp quantize_row_q8_0_ref
+    d, qs = _int8_codes(values)  # the codes use the float32 d; the fp16 d is what is stored
+    return struct.pack("<e", _f16(d)) + qs
 
 
 def dequantize_q8_0_block(data: bytes) -> List[float]:
@@ -74,8 +68,7 @@ def dequantize_q8_0_block(data: bytes) -> List[float]:
     return [_f32(q * d) for q in struct.unpack_from(f"<{len(data) - 2}b", data, 2)]
 
 
-# ---------------------------------------------------------------------------- q4_0 (llama.cpp quantize_row_q4_0_ref)
-def quantize_q4_0_block(values: Sequence[float]) -> bytes:
+def quantize_q4_0_block(values: Sequence[float]) -> bytes:  # llama.cpp quantize_row_q4_0_ref
     x = [_f32(v) for v in values]
     amax, vmax = 0.0, 0.0
     for v in x:  # the first value of largest magnitude, sign kept
@@ -92,7 +85,6 @@ def dequantize_q4_0_block(data: bytes) -> List[float]:
     return [_f32((v - 8) * d) for v in _nibbles(data[2:])]
 
 
-# ---------------------------------------------------------------------------- int4-gG (asymmetric)
 def quantize_affine_int4_group(values: Sequence[float]) -> bytes:
     x = [_f32(v) for v in values]
     mn, mx = min(x), max(x)

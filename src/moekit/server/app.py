@@ -5,27 +5,14 @@
     server.shutdown()
 
 Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models[/ID],
-POST /v1/completions, POST /v1/chat/completions (see protocol.py for the fields).
-`http.server.ThreadingHTTPServer` runs one thread per connection (HTTP/1.1 keep-alive);
-those threads only parse, tokenize and wait: the model runs on the engine's single thread,
-fed through its thread-safe queue, and each request's events come back on a queue of its own.
-
-Streaming (`stream: true`): server-sent events, one `data: {json}\\n\\n` chunk per new piece
-of text (per choice), a last chunk with the finish_reason, a usage chunk when
-stream_options.include_usage is set, then `data: [DONE]`; the connection then closes.
-
-Error statuses (OpenAI's error JSON, `param` naming the field):
-  400  malformed JSON, a missing or invalid field, prompt (+ max_tokens) longer than the
-       context window (code context_length_exceeded), a request that can never fit the KV
-       budget even alone (code kv_budget_exceeded)
-  404  unknown model (code model_not_found) or path;  405  wrong method;  413  body too large
-  429  the admission queue is full (code queue_full, with Retry-After). A request that
-       merely does not fit the KV budget *now* is queued, not refused: it waits (FIFO)
-       until running requests finish; 429 comes only once `max_queue` requests wait.
-  500  the engine failed on this request;  503  the engine is stopped.
-A client that disconnects (mid-stream, or while waiting for a non-streamed answer) is
-noticed within `poll_s` seconds or at the next write; its requests are cancelled, which
-frees their KV reservations, and the server goes on serving.
+POST /v1/completions, POST /v1/chat/completions (fields: protocol.py). One thread per
+connection parses, tokenizes and waits; the model runs on the engine's thread. Streaming:
+one SSE `data: {json}` chunk per text delta of a choice, one with its finish_reason, a usage
+chunk if stream_options.include_usage, then `data: [DONE]`, and the connection closes.
+Errors: OpenAI's error JSON; engine errors map as `engine_error` (statuses: engine/errors.py),
+plus 404 unknown path, 405 wrong method, 413 body too large, 500 the engine failed on this
+request. A client that disconnects is noticed within `poll_s` seconds or at the next write;
+its requests are cancelled, which frees their KV reservations.
 """
 
 from __future__ import annotations
@@ -70,12 +57,9 @@ class ServerContext:
 
 def engine_error(err: Exception) -> ApiError:
     """Map an engine exception to the HTTP error it stands for."""
-    if isinstance(err, ContextLengthError):
-        return ApiError(400, str(err), param=err.param, code="context_length_exceeded")
-    if isinstance(err, KVBudgetError):
-        return ApiError(400, str(err), param=err.param, code="kv_budget_exceeded")
     if isinstance(err, (ParamError, SamplingParamError)):  # the engine's, or moekit.sampling's checks directly
-        return ApiError(400, str(err), param=err.param, code="invalid_value")
+        code = {ContextLengthError: "context_length_exceeded", KVBudgetError: "kv_budget_exceeded"}.get(type(err))
+        return ApiError(400, str(err), param=err.param, code=code or "invalid_value")
     if isinstance(err, QueueFullError):
         return ApiError(429, str(err), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(err, EngineStoppedError):
@@ -99,11 +83,10 @@ class OpenAIServer:
         self._thread: Optional[threading.Thread] = None
 
     def count(self, path: str, status: int) -> None:
-        key = (path if path in _PATHS or path.startswith("/v1/models/") else "other", status)
-        if key[0].startswith("/v1/models/"):
-            key = ("/v1/models", status)
+        if path.startswith("/v1/models/"):
+            path = "/v1/models"
         with self._count_lock:
-            self.http_counts[key] += 1
+            self.http_counts[(path if path in _PATHS else "other", status)] += 1
 
     def bind(self, host: str = "127.0.0.1", port: int = 8000) -> "OpenAIServer":
         self.httpd = _HTTPServer((host, port), _Handler)
@@ -166,9 +149,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, obj, headers: Optional[dict] = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
-    def _send_error(self, err: ApiError) -> None:
-        self._send_json(err.status, err.body(), err.headers)
-
     def _client_gone(self) -> bool:
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
@@ -183,12 +163,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as err:
             if self.command not in ("GET", "HEAD") and not self._body_read:
                 self.close_connection = True  # an unread body would be taken for the next request
-            self._send_error(err)
+            self._send_json(err.status, err.body(), err.headers)
         except _DISCONNECTED:
             self.close_connection = True
         except Exception as err:  # a bug: answer 500 and keep serving
             traceback.print_exc()
-            self._send_error(ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+            msg = f"internal error: {type(err).__name__}: {err}"
+            self._send_json(500, ApiError(500, msg, type="server_error").body())
 
     # ------------------------------------------------------------------ routes
     def do_GET(self):
@@ -228,16 +209,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict:
         length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
+        if length is None:  # errors before the body is read close the connection (_dispatch)
             raise ApiError(400, "the request needs a Content-Length header (chunked bodies are not supported)")
         try:
             n = int(length)
         except ValueError:
-            self.close_connection = True
             raise ApiError(400, f"bad Content-Length {length!r}") from None
         if n > MAX_BODY_BYTES:
-            self.close_connection = True
             raise ApiError(413, f"the request body is {n} bytes; the limit is {MAX_BODY_BYTES}")
         raw = self.rfile.read(n)
         self._body_read = True
@@ -255,9 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
             if path in _PATHS:
                 raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
             raise ApiError(404, f"no route {path}", code="not_found")
-        body = self._read_json()
         parse = parse_chat if path == "/v1/chat/completions" else parse_completion
-        self._generate(parse(body, self.app.ctx))
+        self._generate(parse(self._read_json(), self.app.ctx))
 
     # ------------------------------------------------------------------ generation
     def _generate(self, req: GenerationRequest) -> None:
@@ -266,19 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
         events: "queue.Queue" = queue.Queue()
         handles = []
         try:
-            for i, prompt in enumerate(req.prompts):
-                base = i * req.n
-                handles += engine.submit_n(prompt, req.params, req.n,
-                                           on_event=lambda j, event, base=base: events.put((base + j, event)))
-        except Exception as err:
-            for h in handles:
-                h.cancel()
-            raise engine_error(err) from None
-        try:
-            if req.stream:
-                self._stream(req, events, len(handles))
-            else:
-                self._collect(req, events, len(handles))
+            try:
+                for i, prompt in enumerate(req.prompts):
+                    handles += engine.submit_n(prompt, req.params, req.n,
+                                               on_event=lambda j, event, base=i * req.n: events.put((base + j, event)))
+            except Exception as err:
+                raise engine_error(err) from None
+            (self._stream if req.stream else self._collect)(req, events, len(handles))
         finally:
             for h in handles:  # no-op for finished ones; frees the slots of a vanished client
                 h.cancel()
@@ -314,9 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
         for c in done.values():
             if c.finish_reason not in ("stop", "length"):
                 raise self._failure(c)
-        choices = [{"index": i, "text": done[i].text, "finish_reason": done[i].finish_reason} for i in range(total)]
         use = usage(sum(len(p) for p in req.prompts), sum(c.generated_tokens for c in done.values()))
-        self._send_json(200, completion_body(req, new_id(req.chat), now(), choices, use))
+        self._send_json(200, completion_body(req, new_id(req.chat), now(), [done[i] for i in range(total)], use))
 
     def _stream(self, req: GenerationRequest, events, total: int) -> None:
         rid, created = new_id(req.chat), now()

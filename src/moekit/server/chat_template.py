@@ -1,41 +1,29 @@
 """Chat templates: messages -> prompt text.
 
-Where the template comes from, first match wins:
-  1. `--chat-template FILE` (a Jinja template, HF style);
-  2. `chat_template` in the checkpoint's tokenizer_config.json (HF checkpoints; a list of
-     named templates picks "default"), or a chat_template.jinja file beside it;
-  3. the default template below (ChatML, as Qwen models use):
-
-        <|im_start|>system
-        You are a helpful assistant.<|im_end|>
-        <|im_start|>user
-        Hello!<|im_end|>
-        <|im_start|>assistant
-
-     i.e. every message as "<|im_start|>{role}\\n{content}<|im_end|>\\n", then
-     "<|im_start|>assistant\\n". "<|im_end|>" is added as a stop string, so a model that
-     ends its turn with it stops there. No system message is inserted.
-
-Jinja templates render in jinja2's sandbox with HF's variables (messages,
-add_generation_prompt=True, bos_token, eos_token, raise_exception); jinja2 is needed only
-for them (a clear error when it is missing).
+Where the template comes from, first match wins: `--chat-template FILE` (Jinja, HF style);
+`chat_template` in the checkpoint's tokenizer_config.json (from a list of named templates,
+"default"), or a chat_template.jinja beside it; else ChatML, as Qwen models use: every message
+as "<|im_start|>{role}\\n{content}<|im_end|>\\n", then "<|im_start|>assistant\\n", with
+"<|im_end|>" as a stop string (no system message is inserted). Jinja templates render in
+jinja2's sandbox with HF's variables (messages, add_generation_prompt=True, bos_token,
+eos_token, raise_exception); only they need jinja2.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
+@dataclass
 class ChatTemplate:
-    def __init__(self, render: Callable[[List[Dict[str, str]]], str], stop: List[str], source: str):
-        self._render, self.stop, self.source = render, stop, source
-
-    def render(self, messages: List[Dict[str, str]]) -> str:
-        return self._render(messages)
+    render: Callable[[List[Dict[str, str]]], str]  # messages -> prompt text
+    stop: List[str]
+    source: str
 
 
 def default_template() -> ChatTemplate:
@@ -91,20 +79,18 @@ def load_chat_template(checkpoint: Path, override: Optional[str] = None) -> Chat
         return jinja_template(path.read_text(), origin=str(path))
     checkpoint = Path(checkpoint)
     for d in (checkpoint, checkpoint / "checkpoint"):
-        config = d / "tokenizer_config.json"
-        data = {}
-        if config.is_file():
-            try:
-                data = json.loads(config.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{config} is not valid JSON: {err}") from None
+        config, jinja = d / "tokenizer_config.json", d / "chat_template.jinja"
+        try:
+            data = json.loads(config.read_text()) if config.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config} is not valid JSON: {err}") from None
         source = data.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default") or next(iter(named.values()), None)
-        if source is None and (d / "chat_template.jinja").is_file():
-            source = (d / "chat_template.jinja").read_text()
+        if source is None and jinja.is_file():
+            source = jinja.read_text()
         if isinstance(source, str) and source:
             return jinja_template(source, _token_text(data.get("bos_token")), _token_text(data.get("eos_token")),
-                                  origin=str(config if config.is_file() else d / "chat_template.jinja"))
+                                  origin=str(config if config.is_file() else jinja))
     return default_template()

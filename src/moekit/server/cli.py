@@ -1,17 +1,7 @@
-"""`moekit serve`: an OpenAI-compatible HTTP server for a checkpoint.
+"""`moekit serve`: an OpenAI-compatible HTTP server for a checkpoint (`--help` for the flags).
 
-    moekit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME]
-                 [--quantize METHOD] [--max-batch 32] [--kv-budget TOKENS|SIZE] [--max-queue 1024]
-                 [--prefill-chunk 128] [--max-step-tokens 256] [--chat-template FILE|default]
-
-Threads: by default the model runs on one torch (OpenMP) thread fewer than torch would use,
-leaving a core for the HTTP threads (parsing, tokenizing, streaming): on a small machine
-OpenMP threads competing with them slow the server down (measured with
-`benchmarks/serve.py`; see benchmarks/results/serve_cpu.md).
-
-End-of-sequence ids: the checkpoint's eos_token_id (generation_config.json / config.json),
-the tokenizer_config.json eos_token, and "<|endoftext|>" when the tokenizer has it (the
-document separator of moekit's own tokenizers). Requests may opt out with ignore_eos.
+By default the model runs on one torch thread fewer than torch would use, leaving a core for
+the HTTP threads (benchmarks/results/serve_cpu.md). EOS ids: see `eos_ids`.
 """
 
 from __future__ import annotations
@@ -55,21 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eos_ids(path: Path, model, tokenizer) -> List[int]:
-    """End-of-sequence token ids of a checkpoint (see the module docstring)."""
-    ids = []
+    """End-of-sequence ids: the checkpoint's eos_token_id (generation_config.json / config.json),
+    the tokenizer_config.json eos_token, and "<|endoftext|>" (moekit tokenizers' separator)."""
+    ids, names = [], ["<|endoftext|>"]
     for d in (path, path / "checkpoint"):
         ids += eos_token_ids(str(d), model) or []
         config = d / "tokenizer_config.json"
-        if tokenizer is not None and config.is_file():
+        if config.is_file():
             try:
                 eos = json.loads(config.read_text()).get("eos_token")
             except json.JSONDecodeError:
                 eos = None
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
-                ids.append(tokenizer.token_to_id(eos))
-    if tokenizer is not None and tokenizer.token_to_id("<|endoftext|>") is not None:
-        ids.append(tokenizer.token_to_id("<|endoftext|>"))
+            names.append(eos.get("content") if isinstance(eos, dict) else eos)
+    ids += [tokenizer.token_to_id(n) for n in names if isinstance(n, str) and tokenizer.token_to_id(n) is not None]
     return sorted({i for i in ids if 0 <= i < model.cfg.vocab_size})
 
 
@@ -121,9 +109,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         return 2
     import torch
 
-    engine = server.engine
+    engine, kv = server.engine, server.engine.kv
     cfg = engine.model.cfg
-    kv = engine.kv
     print(f"moekit serve: {server.ctx.model_names[0]!r} ({cfg.name}, {engine.dtype}"
           f"{', quantized ' + args.quantize if args.quantize else ''}) on {server.url}\n"
           f"  {torch.get_num_threads()} torch threads, max batch {args.max_batch}, KV budget {kv.capacity} tokens "
@@ -134,6 +121,5 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
-        engine.stop()
+        server.shutdown()
     return 0

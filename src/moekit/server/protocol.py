@@ -1,22 +1,15 @@
 """The OpenAI API surface: request validation and response bodies.
 
-Requests are checked field by field; a bad value raises ApiError(400) naming the field in
-`param`, in OpenAI's error format {"error": {"message", "type", "param", "code"}}. The sampling
-fields (max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids) go through
-`moekit.sampling`'s checks, so a value `generate` or the engine refuses is refused here with
-the same message; on top of them: temperature <= 2 (OpenAI's range), top_k -1 or 0 = off (vLLM).
-
-Supported (completions and chat): model, prompt / messages, max_tokens (chat also
-max_completion_tokens), temperature (default 1.0, as OpenAI), top_p, n, stream,
-stream_options.include_usage, stop (string or list of strings), seed, user; extensions as in
-vLLM: top_k, ignore_eos, stop_token_ids. Defaults for max_tokens: 16 for completions (OpenAI's
-legacy default); for chat, the rest of the context window (capped by the KV budget).
-Accepted only at their neutral values (400 otherwise): logprobs, echo, suffix, best_of,
+A bad field raises ApiError(400) naming it in `param`. Sampling fields go through
+`moekit.sampling`'s checks (the same messages as `generate` and the engine); on top:
+temperature <= 2 (OpenAI's range), top_k -1 or 0 = off (vLLM). Supported: model, prompt /
+messages, max_tokens (chat also max_completion_tokens; default 16 for completions, the rest
+of the context window, capped by the KV budget, for chat), temperature (default 1.0), top_p,
+n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, ignore_eos,
+stop_token_ids. Accepted only at their neutral values: logprobs, echo, suffix, best_of,
 presence_penalty, frequency_penalty, logit_bias, tools, response_format other than text.
-Unknown fields are ignored.
-
-Completions `prompt`: a string, a list of strings, a list of token ids or a list of such
-lists; choice index = prompt_index * n + j.
+Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
+token ids or a list of such lists; choice index = prompt_index * n + j.
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from ..engine import SamplingParams
+from ..engine import Completion, SamplingParams
 from ..sampling import (SamplingParamError, check_max_tokens, check_seed, check_stop_strings, check_temperature,
                         check_top_k, check_top_p, normalise_stops)
 
@@ -59,7 +52,6 @@ class GenerationRequest:
     n: int
     stream: bool
     include_usage: bool
-    max_tokens_given: bool
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -67,28 +59,20 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _checked(body, name, check, default, *args):
-    """body[name] passed through a moekit.sampling check (SamplingParamError -> 400), or default when unset."""
-    v = body.get(name)
-    if v is None:
-        return default
+def _sampling_check(field: str, check, *args, **kwargs) -> None:
+    """Run a moekit.sampling check; its SamplingParamError becomes a 400 naming `field`."""
     try:
-        check(v, name, *args)
+        check(*args, **kwargs)
     except SamplingParamError as err:
-        raise bad(name, str(err)) from None
-    return v
+        raise bad(field, str(err)) from None
 
 
-def _integer(body, name, default, lo=None, hi=None):
+def _checked(body, name, check, default):
+    """body[name] passed through a moekit.sampling check, or default when unset."""
     v = body.get(name)
     if v is None:
         return default
-    if not _is_int(v):
-        raise bad(name, f"'{name}' must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise bad(name, f"'{name}' must be >= {lo}, got {v!r}")
-    if hi is not None and v > hi:
-        raise bad(name, f"'{name}' must be <= {hi}, got {v!r}")
+    _sampling_check(name, check, v, name)
     return v
 
 
@@ -108,10 +92,7 @@ def _stop(body) -> List[str]:
     items = [v] if isinstance(v, str) else v  # OpenAI: one string or a list of them
     if not isinstance(items, list):
         raise bad("stop", f"'stop' must be a string or a list of strings, got {v!r}")
-    try:
-        check_stop_strings(items)
-    except SamplingParamError as err:
-        raise bad("stop", str(err)) from None
+    _sampling_check("stop", check_stop_strings, items)
     return items
 
 
@@ -119,10 +100,7 @@ def _stop_token_ids(body, vocab_size: int) -> List[int]:
     v = body.get("stop_token_ids") or []
     if not isinstance(v, list) or not all(_is_int(t) for t in v):  # vLLM: a flat list of ids
         raise bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids, got {v!r}")
-    try:
-        normalise_stops(v, None, vocab_size, name="stop_token_ids")
-    except SamplingParamError as err:
-        raise bad("stop_token_ids", str(err)) from None
+    _sampling_check("stop_token_ids", normalise_stops, v, None, vocab_size, name="stop_token_ids")
     return v
 
 
@@ -140,8 +118,9 @@ _NEUTRAL = {
 }
 
 
-def _common(body: dict, ctx, chat: bool, prompt_lens: List[int]):
-    """Sampling parameters shared by both endpoints -> (SamplingParams, n, stream, include_usage, given)."""
+def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
+             extra_stop=()) -> GenerationRequest:
+    """The sampling fields shared by both endpoints, checked, with the prompts: the request."""
     temperature = float(_checked(body, "temperature", check_temperature, 1.0))
     if temperature > 2:
         raise bad("temperature", f"temperature must be <= 2 (OpenAI's range), got {body['temperature']!r}")
@@ -149,7 +128,11 @@ def _common(body: dict, ctx, chat: bool, prompt_lens: List[int]):
     top_k = body.get("top_k")
     off = _is_int(top_k) and top_k in (-1, 0)  # vLLM: -1 (or 0) = off
     top_k = None if off else _checked(body, "top_k", check_top_k, None)
-    n = _integer(body, "n", 1, lo=1, hi=MAX_N)
+    n = 1 if body.get("n") is None else body["n"]
+    if not _is_int(n):
+        raise bad("n", f"'n' must be an integer, got {n!r}")
+    if not 1 <= n <= MAX_N:
+        raise bad("n", f"'n' must be >= 1, got {n!r}" if n < 1 else f"'n' must be <= {MAX_N}, got {n!r}")
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or not stream):
@@ -164,23 +147,20 @@ def _common(body: dict, ctx, chat: bool, prompt_lens: List[int]):
     if chat and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
         max_tokens = _checked(body, name, check_max_tokens, None)
-    given = max_tokens is not None
-    longest = max(prompt_lens)
+    longest, what = max(len(p) for p in prompts), "messages" if chat else "prompt"
     if longest >= ctx.max_seq_len:
-        raise bad("messages" if chat else "prompt",
-                  f"this model's maximum context length is {ctx.max_seq_len} tokens, but the "
-                  f"{'messages' if chat else 'prompt'} hold {longest} tokens, which leaves no room to generate",
-                  code="context_length_exceeded")
+        raise bad(what, f"this model's maximum context length is {ctx.max_seq_len} tokens, but the {what} hold "
+                        f"{longest} tokens, which leaves no room to generate", code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = 16 if not chat else min(ctx.max_seq_len, ctx.kv_capacity) - longest
-        max_tokens = max(1, max_tokens)
+        max_tokens = max(1, min(ctx.max_seq_len, ctx.kv_capacity) - longest) if chat else 16
     elif longest + max_tokens > ctx.max_seq_len:
         raise bad(name, f"this model's maximum context length is {ctx.max_seq_len} tokens, but you requested "
-                        f"{longest + max_tokens} tokens ({longest} in the {'messages' if chat else 'prompt'}, "
+                        f"{longest + max_tokens} tokens ({longest} in the {what}, "
                         f"{max_tokens} in the completion); lower {name}", code="context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos)
-    return params, n, stream, include_usage, given
+                            stop=tuple(stop) + tuple(extra_stop), stop_token_ids=tuple(stop_ids),
+                            ignore_eos=ignore_eos)
+    return GenerationRequest(chat, model, prompts, params, n, stream, include_usage)
 
 
 def _model(body, ctx) -> str:
@@ -225,8 +205,7 @@ def parse_completion(body: dict, ctx) -> GenerationRequest:
     for p in prompts:
         if any(not 0 <= t < ctx.vocab_size for t in p):
             raise bad("prompt", f"'prompt' holds token ids outside [0, {ctx.vocab_size})")
-    params, n, stream, usage, given = _common(body, ctx, False, [len(p) for p in prompts])
-    return GenerationRequest(False, model, prompts, params, n, stream, usage, given)
+    return _request(body, ctx, False, model, prompts)
 
 
 def parse_messages(messages) -> List[Dict[str, str]]:
@@ -263,10 +242,7 @@ def parse_chat(body: dict, ctx) -> GenerationRequest:
     except ValueError as err:
         raise bad("messages", f"the chat template failed on these messages: {err}") from None
     prompt = _encode(ctx, text, "messages", add_special_tokens=False)
-    params, n, stream, usage, given = _common(body, ctx, True, [len(prompt)])
-    if ctx.chat_template.stop:
-        params = params.replace(stop=tuple(params.stop) + tuple(ctx.chat_template.stop))
-    return GenerationRequest(True, model, [prompt], params, n, stream, usage, given)
+    return _request(body, ctx, True, model, [prompt], extra_stop=ctx.chat_template.stop)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -279,16 +255,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(req: GenerationRequest, rid: str, created: int, choices: List[dict], use: dict) -> dict:
+def completion_body(req: GenerationRequest, rid: str, created: int, completions: List[Completion], use: dict) -> dict:
+    """The non-streamed reply; `completions` in choice order."""
     if req.chat:
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                             "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices],
-                "usage": use}
-    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": c["index"], "text": c["text"], "logprobs": None,
-                         "finish_reason": c["finish_reason"]} for c in choices],
-            "usage": use}
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                    "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+    else:
+        choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                   for i, c in enumerate(completions)]
+    return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": created,
+            "model": req.model, "choices": choices, "usage": use}
 
 
 def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[int], text: Optional[str],
