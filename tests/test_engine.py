@@ -246,11 +246,11 @@ def test_queue_full_and_validation_errors(model):
 
 
 def test_kv_budget_parsing(model):
-    cfg = model.cfg  # 2 layers x 2 KV heads x 16 dims x (k, v) x 4 bytes = 512 bytes per token
-    assert parse_budget(1000, cfg, torch.float32) == 1000
-    assert parse_budget("1000", cfg, torch.float32) == 1000
-    assert parse_budget("1MiB", cfg, torch.float32) == 2048
-    assert parse_budget("1 MB", cfg, torch.bfloat16) == 1_000_000 // 256
+    # 2 layers x 2 KV heads x 16 dims x (k, v) x 4 bytes = 512 bytes per token
+    assert parse_budget(1000, model, torch.float32) == 1000
+    assert parse_budget("1000", model, torch.float32) == 1000
+    assert parse_budget("1MiB", model, torch.float32) == 2048
+    assert parse_budget("1 MB", model, torch.bfloat16) == 1_000_000 // 256
 
 
 # ---------------------------------------------------------------------------- stopping and streaming

@@ -15,6 +15,7 @@ and what a recurrent state needs beyond them: docs/architecture.md):
         step), and how much to read back (`end`, or every slot for static plans)
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
+    nbytes_per_slot bytes one position of one sequence takes (the engine's KV budget)
 
 Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim.
 """
@@ -41,6 +42,10 @@ class KVLayerCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
 
     def rows(self, a: int, b: int) -> "KVLayerCache":
         return KVLayerCache(self.k[a:b], self.v[a:b])
@@ -72,6 +77,10 @@ class Cache:
     @property
     def max_len(self) -> int:
         return self.layers[0].max_len
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return sum(layer.nbytes_per_slot for layer in self.layers)
 
     def rows(self, a: int, b: int) -> "Cache":
         return Cache([layer.rows(a, b) for layer in self.layers])

@@ -135,7 +135,7 @@ class Engine:
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
-        budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, cfg, self.dtype)
+        budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, model, self.dtype)
         self.kv = KVBudget(model, bucket_rows(max_batch, self.numerics.row_quantum), budget, self.dtype, self.device)
         self.decode_step = DecodeStep(model, self.kv, self.numerics, self._rope, compile)
         self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens)

@@ -27,20 +27,18 @@ from typing import Optional, Union
 
 import torch
 
-from ..config import ModelConfig
 from .errors import KVBudgetError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30}
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of keys + values one token occupies across all layers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    """Bytes one token of one sequence occupies in the model's cache (every layer, of its kind)."""
+    return model.new_cache(1, 1, dtype, "meta").nbytes_per_slot
 
 
-def parse_budget(value: Union[str, int], cfg: ModelConfig, dtype: torch.dtype) -> int:
+def parse_budget(value: Union[str, int], model, dtype: torch.dtype) -> int:
     """A KV budget in tokens from an int / digit string (tokens) or a size with a unit (bytes)."""
     if isinstance(value, int) and not isinstance(value, bool):
         tokens = value
@@ -53,10 +51,10 @@ def parse_budget(value: Union[str, int], cfg: ModelConfig, dtype: torch.dtype) -
         if unit == "":
             tokens = int(float(m.group(1)))
         else:
-            tokens = int(float(m.group(1)) * _UNITS[unit]) // kv_bytes_per_token(cfg, dtype)
+            tokens = int(float(m.group(1)) * _UNITS[unit]) // kv_bytes_per_token(model, dtype)
     if tokens < 1:
         raise ValueError(f"KV budget {value!r} holds no token (each token needs "
-                         f"{kv_bytes_per_token(cfg, dtype)} bytes of k/v)")
+                         f"{kv_bytes_per_token(model, dtype)} bytes of k/v)")
     return tokens
 
 
@@ -81,7 +79,7 @@ class KVBudget:
         # one spare slot: every view of the first S <= row_len slots is then strided alike (not
         # contiguous), so the compiled decode step never recompiles for the view's layout
         self.cache = model.new_cache(rows, self.row_len + 1, dtype, self.device)
-        self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
+        self.bytes_per_token = kv_bytes_per_token(model, dtype)
         self.free_rows = list(range(rows))
         self._lock = threading.Lock()
 

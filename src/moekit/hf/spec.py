@@ -318,6 +318,8 @@ class ArchSpec:
         if moe is None:
             return ["the model has no MoE layers (cfg.moe is None)"]
         mt, problems = self.model_type, []
+        if cfg.attention != "gqa":
+            problems.append(f"attention={cfg.attention!r} ({mt} has grouped-query attention)")
         if moe.router not in ("softmax_topk", "topk_softmax"):
             problems.append(f"router={moe.router!r} (HF MoE models route with a softmax over the router logits)")
         if self.always_renormalise and not gates_renormalised(moe):

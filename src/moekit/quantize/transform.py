@@ -20,9 +20,6 @@ from . import formats
 from ..model import Transformer
 from .modules import QuantizedLinear, QuantizedWeight
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -> nn.Module:
     """Quantize `model`'s weights in place with `method` (see `formats.METHODS`); returns the model."""
     formats.get_format(method)
@@ -36,8 +33,9 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -
                          "copy of the same matrix; leave the head in float (quantize_head=False)")
     with torch.no_grad():
         for block in model.layers:
-            for name in ATTENTION_PROJECTIONS:
-                setattr(block.attn, name, QuantizedLinear.from_float(getattr(block.attn, name), method))
+            for name, child in list(block.attn.named_children()):  # every projection, of any attention kind
+                if isinstance(child, nn.Linear):
+                    setattr(block.attn, name, QuantizedLinear.from_float(child, method))
             swiglus = [block.ffn.experts, block.ffn.shared] if block.is_moe else [block.ffn]
             for module in [m for m in swiglus if m is not None]:
                 for name in ("w13", "w2"):  # the float parameter is dropped as it is replaced
