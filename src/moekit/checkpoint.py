@@ -1,4 +1,4 @@
-"""The moekit checkpoint format, and `load_model` for every checkpoint kind moekit reads.
+"""The moekit checkpoint format: `save_model`, `load_moekit` (loading.py's `load_model` reads every kind).
 
 A moekit checkpoint is a directory:
 
@@ -8,12 +8,6 @@ A moekit checkpoint is a directory:
     quantization.json    optional: {"method", "quantize_head"} of a `moekit.quantize`d model, whose
                          model.safetensors then holds the packed buffers (see moekit/quantize)
 
-    save_model(model, "ckpt")            # atomic: written to a temp dir beside "ckpt", then renamed
-    model = load_moekit("ckpt")
-    (`moekit.load_model`, in loading.py, also reads run directories and HF checkpoints)
-
-`load_moekit` attaches `model.tokenizer` (a `tokenizers.Tokenizer`, or None when the
-checkpoint has no tokenizer.json or the `tokenizers` package is missing).
 safetensors and tokenizers are imported only when a function needs them.
 """
 
@@ -24,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -53,22 +47,10 @@ def _safetensors():
     return st
 
 
-def _resolve_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name such as 'float32' or 'bfloat16'")
-
-
 # ---------------------------------------------------------------------------- save
 def save_model(model: Transformer, path: PathLike) -> Path:
-    """Write `model` as a moekit checkpoint directory at `path` (replacing an older checkpoint there).
-
-    The files are written into a temporary directory beside `path` and renamed into place,
-    so a reader never sees a half-written checkpoint. An existing directory at `path` is
-    replaced only when it is empty or itself a moekit checkpoint.
-    """
+    """Write `model` as a moekit checkpoint directory at `path`, atomically (a temp directory beside it,
+    renamed into place). An existing directory at `path` is replaced only when empty or a moekit checkpoint."""
     st = _safetensors()
     path = Path(path)
     if path.exists():
@@ -146,10 +128,14 @@ def read_config(path: PathLike) -> ModelConfig:
 
 
 def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
-    """Load a moekit checkpoint directory (see the module docstring)."""
+    """Load a moekit checkpoint directory, in eval mode, with `model.tokenizer` (or None: no
+    tokenizer.json or no `tokenizers` package). `dtype`: None, a torch.dtype or a name ("bfloat16")."""
     st = _safetensors()
     path = Path(path)
-    dtype = _resolve_dtype(dtype)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+            raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name such as 'float32' or 'bfloat16'")
+        dtype = getattr(torch, dtype)
     cfg = read_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=str(dtype).removeprefix("torch."))
@@ -168,7 +154,6 @@ def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
     if dtype is not None:
         state = {k: v.to(dtype) if k in param_names and v.is_floating_point() else v for k, v in state.items()}
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
         state["lm_head.weight"] = state.get("embed.weight")
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -1,26 +1,19 @@
-"""Corpora, tokenizer training/loading, and memory-mapped token shards.
-
-    files = corpus_files(None)                          # the interpreter's stdlib *.py files
-    train_files, val_files = split_files(files, 0.05)   # deterministic split by file
-    tok = train_tokenizer(read_documents(train_files), vocab_size=4096)
-    train_bin, val_bin = cached_shards(train_files, val_files, tok, "~/.cache/moekit/shards")
-    windows = TokenWindows(train_bin, seq_len=256, batch_size=8)
-    x_BT, y_BT = windows.next_batch()                   # int64, y_BT = x_BT shifted by one
+"""Corpora, tokenizer training/loading, and memory-mapped token shards (README.md, "Training").
 
 A token shard is a flat raw array of token ids (`uint16` when the vocabulary has at
-most 65535 entries, else `uint32`) with a JSON sidecar `<shard>.json` holding
-{"dtype", "num_tokens", "vocab_size", "eot_id"}. Every document is followed by the
-`EOT` token. Shards and sidecars are written to a temp file and renamed (atomic).
-
-`tokenizers` (HF), `pyarrow` (parquet) and `tqdm` (progress bars) are imported only
-by the functions that need them.
+most 65535 entries, else `uint32`), every document followed by the `EOT` token, with a
+JSON sidecar `<shard>.json` {"dtype", "num_tokens", "vocab_size", "eot_id"}. Both are
+written to a temp file and renamed (atomic). `tokenizers`, `pyarrow` and `tqdm` are
+imported only by the functions that need them.
 
 Shape legend: B batch, T sequence length (seq_len), N tokens in a shard, W windows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -35,27 +28,16 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
 
-__all__ = [
-    "EOT",
-    "CORPUS_SUFFIXES",
-    "default_corpus_files",
-    "corpus_files",
-    "read_documents",
-    "split_files",
-    "train_tokenizer",
-    "load_tokenizer",
-    "tokenize_to_shard",
-    "write_token_file",
-    "read_shard_meta",
-    "cached_shards",
-    "TokenWindows",
-]
+__all__ = ["EOT", "CORPUS_SUFFIXES", "default_corpus_files", "corpus_files", "read_documents", "split_files",
+           "train_tokenizer", "load_tokenizer", "tokenize_to_shard", "write_token_file", "read_shard_meta",
+           "cached_shards", "TokenWindows"]
 
 EOT = "<|endoftext|>"
 CORPUS_SUFFIXES = (".txt", ".py", ".md", ".rst", ".jsonl", ".parquet")
 MIN_VOCAB_SIZE = 300  # 256 bytes + EOT + a few merges
 _CACHE_FORMAT = "moekit-shards-v1"
 _ENCODE_BATCH_DOCS = 256
+_STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -63,31 +45,17 @@ PathLike = Union[str, os.PathLike]
 # --------------------------------------------------------------------------- corpus files
 
 
-def _is_excluded_stdlib(rel_parts: Sequence[str]) -> bool:
-    dirs = rel_parts[:-1]
-    if any(d in ("site-packages", "dist-packages", "__pycache__") for d in dirs):
-        return True
-    if any(d in ("test", "tests", "idle_test") for d in dirs):
-        return True
-    return False
-
-
 def default_corpus_files() -> list[pathlib.Path]:
-    """The running interpreter's standard-library `*.py` files, sorted by relative path.
-
-    Leaves out site-packages and test directories (`*/test/*`, `*/tests/*`,
-    `*/idlelib/idle_test/*`), so the result is the same on every run of one interpreter.
-    """
+    """The running interpreter's standard-library `*.py` files, sorted by relative path, without
+    site-packages and test directories, so the result is the same on every run of one interpreter."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise ValueError(f"standard library directory {str(root)!r} does not exist; pass a corpus path")
-    found = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root)
-        if _is_excluded_stdlib(rel.parts) or not p.is_file():
-            continue
-        found.append((rel.as_posix(), p))
-    found.sort(key=lambda item: item[0])
+    found = sorted(
+        (p.relative_to(root).as_posix(), p)
+        for p in root.rglob("*.py")
+        if not _STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and p.is_file()
+    )
     if not found:
         raise ValueError(f"empty corpus: no *.py files under the standard library {str(root)!r}")
     return [p for _, p in found]
@@ -115,9 +83,7 @@ def corpus_files(path: Optional[PathLike]) -> list[pathlib.Path]:
         if q.suffix.lower() in CORPUS_SUFFIXES and q.is_file()
     )
     if not found:
-        raise ValueError(
-            f"empty corpus: no files with suffixes {', '.join(CORPUS_SUFFIXES)} under {str(path)!r}"
-        )
+        raise ValueError(f"empty corpus: no files with suffixes {', '.join(CORPUS_SUFFIXES)} under {str(path)!r}")
     return [q for _, q in found]
 
 
@@ -145,14 +111,10 @@ def _read_parquet(path: pathlib.Path) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(
-            f"reading the parquet corpus file {str(path)!r} needs pyarrow: pip install pyarrow"
-        ) from None
+        raise ValueError(f"reading the parquet corpus file {str(path)!r} needs pyarrow: pip install pyarrow") from None
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(
-            f'{path}: a parquet corpus needs a "text" column; it has {pf.schema_arrow.names}'
-        )
+        raise ValueError(f'{path}: a parquet corpus needs a "text" column; it has {pf.schema_arrow.names}')
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
             yield "" if text is None else text
@@ -179,9 +141,7 @@ def split_files(files: Sequence[PathLike], val_fraction: float = 0.05) -> tuple[
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(files) < 2:
-        raise ValueError(
-            f"cannot split {len(files)} file(s) into train and validation: need at least 2 files"
-        )
+        raise ValueError(f"cannot split {len(files)} file(s) into train and validation: need at least 2 files")
     k = max(2, round(1.0 / val_fraction))
     train, val = [], []
     for i, f in enumerate(files):
@@ -252,11 +212,13 @@ def _sidecar(path: PathLike) -> pathlib.Path:
     return pathlib.Path(str(path) + ".json")
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic_file(path: pathlib.Path):
+    """A binary file to write, a temp file beside `path` renamed to it on success (removed on error)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -266,7 +228,8 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
 
 def _write_sidecar(path: pathlib.Path, dtype: np.dtype, num_tokens: int, vocab_size: int, eot_id) -> None:
     meta = {"dtype": dtype.name, "num_tokens": int(num_tokens), "vocab_size": int(vocab_size), "eot_id": eot_id}
-    _atomic_write_bytes(_sidecar(path), (json.dumps(meta, indent=1) + "\n").encode())
+    with _atomic_file(_sidecar(path)) as f:
+        f.write((json.dumps(meta, indent=1) + "\n").encode())
 
 
 def read_shard_meta(path: PathLike) -> dict:
@@ -299,46 +262,37 @@ def write_token_file(tokens_N, out_path: PathLike, vocab_size: int, eot_id: Opti
     arr_N = np.asarray(tokens_N).reshape(-1)
     if arr_N.size and (arr_N.min() < 0 or arr_N.max() >= max(vocab_size, 1)):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{arr_N.min()}, {arr_N.max()}]")
-    _atomic_write_bytes(out_path, arr_N.astype(dtype).tobytes())
+    with _atomic_file(out_path) as f:
+        f.write(arr_N.astype(dtype).tobytes())
     _write_sidecar(out_path, dtype, arr_N.size, vocab_size, eot_id)
     return int(arr_N.size)
 
 
 class _Progress:
-    """tqdm when importable, else a plain counter on stderr."""
+    """tqdm when importable, else a plain counter on stderr; silent when not enabled."""
 
     def __init__(self, enabled: bool, desc: str):
-        self.bar = None
-        self.enabled = enabled
-        self.desc = desc
-        self.docs = 0
-        self.tokens = 0
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None:
+        self.enabled, self.desc, self.docs, self.tokens, self.bar = enabled, desc, 0, 0, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
             self.bar = tqdm(desc=desc, unit="doc", file=sys.stderr, dynamic_ncols=True)
 
     def update(self, docs: int, tokens: int) -> None:
         self.docs += docs
         self.tokens += tokens
-        if not self.enabled:
-            return
         if self.bar is not None:
             self.bar.update(docs)
             self.bar.set_postfix(tokens=self.tokens, refresh=False)
-        else:
+        elif self.enabled:
             print(f"\r{self.desc}: {self.docs} docs, {self.tokens} tokens", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.enabled:
             print(file=sys.stderr, flush=True)
 
 
@@ -355,45 +309,28 @@ def tokenize_to_shard(
         raise ValueError(f"the tokenizer has no {EOT!r} token; train it with moekit.data.train_tokenizer")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = _dtype_for_vocab(vocab_size)
-    eot_arr = np.array([eot_id], dtype=dtype)
+    eot_bytes = np.array([eot_id], dtype=dtype).tobytes()
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     # encode_batch_fast (tokenizers >= 0.21) skips offset tracking (only `.ids` is used here)
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
     bar = _Progress(progress, f"tokenizing {out_path.name}")
     old_special = tokenizer.encode_special_tokens
     num_tokens = 0
+    docs = iter(documents)
     try:
         tokenizer.encode_special_tokens = True
-        with os.fdopen(fd, "wb") as f:
-
-            def flush(batch: list) -> None:
-                nonlocal num_tokens
+        with _atomic_file(out_path) as f:
+            while batch := list(itertools.islice(docs, _ENCODE_BATCH_DOCS)):
                 n = 0
                 for enc in encode_batch(batch, add_special_tokens=False):
                     ids = np.asarray(enc.ids, dtype=dtype)
                     f.write(ids.tobytes())
-                    f.write(eot_arr.tobytes())
+                    f.write(eot_bytes)
                     n += ids.size + 1
                 num_tokens += n
                 bar.update(len(batch), n)
-
-            batch = []
-            for doc in documents:
-                batch.append(doc)
-                if len(batch) >= _ENCODE_BATCH_DOCS:
-                    flush(batch)
-                    batch = []
-            if batch:
-                flush(batch)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         tokenizer.encode_special_tokens = old_special
         bar.close()
@@ -415,37 +352,28 @@ def _cache_key(files_train: Sequence[PathLike], files_val: Sequence[PathLike], t
     return h.hexdigest()
 
 
-def _shard_ok(path: pathlib.Path, vocab_size: int) -> bool:
-    try:
-        meta = read_shard_meta(path)
-    except ValueError:
-        return False
-    return meta.get("vocab_size") == vocab_size
-
-
-def cached_shards(
-    files_train: Sequence[PathLike],
-    files_val: Sequence[PathLike],
-    tokenizer: "tokenizers.Tokenizer",
-    cache_dir: PathLike,
-    progress: bool = True,
-) -> tuple[pathlib.Path, pathlib.Path]:
+def cached_shards(files_train: Sequence[PathLike], files_val: Sequence[PathLike], tokenizer: "tokenizers.Tokenizer",
+                  cache_dir: PathLike, progress: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
     """Token shards for a train/val file split, cached under `cache_dir/<key>/{train,val}.bin`.
 
     The key is a sha256 over every file's (path, size, mtime_ns) and the tokenizer's JSON,
-    so editing a file or retraining the tokenizer builds fresh shards.
+    so editing a file or retraining the tokenizer builds fresh shards; a shard that fails
+    `read_shard_meta` is rebuilt.
     """
     files_train, files_val = list(files_train), list(files_val)
     if not files_train or not files_val:
         raise ValueError(
             f"cached_shards needs train and validation files, got {len(files_train)} and {len(files_val)}"
         )
-    key = _cache_key(files_train, files_val, tokenizer)
-    out = pathlib.Path(cache_dir).expanduser() / key
+    out = pathlib.Path(cache_dir).expanduser() / _cache_key(files_train, files_val, tokenizer)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     train_bin, val_bin = out / "train.bin", out / "val.bin"
     for files, shard in ((files_train, train_bin), (files_val, val_bin)):
-        if not _shard_ok(shard, vocab_size):
+        try:
+            fresh = read_shard_meta(shard).get("vocab_size") == vocab_size
+        except ValueError:
+            fresh = False
+        if not fresh:
             tokenize_to_shard(read_documents(files), tokenizer, shard, progress=progress)
     return train_bin, val_bin
 
@@ -469,7 +397,6 @@ class TokenWindows:
         meta = read_shard_meta(self.path)
         self.dtype = np.dtype(meta["dtype"])
         self.num_tokens = int(meta["num_tokens"])
-        self.vocab_size = meta.get("vocab_size")
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -508,8 +435,7 @@ class TokenWindows:
         picked = []
         need = self.batch_size
         while need:
-            order_W = self._order(self.epoch)
-            take = order_W[self.pos : self.pos + need]
+            take = self._order(self.epoch)[self.pos : self.pos + need]
             picked.append(take)
             need -= len(take)
             self.pos += len(take)

@@ -1,8 +1,4 @@
-"""Token ids a checkpoint declares, for `moekit generate` and `moekit serve`.
-
-    from moekit.tokens import eos_token_ids
-    eos_token_ids("runs/t", model)   # -> [2] or None
-"""
+"""Token ids a checkpoint declares, for `moekit generate` and `moekit serve`."""
 
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
-"""Training: `TrainConfig`, `Trainer`, checkpoints that resume exactly, and `moekit train`.
+"""Training: `TrainConfig`, `Trainer`, checkpoints that resume exactly, and `moekit train` (README.md, "Training").
 
-    moekit train                                  # small preset, default corpus (a measured run: benchmarks/results/default_run/)
-    moekit train --preset tiny --max-steps 50 --out runs/t
-    moekit train --out runs/t --resume            # continue: the loss sequence is bit-identical on CPU
-
-A run directory holds:
-    config.json        the effective configuration {"train": TrainConfig, "model": ModelConfig}
-    metrics.jsonl      one JSON object per line: training lines have "step", "loss", "tokens_per_s", "mfu",
-                       ...; evaluation lines have "step", "val_loss"
-    tensorboard/       the same scalars as TensorBoard event files (when tensorboard is installed)
-    tokenizer.json     the tokenizer
-    checkpoint/        the latest checkpoint: a moekit checkpoint (load_model reads it) plus
-                       trainer_state.pt (optimizer, schedule position, data position, RNG states)
-
-Checkpoints are written to checkpoint.new/, then swapped in with renames, so a crash at
-any point leaves a loadable checkpoint (checkpoint/ or, mid-swap, checkpoint.old/).
+A run directory holds config.json ({"train": TrainConfig, "model": ModelConfig}), metrics.jsonl
+(training lines with "loss", evaluation lines with "val_loss"), tensorboard/ (when installed),
+tokenizer.json and checkpoint/: a moekit checkpoint plus trainer_state.pt. Checkpoints are written
+to checkpoint.new/ and swapped in with renames; mid-swap, checkpoint.old/ is the loadable one.
 
 Legend: B batch, T sequence length, V vocab.
 """
@@ -102,21 +91,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1 - cfg.min_lr_ratio) * min(progress, 1.0)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """checkpoint/, or checkpoint.old/ when a crash interrupted the swap."""
     for name in (CKPT, CKPT_OLD):
@@ -124,28 +98,6 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         if (path / STATE_FILE).is_file():
             return path
     return None
-
-
-def save_checkpoint(run_dir: Path, model, state: dict, fault: Optional[Callable[[str], None]] = None) -> Path:
-    """Write checkpoint.new/, then swap it in. `fault(stage)` is a test hook to simulate a crash."""
-    from .checkpoint import save_model
-
-    new, cur, old = run_dir / CKPT_NEW, run_dir / CKPT, run_dir / CKPT_OLD
-    shutil.rmtree(new, ignore_errors=True)
-    save_model(model, new)
-    if fault:
-        fault("written-model")
-    torch.save(state, new / STATE_FILE)
-    if fault:
-        fault("written-state")
-    if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(cur, old)
-    if fault:
-        fault("moved-old")
-    os.replace(new, cur)
-    shutil.rmtree(old, ignore_errors=True)
-    return cur
 
 
 def measure_peak_flops(device: torch.device, size: int = 1024) -> float:
@@ -163,28 +115,6 @@ def measure_peak_flops(device: torch.device, size: int = 1024) -> float:
     return 3 * 2 * size**3 / (time.perf_counter() - start)
 
 
-class _TensorBoard:
-    """Scalars to TensorBoard event files when `tensorboard` is installed; otherwise nothing."""
-
-    def __init__(self, run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.writer = None
-        else:
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, record: dict) -> None:
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
@@ -192,8 +122,8 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.run_dir = Path(cfg.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         self._prepare_run_dir(resume)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if cfg.device == "auto" else cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self._prepare_data()
@@ -243,15 +173,11 @@ class Trainer:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "moekit"
         train_bin, val_bin = data.cached_shards(train_files, val_files, tokenizer, cache)
         self.train_data = data.TokenWindows(train_bin, cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=True)
-        self.val_data = data.TokenWindows(val_bin, cfg.seq_len, min(cfg.batch_size, max(1, self._windows(val_bin))),
+        val_windows = (data.read_shard_meta(val_bin)["num_tokens"] - 1) // cfg.seq_len
+        self.val_data = data.TokenWindows(val_bin, cfg.seq_len, min(cfg.batch_size, max(1, val_windows)),
                                           seed=cfg.seed, shuffle=False)
         self.log(f"data: {len(train_files)} train / {len(val_files)} val files, "
                  f"{len(self.train_data)} train windows of {cfg.seq_len} tokens")
-
-    def _windows(self, path) -> int:
-        from .data import read_shard_meta
-
-        return (read_shard_meta(path)["num_tokens"] - 1) // self.cfg.seq_len
 
     def _prepare_model(self) -> None:
         from .model import Transformer
@@ -286,17 +212,17 @@ class Trainer:
         self.model.load_state_dict(weights, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_data.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self._truncate_metrics(self.step)
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():  # drop the lines written after the checkpoint: they will be produced again
+            keep = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in keep))
         self.log(f"resumed from {path} at step {self.step}")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint (they will be produced again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
 
     # -- loop
     def _loss(self, x_BT, y_BT):
@@ -319,13 +245,30 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
-    def state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                "data": self.train_data.state_dict(), "rng": _rng_state(), "train_config": asdict(self.cfg),
-                "model_config": self.model_cfg.to_dict()}
+    def save(self, fault: Optional[Callable[[str], None]] = None) -> Path:
+        """Write checkpoint.new/, then swap it in. `fault(stage)` is a test hook to simulate a crash."""
+        from .checkpoint import save_model
 
-    def save(self, fault=None) -> Path:
-        return save_checkpoint(self.run_dir, self.model, self.state(), fault)
+        fault = fault or (lambda stage: None)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                 "data": self.train_data.state_dict(), "rng": rng, "train_config": asdict(self.cfg),
+                 "model_config": self.model_cfg.to_dict()}
+        new, cur, old = self.run_dir / CKPT_NEW, self.run_dir / CKPT, self.run_dir / CKPT_OLD
+        shutil.rmtree(new, ignore_errors=True)
+        save_model(self.model, new)
+        fault("written-model")
+        torch.save(state, new / STATE_FILE)
+        fault("written-state")
+        if cur.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(cur, old)
+        fault("moved-old")
+        os.replace(new, cur)
+        shutil.rmtree(old, ignore_errors=True)
+        return cur
 
     def train(self, stop_after: Optional[int] = None) -> list:
         """Run to max_steps (or `stop_after` more steps, for tests); returns this call's losses."""
@@ -334,7 +277,20 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         metrics = (self.run_dir / "metrics.jsonl").open("a")
-        board = _TensorBoard(self.run_dir)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            board = None
+        else:
+            board = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+        def record(line: dict) -> None:
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+            for key, value in line.items():
+                if board is not None and key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, line["step"])
+
         peak_flops = measure_peak_flops(self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         flops_per_token = 6 * model.num_params(active=True)
@@ -365,28 +321,24 @@ class Trainer:
                 tok_s = tokens_per_step * min(steps_done, cfg.log_every) / max(now - t_last, 1e-9)
                 t_last = now
                 loads = [t.double() for t in aux.tokens_per_expert]
-                record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "aux_loss": aux_sum,
-                          "lr_factor": factor, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                          "flops_per_s": tok_s * flops_per_token, "mfu": tok_s * flops_per_token / peak_flops,
-                          "expert_load_imbalance": [(l.max() / l.mean()).item() for l in loads],
-                          "expert_load": [l.tolist() for l in loads]}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                board.log(record)
+                mfu = tok_s * flops_per_token / peak_flops
+                record({"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "aux_loss": aux_sum,
+                        "lr_factor": factor, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                        "flops_per_s": tok_s * flops_per_token, "mfu": mfu,
+                        "expert_load_imbalance": [(l.max() / l.mean()).item() for l in loads],
+                        "expert_load": [l.tolist() for l in loads]})
                 eta = (now - t_start) / steps_done * (end - self.step)
                 self.log(f"step {self.step}/{cfg.max_steps}  loss {loss_sum:.4f}  {tok_s:,.0f} tok/s  "
-                         f"MFU {record['mfu']:.1%}  ETA {eta:.0f}s")
+                         f"MFU {mfu:.1%}  ETA {eta:.0f}s")
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 val = self.evaluate()
-                record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                board.log(record)
+                record({"step": self.step, "tokens": self.tokens_seen, "val_loss": val})
                 self.log(f"step {self.step}  val_loss {val:.4f}")
             if self.step % cfg.ckpt_every == 0 or self.step == end:
                 self.save()
         metrics.close()
-        board.close()
+        if board is not None:
+            board.close()
         if self.step == cfg.max_steps and cfg.export_hf:
             from .hf import save_hf
 
@@ -427,23 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv) -> tuple:
-    args = build_parser().parse_args(argv)
-    values = _read_config_file(args.config) if args.config else {}
-    unknown = set(values) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown TrainConfig fields in {args.config}: {sorted(unknown)}")
-    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    return TrainConfig(**values), args.resume
-
-
 def cli(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        cfg, resume = config_from_args(argv)
+        values = _read_config_file(args.config) if args.config else {}
+        unknown = set(values) - {f.name for f in fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields in {args.config}: {sorted(unknown)}")
+        values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
         from .runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
-        trainer = Trainer(cfg, resume=resume, log=lambda m: print(m, flush=True))
+        trainer = Trainer(TrainConfig(**values), resume=args.resume, log=lambda m: print(m, flush=True))
         print(f"run directory: {trainer.run_dir}", flush=True)
         trainer.train()
     except ValueError as exc:

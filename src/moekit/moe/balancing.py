@@ -1,17 +1,5 @@
-"""Load balancing: auxiliary losses and the aux-loss-free bias update.
-
-- Switch loss (Fedus et al.): alpha * E * sum_i f_i * P_i, f_i = fraction of tokens
-  whose first choice is expert i, P_i = mean router probability of expert i.
-  Equals alpha under uniform routing.
-- Sequence-wise loss (DeepSeek-V3): per sequence, f_i = E / (K * S) * count_i and
-  P_i = mean over the sequence of s_i / sum_j s_j; the loss is alpha * sum_i f_i P_i,
-  averaged over sequences. Equals alpha under uniform routing.
-- Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
-- Aux-loss-free balancing (DeepSeek-V3): after each optimizer step,
-  b_i -= gamma if expert i got more than the mean load, += gamma if less.
-
-The loss functions return unweighted values; the layer multiplies by the
-configured coefficients.
+"""Load balancing: Switch, sequence-wise (DeepSeek-V3) and z losses, unweighted (the layer
+applies the coefficients), and the aux-loss-free bias update. Formulas: docs/formulas.md.
 
 Legend: T tokens, E experts, B sequences, S tokens per sequence, P pairs.
 """
@@ -49,10 +37,7 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def bias_update(expert_bias_E: torch.Tensor, load_E: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Sign-based aux-loss-free update, in place: overloaded experts' bias goes down by gamma.
-
-    Returns the applied change (E,).
-    """
+    """In place: an overloaded expert's bias goes down by gamma, an underloaded one's up. Returns the change."""
     load_E = load_E.to(torch.float64)
     delta_E = gamma * torch.sign(load_E.mean() - load_E)
     expert_bias_E.add_(delta_E.to(expert_bias_E.dtype))

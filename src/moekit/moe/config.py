@@ -1,7 +1,5 @@
-"""`MoEConfig`: one Mixture-of-Experts layer (router, balancing, shared experts, token
-rounding, expert backend). User errors raise `ValueError` naming the offending values;
-validation runs in `__post_init__`, so a bad config never reaches the layer. Router-specific
-checks live with each router class (`moe/router.py`, `Router.check`).
+"""`MoEConfig`: one MoE layer. Validated in `__post_init__` (ValueError naming the values);
+router-specific checks live with each router class (`Router.check`).
 """
 
 from __future__ import annotations
@@ -9,12 +7,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from .gmm import LAYOUTS as GROUPED_LAYOUTS
 from .router import router_class
 
 # runtime settings: accepted by the constructor, never saved (a checkpoint names no backend)
 RUNTIME_FIELDS = ("experts_impl", "grouped_layout")
 EXPERT_IMPLS = ("reference", "grouped", "triton")
-GROUPED_LAYOUTS = ("auto", "compact", "padded")
 ROUNDING_MODES = ("nearest", "up", "down")
 
 # Named MoE-layer presets: (d_model, d_expert, num_experts, top_k).
@@ -26,11 +24,7 @@ _MOE_PRESETS = {
 
 @dataclass
 class MoEConfig:
-    """One MoE feed-forward layer.
-
-    Shapes: d_model (D), d_expert (F = per-expert intermediate size),
-    num_experts (E), top_k (K).
-    """
+    """Shapes: d_model (D), d_expert (F, per-expert intermediate size), num_experts (E), top_k (K)."""
 
     d_model: int = 64
     d_expert: int = 32
@@ -60,10 +54,7 @@ class MoEConfig:
     rounding_tile: int = 128
     # --- backend ---
     experts_impl: str = "grouped"
-    # grouped backend row layout: "compact" (per-expert GEMM loop), "padded" (one bmm over
-    # E blocks of the largest count) or "auto" (a cost model picks a grid block for small
-    # experts on CPU, with overflowing rows in a compact tail; see moe/gmm.py)
-    grouped_layout: str = "auto"
+    grouped_layout: str = "auto"  # grouped backend row layout: "auto", "compact" or "padded" (moe/gmm.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,8 +69,7 @@ class MoEConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The layer's definition, without the runtime backend settings (experts_impl,
-        grouped_layout): a checkpoint never pins a backend (`RUNTIME_FIELDS`)."""
+        """The layer's definition without `RUNTIME_FIELDS`: a checkpoint never pins a backend."""
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @property

@@ -1,21 +1,9 @@
-"""Routed experts: the weights, the weight accessor and the kernel seam.
+"""Routed experts: the weights, and which kernel runs (docs/architecture.md, "Experts").
 
-Weights (see docs/architecture.md):
-    w13 (E, 2F, D): rows [:F] are the gate projection, rows [F:] the up projection
-    w2  (E, D, F):  down projection
-Either may be replaced by a stand-in weight (moe/weights.py: quantized today; low precision
-and expert parallelism are transforms of the same kind): the kernels read weights only
-through the accessor.
-
-Kernels (one file each; the backend is a runtime setting, `set_impl`, never a checkpoint field):
-    reference   per-expert loop, plain autograd: the oracle          (moe/reference.py)
-    grouped     memory-efficient autograd (caches X and H only)      (moe/grouped.py, gmm.py)
-    triton      the same contract in Triton kernels (GPU)            (moe/triton/)
-    gathered    few pairs, no autograd: gather each pair's weights   (moe/gathered.py)
-    static      K per token, static shapes: the compiled decode step (moe/gathered.py)
-    invariant   batch-invariant rows (the engine's numerics policy)  (moe/invariant.py)
-Which one runs is decided here, from the call (`forward`'s numerics and static flag, autograd,
-the pair count) and the backend setting.
+    w13 (E, 2F, D): rows [:F] gate, [F:] up;   w2 (E, D, F): down
+Kernels read weights only through the accessor (moe/weights.py), so they may be quantized.
+`forward` picks the kernel from the call (static flag, numerics, autograd, pair count) and the
+backend (`set_impl`: a runtime setting, never a checkpoint field).
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs.
 """
@@ -82,10 +70,6 @@ class Experts(nn.Module):
         if layout is not None:
             self.layout = layout
 
-    @property
-    def num_experts(self) -> int:
-        return self.w13.shape[0]
-
     def forward(self, x_TD: torch.Tensor, routing, numerics: Numerics = PLAIN, static: bool = False) -> torch.Tensor:
         w13, w2 = self.w13, self.w2
         device_type = x_TD.device.type
@@ -98,7 +82,7 @@ class Experts(nn.Module):
         if numerics.batch_invariant:
             return experts_invariant(x_TD, w13, w2, routing.expert_idx_TK, routing.gates_TK, numerics)
         pairs = (routing.gates_P, routing.token_idx_P, routing.expert_idx_P)
-        if self.impl == "grouped" and use_gathered(routing.expert_idx_P.numel(), self.num_experts):
+        if self.impl == "grouped" and use_gathered(routing.expert_idx_P.numel(), w13.shape[0]):
             return experts_gathered(x_TD, w13, w2, *pairs)
         w13_EFD, w2_EDF = dense(w13, dtype=dtype), dense(w2, dtype=dtype)
         if self.impl == "grouped":

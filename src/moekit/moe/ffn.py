@@ -1,8 +1,6 @@
-"""SwiGLU feed-forward network (dense FFN and shared experts), and the SwiGLU activation.
-
-    y = W2 @ (silu(G) * U),   [G; U] = W13 @ x
-w13 (2F, D): rows [:F] gate, [F:] up;  w2 (D, F). The weights go through the weight
-accessor (moe/weights.py), so a quantized SwiGLU is this module with other weights.
+"""SwiGLU feed-forward network (dense FFN and shared experts), and the SwiGLU activation:
+y = W2 @ (silu(G) * U), [G; U] = W13 @ x; w13 (2F, D) rows [:F] gate, [F:] up; w2 (D, F).
+Weights go through the accessor (moe/weights.py), so they may be quantized.
 
 Legend: T tokens, D model dim, F intermediate dim.
 """

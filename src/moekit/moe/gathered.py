@@ -1,17 +1,11 @@
-"""Inference kernels for few tokens (decoding): each (token, expert) pair reads its expert's
-weights by index, instead of sorting pairs and looping over experts (gpt-fast style).
+"""Inference kernels for few tokens: each (token, expert) pair reads its expert's weights by
+index instead of sorting pairs and looping over experts (gpt-fast style).
 
-`experts_gathered` (eager, any number of pairs per token): copies the P pairs' expert
-weights and runs two batched matmuls; used without autograd when P <= E, so each expert's
-weights are read about once, as the grouped path would.
-
-`experts_static` (static shapes, no host syncs, K experts per token: the compiled decode
-step): a multiply-and-reduce over the gathered weights, which torch.compile fuses into one
-pass that reads each chosen expert's weights without copying them. With many pairs
-(T*K > E) and `allow_dense`, every expert runs on every token instead and a (T, E) gate
-matrix, 0 off the chosen experts, weights the outputs: each expert's weights are read once.
-The engine passes allow_dense=False: its step must compute a row the same way whatever the
-batch size (bitwise batch invariance), and the per-pair form does.
+`experts_gathered` (eager, no autograd, P <= E): copies the pairs' expert weights, two `bmm`s.
+`experts_static` (K experts per token, static shapes, no host syncs: the compiled decode step):
+a multiply-and-reduce over the gathered weights that torch.compile fuses. With T*K > E and
+`allow_dense`, every expert runs on every token, weighted by a (T, E) gate matrix; the engine
+passes allow_dense=False, since that choice depends on the batch size.
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs.
 """

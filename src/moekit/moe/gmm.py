@@ -1,26 +1,15 @@
 """Grouped (varlen-M) matrix multiplies over token rows grouped by expert, in plain PyTorch.
 
-`ExpertRows` lays out the P (token, expert) pairs, sorted by expert, as GEMM rows:
+`ExpertRows` lays out the P pairs, sorted by expert, as GEMM rows: a grid of E blocks of
+`block` rows (each expert's first `block` pairs, zero rows where it has fewer; one `bmm`)
+and a compact tail of the pairs beyond `block` (one GEMM per overflowing expert). block = 0
+is the compact layout (no padding); block = max count is fully padded. `choose_block` picks
+the block by a cost model (constants below), tuned at E=256, K=8, T=4096 on CPU
+(benchmarks/moe_layer.py; tables in benchmarks/results/moe_layer_cpu.md).
 
-    grid  E blocks of `block` rows: each expert's first `block` pairs, zero rows
-          where an expert has fewer. One `bmm` does all experts at once.
-    tail  the pairs beyond `block`, compact and grouped by expert: one GEMM per
-          expert that overflows.
-
-block = 0 is the plain compact layout (a per-expert GEMM loop on contiguous slices,
-no padding, empty experts cost nothing); block = max count is fully padded (one
-bmm). For many small experts on a CPU one bmm beats the per-expert loop even with
-some padding (compare with `benchmarks/moe_layer.py --layout compact|padded`; measured
-tables in benchmarks/results/moe_layer_cpu.md). `choose_block` picks the block by a cost
-model (grid rows + 3x tail rows + a per-GEMM overhead: the constants below), tuned by
-timing blocks 120..180 at E=256, K=8, T=4096 (best near the 90th percentile count).
-
-Operations (R rows of the layout):
-    gather(src_TD)             rows of src for every slot (zeros for padding)
-    scatter_add(rows_RD)       sum rows back into their tokens -> (T, D)
-    to_rows(v_P) / to_pairs(v_R)   move a per-pair tensor (sorted order) in/out of the layout
-    mm(a_RK, w_ENK)            out[rows_e] = a[rows_e] @ w[e].T   (w_transposed: @ w[e])
-    wgrad(a_RK, b_RN)          out[e] = a[rows_e].T @ b[rows_e]   -> (E, K, N)
+Operations: gather / scatter_add (token rows in, token sums out), to_rows / to_pairs (a
+per-pair tensor in and out of the layout), mm (out[rows_e] = a[rows_e] @ w[e].T, or @ w[e]
+with w_transposed) and wgrad (out[e] = a[rows_e].T @ b[rows_e]).
 
 Legend: T tokens, P pairs (sorted by expert), R rows of the layout, E experts, K/N dims,
 B candidate block sizes (choose_block).
@@ -103,14 +92,9 @@ class ExpertRows:
             for e, start, end in self.tail:
                 out_EKN[e].addmm_(a_RK[start:end].t(), b_RN[start:end])
             return out_EKN
-        out_EKN = a_RK.new_empty(self.num_experts, a_RK.shape[1], b_RN.shape[1])
-        has_rows = [False] * self.num_experts
+        out_EKN = a_RK.new_zeros(self.num_experts, a_RK.shape[1], b_RN.shape[1])  # experts without rows: 0
         for e, start, end in self.tail:
             torch.mm(a_RK[start:end].t(), b_RN[start:end], out=out_EKN[e])
-            has_rows[e] = True
-        for e in range(self.num_experts):
-            if not has_rows[e]:
-                out_EKN[e].zero_()
         return out_EKN
 
 

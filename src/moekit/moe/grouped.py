@@ -1,51 +1,29 @@
 """Memory-efficient expert computation (SonicMoE's caching policy) in plain PyTorch.
 
-Forward, with the (token, expert) pairs sorted by expert once:
-    Xg = X[tok]                      gathered rows, a temporary
-    H  = Xg @ W13[e].T  per expert   (P, 2F)  -- saved
-    A  = silu(G) * U                 (P, F)   -- temporary
-    Y  = A @ W2[e].T    per expert   (P, D)   -- temporary
-    out[t] = sum over t's pairs of S * Y
+Forward: H = X[tok] @ W13[e].T (P, 2F), A' = S * swiglu(H) (P, F), out = sum of A' @ W2[e].T
+per token. Saved for backward: X, H, the sorted gates S and the integer sort (O(P) ints); never
+the gathered X, A or Y. Backward recomputes A from H and gets dS = <dA', A> without Y. The
+contract and the backward formulas: docs/architecture.md ("Memory contract").
 
-Saved for backward: X, H, the gates S and the integer sort (O(P) ints).
-Never saved: Xg, A, Y. Backward recomputes A from H and gets dS without Y:
-    dA' = dOg @ W2[e]        (gradient w.r.t. A' = S*A)
-    dS  = <dA', A> row-wise
-    dW2 = dOg.T @ A'         dA = S * dA'   dH = swiglu'(H) dA
-    dW13 = dH.T @ Xg         dX[t] += dH @ W13[e]
-
-Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs.
+Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs, R rows of the
+layout (gmm.ExpertRows).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
+from .ffn import swiglu
 from .gmm import ExpertRows, choose_block
 
 
-def sort_by_expert(token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort pairs by expert (stable). Returns (order_P, sorted token ids, per-expert counts)."""
-    order_P = torch.argsort(expert_idx_P, stable=True)
-    counts_E = torch.bincount(expert_idx_P, minlength=num_experts)
-    return order_P, token_idx_P[order_P], counts_E
-
-
-def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
-    n = h_R2F.shape[1] // 2
-    return F.silu(h_R2F[:, :n]) * h_R2F[:, n:]
-
-
 class GroupedExpertsFunction(torch.autograd.Function):
-    """Rows R are those of gmm.ExpertRows: a padded per-expert grid (one bmm) plus a compact tail."""
-
     @staticmethod
     def forward(ctx, x_TD, w13_EFD, w2_EDF, gates_P, token_idx_P, expert_idx_P, layout="auto"):
         T, E = x_TD.shape[0], w13_EFD.shape[0]
-        order_P, tok_P, counts_E = sort_by_expert(token_idx_P, expert_idx_P, E)
+        order_P = torch.argsort(expert_idx_P, stable=True)  # pairs sorted by expert, once
+        tok_P, counts_E = token_idx_P[order_P], torch.bincount(expert_idx_P, minlength=E)
         block = choose_block(counts_E, x_TD.device, layout)
         rows = ExpertRows(tok_P, counts_E, T, block)
         gates_sorted_P = gates_P[order_P].to(x_TD.dtype)

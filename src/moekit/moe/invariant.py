@@ -1,12 +1,10 @@
-"""Routed experts with batch-invariant numerics (the engine's policy, `numerics.py`): each
-expert's rows go through GEMMs whose row count is a multiple of `row_quantum`, and the
-SwiGLU runs through the policy's padded elementwise op, so a token's output is bitwise the
-same whatever other tokens share the call. Eager only (it reads the expert counts).
+"""Routed experts with batch-invariant numerics (the engine's policy; docs/architecture.md,
+"Batch-invariant numerics"): each expert's GEMM rows are padded to a multiple of `row_quantum`
+and SwiGLU uses the policy's padded elementwise op, so a token's output is bitwise the same
+whatever other tokens share the call. Eager only (it reads the expert counts).
 
-Few experts active (decoding a small batch): a loop over them, F.linear on each one's rows
-(the other experts' weights are never read). Most experts active: one padded grid, E
-blocks of the same row count, two `bmm`s. Both give the same bits for a row (a padded bmm
-row equals the F.linear row; `tests/test_engine.py` checks it). A token sums its K expert
+Few experts active: a loop of F.linear over their rows; most active: one padded grid, two
+`bmm`s. Both give a row the same bits (`tests/test_engine.py`). A token sums its K expert
 outputs in the fixed order k = 0..K-1.
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs, R rows.

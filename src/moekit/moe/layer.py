@@ -1,19 +1,11 @@
 """MoE layer = router + routed experts (+ shared experts).
 
-    y, aux = moe(x)            # x: (..., D) -> y: (..., D)
-    y, aux = moe(x, token_ids) # router='hash' routes by token id
-    y, aux = moe(x, token_ids, numerics, static=True)   # the compiled decode step: aux is None
-    y, aux = moe(x, token_ids, numerics, True, active_rows)  # routed experts for these rows only
+    y, aux = moe(x, token_ids=None, numerics=PLAIN, static=False, active_rows=None)   # (..., D)
 
-`numerics` is the forward's numerics policy (numerics.py: plain, or the engine's batch-invariant
-one); `static=True` is the static-shape inference form (K experts per token, no host syncs,
-no input checks and no aux), which `Transformer`'s static plans use under torch.compile.
-
-`aux.loss` is the weighted sum of the enabled balancing losses; the unweighted
-values are reported beside it. In eval mode (inference) the losses are skipped:
-`aux.loss` is 0 and the individual values are None. In training mode the layer also accumulates
-per-expert token counts for the aux-loss-free bias update, which the caller
-applies explicitly with `moe.update_expert_bias()` after the optimizer step.
+`token_ids`: for router='hash'. `static=True`: the compiled decode step (no host syncs, no
+input checks, aux is None). `active_rows`: routed experts for these rows only. In eval mode
+the balancing losses are skipped (`aux.loss` 0, the values None); in training mode the layer
+accumulates per-expert token counts for `update_expert_bias()`, called after the optimizer step.
 
 Legend: T tokens, D model dim, E experts, P (token, expert) pairs.
 """
@@ -79,7 +71,7 @@ class MoE(nn.Module):
             y_TD = y_TD + shared_TD
         if static:
             return y_TD.view(x.shape), None
-        tokens_per_expert = routing.tokens_per_expert(cfg.num_experts)
+        tokens_per_expert = torch.bincount(routing.expert_idx_P, minlength=cfg.num_experts)
         if self.training:
             self.tokens_since_update += tokens_per_expert.to(self.tokens_since_update.device)
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
@@ -125,11 +117,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: Optional[float] = None) -> torch.Tensor:
-        """Aux-loss-free balancing step: move `router.expert_bias` toward balanced load.
-
-        Uses the token counts accumulated by training-mode forwards since the last
-        call, then resets them. Call after `optimizer.step()`. Returns the counts used.
-        """
+        """Aux-loss-free step from the counts of training forwards since the last call (then reset);
+        call after `optimizer.step()`. Returns the counts used."""
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
         load_E = self.tokens_since_update.clone()
         if load_E.sum() > 0:
@@ -143,11 +132,7 @@ class MoE(nn.Module):
 
 
 def update_expert_biases(model: nn.Module, gamma: Optional[float] = None) -> int:
-    """Apply the aux-loss-free bias update to every MoE layer in `model`; returns how many were updated.
-
-    Call it after `optimizer.step()`. Each layer uses the token counts it accumulated
-    in training-mode forwards since its last update.
-    """
+    """`update_expert_bias` on every MoE layer of `model` (after `optimizer.step()`); returns how many."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in layers:
         moe.update_expert_bias(gamma)

@@ -1,11 +1,6 @@
-"""Reference expert computation: a per-expert loop with plain autograd.
-
-This is the correctness oracle for every other backend. It materialises the
-gathered tokens, the SwiGLU output and the per-pair expert outputs, and lets
-autograd save whatever it needs: slow and memory-hungry on purpose, but
-obviously right.
-
-Expert output for pair (t, e): gate * W2[e] @ (silu(G) * U), [G; U] = W13[e] @ x_t.
+"""Reference expert computation: a per-expert loop with plain autograd, the correctness oracle
+for every other kernel (slow and memory-hungry on purpose). Pair (t, e) adds
+gate * W2[e] @ (silu(G) * U), [G; U] = W13[e] @ x_t.
 
 Legend: T tokens, D model dim, F expert dim, E experts, P (token, expert) pairs, M pairs of one expert.
 """
@@ -16,14 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
-def experts_reference(
-    x_TD: torch.Tensor,
-    w13_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-    gates_P: torch.Tensor,
-    token_idx_P: torch.Tensor,
-    expert_idx_P: torch.Tensor,
-) -> torch.Tensor:
+def experts_reference(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, gates_P: torch.Tensor,
+                      token_idx_P: torch.Tensor, expert_idx_P: torch.Tensor) -> torch.Tensor:
     T, D = x_TD.shape
     n = w2_EDF.shape[-1]
     out_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device)

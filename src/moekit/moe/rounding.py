@@ -1,22 +1,10 @@
 """Token rounding (SonicMoE): make every expert's token count a multiple of a GEMM tile.
 
-A grouped GEMM pads each expert's rows up to the tile size; an expert with
-129 tokens at tile 128 pays for 256 rows. Token rounding changes the routing so
-each count is a multiple of the tile:
-
-- "up":      ceil to the tile, filling with the best-scoring tokens not yet routed there;
-- "down":    floor to the tile, dropping the expert's lowest-scoring tokens;
-- "nearest": whichever multiple is closer (ties round up).
-
-Within an expert, tokens are ranked with the original top-K choices first, then by
-router score, and the first `target` are kept. So rounding up never drops an original
-choice and rounding down never adds a new one.
-
-Trade-off: tokens per pair stop being exactly K (a token can gain experts, or lose
-all of them with "down", when its routed output is zero), so the layer's function
-changes slightly and depends on the batch; in exchange no GEMM tile is partly empty.
-Use it for training throughput on GPUs; leave it off (the default) for exact
-top-K semantics and for inference.
+Modes: "up" (ceil, filling with the best-scoring tokens not yet routed there), "down" (floor,
+dropping the lowest-scoring ones), "nearest" (ties round up). Within an expert, tokens rank
+with the original top-K choices first, then by router score, so rounding up never drops an
+original choice and rounding down never adds one. A token's expert count then varies (zero
+output with "down") and depends on the batch: for training throughput, not inference.
 
 Legend: T tokens, E experts, K experts per token.
 """
@@ -28,15 +16,8 @@ import torch
 
 def rounded_counts(counts_E: torch.Tensor, tile: int, mode: str, max_count: int) -> torch.Tensor:
     """Round each expert's token count to a multiple of `tile` (never above max_count tokens)."""
-    if mode == "up":
-        target_E = torch.div(counts_E + tile - 1, tile, rounding_mode="floor") * tile
-    elif mode == "down":
-        target_E = torch.div(counts_E, tile, rounding_mode="floor") * tile
-    elif mode == "nearest":
-        target_E = torch.div(counts_E + tile // 2, tile, rounding_mode="floor") * tile
-    else:
-        raise ValueError(f"unknown token rounding mode {mode!r}; choose 'nearest', 'up' or 'down'")
-    return target_E.clamp(max=max_count)
+    offset = {"up": tile - 1, "down": 0, "nearest": tile // 2}[mode]  # mode validated by MoEConfig
+    return (torch.div(counts_E + offset, tile, rounding_mode="floor") * tile).clamp(max=max_count)
 
 
 @torch.no_grad()

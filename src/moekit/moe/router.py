@@ -1,14 +1,10 @@
 """Routers as registered classes: which experts each token goes to, and with what gate.
 
-    router = build_router(cfg)                  # the class registered under cfg.router
-    routing = router(x_TD, token_ids_T, numerics)
+    routing = build_router(cfg)(x_TD, token_ids_T, numerics)
 
-Every router returns a `Routing`: K experts per token (`expert_idx_TK`, `gates_TK`, and the
-same as T*K token-major pairs) or, for expert choice and token rounding, a variable number of
-pairs per token (`expert_idx_TK` None). One gate formula per router serves training, decode,
-the compiled step and the engine. A top-k router implements `selection_scores` (what top-k
-picks from; `expert_bias` is added here only), `gates` and `probs`; how to add one:
-docs/extending.md.
+Every router returns a `Routing` (K experts per token, or a variable count for expert choice
+and token rounding: `expert_idx_TK` None). The interface and how to add a router:
+docs/architecture.md (Router interface), docs/extending.md; formulas: docs/formulas.md.
 
 Legend: T tokens, D model dim, E experts, K experts per token, G groups, e experts per group,
 P pairs, V hash vocab, C capacity per expert (expert choice), M chosen experts per token
@@ -54,9 +50,6 @@ class Routing:
     def probs(self) -> Optional[torch.Tensor]:
         """(T, E) per-token distribution over experts for the balance losses (None for hash)."""
         return None if self.logits_TE is None else self.router.probs(self.logits_TE)
-
-    def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
-        return torch.bincount(self.expert_idx_P, minlength=num_experts)
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:

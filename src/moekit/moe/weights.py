@@ -1,14 +1,7 @@
-"""The weight accessor: how every kernel reads a weight, float or transformed.
-
-A weight is a plain tensor, or an object that stands in for one (moekit.quantize's
-`QuantizedWeight`; later low-precision or sharded weights) and provides:
-
-    dense(index=None, dtype=None)      the float weight (or its entries `index` of dim 0)
-    linear(x, bias=None)               F.linear(x, weight, bias)
-    gathered_matvec(index_P, x_P1K)    sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N)
-
-Kernels call the three functions below and never ask what kind of weight they hold, so a
-transform of `Experts` or `SwiGLU` replaces the weights, not the modules.
+"""The weight accessor: how every kernel reads a weight, a tensor or an object standing in for
+one (moekit.quantize's `QuantizedWeight`) with the methods `dense(index, dtype)`,
+`linear(x, bias)` and `gathered_matvec(index_P, x_P1K)`. Kernels call the three functions
+below, so a transform replaces the weights, not the modules (docs/architecture.md).
 
 Legend: P pairs, N output dim, K reduction dim.
 """
@@ -19,10 +12,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-
-def is_weight(w) -> bool:
-    return isinstance(w, torch.Tensor) or hasattr(w, "dense")
 
 
 def dense(w, index: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -39,8 +28,8 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
 
 
 def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
-    """Each pair's matrix-vector product with its own entry of w, without copying the entries
-    (under torch.compile the gather fuses into the reduction)."""
+    """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries (under
+    torch.compile the gather fuses into the reduction)."""
     if isinstance(w, torch.Tensor):
         return (w[index_P] * x_P1K).sum(-1)
     return w.gathered_matvec(index_P, x_P1K)
