@@ -3,16 +3,13 @@
     cache = model.new_cache(batch=2, max_len=128)     # one LayerCache per layer
     logits = model(tokens_BT, cache=cache, start=0)   # writes, then attends over the cache
 
-A `Cache` is a list of per-layer caches, each built by its layer's attention kind
-(`Attention.new_cache`), so layers can hold different state: plain keys and values today
-(`KVLayerCache`); a compressed latent (MLA), a sliding window with sinks, or a fixed-size
-recurrent state are other `LayerCache` classes with the same operations (how each would fit,
-and what a recurrent state needs beyond them: docs/architecture.md):
+A `Cache` is a list of per-layer caches, each built by its layer's attention kind, so layers
+can hold different state: keys and values today (`KVLayerCache`); a latent (MLA), a window
+with sinks or a recurrent state are other classes with the same operations
+(docs/architecture.md):
 
-    update(new state of T tokens, span) -> what the layer attends over
-        `span` (plan.py) says where the tokens go: `slots_T` (cache slots shared by every
-        batch row) or `row_slots_B` (one slot per row, T = 1: the engine's pooled decode
-        step), and how much to read back (`end`, or every slot for static plans)
+    update(new state, span) -> what the layer attends over; `span` (plan.py) says where the
+                    tokens go (`slots_T`, or `row_slots_B` one per row) and what to read back
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
     nbytes_per_slot bytes one position of one sequence takes (the engine's KV budget)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG
-from .checkpoint import PathLike, load_moekit
+from .checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG, PathLike, load_moekit
 from .hf import load_hf
 from .model import Transformer
 

@@ -8,10 +8,8 @@
     logits_RV = model.forward_plan(tokens_1N, plan)                  # any ForwardPlan (engine)
     model.moe_aux()   # summed MoE aux loss and per-layer tokens per expert of the last forward
 
-What differs between training, prefill, one-token decode, speculative verification, the
-compiled step and the engine's ragged batches is data, a `ForwardPlan` (plan.py): positions,
-spans (cache, write slots, mask), the numerics policy (numerics.py) and the static flag.
-Each layer = norm, an attention kind (attention/), norm, a dense SwiGLU or the MoE layer.
+What differs between the paths is data, a `ForwardPlan` (plan.py). Each layer: norm, an
+attention kind (attention/), norm, a dense SwiGLU or the MoE layer.
 
 Numerics follow HF transformers' LLaMA-family code (RMSNorm in float32, rotate-half RoPE),
 so checkpoints imported with `moekit.hf` give the same logits.

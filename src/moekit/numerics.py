@@ -17,8 +17,9 @@ checks the end result, so a platform where they do not hold fails loudly):
     flattened tensor. `ew(fn, x)` pads the flattened input to a multiple of 64 x threads
     elements (no tail, and thread chunks stay vector-aligned).
 
-Everything else in the forward is row-wise with a fixed order (norms, softmax per row,
-top-k, per-request attention), so those two rules are the whole policy.
+A third rule lives in attention/base.py: batches of several rows attend with plain matmuls
+(`math_attention`), since the CPU flash kernel's work split follows the batch. The rest of the
+forward is row-wise with a fixed order (norms, softmax per row, top-k).
 
 Legend: N rows.
 """
@@ -33,14 +34,13 @@ import torch.nn.functional as F
 EW_QUANTUM = 64  # elements per vectorized-loop iteration, with room for 512-bit bf16 vectors
 
 
-def round_up(n: int, q: int) -> int:
+def round_up(n: int, q: int) -> int:  # n rounded up to a multiple of q
     return -(-n // q) * q
 
 
 @dataclass(frozen=True)
 class Numerics:
-    """How the forward computes: `row_quantum` > 1 pads GEMM rows; `invariant_elementwise` pads
-    transcendental elementwise ops. The default is plain PyTorch (fastest, not batch-invariant)."""
+    """`row_quantum` > 1 pads GEMM rows, `invariant_elementwise` pads transcendentals; default: plain."""
 
     row_quantum: int = 1
     invariant_elementwise: bool = False

@@ -2,16 +2,12 @@
 step and the engine's ragged batches, as data for the one `Transformer.forward`.
 
     ForwardPlan.dense(tokens_BT, positions_BT, cache, start, key_mask_BS)   train / prefill / decode
-    ForwardPlan.static_decode(positions_B1, row_slots_B, lengths_B, cache)  compiled one-token step
+    ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache) compiled one-token step
     ForwardPlan.ragged(segments, numerics, rope_table)                      engine: requests side by side
 
 A plan holds the RoPE positions, the numerics policy (numerics.py), a `static` flag (no
-host syncs, no input checks, no aux: what torch.compile needs) and one or more `Span`s.
-A span is a run of rows of the token dim that attend together: its cache (or none), where
-its new tokens are written (`slots_T` shared by the batch rows, or `row_slots_B`, one per
-row), how many slots it reads back (`end`; None = all, under a mask), and its attention
-mask (None = causal over the new tokens, or every key for one token). Attention kinds loop
-over the spans (attention/base.py), so a new kind gets every path at once.
+host syncs, input checks or aux: what torch.compile needs) and `Span`s: runs of rows of the
+token dim that attend together, each with its cache, write slots, read length and mask.
 
 Legend: B batch, T new tokens, S cache slots, Dh head dim.
 """
@@ -39,8 +35,7 @@ class Span:
 
 @dataclass
 class Segment:
-    """One request's new tokens in a ragged batch (the engine): written into and attending over
-    its own batch-1 cache, starting at cache slot `start`."""
+    """One request's new tokens in a ragged batch, for its own batch-1 cache from slot `start`."""
 
     tokens: Sequence[int]
     start: int

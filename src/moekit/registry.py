@@ -1,10 +1,5 @@
-"""Named registries of variants (routers, attention kinds, ...): one place per variant.
-
-    ROUTERS = Registry("router")
-    @ROUTERS.register("softmax_topk")
-    class SoftmaxTopK(...): ...
-    ROUTERS.get("softmax_topk")    # the class; an unknown name is a ValueError listing the choices
-"""
+"""Named registries of variants (routers, attention kinds): `@REG.register("name")` on a class,
+`REG.get("name")` returns it (an unknown name is a ValueError listing the choices)."""
 
 from __future__ import annotations
 

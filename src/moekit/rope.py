@@ -1,7 +1,5 @@
 """Rotary position embeddings (rotate-half, HF LLaMA numerics) and their scalings.
-
-Legend: B batch, T tokens, H heads, Dh head dim (rotary dim).
-"""
+Legend: B batch, T tokens, H heads, Dh head dim (rotary dim)."""
 
 from __future__ import annotations
 
@@ -49,8 +47,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions_BT: torch.Tensor, dtype: torc
 
 
 def rope_table(inv_freq: torch.Tensor, max_len: int, dtype: torch.dtype):
-    """cos, sin (S_max, Dh) for every position, computed once (a position's values never vary:
-    the engine indexes this table, so a row's rotary bits do not depend on the batch)."""
+    """cos, sin (S_max, Dh) of every position, once: the engine indexes it (batch-invariant bits)."""
     positions_1S = torch.arange(max_len, device=inv_freq.device)[None]
     cos, sin = rope_cos_sin(inv_freq, positions_1S, dtype)
     return cos[0], sin[0]

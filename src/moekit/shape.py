@@ -1,9 +1,7 @@
 """A model's shape as the analyzer reads it: `Arch` (attention, one FFN per layer, embeddings).
 
-Plain data with no moekit imports, so that both the HF specs (moekit.hf, which describe
-architectures moekit cannot run, such as deepseek_v3's MLA or gpt2) and the analyzer
-(moekit.analyze.arch builds it from a ModelConfig, a config.json or a bare layer) use it
-without importing each other. Notation: docs/notation.md.
+Plain data importing nothing from moekit, so the HF specs (also of architectures moekit
+cannot run) and the analyzer share it without importing each other. Notation: docs/notation.md.
 """
 
 from __future__ import annotations

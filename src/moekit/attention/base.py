@@ -6,16 +6,10 @@ implements:
     forward(x_BTD, plan, rope_BT) -> (B, T, D)   rope_BT = (cos, sin) of the plan's positions
     new_cache(batch, max_len, dtype, device)     its per-layer cache (cache.py: KVLayerCache today)
 
-and runs its core through `attend_spans(plan, layer_idx, q, new_state, attend)`: for each span
-of the plan (plan.py) it slices the new tokens' state, lets the layer cache `update` it (so
-the kind decides what is cached: K/V, a latent, a window, a recurrent state) and calls
-`attend(q, cached_state, span, numerics)`; the outputs are joined in row order, with zero rows
-for the numerics padding. Training, prefill, decode, the compiled step and the engine's
-ragged batches are therefore one code path per kind.
-
-Adding a kind (MLA, sliding window + sinks, Gated DeltaNet, ...): one file in attention/,
-its cache class in cache.py when it keeps other state, and a `ModelConfig.attention` value
-(step by step, and what else may need changing: docs/extending.md).
+and runs its core through `attend_spans`: per span of the plan (plan.py) the layer cache
+`update`s with the new tokens' state (the kind decides what is cached) and `attend` runs;
+outputs join in row order, zero rows for the numerics padding. So training, prefill, decode,
+the compiled step and the engine are one code path per kind. Adding a kind: docs/extending.md.
 
 Legend: B batch, T tokens, S keys, H heads, G KV heads, R query heads per KV head (H / G),
 D model dim, Dh head dim.

@@ -1,23 +1,16 @@
-"""The engine's two uses of the model's one forward, both under the batch-invariant numerics
-policy (numerics.py), so a request's logits are bitwise the same whatever else is batched:
+"""The engine's two uses of the model's one forward, under its numerics policy (numerics.py:
+batch-invariant by default, so a request's logits are bitwise the same whatever else runs):
 
   * prefill: prompt chunks of several requests side by side in one ragged batch
-    (`ForwardPlan.ragged`): each chunk is written into and attends over its own row of the
-    KV pool; rows padded to the policy's row quantum. Eager.
-  * decode: one token for every request past its prompt, as a static-shape batch over pool
-    rows [0, bucket) and cache slots [0, S_bucket) (`Transformer.decode_step`): the batch
-    size is rounded up to a power-of-two bucket (a multiple of the row quantum), the cache
-    length to a power of two >= 64. With `compile=True` the step runs under
-    torch.compile (dynamic shapes: one compilation serves every bucket, and every bucket
-    runs the same generated code). Pool rows in the bucket that are not decoding (empty, or
-    a request still in its prompt) skip the routed experts (the step's `active_rows`: the
-    per-pair expert kernel computes a row the same way whatever the other rows, so only the
-    dense GEMMs need the padded row count), write their throw-away k/v at slot S_bucket - 1, a
-    slot no request has written yet, and their logits are dropped.
-
-Chunk boundaries of a prompt are fixed by the scheduler (multiples of prefill_chunk), so
-they do not depend on the load either. `tests/test_engine.py` checks the end result
-(logprobs bitwise equal alone and co-batched, requests joining at random steps).
+    (`ForwardPlan.ragged`), each written into and attending over its own row of the KV pool.
+    Eager. Chunk boundaries are fixed multiples of prefill_chunk (independent of the load).
+  * decode: one token for every request past its prompt, one static-shape batch over pool
+    rows [0, bucket) and slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
+    up to a power of two (a multiple of the row quantum), the cache length to a power of two
+    >= 64. Under `compile=True` with invariance: dynamic shapes from the start, so every
+    bucket runs the same generated code. Rows that are not decoding (empty, or still in
+    their prompt) skip the routed experts (`active_rows`), write throw-away k/v at slot
+    S_bucket - 1 (no request has written it yet) and their logits are dropped.
 
 Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 """

@@ -1,11 +1,8 @@
 """KV-cache memory budget and admission accounting.
 
-Design (documented choice between "fixed slots" and "pages"): the budget is counted in
-tokens, and a request reserves, when it is admitted, room for its whole lifetime:
-prompt length + max_tokens. Its keys and values live in one row of a pooled cache
-(`max_batch` rows of min(context, budget) slots, allocated once), so the decode step can
-run all requests as one static-shape batch; the row is freed when the request finishes or
-is cancelled. So:
+The budget is counted in tokens: an admitted request reserves prompt + max_tokens, and owns
+one row of a pooled cache (`max_batch` rows of min(context, budget) slots, allocated once)
+until it finishes, so the decode step runs all requests as one static-shape batch. So:
 
   * a running request can never run out of KV memory (no preemption, no recomputation);
   * the sum of reservations never exceeds the budget; a request that does not fit now
@@ -15,8 +12,6 @@ is cancelled. So:
     whatever the budget admits (a paged pool would admit more, but needs preemption).
 
 `parse_budget` reads "4096" (tokens) or sizes such as "64MiB", "1.5GB" (bytes of k + v).
-
-Legend: L layers, G KV heads, S reserved tokens, Dh head dim.
 """
 
 from __future__ import annotations
