@@ -53,6 +53,7 @@ class DecodeStep:
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
         self.compile = compile
+        self.views = {}  # (bucket, slots) -> (valid mask, cache view)
         self.fn = model.decode_step
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
@@ -76,12 +77,14 @@ class DecodeStep:
         slots = [S - 1] * B
         for s in decoding:
             tokens[s.row], slots[s.row] = s.out[-1], s.computed
-        tokens_B1 = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        slots_B = torch.tensor(slots, dtype=torch.long, device=self.device)
-        valid_BS = torch.ones(B, S, dtype=torch.bool, device=self.device)
-        cache = self.kv.cache.rows(0, B).slots(S)
-        rows = torch.tensor(sorted(s.row for s in decoding), dtype=torch.long, device=self.device)
-        logits_BV = self.fn(tokens_B1, slots_B[:, None], slots_B, valid_BS, cache, self.numerics, self.rope_table,
-                            self.compile, rows)
-        rows = torch.tensor([s.row for s in decoding], dtype=torch.long, device=self.device)
-        return logits_BV.index_select(0, rows).float()
+        ids_2B = torch.tensor([tokens, slots], dtype=torch.long, device=self.device)
+        if (B, S) not in self.views:  # the same view objects each step: cheaper guards under compile
+            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device),
+                                  self.kv.cache.rows(0, B).slots(S))
+        valid_BS, cache = self.views[(B, S)]
+        order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
+        rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
+        logits_BV = self.fn(ids_2B[0, :, None], ids_2B[1, :, None], ids_2B[1], valid_BS, cache, self.numerics,
+                            self.rope_table, self.compile, rows_R)
+        logits_RV = logits_BV.index_select(0, rows_R).float()
+        return logits_RV if order == sorted(order) else logits_RV[torch.argsort(torch.tensor(order))]
