@@ -15,7 +15,7 @@ same for every implementation and is left out.
                       _grouped_mm alignment), H = grouped_mm(Xg, W13.T), A = silu(G)*U,
                       Y = grouped_mm(A, W2.T), out = index_add(S*Y); autograd keeps Xg, H,
                       silu(G), A and Y for backward.
-    SonicMoE / ScatterMoE  published H100 figures (FACTS.md, read from bar charts:
+    SonicMoE / ScatterMoE  published H100 figures (docs/formulas.md, read from bar charts:
                       +-5 TFLOPS, +-0.05 GiB), in adjacent columns; not measured here.
 
 FLOP count (expert GEMMs only, the convention of SonicMoE's figures):
@@ -65,7 +65,7 @@ from moekit.bench.memory import saved_bytes
 SONIC_SHAPES: List[Tuple[int, int, int, int, int]] = list(SONICMOE_H100)
 SMOKE_SHAPES: List[Tuple[int, int, int, int, int]] = [(64, 32, 16, 8, 2), (48, 64, 32, 4, 4)]
 
-# published H100 figures (FACTS.md, kept in moekit.analyze.catalog): fwd/bwd TFLOPS, peak activation GiB per layer
+# published H100 figures (docs/formulas.md, kept in moekit.analyze.catalog): fwd/bwd TFLOPS, peak activation GiB per layer
 PUBLISHED: Dict[Tuple[int, int, int, int, int], Dict[str, float]] = {
     shape: dict(sonic_fwd=v["sonicmoe"][0], sonic_bwd=v["sonicmoe"][1], sonic_gib=v["sonicmoe"][2],
                 scatter_fwd=v["scattermoe"][0], scatter_bwd=v["scattermoe"][1], scatter_gib=v["scattermoe"][2])

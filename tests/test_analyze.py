@@ -1,4 +1,4 @@
-"""The analyzer against FACTS.md's worked examples, transformers' parameter counts,
+"""The analyzer against docs/formulas.md's worked examples, transformers' parameter counts,
 FlopCounterMode on a real forward, and saved_tensors_hooks on the real grouped backend."""
 
 import json
@@ -23,7 +23,7 @@ REQUIRED_KEYS = ["params_total", "params_active", "params_by_component", "granul
                  "prefill_tokens_per_s", "activation_bytes_per_moe_layer"]
 
 
-# ------------------------------------------------------------------ FACTS.md worked examples
+# ------------------------------------------------------------------ docs/formulas.md worked examples
 def test_granularity_and_sparsity_worked_examples():
     r = analyze(parse_layer("mixtral-8x22b"))
     assert (r["granularity"], r["sparsity"]) == (0.375, 0.25)
@@ -77,7 +77,7 @@ def test_critical_batch_worked_example():
     assert round(formulas.critical_batch(312e12, 2, 1.935e12)) == 161
     r = analyze(resolve_model("llama-2-7b"), hardware="a100", weights="bf16")
     assert round(r["critical_batch"]) == 161
-    # the two errors FACTS.md corrects: FLOPS/(2·BW) for 2-byte weights, and the T4's peak taken as fp32
+    # the two errors docs/formulas.md corrects: FLOPS/(2·BW) for 2-byte weights, and the T4's peak taken as fp32
     assert round(formulas.critical_batch(312e12, 1, 1.935e12)) == 81 != 161
 
 

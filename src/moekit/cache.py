@@ -13,7 +13,6 @@ with sinks or a recurrent state are other classes with the same operations
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
     nbytes_per_slot bytes one position of one sequence takes (the engine's KV budget)
-
 Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim.
 """
 

@@ -8,7 +8,6 @@ step and the engine's ragged batches, as data for the one `Transformer.forward`.
 A plan holds the RoPE positions, the numerics policy (numerics.py), a `static` flag (no
 host syncs, input checks or aux: what torch.compile needs) and `Span`s: runs of rows of the
 token dim that attend together, each with its cache, write slots, read length and mask.
-
 Legend: B batch, T new tokens, S cache slots, Dh head dim.
 """
 

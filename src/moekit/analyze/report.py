@@ -11,8 +11,6 @@ from .hardware import Hardware, get_hardware
 from .params import params_by_component
 from .precision import dtype_bytes, get_precision
 
-GiB = 1 << 30
-
 
 def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype: Optional[str] = None,
             batch: int = 1, context: int = 4096, tokens: int = 4096) -> Dict:
@@ -155,7 +153,7 @@ def render(r: Dict) -> str:
                   f"| scattermoe | {_b(act['scattermoe'])} | X, H, A, Y |",
                   f"| moekit | {_b(act['moekit'])} | X, H (grouped backend) |"]
     if r["published"]:
-        lines += ["", "Published H100 figures at this shape (FACTS.md; fwd/bwd TFLOPS, peak activation GiB):"]
+        lines += ["", "Published H100 figures at this shape (docs/formulas.md; fwd/bwd TFLOPS, peak activation GiB):"]
         for k, v in r["published"].items():
             lines.append(f"- {k}: {v['fwd_tflops']}/{v['bwd_tflops']}, {v['peak_activation_gib']} GiB")
     for note in r["notes"]:

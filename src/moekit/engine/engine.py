@@ -219,6 +219,11 @@ class Engine:
         self.metrics_.count("requests_submitted", n)
         return [s.handle for s in seqs]
 
+    def warmup(self) -> None:
+        """One request, then two: compiles each decode-step variant (1 row, several) before real ones."""
+        for n in (1, 2):
+            self.generate([[0]] * n, SamplingParams(max_tokens=2, ignore_eos=True))
+
     def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None
                  ) -> List[Completion]:
         """Submit every prompt at once and wait for all (list of Completion, in order)."""

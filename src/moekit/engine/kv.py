@@ -102,7 +102,3 @@ class KVBudget:
             self.reserved -= tokens
             self.free_rows.append(row)
             assert self.reserved >= 0
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.reserved

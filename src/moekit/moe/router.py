@@ -113,10 +113,6 @@ class Router(nn.Module):
     def check_inputs(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor]) -> None:
         """Input checks that need the data (host syncs): skipped by the static (compiled) step."""
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None,
-                numerics: Numerics = PLAIN) -> Routing:
-        raise NotImplementedError
-
     def extra_repr(self) -> str:
         return f"router={self.name!r}, num_experts={self.cfg.num_experts}, top_k={self.cfg.top_k}"
 
@@ -139,7 +135,7 @@ class TopKRouter(Router):
             select_TE = self.selection_scores(logits_TE, numerics)
             topk_idx_TK = torch.topk(select_TE, cfg.top_k, dim=-1).indices
         if cfg.token_rounding is None:
-            gates_TK = self.gates(logits_TE, logits_TE.gather(1, topk_idx_TK), None, numerics)
+            gates_TK = self.gates(logits_TE, pick(logits_TE, topk_idx_TK), None, numerics)
             return topk_routing(self, topk_idx_TK, gates_TK * cfg.routed_scaling_factor, logits_TE)
         # token rounding: a variable number of experts per token; the chosen ones padded to M columns
         mask_TE = round_selection(select_TE, topk_idx_TK, cfg.rounding_tile, cfg.token_rounding)
@@ -147,11 +143,16 @@ class TopKRouter(Router):
         M = max(int(count_T.max()), 1) if count_T.numel() else 1
         idx_TM = torch.sort(mask_TE.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :M]
         valid_TM = torch.arange(M, device=x_TD.device)[None, :] < count_T[:, None]
-        gates_TM = self.gates(logits_TE, logits_TE.gather(1, idx_TM), valid_TM, numerics)
+        gates_TM = self.gates(logits_TE, pick(logits_TE, idx_TM), valid_TM, numerics)
         token_idx_P, col_P = valid_TM.nonzero(as_tuple=True)
         expert_idx_P = idx_TM[token_idx_P, col_P]
         gates_P = gates_TM[token_idx_P, col_P] * cfg.routed_scaling_factor
         return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, logits_TE.shape[0], self)
+
+
+def pick(logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """logits_TE[t, idx_TK[t, k]]; indexing's backward keeps the indices, gather's the (T, E) logits."""
+    return logits_TE[torch.arange(idx_TK.shape[0], device=idx_TK.device)[:, None], idx_TK]
 
 
 def masked_softmax(logit_TK: torch.Tensor, valid_TK: Optional[torch.Tensor]) -> torch.Tensor:

@@ -63,7 +63,7 @@ def eos_ids(path: Path, model, tokenizer) -> List[int]:
 
 def build_server(args):
     from ..loading import load_model
-    from ..engine import Engine, SamplingParams
+    from ..engine import Engine
     from .app import OpenAIServer
     from .chat_template import load_chat_template
 
@@ -90,7 +90,7 @@ def build_server(args):
                     max_queue=args.max_queue, eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile)
     if args.compile:  # compile before the first client waits for it
         print("moekit serve: compiling the decode step ...", file=sys.stderr, flush=True)
-        engine.generate([[0]], SamplingParams(max_tokens=2, ignore_eos=True))
+        engine.warmup()
     name = args.model_name or path.resolve().name
     server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet)
     return server.bind(args.host, args.port), template
