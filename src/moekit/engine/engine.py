@@ -131,6 +131,7 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         if not isinstance(batch_invariant, bool) or not isinstance(compile, bool):
             raise ValueError(f"batch_invariant and compile must be True or False, got {batch_invariant!r}, {compile!r}")
+        self._threads = torch.get_num_threads()
         self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
@@ -220,7 +221,7 @@ class Engine:
         return [s.handle for s in seqs]
 
     def warmup(self) -> None:
-        """One request, then two: compiles each decode-step variant (1 row, several) before real ones."""
+        """One request, then two (on the engine thread once started): compiles each decode-step variant."""
         for n in (1, 2):
             self.generate([[0]] * n, SamplingParams(max_tokens=2, ignore_eos=True))
 
@@ -350,6 +351,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self._threads)  # the creator's setting (a new thread starts at the default)
         try:
             while not self._stopping:
                 if not self._resume.is_set():

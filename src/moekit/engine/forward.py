@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
 from ..plan import ForwardPlan, Segment
 
-PAD_ID = 0
-MIN_SLOTS = 64
+PAD_ID, MIN_SLOTS = 0, 64
 
 
 def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_table) -> torch.Tensor:
@@ -40,10 +40,7 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
 
 def bucket_rows(n: int, quantum: int) -> int:
     """The smallest power of two >= n that is a multiple of `quantum` (quantum: a power of two)."""
-    b = quantum
-    while b < n:
-        b *= 2
-    return b
+    return max(quantum, 1 << (max(n, 1) - 1).bit_length())
 
 
 class DecodeStep:
@@ -51,8 +48,7 @@ class DecodeStep:
 
     def __init__(self, model, kv, numerics: Numerics, rope_table, compile: bool):
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
-        self.device = model.embed.weight.device
-        self.compile = compile
+        self.device, self.compile = model.embed.weight.device, compile
         self.views = {}  # (bucket, slots) -> (valid mask, cache view)
         self.fn = model.decode_step
         if compile:
@@ -84,7 +80,9 @@ class DecodeStep:
         valid_BS, cache = self.views[(B, S)]
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
-        logits_BV = self.fn(ids_2B[0, :, None], ids_2B[1, :, None], ids_2B[1], valid_BS, cache, self.numerics,
-                            self.rope_table, self.compile, rows_R)
+        # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles
+        with shape_config.patch(use_duck_shape=False):
+            logits_BV = self.fn(ids_2B[0, :, None], ids_2B[1, :, None], ids_2B[1], valid_BS, cache, self.numerics,
+                                self.rope_table, self.compile, rows_R)
         logits_RV = logits_BV.index_select(0, rows_R).float()
         return logits_RV if order == sorted(order) else logits_RV[torch.argsort(torch.tensor(order))]

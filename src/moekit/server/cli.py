@@ -90,7 +90,7 @@ def build_server(args):
                     max_queue=args.max_queue, eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile)
     if args.compile:  # compile before the first client waits for it
         print("moekit serve: compiling the decode step ...", file=sys.stderr, flush=True)
-        engine.warmup()
+        engine.start().warmup()
     name = args.model_name or path.resolve().name
     server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet)
     return server.bind(args.host, args.port), template
