@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MoEConfig
+from ..hf.io import dtype_name, resolve_dtype
 from ..moe import MoE
 from ..runtime import tune_cpu_allocator
 from .memory import saved_bytes
@@ -42,7 +43,6 @@ from .memory import saved_bytes
 DEFAULT_SHAPES: List[Tuple[int, int, int, int, int]] = [(4096, 512, 128, 64, 8), (4096, 512, 64, 256, 8),
                                                          (4096, 1024, 256, 32, 4)]
 DEFAULT_DTYPES = ("float32", "bfloat16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # HF-vs-moekit output agreement before timing: max|dy| <= tol * max|y_moekit|
 _AGREE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -53,18 +53,6 @@ MiB = 2**20
 def moe_flops(T: int, D: int, F: int, K: int) -> int:
     """Expert-GEMM FLOPs of one forward+backward: 18 * T*K * D*F."""
     return 18 * T * K * D * F
-
-
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------- measurement
@@ -164,7 +152,7 @@ def _row(shape, dtype, impl, flops, meas, **extra) -> dict:
     T, D, F_, E, K = shape
     return {
         "shape": f"{T},{D},{F_},{E},{K}", "T": T, "d": D, "n": F_, "E": E, "K": K,
-        "dtype": _dtype_name(dtype), "impl": impl, "flops": flops,
+        "dtype": dtype_name(dtype), "impl": impl, "flops": flops,
         "ms": meas["ms"], "ms_all": meas["ms_all"], "gflops": flops / (meas["ms"] / 1e3) / 1e9, "frac_of_dense": None,
         "saved_bytes": meas["saved_bytes"], "saved_mib": meas["saved_bytes"] / MiB,
         "speedup_vs_hf": None, "saved_ratio_hf_over_moekit": None, **extra,
@@ -181,7 +169,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
     """One dict per (shape, dtype, implementation); progress lines go to stderr when `progress`."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    dtypes = [_dtype(d) for d in dtypes]
+    dtypes = [resolve_dtype(d) for d in dtypes]
     hf_note = None if with_hf else "HF rows skipped (--no-hf)"
     reason = hf_unavailable_reason() if with_hf else None
     if reason is not None:
@@ -191,7 +179,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
     gemm_peak = {}
     for dtype in dtypes:
         gemm_peak[dtype] = square_gemm_gflops(dtype)
-        _log(f"square GEMM 2048^3 {_dtype_name(dtype)}: {gemm_peak[dtype]:.1f} GFLOP/s ({threads} threads)", progress)
+        _log(f"square GEMM 2048^3 {dtype_name(dtype)}: {gemm_peak[dtype]:.1f} GFLOP/s ({threads} threads)", progress)
 
     rows: List[dict] = []
     for shape in shapes:
@@ -210,7 +198,7 @@ def run(shapes=DEFAULT_SHAPES, dtypes=DEFAULT_DTYPES, warmup: int = 1, iters: in
             common = {"threads": threads, "square_gemm_gflops": gemm_peak[dtype], "hf_note": hf_note}
             elem = torch.empty((), dtype=dtype).element_size()
             x_bytes, h_bytes = T * D * elem, T * K * 2 * F_ * elem
-            tag = f"[{shape} {_dtype_name(dtype)}]"
+            tag = f"[{shape} {dtype_name(dtype)}]"
 
             dense = copy.deepcopy(dense_f32).to(dtype)
             x_MD = x32_MD.to(dtype).requires_grad_(True)
@@ -333,7 +321,7 @@ def main(argv=None) -> int:
         print(f"allocator tuning (moekit.runtime.tune_cpu_allocator): {'on' if tuned else 'off'}")
     try:
         shapes = parse_shapes(args.shapes)
-        dtypes = [_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
+        dtypes = [resolve_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
     except ValueError as exc:
         p.error(str(exc))
     rows = run(shapes, dtypes, warmup=args.warmup, iters=args.iters, with_hf=not args.no_hf, layout=args.layout)
