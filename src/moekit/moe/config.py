@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from .experts import EXPERT_IMPLS
 from .gmm import LAYOUTS as GROUPED_LAYOUTS
 from .router import router_class
 
 # runtime settings: accepted by the constructor, never saved (a checkpoint names no backend)
 RUNTIME_FIELDS = ("experts_impl", "grouped_layout")
-EXPERT_IMPLS = ("reference", "grouped", "triton")
 ROUNDING_MODES = ("nearest", "up", "down")
 
 # Named MoE-layer presets: (d_model, d_expert, num_experts, top_k).

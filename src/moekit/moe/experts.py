@@ -40,14 +40,14 @@ def triton_backend():
     return experts_triton
 
 
+BACKENDS = {"reference": lambda: experts_reference, "grouped": lambda: experts_grouped, "triton": triton_backend}
+EXPERT_IMPLS = tuple(BACKENDS)
+
+
 def get_backend(name: str):
-    if name == "triton":
-        return triton_backend()
-    if name == "reference":
-        return experts_reference
-    if name == "grouped":
-        return experts_grouped
-    raise ValueError(f"unknown experts_impl {name!r}; choose one of ['grouped', 'reference', 'triton']")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown experts_impl {name!r}; choose one of {EXPERT_IMPLS}")
+    return BACKENDS[name]()
 
 
 class Experts(nn.Module):

@@ -45,7 +45,8 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -
         if quantize_head:
             model.lm_head = QuantizedLinear.from_float(model.lm_head, method)
     model.quantization = {"method": method, "quantize_head": bool(quantize_head)}
-    model.__dict__.pop("_compiled_decode_step", None)  # a step compiled for the float modules
+    for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for float modules
+        del model.__dict__[key]
     return model
 
 
