@@ -100,11 +100,14 @@ def test_corpus_files_errors(tmp_path):
 
 def test_read_documents_txt_jsonl(tmp_path):
     t = tmp_path / "a.txt"
-    t.write_bytes("héllo\n".encode() + b"\xff bad byte")
+    t.write_text("héllo\n\nwörld\n", encoding="utf-8")
     j = tmp_path / "b.jsonl"
     j.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"text": "two ünï"}) + "\n")
     docs = list(read_documents([t, j]))
-    assert docs == ["héllo\n\ufffd bad byte", "one", "two ünï"]
+    assert docs == ["héllo\n\nwörld\n", "one", "two ünï"]  # a whole text file is one document
+    t.write_bytes("héllo\n".encode() + b"\xff bad byte")  # no silent U+FFFD any more
+    with pytest.raises(ValueError, match="a.txt.*not UTF-8 text"):
+        list(read_documents([t]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "x"}\n')
     with pytest.raises(ValueError, match='"text"'):
@@ -133,18 +136,20 @@ def test_split_files_deterministic():
     assert len(tr) == 95 and set(tr) | set(va) == set(files) and not set(tr) & set(va)
     assert split_files(files, 0.05) == (tr, va)
     assert tr == sorted(tr)
-    # fewer files than k: still one validation file
-    tr, va = split_files(["a", "b", "c"], 0.05)
-    assert len(va) == 1 and len(tr) == 2
-    tr, va = split_files(["a", "b"], 0.9)
+    tr, va = split_files(["a", "b"], 0.9)  # k = 2 files: still by file
     assert tr == ["a"] and va == ["b"]
+    # fewer files than k = 20 are split by document (tests/test_data_corpus.py)
 
 
-def test_split_files_errors():
-    with pytest.raises(ValueError, match="at least 2"):
-        split_files(["a"])
+def test_split_files_errors(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a single line")
+    with pytest.raises(ValueError, match="1 document.*at least 2"):
+        split_files([one])
     with pytest.raises(ValueError, match="val_fraction"):
         split_files(["a", "b"], 0.0)
+    with pytest.raises(ValueError, match="empty corpus"):
+        split_files([])
 
 
 # --------------------------------------------------------------------------- tokenizer

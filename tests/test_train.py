@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from moekit import load_model
-from moekit.train import Trainer, TrainConfig, cli, latest_checkpoint, lr_factor
+from moekit.cli import main
+from moekit.rundir import latest_checkpoint
+from moekit.train import Trainer, TrainConfig, cli, lr_factor
 
 
 def make_corpus(root, n_files=8, seed=0):
@@ -77,6 +79,7 @@ def test_crash_mid_save_leaves_a_loadable_checkpoint(tmp_path, stage):
 
     with pytest.raises(KeyboardInterrupt):
         trainer.save(fault=crash)
+    trainer.close()  # the process "died": its lock on the run is gone
     path = latest_checkpoint(trainer.run_dir)
     assert path is not None
     state = torch.load(path / "trainer_state.pt", weights_only=False)
@@ -97,7 +100,7 @@ def test_lr_schedules():
 
 
 def run_cli(argv, capsys):
-    code = cli(argv)
+    code = main(["train", *argv])
     return code, capsys.readouterr().err
 
 

@@ -4,6 +4,8 @@ A moekit checkpoint is a directory:
 
     moekit_config.json   ModelConfig.to_dict() plus {"format": "moekit", "version": 1}
     model.safetensors    the state dict (lm_head.weight is left out when the embeddings are tied)
+    checksums.json       {file: sha256} of the files above and below (rundir.py); verified on load, so
+                         a corrupt file is an error naming it. Older checkpoints without it load unverified.
     tokenizer.json       optional: a `tokenizers.Tokenizer`, saved when `model.tokenizer` is set
     quantization.json    optional: {"method", "quantize_head"} of a `moekit.quantize`d model, whose
                          model.safetensors then holds the packed buffers (see moekit/quantize)
@@ -26,9 +28,8 @@ from .config import ModelConfig
 from .model import Transformer
 from .moe.config import RUNTIME_FIELDS
 from .quantize import quantize_model
+from .rundir import CONFIG_FILE, WEIGHTS_FILE, verify_checksums, write_checksums
 
-CONFIG_FILE = "moekit_config.json"
-WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 QUANT_FILE = "quantization.json"  # present in checkpoints of moekit.quantize'd models
 FORMAT_NAME = "moekit"
@@ -50,7 +51,8 @@ def _safetensors():
 # ---------------------------------------------------------------------------- save
 def save_model(model: Transformer, path: PathLike) -> Path:
     """Write `model` as a moekit checkpoint directory at `path`, atomically (a temp directory beside it,
-    renamed into place). An existing directory at `path` is replaced only when empty or a moekit checkpoint."""
+    renamed into place; on an error it is removed and `path` is left as it was). An existing directory at
+    `path` is replaced only when empty or a moekit checkpoint."""
     st = _safetensors()
     path = Path(path)
     if path.exists():
@@ -73,16 +75,25 @@ def save_model(model: Transformer, path: PathLike) -> Path:
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **cfg.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         st.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        written = [CONFIG_FILE, WEIGHTS_FILE]
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(str(tmp / TOKENIZER_FILE))
+            written.append(TOKENIZER_FILE)
         if getattr(model, "quantization", None):  # moekit.quantize: {"method", "quantize_head"}
             (tmp / QUANT_FILE).write_text(json.dumps(model.quantization) + "\n")
+            written.append(QUANT_FILE)
+        write_checksums(tmp, written)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{tmp.name[-8:]}"
             os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous checkpoint back
+                os.rename(old, path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -101,16 +112,37 @@ def load_tokenizer(path: PathLike):
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers package raises a bare Exception on a bad file
+        raise ValueError(f"{str(file)!r} is not a readable tokenizer (truncated or corrupt?): {err}") from None
+
+
+def read_quantization(path: PathLike):
+    """{"method", "quantize_head"} of path/quantization.json, or None (not a quantized checkpoint)."""
+    file = Path(path) / QUANT_FILE
+    if not file.is_file():
+        return None
+    try:
+        quant = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {err}") from None
+    if not isinstance(quant, dict):
+        raise ValueError(f"{str(file)!r} is not a JSON object")
+    return quant
 
 
 def read_config(path: PathLike) -> ModelConfig:
     """The ModelConfig of a moekit checkpoint directory."""
     file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise ValueError(f"moekit checkpoint {str(path)!r} has no {CONFIG_FILE}")
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(file)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(file)!r} is not a JSON object")
     fmt, version = data.pop("format", None), data.pop("version", None)
     if fmt != FORMAT_NAME:
         raise ValueError(f"{str(file)!r} has format {fmt!r}, expected {FORMAT_NAME!r}")
@@ -129,23 +161,30 @@ def read_config(path: PathLike) -> ModelConfig:
 
 def load_moekit(path: PathLike, dtype=None, device="cpu") -> Transformer:
     """Load a moekit checkpoint directory, in eval mode, with `model.tokenizer` (or None: no
-    tokenizer.json or no `tokenizers` package). `dtype`: None, a torch.dtype or a name ("bfloat16")."""
+    tokenizer.json or no `tokenizers` package). `dtype`: None, a torch.dtype or a name ("bfloat16").
+    A missing, truncated or corrupt file (checksums.json) is a ValueError naming it."""
     st = _safetensors()
     path = Path(path)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
             raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or a name such as 'float32' or 'bfloat16'")
         dtype = getattr(torch, dtype)
+    verify_checksums(path)
     cfg = read_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=str(dtype).removeprefix("torch."))
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"moekit checkpoint {str(path)!r} has no {WEIGHTS_FILE}")
-    state = st.load_file(str(weights), device=str(device))
+    from safetensors import SafetensorError
+
+    try:
+        state = st.load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    quant = read_quantization(path)
 
     # build without initialising (meta), then adopt the loaded tensors
-    quant = json.loads((path / QUANT_FILE).read_text()) if (path / QUANT_FILE).is_file() else None
     with torch.device("meta"):
         model = Transformer(cfg)
         if quant is not None:  # rebuild the quantized modules (on meta) before adopting the stored buffers

@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from . import cliargs
 from .sampling import (StopSpec, apply_repetition_penalty, check_sampling, ends_with_stop, new_generator,
                        normalise_prompts, normalise_stops, sample_next)
 from .speculative import speculative_generate
@@ -154,29 +155,33 @@ def _parse_ids(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit generate", description="Generate text from a moekit checkpoint, "
-                                "a training run directory or an HF checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (moekit, run dir or HF format)")
+    from .quantize.cli import CHOICES as QUANT_CHOICES, METHOD_HELP as QUANT_HELP
+
+    p = cliargs.parser("moekit generate", "Generate text from a moekit checkpoint, a training run directory or "
+                       "an HF checkpoint.", "examples:\n  moekit generate runs/default --prompt 'def main('\n"
+                       "  moekit generate runs/default --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.95 --seed 0")
+    cliargs.add_model_argument(p, "checkpoint directory (moekit, run dir or HF format)")
     p.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the checkpoint)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (works without a tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL/HF penalty > 0 (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output; default: random)")
     p.add_argument("--stop-ids", default=None, help="comma-separated token ids that end the generation")
     p.add_argument("--print-ids", action="store_true", help="print token ids even when a tokenizer exists")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="load weights in this dtype")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--quantize", default=None, metavar="METHOD",
-                   help="weight-only quantize the model after loading: int8, int4-g32/64/128, q8_0, q4_0")
+    p.add_argument("--dtype", type=cliargs.dtype_name, default=None, metavar="DTYPE",
+                   help=cliargs.DTYPE_HELP + " (default: as stored)")
+    p.add_argument("--device", type=cliargs.device_name, default="cpu", help=cliargs.DEVICE_HELP)
+    p.add_argument("--quantize", default=None, choices=QUANT_CHOICES, metavar="METHOD",
+                   help="weight-only quantize the model after loading: " + QUANT_HELP)
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="speculative decoding with this draft checkpoint (same tokenizer/vocab; batch 1)")
     p.add_argument("--speculative", default=None, choices=["ngram"],
                    help="draft-free speculative decoding: 'ngram' (prompt lookup)")
-    p.add_argument("--gamma", type=int, default=4, help="speculative: tokens proposed per round (default 4)")
-    p.add_argument("--ngram", type=int, default=3, help="--speculative ngram: longest suffix matched (default 3)")
+    p.add_argument("--gamma", type=int, default=4, help="speculative: tokens proposed per round")
+    p.add_argument("--ngram", type=int, default=3, help="--speculative ngram: longest suffix matched")
     return p
 
 
@@ -214,60 +219,61 @@ class _Streamer:
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    """`moekit generate`: stream the continuation of one prompt to stdout. Errors exit with 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        if not os.path.isdir(args.checkpoint):
-            raise ValueError(f"checkpoint directory {args.checkpoint!r} does not exist")
-        if args.prompt is None and args.prompt_ids is None:
-            raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
-        if args.prompt is not None and args.prompt_ids is not None:
-            raise ValueError("give either --prompt or --prompt-ids, not both")
-        from .loading import load_model
+    """`moekit generate`: stream the continuation of one prompt to stdout (errors: `moekit.cli`)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    checkpoint = cliargs.model_path(args, p)
+    device = cliargs.check_device(args.device)
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint directory {checkpoint!r} does not exist")
+    if args.prompt is None and args.prompt_ids is None:
+        raise ValueError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give either --prompt or --prompt-ids, not both")
+    if args.draft is not None and args.speculative is not None:
+        raise ValueError("give either --draft DIR or --speculative ngram, not both")
+    speculative = args.draft is not None or args.speculative is not None
+    if speculative and args.repetition_penalty != 1.0:
+        raise ValueError("--repetition-penalty is not supported with speculative decoding")
+    from .loading import load_model
+    from .quantize.cli import method_name
 
-        if args.draft is not None and args.speculative is not None:
-            raise ValueError("give either --draft DIR or --speculative ngram, not both")
-        model = load_model(args.checkpoint, dtype=args.dtype, device=args.device)
-        if args.quantize is not None:
-            from .quantize import quantize_model
+    model = load_model(checkpoint, dtype=args.dtype, device=device)
+    if args.quantize is not None:
+        from .quantize import quantize_model
 
-            quantize_model(model, args.quantize)
-        draft = None
-        if args.draft is not None:
-            if not os.path.isdir(args.draft):
-                raise ValueError(f"draft checkpoint directory {args.draft!r} does not exist")
-            draft = load_model(args.draft, dtype=args.dtype, device=args.device)
-        tokenizer = getattr(model, "tokenizer", None)
-        if args.prompt is not None:
-            if tokenizer is None:
-                raise ValueError(f"checkpoint {args.checkpoint!r} has no tokenizer (tokenizer.json), so --prompt TEXT "
-                                 "cannot be encoded; pass token ids with --prompt-ids 1,2,3")
-            prompt_ids = tokenizer.encode(args.prompt).ids
-            if not prompt_ids:
-                raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
-        else:
-            prompt_ids = _parse_ids(args.prompt_ids)
-        stop = _parse_ids(args.stop_ids) if args.stop_ids else None
-        eos = eos_token_ids(args.checkpoint, model)
-        streamer = _Streamer(None if args.print_ids else tokenizer)
-        if draft is not None or args.speculative is not None:
-            if args.repetition_penalty != 1.0:
-                raise ValueError("--repetition-penalty is not supported with speculative decoding")
-            _, stats = speculative_generate(
-                model, prompt_ids, args.max_new_tokens, draft=draft, gamma=args.gamma,
-                ngram=args.ngram if draft is None else None, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=(stop or []) + (eos or []) or None, stream=streamer)
-            streamer.finish()
-            print(f"speculative ({'draft' if draft is not None else f'ngram n={args.ngram}'}, gamma={args.gamma}): "
-                  f"accepted {stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}), "
-                  f"{stats.target_forward_passes} target passes, {stats.tokens_per_pass:.2f} tokens/pass",
-                  file=sys.stderr)
-        else:
-            generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                     seed=args.seed, stop=stop, eos_token_id=eos, stream=streamer)
-            streamer.finish()
-    except (ValueError, OSError) as err:
-        print(f"moekit generate: error: {err}", file=sys.stderr)
-        return 2
+        quantize_model(model, method_name(args.quantize))
+    draft = None
+    if args.draft is not None:
+        if not os.path.isdir(args.draft):
+            raise ValueError(f"draft checkpoint directory {args.draft!r} does not exist")
+        draft = load_model(args.draft, dtype=args.dtype, device=device)
+    tokenizer = getattr(model, "tokenizer", None)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer (tokenizer.json), so --prompt TEXT "
+                             "cannot be encoded; pass token ids with --prompt-ids 1,2,3")
+        prompt_ids = tokenizer.encode(args.prompt).ids
+        if not prompt_ids:
+            raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
+    else:
+        prompt_ids = _parse_ids(args.prompt_ids)
+    stop = _parse_ids(args.stop_ids) if args.stop_ids else None
+    eos = eos_token_ids(checkpoint, model)
+    streamer = _Streamer(None if args.print_ids else tokenizer)
+    if speculative:
+        _, stats = speculative_generate(
+            model, prompt_ids, args.max_new_tokens, draft=draft, gamma=args.gamma,
+            ngram=args.ngram if draft is None else None, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, stop=(stop or []) + (eos or []) or None, stream=streamer)
+        streamer.finish()
+        print(f"speculative ({'draft' if draft is not None else f'ngram n={args.ngram}'}, gamma={args.gamma}): "
+              f"accepted {stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%}), "
+              f"{stats.target_forward_passes} target passes, {stats.tokens_per_pass:.2f} tokens/pass",
+              file=sys.stderr)
+    else:
+        generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                 seed=args.seed, stop=stop, eos_token_id=eos, stream=streamer)
+        streamer.finish()
     return 0

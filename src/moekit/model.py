@@ -68,21 +68,26 @@ class Transformer(nn.Module):
         if not isinstance(cfg, ModelConfig):
             raise ValueError(f"Transformer expects a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # from an empty tensor: nn.Embedding's own init would be thrown away by reset_parameters
+        self.embed = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.d_model), freeze=False)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.register_buffer("inv_freq", self.rope_inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", self.rope_inv_freq().to(self.embed.weight.device), persistent=False)
         self.reset_parameters()
 
     def rope_inv_freq(self) -> torch.Tensor:
+        """On the CPU whatever the default device (arange on meta imports torch._dynamo: ~1 s)."""
         cfg = self.cfg
-        return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        with torch.device("cpu"):
+            return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.embed.weight.is_meta:  # built on meta to be loaded: nothing to fill (normal_ on meta
+            return  # imports torch._dynamo, ~1 s)
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
+
+from . import cliargs
 
 COMPONENTS = ("embedding", "attention", "norms", "dense_ffn", "router", "experts", "shared_experts", "head", "other")
 RANGE = "moekit::"
@@ -198,27 +199,27 @@ def _load(model_arg: str, device: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit profile", description=(
-        "Run a few training or decode steps under torch.profiler; print each component's time share next to the "
-        "analyzer's FLOPs share and write a Chrome trace."))
-    p.add_argument("model", help="preset name or checkpoint/run directory")
-    p.add_argument("--mode", default="train", choices=("train", "decode"))
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=4)
+    p = cliargs.parser("moekit profile", "Run a few training or decode steps under torch.profiler; print each "
+                       "component's time share next to the analyzer's FLOPs share and write a Chrome trace.",
+                       "examples:\n  moekit profile small --mode train --steps 3\n"
+                       "  moekit profile runs/demo --mode decode --steps 16 --trace ''")
+    cliargs.add_model_argument(p, "preset name or checkpoint/run directory")
+    p.add_argument("--mode", default="train", choices=("train", "decode"),
+                   help="profile training steps (forward, backward, AdamW) or decode steps (one token each)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (after one unprofiled warm-up)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="sequence length (train) or prompt length (decode)")
     p.add_argument("--trace", default="moekit_trace.json", help="Chrome trace output ('' to skip)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", type=cliargs.device_name, default="auto", help=cliargs.DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     return p
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model = _load(args.model, args.device)
-        r = run_profile(model, args.mode, args.steps, args.batch, args.seq, args.trace or None)
-    except ValueError as e:
-        print(f"moekit profile: error: {e}", file=sys.stderr)
-        return 2
+    """`moekit profile` (errors: `moekit.cli`)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    model = _load(cliargs.model_path(args, p), cliargs.check_device(args.device))
+    r = run_profile(model, args.mode, args.steps, args.batch, args.seq, args.trace or None)
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0

@@ -2,10 +2,12 @@
 by `generate`, `speculative`, the engine (`choose_tokens`, `SamplingParams`) and the server.
 
 Processors, in the order applied to a row of the last position's logits (float32):
-  1. repetition penalty (CTRL / HF) over the prompt and generated tokens (`generate` only, greedy
-     mode included): a positive logit is divided by the penalty, a negative one multiplied by it;
+  1. repetition penalty (CTRL / HF) over the prompt and generated tokens (`generate` and the engine,
+     greedy mode included): a positive logit is divided by the penalty, a negative one multiplied by it;
   2. temperature == 0: greedy (argmax), the steps below are skipped;
-  3. logits / temperature, then top-k (ties with the k-th kept), then top-p (`filter_logits`);
+  3. logits / temperature, then top-k (ties with the k-th kept), then top-p, then min-p (tokens
+     with probability < min_p x the most likely one's are dropped; HF's MinPLogitsWarper, applied
+     in the same order as HF) (`filter_logits`);
   4. a draw from the softmax (`draw`) with a `torch.Generator` (`new_generator`, seeded by `seed`).
 `sample_next` is steps 2-4, `filtered_probs` the distribution steps 2-3 define. The checks raise
 SamplingParamError, a ValueError whose `param` names the field, with one message for every
@@ -58,10 +60,20 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tenso
     return logits_BV.masked_fill(drop_BV, float("-inf"))
 
 
+def min_p_filter(logits_BV: torch.Tensor, min_p: Optional[float]) -> torch.Tensor:
+    """Keep the tokens whose probability is >= min_p x the row's largest one (the top token always
+    stays); the rest -> -inf. None or 0 = off."""
+    if not min_p:
+        return logits_BV
+    probs_BV = torch.softmax(logits_BV, dim=-1)
+    drop_BV = probs_BV < min_p * probs_BV.max(dim=-1, keepdim=True).values
+    return logits_BV.masked_fill(drop_BV, float("-inf"))
+
+
 def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int],
-                  top_p: Optional[float]) -> torch.Tensor:
-    """Step 3 of the module docstring: temperature, then top-k, then top-p (temperature > 0)."""
-    return top_p_filter(top_k_filter(apply_temperature(logits_BV, temperature), top_k), top_p)
+                  top_p: Optional[float], min_p: Optional[float] = None) -> torch.Tensor:
+    """Step 3 of the module docstring: temperature, then top-k, top-p and min-p (temperature > 0)."""
+    return min_p_filter(top_p_filter(top_k_filter(apply_temperature(logits_BV, temperature), top_k), top_p), min_p)
 
 
 def greedy(logits_BV: torch.Tensor) -> torch.Tensor:
@@ -75,20 +87,20 @@ def draw(probs_BV: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+                generator: Optional[torch.Generator], min_p: Optional[float] = None) -> torch.Tensor:
     """One token per row (B,) int64: argmax when temperature == 0, else a filtered draw."""
     if temperature == 0.0:
         return greedy(logits_BV)
-    return draw(torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p), dim=-1), generator)
+    return draw(torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p, min_p), dim=-1), generator)
 
 
 def filtered_probs(logits_XV: torch.Tensor, temperature: float, top_k: Optional[int],
-                   top_p: Optional[float]) -> torch.Tensor:
+                   top_p: Optional[float], min_p: Optional[float] = None) -> torch.Tensor:
     """The sampling distribution of each row (float32): the filters above, one-hot argmax when greedy."""
     logits_XV = logits_XV.float()
     if temperature == 0.0:
         return torch.zeros_like(logits_XV).scatter_(-1, logits_XV.argmax(-1, keepdim=True), 1.0)
-    return torch.softmax(filter_logits(logits_XV, temperature, top_k, top_p), dim=-1)
+    return torch.softmax(filter_logits(logits_XV, temperature, top_k, top_p, min_p), dim=-1)
 
 
 def new_generator(temperature: float, seed: Optional[int], device) -> Optional[torch.Generator]:
@@ -101,13 +113,15 @@ def new_generator(temperature: float, seed: Optional[int], device) -> Optional[t
 
 
 def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float]]]:
-    """The engine's per-row choice: (token, logprob or None) per row; seqs[r] has .params and .generator.
-    Greedy rows take the argmax (batched); sampled rows go one at a time through `sample_next` with
-    the request's own generator, so a seeded request draws the same tokens alone, among others, or
-    in `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
+    """The engine's per-row choice: (token, logprob or None) per row; seqs[r] has .params, .generator,
+    .prompt and .out (the tokens so far, for the repetition penalty). Plain greedy rows take the argmax
+    (batched); the others go one at a time through the penalty and `sample_next` with the request's
+    own generator, so a seeded request draws the same tokens alone, among others, or in
+    `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
-    greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0]
+    greedy_rows = [r for r in range(R)
+                   if seqs[r].params.temperature == 0 and seqs[r].params.repetition_penalty == 1]
     if greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits_RV.device)
         for r, t in zip(greedy_rows, greedy(logits_RV.index_select(0, idx)).tolist()):
@@ -115,8 +129,13 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     for r in range(R):
         if out[r] is None:
             p = seqs[r].params
-            out[r] = int(sample_next(logits_RV[r:r + 1], float(p.temperature), p.top_k, p.top_p,
-                                     seqs[r].generator)[0])
+            logits_1V = logits_RV[r:r + 1].float()
+            if p.repetition_penalty != 1:
+                seen_1V = torch.zeros_like(logits_1V, dtype=torch.bool)
+                seen_1V[0, torch.tensor(seqs[r].prompt + seqs[r].out, device=logits_1V.device)] = True
+                logits_1V = apply_repetition_penalty(logits_1V, seen_1V, float(p.repetition_penalty))
+            out[r] = int(sample_next(logits_1V, float(p.temperature), p.top_k, p.top_p, seqs[r].generator,
+                                     p.min_p)[0])
     want = [r for r in range(R) if seqs[r].params.logprobs]
     logprobs: List[Optional[float]] = [None] * R
     if want:
@@ -173,6 +192,12 @@ def check_repetition_penalty(value, name: str = "repetition_penalty") -> None:
         raise SamplingParamError(f"{name} must be a finite number > 0 (1.0 = off), got {value!r}", name)
 
 
+def check_min_p(value, name: str = "min_p") -> None:
+    """None (off) or a number in [0, 1] (0 = off)."""
+    if value is not None and (not _is_number(value) or not 0 <= value <= 1):  # NaN fails 0 <= value
+        raise SamplingParamError(f"{name} must be a number in [0, 1] (or unset), got {value!r}", name)
+
+
 def check_seed(value, name: str = "seed") -> None:
     """None (a random seed) or an integer."""
     if value is not None and not _is_int(value):
@@ -180,12 +205,13 @@ def check_seed(value, name: str = "seed") -> None:
 
 
 def check_sampling(max_tokens, temperature, top_k=None, top_p=None, repetition_penalty=1.0, seed=None, *,
-                   max_tokens_name: str = "max_tokens", min_tokens: int = 1) -> None:
+                   max_tokens_name: str = "max_tokens", min_tokens: int = 1, min_p=None) -> None:
     """Every sampling field, in this order; raises SamplingParamError for the first invalid one."""
     check_max_tokens(max_tokens, max_tokens_name, min_tokens)
     check_temperature(temperature)
     check_top_k(top_k)
     check_top_p(top_p)
+    check_min_p(min_p)
     check_repetition_penalty(repetition_penalty)
     check_seed(seed)
 

@@ -1,10 +1,12 @@
-"""Token ids a checkpoint declares, for `moekit generate` and `moekit serve`."""
+"""Token ids a checkpoint declares, for `moekit generate`, `moekit serve` and HF export."""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import List, Optional
+
+from .data import EOT
 
 
 def eos_token_ids(path: str, model) -> Optional[List[int]]:
@@ -25,3 +27,9 @@ def eos_token_ids(path: str, model) -> Optional[List[int]]:
         return None
     ids = [eos] if isinstance(eos, int) else list(eos)
     return [i for i in ids if isinstance(i, int) and 0 <= i < model.cfg.vocab_size] or None
+
+
+def end_of_text_id(tokenizer) -> Optional[int]:
+    """The id of moekit's end-of-text token `EOT` (the separator after every training document) in
+    a `tokenizers.Tokenizer`, or None when the tokenizer has no such token."""
+    return None if tokenizer is None else tokenizer.token_to_id(EOT)

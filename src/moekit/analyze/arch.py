@@ -1,19 +1,19 @@
 """The analyzer's `Arch` (`moekit.shape`) from a moekit `ModelConfig`, an HF config.json dict (any
 model_type registered in `moekit.hf`) or a bare MoE layer `d,n,E,K`. Notation: docs/notation.md.
+moekit.config and moekit.hf are imported where needed, not here: importing the analyzer imports no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import ModelConfig
-from ..hf.spec import get_spec
 from ..shape import FFN, Arch, Attention
 
 __all__ = ["Arch", "Attention", "FFN", "from_hf_config", "from_layer", "from_model_config"]
 
 
-def from_model_config(cfg: ModelConfig) -> Arch:
+def from_model_config(cfg) -> Arch:
+    """The `Arch` of a moekit `ModelConfig`."""
     attn = Attention("mha", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias, qk_norm=cfg.qk_norm)
     ffns = []
     for i in range(cfg.n_layers):
@@ -42,6 +42,8 @@ def from_layer(d: int, n: int, E: int, K: int, name: str = "") -> Arch:
 def from_hf_config(hf: dict, name: str = "") -> Arch:
     """The `Arch` of an HF config.json dict: the spec's lenient `parse_config` for loadable types
     (values that do not change the shapes are ignored), its `to_arch` for analysis-only ones."""
+    from ..hf.spec import get_spec
+
     spec = get_spec(hf.get("model_type"), loadable=False)
     name = name or hf.get("_name_or_path") or spec.model_type
     if not spec.loadable:

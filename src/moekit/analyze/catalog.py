@@ -69,7 +69,8 @@ def parse_layer(spec: str) -> Arch:
 
 
 def resolve_model(model: str) -> Arch:
-    """An `Arch` for a preset/known name, an HF config.json (file or dir), or a moekit checkpoint/run dir."""
+    """An `Arch` for a preset/known name, an HF config.json (file or dir), or a moekit checkpoint/run dir.
+    A LAYERS name is refused with a pointer to --layer: it has no attention, embeddings or head."""
     from ..config import ModelConfig
     from ..presets import MODEL_PRESETS
 
@@ -90,6 +91,8 @@ def resolve_model(model: str) -> Arch:
         if (path / "config.json").is_file():
             return _from_json_file(path / "config.json")
         raise ValueError(f"directory {model!r} holds no config.json, {CONFIG_FILE} or checkpoint/")
+    if model in LAYERS:
+        raise ValueError(f"{model!r} is a published MoE layer (d, n, K, E), not a model: use --layer {model}")
     raise ValueError(f"unknown model {model!r}: not a file or directory, and not a known name; "
                      f"known names: {', '.join(sorted(set(MODEL_PRESETS) | set(HF_CONFIGS)))}")
 

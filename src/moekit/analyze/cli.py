@@ -1,29 +1,34 @@
-"""`moekit analyze MODEL | --layer d,n,E,K [--hardware H] [--weights P] [--batch B] [--context C] [--json] [--plot DIR]`."""
+"""`moekit analyze MODEL | --layer d,n,E,K [--hardware H] [--memory GIB] [--weights P] [--kv-dtype D] [--batch B]
+[--context C] [--tokens T] [--json] [--plot DIR]`. Imports no torch for presets, names and config.json files.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import List, Optional
 
+from .. import cliargs
 from .catalog import LAYERS, parse_layer, resolve_model
 from .hardware import CHOICES
-from .precision import PRECISIONS
+from .memory import USABLE
+from .precision import NAMES_HELP
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit analyze", description=(
-        "Parameters, FLOPs, KV/activation bytes, arithmetic intensity and the speed hardware allows, "
-        "for an MoE (or dense) model. MODEL: a preset or known name, an HF config.json (file or dir), "
-        "a moekit checkpoint or run directory."))
+def build_parser():
+    p = cliargs.parser("moekit analyze", (
+        "Parameters, FLOPs, KV/activation bytes, arithmetic intensity, the memory needed (inference and "
+        "training) against the device's, and the speed hardware allows, for an MoE (or dense) model. "
+        "MODEL: a preset or known name, an HF config.json (file or dir), a moekit checkpoint or run directory."))
     p.add_argument("model", nargs="?", help="preset/name, config.json, or checkpoint/run directory")
     p.add_argument("--layer", help=f"a bare MoE layer d,n,E,K or a published name: {', '.join(LAYERS)}")
-    p.add_argument("--hardware", default="h100", help=f"one of {', '.join(CHOICES)} (default h100)")
-    p.add_argument("--weights", help=f"weight precision: {', '.join(PRECISIONS)} (default: the model's dtype)")
+    p.add_argument("--hardware", default="h100", help=f"one of {', '.join(CHOICES)}")
+    p.add_argument("--memory", type=float, metavar="GIB",
+                   help=f"device memory in GiB instead of the hardware's ({USABLE:.0%} of it counts as usable)")
+    p.add_argument("--weights", help=f"weight precision: {NAMES_HELP} (default: the model's dtype)")
     p.add_argument("--kv-dtype", help="KV cache dtype: fp32, bf16, fp16, fp8, int8 (default: weights' float type)")
-    p.add_argument("--batch", type=int, default=1, help="decode/prefill batch size (default 1)")
-    p.add_argument("--context", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="decode/prefill/training batch size (sequences)")
+    p.add_argument("--context", type=int, default=4096, help="context length in tokens")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per MoE batch for arithmetic intensity and activation bytes")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write roofline.png and decode_vs_batch.png into DIR")
@@ -39,7 +44,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise ValueError("give exactly one of MODEL or --layer d,n,E,K")
         arch = parse_layer(args.layer) if args.layer else resolve_model(args.model)
         report = analyze(arch, hardware=args.hardware, weights=args.weights, kv_dtype=args.kv_dtype,
-                         batch=args.batch, context=args.context, tokens=args.tokens)
+                         batch=args.batch, context=args.context, tokens=args.tokens, memory_gib=args.memory)
         if args.plot:
             from .plots import write_plots
 

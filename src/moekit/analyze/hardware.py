@@ -1,11 +1,14 @@
-"""Hardware: peak dense 16-bit FLOP/s and memory bandwidth (docs/formulas.md#hardware), or measured
-locally; only measurement gives a separate fp32 peak."""
+"""Hardware: peak dense FLOP/s (16-bit, and fp8 where the chip has it), memory bandwidth and device
+memory (docs/formulas.md#hardware), or measured locally; only measurement gives a separate fp32 peak."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -13,23 +16,37 @@ class Hardware:
     name: str
     flops: float  # peak dense bf16/fp16 FLOP/s
     bw: float  # memory bandwidth, bytes/s
+    memory: float = 0.0  # device memory, bytes (0: unknown)
+    flops_fp8: Optional[float] = None  # peak dense fp8 FLOP/s, where the chip has fp8 tensor cores
     flops_fp32: Optional[float] = None  # measured only (local)
     note: str = ""
 
-    def peak_flops(self, fp32: bool) -> float:
-        return self.flops_fp32 if (fp32 and self.flops_fp32) else self.flops
+    def peak(self, weights: str) -> Tuple[float, str]:
+        """(FLOP/s, which peak) for matmuls with `weights`: fp8 weights run fp8 GEMMs where the chip has them;
+        fp32 uses the measured fp32 peak (local only); everything else, weight-only formats included
+        (dequantized to 16-bit before the matmul), the 16-bit peak."""
+        if weights == "fp8" and self.flops_fp8:
+            return self.flops_fp8, "fp8 dense"
+        if weights == "fp32" and self.flops_fp32:
+            return self.flops_fp32, "fp32 (measured)"
+        why = {"fp8": " (no fp8 peak for this hardware)", "fp32": " (no fp32 peak for this hardware)"}.get(weights, "")
+        if weights not in ("fp8", "fp32", "bf16", "fp16"):
+            why = f" ({weights} weights are dequantized to 16-bit for the matmul)"
+        return self.flops, "bf16/fp16 dense" + why
 
 
+# Peaks and bandwidths: docs/formulas.md#hardware. Memory: the datasheet capacity taken as GiB (what the
+# driver reports is within 1% of it; the analyzer's 90% usable headroom covers the rest).
 CATALOG = {
-    "a100": Hardware("a100", 312e12, 1.935e12, note="A100 SXM"),
-    "h100": Hardware("h100", 989e12, 3.35e12, note="H100 SXM"),
-    "h200": Hardware("h200", 989e12, 4.8e12),
-    "b200": Hardware("b200", 2.25e15, 8.0e12),
-    "rtx4090": Hardware("rtx4090", 82.6e12, 1.008e12),
-    "t4": Hardware("t4", 65e12, 320e9, note="65 TFLOPS is fp16 tensor-core, not fp32"),
-    "m1": Hardware("m1", 5.5e12, 68.25e9, note="M1 GPU"),
-    "m2-max": Hardware("m2-max", 13.6e12, 400e9),
-    "rpi4": Hardware("rpi4", 13.5e9, 4e9),
+    "a100": Hardware("a100", 312e12, 1.935e12, 80 * GIB, note="A100 SXM 80GB"),
+    "h100": Hardware("h100", 989e12, 3.35e12, 80 * GIB, flops_fp8=1979e12, note="H100 SXM"),
+    "h200": Hardware("h200", 989e12, 4.8e12, 141 * GIB, flops_fp8=1979e12),
+    "b200": Hardware("b200", 2.25e15, 8.0e12, 180 * GIB, flops_fp8=4.5e15),
+    "rtx4090": Hardware("rtx4090", 82.6e12, 1.008e12, 24 * GIB),
+    "t4": Hardware("t4", 65e12, 320e9, 16 * GIB, note="65 TFLOPS is fp16 tensor-core, not fp32"),
+    "m1": Hardware("m1", 5.5e12, 68.25e9, 16 * GIB, note="M1 GPU, 16 GB unified memory"),
+    "m2-max": Hardware("m2-max", 13.6e12, 400e9, 32 * GIB, note="32 GB unified memory"),
+    "rpi4": Hardware("rpi4", 13.5e9, 4e9, 8 * GIB, note="8 GB model"),
 }
 CHOICES = tuple(CATALOG) + ("local",)
 
@@ -61,7 +78,8 @@ def _best_seconds(fn, repeats: int, sync) -> float:
 def local_hardware(refresh: bool = False) -> Hardware:
     """This machine, measured once per process: the best of 5 square matmuls (2·n³ FLOPs) in bf16 and in
     fp32, and of 5 reads of a 256 MiB tensor (the read bandwidth a memory-bound decode step sees), on
-    CUDA when present, else on the CPU with all of torch's threads."""
+    CUDA when present, else on the CPU with all of torch's threads; memory is the GPU's total memory,
+    or the machine's physical RAM."""
     global _LOCAL
     if _LOCAL is None or refresh:
         import torch
@@ -76,5 +94,7 @@ def local_hardware(refresh: bool = False) -> Hardware:
         x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
         bw = nbytes / _best_seconds(lambda: x.sum(), 5, sync)
         where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        _LOCAL = Hardware("local", flops[0], bw, flops_fp32=flops[1], note=f"measured: {where}")
+        memory = (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
+                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        _LOCAL = Hardware("local", flops[0], bw, float(memory), flops_fp32=flops[1], note=f"measured: {where}")
     return _LOCAL

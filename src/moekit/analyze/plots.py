@@ -1,5 +1,6 @@
 """`moekit analyze --plot DIR`: a roofline with the model's main operations (each at its attainable
-FLOP/s min(peak, AI·BW)), and decode tok/s vs batch.
+FLOP/s min(peak, AI·BW), named in the legend), and decode tok/s vs batch up to the largest batch whose
+KV cache fits beside the weights (docs/formulas.md#memory).
 """
 
 from __future__ import annotations
@@ -49,53 +50,75 @@ def operations(arch: Arch, r: Dict) -> List[tuple]:
     return ops
 
 
-def roofline(arch: Arch, r: Dict, path: Path) -> Path:
+def roofline_figure(arch: Arch, r: Dict):
     plt = _pyplot()
     peak, bw = r["hardware"]["flops_used"], r["hardware"]["bw"]
     ridge = peak / bw
     xs = [10 ** (i / 20) for i in range(-40, 101)]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     ax.loglog(xs, [min(peak, x * bw) for x in xs], color="black", lw=2, label=f"roofline (ridge {ridge:.0f} FLOP/B)")
+    markers = "osD^vP*Xh"
     for i, (label, ai) in enumerate(operations(arch, r)):
-        ax.scatter([ai], [min(peak, ai * bw)], s=40, zorder=3)
-        ax.annotate(f"{label}\n{ai:.3g} FLOP/B", (ai, min(peak, ai * bw)), textcoords="offset points",
-                    xytext=(6, -24) if i % 2 == 0 else (-110, 8), fontsize=7)
+        ax.scatter([ai], [min(peak, ai * bw)], s=60, zorder=3, marker=markers[i % len(markers)], alpha=0.85,
+                   label=f"{label}: {ai:.3g} FLOP/B")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("attainable FLOP/s")
-    ax.set_title(f"{r['model']} on {r['hardware']['name']} ({r['inputs']['weights']} weights)")
+    ax.set_title(f"{r['model']} on {r['hardware']['name']} ({r['inputs']['weights']} weights, {r['hardware']['peak_used']})",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def decode_vs_batch(arch: Arch, r: Dict, path: Path) -> Path:
+def decode_vs_batch_figure(arch: Arch, r: Dict):
     plt = _pyplot()
     inp = r["inputs"]
     prec, kvb = get_precision(inp["weights"]), dtype_bytes(inp["kv_dtype"])
     peak, bw = r["hardware"]["flops_used"], r["hardware"]["bw"]
-    batches = sorted({int(round(2 ** (i / 4))) for i in range(0, 4 * 14 + 1)})
+    top, label = decode_batch_limit(r)
+    batches = sorted({b for b in (int(round(2 ** (i / 4))) for i in range(0, 4 * 14 + 1)) if b <= top} | {top})
     tps = [estimate.decode(arch, prec, peak, bw, b, inp["context"], kvb)["tokens_per_s"] for b in batches]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.loglog(batches, tps, marker=".", label="decode tokens/s (all sequences)")
+    ax.loglog(batches, tps, marker=".", label=label)
     be = r["break_even_batch"]
-    if be:
+    if be and be <= top:  # lines past the last batch that fits would only stretch the axis
         ax.axvline(be, color="red", ls="--", label=f"break-even batch {be} (experts touched + KV)")
-    ax.axvline(r["critical_batch"], color="gray", ls=":", label=f"B* = FLOPS·bytes/(2·BW) = {r['critical_batch']:.0f}")
+    if r["critical_batch"] <= top:
+        ax.axvline(r["critical_batch"], color="gray", ls=":", label=f"B* = FLOPS·bytes/(2·BW) = {r['critical_batch']:.0f}")
     ax.set_xlabel("batch size B")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"{r['model']} decode at context {inp['context']} on {r['hardware']['name']}")
+    fits = "" if r["fits"] else " (does not fit)"
+    ax.set_title(f"{r['model']} decode at context {inp['context']} on {r['hardware']['name']}{fits}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def decode_batch_limit(r: Dict, cap: int = 1 << 14):
+    """(largest batch to plot, curve label): batches whose KV cache fits beside the weights on one device;
+    if the weights alone do not fit, those that fit on the devices needed for the weights, labelled so."""
+    m = r["memory"]
+    inf = m["inference"]
+    if inf["max_batch"] is None:
+        return cap, "decode tokens/s (all sequences)"
+    if inf["max_batch"] >= 1:
+        return min(cap, inf["max_batch"]), "decode tokens/s (all sequences; batches that fit)"
+    n = -(-inf["weights"] // m["usable"])
+    per_seq = (inf["kv_cache"] / r["inputs"]["batch"]) or 1
+    top = max(1, min(cap, int((n * m["usable"] - inf["weights"]) // per_seq)))
+    return top, f"if it fit: decode tokens/s (KV within {n:.0f} devices' memory)"
 
 
 def write_plots(arch: Arch, r: Dict, out_dir) -> List[str]:
+    plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [str(roofline(arch, r, out / "roofline.png")), str(decode_vs_batch(arch, r, out / "decode_vs_batch.png"))]
+    paths = []
+    for name, make in (("roofline.png", roofline_figure), ("decode_vs_batch.png", decode_vs_batch_figure)):
+        fig = make(arch, r)
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(str(out / name))
+    return paths

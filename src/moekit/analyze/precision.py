@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from ..quantize.formats import FORMATS, Format, get_format
+from typing import Any, Dict
 
 
 class Precision:
@@ -50,7 +49,7 @@ class WeightOnly(Precision):
     """A `moekit.quantize` format: bytes and bits per weight come from the format class."""
 
     name: str
-    fmt: Format
+    fmt: Any  # a moekit.quantize.formats.Format
     float_bytes: int = 2
     alias_note: str = ""
 
@@ -72,22 +71,29 @@ FLOAT_PRECISIONS = {p.name: p for p in (
     FloatPrecision("fp16", 16),
     FloatPrecision("fp8", 8, block=128, note="E4M3, fp32 scale per 128x128 block"),
 )}
-WEIGHT_ONLY = {name: WeightOnly(name, fmt) for name, fmt in FORMATS.items()}
-# listed as fp32, bf16, fp16, fp8, int8, int4 (the alias), then the other formats in moekit.quantize's order
-PRECISIONS = {
-    **FLOAT_PRECISIONS,
-    "int8": WEIGHT_ONLY["int8"],
-    "int4": WeightOnly("int4", get_format("int4-g128"), alias_note="= int4-g128"),
-    **WEIGHT_ONLY,
-}
+# for --help without importing moekit.quantize (and torch): the full list is `precisions()`
+NAMES_HELP = "fp32, bf16, fp16, fp8, int8, int4 (= int4-g128), int4-g32, int4-g64, int4-g128, q8_0, q4_0"
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1, "float64": 8}
 
 
+def precisions() -> Dict[str, Precision]:
+    """Every precision: fp32, bf16, fp16, fp8, int8, int4 (the alias), then moekit.quantize's formats in its
+    order. Imports moekit.quantize (and torch), so the float ones resolve without calling this."""
+    from ..quantize.formats import FORMATS, get_format
+
+    weight_only = {name: WeightOnly(name, fmt) for name, fmt in FORMATS.items()}
+    return {**FLOAT_PRECISIONS, "int8": weight_only["int8"],
+            "int4": WeightOnly("int4", get_format("int4-g128"), alias_note="= int4-g128"), **weight_only}
+
+
 def get_precision(name: str) -> Precision:
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown --weights precision {name!r}; choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+    if name in FLOAT_PRECISIONS:
+        return FLOAT_PRECISIONS[name]
+    known = precisions()
+    if name not in known:
+        raise ValueError(f"unknown --weights precision {name!r}; choose one of {', '.join(known)}")
+    return known[name]
 
 
 def dtype_bytes(name: str) -> int:

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+from dataclasses import replace
 
 from . import estimate, formulas
 from .arch import Arch, from_model_config
 from .catalog import SONICMOE_H100
-from .hardware import Hardware, get_hardware
+from .hardware import GIB, Hardware, get_hardware
+from .memory import memory
 from .params import params_by_component
 from .precision import dtype_bytes, get_precision
 
 
 def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype: Optional[str] = None,
-            batch: int = 1, context: int = 4096, tokens: int = 4096) -> Dict:
-    """All analyzer outputs as a dict (the `--json` document); see the module docs for formulas."""
+            batch: int = 1, context: int = 4096, tokens: int = 4096, memory_gib: Optional[float] = None) -> Dict:
+    """All analyzer outputs as a dict (the `--json` document); see the module docs for formulas.
+    memory_gib overrides the hardware's device memory."""
     for name, value in (("--batch", batch), ("--context", context), ("--tokens", tokens)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     hw: Hardware = get_hardware(hardware)
+    if memory_gib is not None:
+        if not memory_gib > 0:
+            raise ValueError(f"--memory must be a positive number of GiB, got {memory_gib!r}")
+        hw = replace(hw, memory=memory_gib * GIB)
     weights = weights or {"float32": "fp32", "float16": "fp16", "float64": "fp32"}.get(arch.dtype, "bf16")
     prec = get_precision(weights)
     kv_dtype = kv_dtype or (weights if weights in ("fp32", "bf16", "fp16") else "bf16")
     kv_nbytes = dtype_bytes(kv_dtype)
     act_bytes = 4 if weights == "fp32" else 2
-    peak = hw.peak_flops(fp32=weights == "fp32")
+    peak, peak_name = hw.peak(weights)
     ctx = context if arch.attention is not None else 0
 
     by_comp = params_by_component(arch)
@@ -39,9 +47,14 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
     # a bare layer has no context: its "prefill" is one forward over --tokens tokens
     pre = (estimate.prefill(arch, prec, peak, hw.bw, batch, ctx, kv_nbytes) if ctx
            else estimate.prefill(arch, prec, peak, hw.bw, tokens, 1, kv_nbytes))
+    mem = memory(arch, sum(by_comp.values()), sum(wbytes.values()), estimate.kv_bytes_per_token(arch, kv_nbytes),
+                 batch, ctx, tokens, hw.memory, "fp32" if weights == "fp32" else "bf16")
     out = {
         "model": arch.name,
-        "hardware": {"name": hw.name, "flops": hw.flops, "flops_used": peak, "bw": hw.bw, "note": hw.note},
+        "hardware": {"name": hw.name, "flops": hw.flops, "flops_used": peak, "peak_used": peak_name,
+                     "flops_fp8": hw.flops_fp8, "bw": hw.bw, "memory": hw.memory, "note": hw.note},
+        "fits": mem["inference"]["fits"],
+        "memory": mem,
         "inputs": {"weights": weights, "kv_dtype": kv_dtype, "batch": batch, "context": ctx, "tokens": tokens},
         "n_layers": arch.n_layers,
         "n_moe_layers": len(arch.moe_ffns),
@@ -112,11 +125,53 @@ def _f(x: float) -> str:
     return f"{x:.0f} FLOP"
 
 
+def fit_warning(r: Dict) -> str:
+    """The report's first line when the model does not fit one device at the given batch and context."""
+    m, inp, hw = r["memory"], r["inputs"], r["hardware"]
+    inf = m["inference"]
+    what = (f"weights {_b(inf['weights'])} + KV cache {_b(inf['kv_cache'])} at batch {inp['batch']} x context "
+            f"{inp['context']}" if inp["context"] else f"weights {_b(inf['weights'])}")
+    if inf["max_batch"] == 0:
+        hint = "the weights alone do not fit"
+    else:
+        hint = f"batch {inf['max_batch']} fits at this context"
+    return (f"WARNING: does not fit on one {hw['name']}: needs {_b(inf['total'])} ({what}), usable "
+            f"{_b(m['usable'])} ({m['usable_fraction']:.0%} of {_b(m['device'])}); {hint}; needs {inf['devices']} "
+            f"devices. Speeds below are as if it fit.")
+
+
+def memory_rows(r: Dict) -> List[str]:
+    m, inp = r["memory"], r["inputs"]
+    inf, tr = m["inference"], m["training"]
+    B, C = inp["batch"], inp["context"]
+    mb = "unbounded (no KV cache)" if inf["max_batch"] is None else str(inf["max_batch"])
+    tmb = "unbounded" if tr["max_batch"] is None else str(tr["max_batch"])
+    unit = f"sequences of {C} tokens" if C else "tokens"
+    pp = tr["bytes_per_param"]
+    states = " + ".join(f"{k} {v}" for k, v in pp.items() if v)
+    rows = [(f"weights ({inp['weights']})", _b(inf["weights"]), "stored bytes at the weight precision, scales included"),
+            (f"KV cache (B={B}, C={C}, {inp['kv_dtype']})", _b(inf["kv_cache"]), "B·C·KV bytes per token"),
+            ("inference total", f"{_b(inf['total'])}: {'fits' if inf['fits'] else 'DOES NOT FIT'}",
+             f"weights + KV vs usable {_b(m['usable'])} = {m['usable_fraction']:.0%} of {_b(m['device'])}"),
+            (f"largest batch that fits (C={C})", mb, "floor((usable − weights) / (C·KV bytes per token))"),
+            ("devices needed (inference)", str(inf["devices"]), "ceil((weights + KV) / usable)"),
+            (f"training states ({tr['dtype']}, AdamW)", _b(tr["states"]),
+             f"params · {sum(pp.values())} B ({states})"),
+            (f"training activations ({tr['tokens']} tokens)", _b(tr["activations"]),
+             f"tokens · {_b(tr['activation_bytes_per_token'])}/token (docs/formulas.md#memory)"),
+            ("training total", f"{_b(tr['total'])}: {'fits' if tr['fits'] else 'DOES NOT FIT'}", "states + activations"),
+            (f"training: largest batch that fits ({unit})", tmb, "floor((usable − states) / activations per sequence)"),
+            ("devices needed (training)", str(tr["devices"]), "ceil((states + activations) / usable), states sharded (FSDP)")]
+    return ["| memory | value | formula |", "|---|---:|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+
+
 def render(r: Dict) -> str:
     inp, hw = r["inputs"], r["hardware"]
-    lines = [f"# {r['model']}  on {hw['name']} ({_f(hw['flops_used'])}/s, {hw['bw'] / 1e9:.0f} GB/s{'; ' + hw['note'] if hw['note'] else ''})",
-             f"weights {inp['weights']}, KV {inp['kv_dtype']}, batch {inp['batch']}, context {inp['context']}, "
-             f"MoE tokens {inp['tokens']}", ""]
+    lines = [fit_warning(r)] if not r["fits"] else []
+    lines += [f"# {r['model']}  on {hw['name']} ({_f(hw['flops_used'])}/s {hw['peak_used']}, {hw['bw'] / 1e9:.0f} GB/s, "
+              f"{_b(hw['memory'])}{'; ' + hw['note'] if hw['note'] else ''})",
+              f"weights {inp['weights']}, KV {inp['kv_dtype']}, batch {inp['batch']}, context {inp['context']}, "
+              f"MoE tokens {inp['tokens']}", ""]
     lines += ["| component | params | active | weight bytes | fwd FLOPs/token |", "|---|---:|---:|---:|---:|"]
     for c, n in r["params_by_component"].items():
         if n or r["flops_per_token_forward_by_component"][c]:
@@ -124,8 +179,11 @@ def render(r: Dict) -> str:
                          f"| {_f(r['flops_per_token_forward_by_component'][c])} |")
     lines.append(f"| **total** | **{_n(r['params_total'])}** | **{_n(r['params_active'])}** | **{_b(r['weight_bytes'])}** "
                  f"| **{_f(r['flops_per_token_forward'])}** |")
+    lines += [""] + memory_rows(r)
     lines += ["", "| quantity | value | formula |", "|---|---:|---|"]
     F = r["formulas"]
+    fit = "" if r["fits"] else ", if it fit"
+    fit1 = "" if r["memory"]["inference"]["max_batch"] != 0 else ", if it fit"
     rows = []
     if r["granularity"] is not None:
         rows += [("granularity G", f"{r['granularity']:.4g}", F["granularity"]),
@@ -139,10 +197,11 @@ def render(r: Dict) -> str:
              ("critical batch B*", f"{r['critical_batch']:.0f}", F["critical_batch"]),
              ("break-even batch (this model)", f"{r['break_even_batch']}" if r["break_even_batch"] else "never (memory-bound)",
               "smallest B with compute time >= memory time, experts touched + KV included"),
-             (f"decode tok/s (B={inp['batch']})", f"{r['decode_tokens_per_s']:.1f} ({r['decode_bound']}-bound)", F["decode_time"]),
-             ("decode tok/s (B=1)", f"{r['decode_tokens_per_s_batch1']:.1f}", F["decode_bound_batch1"])
+             (f"decode tok/s (B={inp['batch']}){fit}", f"{r['decode_tokens_per_s']:.1f} ({r['decode_bound']}-bound)",
+              F["decode_time"]),
+             (f"decode tok/s (B=1){fit1}", f"{r['decode_tokens_per_s_batch1']:.1f}", F["decode_bound_batch1"])
              if inp["batch"] != 1 else None,
-             (f"prefill tok/s (B={inp['batch']})", f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_bound']}-bound)",
+             (f"prefill tok/s (B={inp['batch']}){fit}", f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_bound']}-bound)",
               "prefill: all weights once, FLOPs at mean context (C+1)/2")]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in filter(None, rows)]
     act = r["activation_bytes_per_moe_layer"]

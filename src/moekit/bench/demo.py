@@ -13,12 +13,12 @@ Legend: T tokens, D model dim, E experts.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
+from .. import cliargs
 from ..config import MoEConfig
 from ..moe import MoE
 from . import moe_layer
@@ -84,10 +84,10 @@ def run_demo(steps: int = 1000, seed: int = 0, lr: float = 3e-3, log_every: int 
 
 def main(argv=None) -> int:
     """Command-line entry; returns the exit status 0 (results are printed; use run_demo for the dict)."""
-    p = argparse.ArgumentParser(prog="moekit.bench.demo", description="Train a tiny MoE layer on a teacher-student "
-                                "regression, then benchmark a small shape.")
+    p = cliargs.parser("moekit bench demo", "Train a tiny MoE layer on a teacher-student regression, then "
+                       "benchmark a small shape.")
     p.add_argument("--steps", type=int, default=1000, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (teacher, student init and data)")
     p.add_argument("--no-bench", action="store_true", help="skip the small MoE-layer benchmark")
     args = p.parse_args(argv)
     run_demo(steps=args.steps, seed=args.seed)

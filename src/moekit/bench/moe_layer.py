@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MoEConfig
+from .. import cliargs
 from ..hf.io import dtype_name, resolve_dtype
 from ..moe import MoE
 from ..runtime import tune_cpu_allocator
@@ -301,11 +302,11 @@ def parse_shapes(text: str) -> List[Tuple[int, int, int, int, int]]:
 
 def main(argv=None) -> int:
     """Command-line entry; returns the exit status 0 (rows are printed, not returned)."""
-    p = argparse.ArgumentParser(prog="moe_layer", description="Forward+backward of the moekit MoE layer vs a dense "
-                                "FFN of equal FLOPs and HF Qwen3-MoE (CPU).")
+    p = cliargs.parser("moekit bench moe-layer", "Forward+backward of the moekit MoE layer vs a dense FFN of equal "
+                       "FLOPs and HF Qwen3-MoE (CPU).")
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
                    help='semicolon-separated T,d,n,E,K tuples, e.g. "4096,512,128,64,8;1024,256,64,32,4"')
-    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="comma-separated, e.g. float32,bfloat16")
+    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="comma-separated dtypes, e.g. fp32,bf16 (" + cliargs.DTYPE_HELP + ")")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="warmup iterations (the saved-bytes pass is the first)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Qwen3MoeSparseMoeBlock rows")
@@ -321,8 +322,8 @@ def main(argv=None) -> int:
         print(f"allocator tuning (moekit.runtime.tune_cpu_allocator): {'on' if tuned else 'off'}")
     try:
         shapes = parse_shapes(args.shapes)
-        dtypes = [resolve_dtype(d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    except ValueError as exc:
+        dtypes = [resolve_dtype(cliargs.dtype_name(d)) for d in args.dtypes.split(",") if d.strip()]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
     rows = run(shapes, dtypes, warmup=args.warmup, iters=args.iters, with_hf=not args.no_hf, layout=args.layout)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))

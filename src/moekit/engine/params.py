@@ -1,11 +1,13 @@
 """Per-request sampling parameters and their validation.
 
-    SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, top_k=None, seed=1,
-                   stop=["\\n\\n"], stop_token_ids=[0, [13, 13]], ignore_eos=False, logprobs=False)
+    SamplingParams(max_tokens=64, temperature=0.8, top_p=0.95, top_k=None, min_p=0.05, seed=1,
+                   repetition_penalty=1.1, stop=["\\n\\n"], stop_token_ids=[0, [13, 13]], ignore_eos=False,
+                   logprobs=False)
 
 Sampling and the field checks are `moekit.sampling`'s, shared with `generate` and the server
-(temperature 0 = greedy; a seeded `torch.Generator` per request); a bad field raises ParamError
-naming it. Stopping: `stop` strings (need a tokenizer; the text is cut before the match),
+(temperature 0 = greedy; repetition_penalty (1.0 = off) over the prompt and the tokens so far,
+greedy mode included, as in `generate`; min_p None or 0 = off; a seeded `torch.Generator` per
+request); a bad field raises ParamError naming it. Stopping: `stop` strings (need a tokenizer; the text is cut before the match),
 `stop_token_ids` (ids or id sequences; not returned), the engine's EOS ids unless
 `ignore_eos`, and `max_tokens`.
 """
@@ -25,6 +27,8 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: Optional[float] = None
     top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[Union[int, Sequence[int]]] = ()
@@ -37,7 +41,8 @@ class SamplingParams:
     def validate(self, vocab_size: int, has_tokenizer: bool) -> None:
         """Raise ParamError naming the first invalid field."""
         try:
-            check_sampling(self.max_tokens, self.temperature, self.top_k, self.top_p, seed=self.seed)
+            check_sampling(self.max_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                           self.seed, min_p=self.min_p)
             check_stop_strings(self.stop)
         except SamplingParamError as err:
             raise ParamError(str(err), err.param) from None

@@ -42,7 +42,9 @@ A model the chosen architecture cannot represent exactly raises ValueError listi
 Legend: E experts, D model dim, n expert dim, n_s shared expert dim.
 """
 
-from .deepseek_v3 import DeepseekV3Spec
+from .convert import SIDE_FILES, cli
+from .deepseek_v3 import DeepseekV3Spec, KimiK2Spec
+from .glm4_moe import Glm4MoeSpec
 from .gpt2 import Gpt2Spec
 from .io import CONFIG_FILE, INDEX_FILE, MAX_SHARD_BYTES, SINGLE_FILE, PathLike
 from .llama import LlamaSpec
@@ -51,7 +53,8 @@ from .mixtral import MixtralSpec
 from .olmoe import OlmoeSpec
 from .qwen2_moe import Qwen2MoeSpec
 from .qwen3_moe import Qwen3MoeSpec
-from .save import SIDE_FILES, TOKEN_ID_KEYS, check_representable, cli, save_hf
+from .save import check_representable, export_problems, save_hf
+from .tokenizer import TOKEN_ID_KEYS
 from .spec import (LAYOUTS, SPECS, ArchSpec, Piece, config_from_hf, config_to_hf, get_spec, infer_model_type,
                    loadable_types, register)
 
@@ -60,7 +63,9 @@ register(Qwen3MoeSpec())
 register(MixtralSpec())
 register(Qwen2MoeSpec())
 register(OlmoeSpec())
+register(Glm4MoeSpec())
 register(DeepseekV3Spec())  # analysis only
+register(KimiK2Spec())  # analysis only (DeepSeek-V3's layout)
 register(LlamaSpec())  # analysis only
 register(Gpt2Spec())  # analysis only
 
@@ -68,7 +73,7 @@ SUPPORTED = loadable_types()  # the built-in loadable types (loadable_types() al
 ARCHITECTURES = {mt: SPECS[mt].architecture for mt in SUPPORTED}
 
 __all__ = [
-    "load_hf", "save_hf", "cli", "config_from_hf", "config_to_hf", "infer_model_type", "check_representable",
+    "load_hf", "save_hf", "export_problems", "cli", "config_from_hf", "config_to_hf", "infer_model_type", "check_representable",
     "SUPPORTED", "ARCHITECTURES", "LAYOUTS", "CONFIG_FILE", "SINGLE_FILE", "INDEX_FILE", "MAX_SHARD_BYTES",
     "SIDE_FILES", "TOKEN_ID_KEYS", "PathLike", "ArchSpec", "Piece", "SPECS", "register", "get_spec", "loadable_types",
 ]

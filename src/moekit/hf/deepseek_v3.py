@@ -1,5 +1,6 @@
 """deepseek_v3 (DeepseekV3ForCausalLM), analysis only: MLA attention, n_routed_experts routed +
-n_shared_experts shared experts, the first first_k_dense_replace layers dense."""
+n_shared_experts shared experts, the first first_k_dense_replace layers dense. kimi_k2 (Kimi K2's
+config.json, also DeepseekV3ForCausalLM) has the same layout."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ class DeepseekV3Spec(ArchSpec):
                     tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                     max_seq_len=hf.get("max_position_embeddings", 4096),
                     dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"), notes=notes)
+
+
+class KimiK2Spec(DeepseekV3Spec):
+    model_type = "kimi_k2"

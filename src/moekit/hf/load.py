@@ -37,12 +37,13 @@ class StateBuilder:
         if piece.target is None:
             return
         self.read[piece.target].append(key)
+        dtype = torch.float32 if piece.float32 else self.dtype
         if piece.whole:
-            self.state[piece.target] = tensor.to(self.device, self.dtype)
+            self.state[piece.target] = tensor.to(self.device, dtype)
             return
         full = self.state.get(piece.target)
         if full is None:
-            full = self.state[piece.target] = torch.empty(self.shapes[piece.target], dtype=self.dtype, device=self.device)
+            full = self.state[piece.target] = torch.empty(self.shapes[piece.target], dtype=dtype, device=self.device)
         piece.view(full).copy_(tensor)
 
     def check_complete(self) -> None:

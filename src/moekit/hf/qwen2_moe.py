@@ -10,7 +10,7 @@ from typing import Dict
 
 from ..config import ModelConfig
 from .qwen3_moe import Qwen3MoeSpec
-from .spec import Piece, swiglu_pieces
+from .spec import Piece, absent_swiglu_pieces, swiglu_pieces
 
 
 class Qwen2MoeSpec(Qwen3MoeSpec):
@@ -20,7 +20,7 @@ class Qwen2MoeSpec(Qwen3MoeSpec):
     defaults = {"max_position_embeddings": 32768, "intermediate_size": 5632}
     qk_norm = None
     qkv_bias = True
-    shared_expert = True
+    shared_expert = "gated"
 
     def attention_from_hf(self, hf: dict, strict: bool) -> dict:
         return dict(attention_bias=bool(hf.get("qkv_bias", True)), qk_norm=None, clip_qkv=None)
@@ -43,8 +43,6 @@ class Qwen2MoeSpec(Qwen3MoeSpec):
             table = swiglu_pieces(p + "shared_expert.", t + "shared.")
             table[p + "shared_expert_gate.weight"] = Piece(t + "shared_gate.weight")
             return table
-        D = cfg.d_model
-        table = {f"{p}shared_expert.{name}.weight": Piece(None, shape=shape)
-                 for name, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0)))}
-        table[p + "shared_expert_gate.weight"] = Piece(None, shape=(1, D))
+        table = absent_swiglu_pieces(p + "shared_expert.", cfg.d_model)
+        table[p + "shared_expert_gate.weight"] = Piece(None, shape=(1, cfg.d_model))
         return table

@@ -1,43 +1,58 @@
-"""`save_hf` (a moekit Transformer -> an HF checkpoint directory) and `moekit convert` (`cli`)."""
+"""`save_hf`: a moekit Transformer -> an HF checkpoint directory; `export_problems`: what keeps a
+model configuration from being written (checked before training)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shutil
-import sys
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from ..checkpoint import TOKENIZER_FILE
+from ..config import ModelConfig
 from ..model import Transformer
-from .io import CONFIG_FILE, MAX_SHARD_BYTES, PathLike, dtype_name, read_config, resolve_dtype, safetensors, write_weights
-from .load import load_hf
-from .spec import LAYOUTS, Piece, config_from_hf, get_spec, infer_model_type, loadable_types
+from .io import CONFIG_FILE, MAX_SHARD_BYTES, PathLike, dtype_name, resolve_dtype, safetensors, write_weights
+from .spec import Piece, get_spec, having, infer_model_type
+from .tokenizer import TOKEN_ID_KEYS, token_ids, write_generation_config, write_tokenizer
 
-# small files beside the weights that `moekit convert` carries over unchanged
-SIDE_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-# config.json keys `moekit convert` carries over (token ids moekit's config does not hold)
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+def export_problems(model_cfg: ModelConfig, model_type: Optional[str] = None) -> List[str]:
+    """Why a model of `model_cfg` cannot be written as an HF checkpoint ([] when it can), from the
+    configuration alone: the trainer checks it before step 1. model_type None: the architecture
+    `save_hf` infers. Each reason starts with the architecture's name. A positive bias_update_speed
+    counts (training makes router.expert_bias non-zero); `save_hf` checks the weights themselves."""
+    try:
+        model_type = model_type or infer_model_type(model_cfg)
+        spec = get_spec(model_type)
+    except ValueError as err:
+        return [str(err)]
+    problems = spec.problems(model_cfg)
+    moe = model_cfg.moe
+    if moe is not None and moe.bias_update_speed > 0 and not spec.expert_bias:
+        others = having("expert_bias", "; {} can")
+        problems.append(f"bias_update_speed={moe.bias_update_speed} (training makes router.expert_bias non-zero; "
+                        f"{model_type} cannot store it{others})")
+    return [f"{model_type}: {problem}" for problem in problems]
 
 
 def check_representable(model: Transformer, model_type: str, config_only: bool = False) -> None:
     """Raise ValueError naming every feature `model_type` cannot represent exactly.
     config_only: skip the checks that read weights (for a model on the meta device)."""
-    problems = get_spec(model_type).problems(model.cfg)
-    biased = [] if config_only else [
+    spec = get_spec(model_type)
+    problems = spec.problems(model.cfg)
+    biased = [] if config_only or spec.expert_bias else [
         i for i, block in enumerate(model.layers) if block.is_moe and bool(block.ffn.router.expert_bias.any())
     ]
     if biased:
-        problems.append(f"non-zero router.expert_bias (aux-loss-free balancing) in layers {biased}")
+        others = having("expert_bias", "; {} stores it")
+        problems.append(f"non-zero router.expert_bias (aux-loss-free balancing) in layers {biased}{others}")
     if problems:
         raise ValueError(f"cannot save this model as {model_type}: " + "; ".join(problems))
 
 
 def _hf_tensor(state: Dict[str, torch.Tensor], piece: Piece, dtype: torch.dtype) -> torch.Tensor:
+    dtype = torch.float32 if piece.float32 else dtype
     if piece.target is None:
         return torch.zeros(piece.shape, dtype=dtype)
     # a copy: safetensors refuses views that share storage (experts of one w13)
@@ -55,6 +70,9 @@ def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None
     dtype: torch.dtype or name for the written tensors; None keeps the model's.
     max_shard_bytes: above this the weights are split into shards with an index file.
     extra_config: config.json entries to add (e.g. token ids); they never override ours.
+    With `model.tokenizer` set, the tokenizer files transformers' AutoTokenizer needs are written
+    (hf/tokenizer.py); token ids (extra_config's, else the tokenizer's end-of-text as bos and eos)
+    go to config.json and generation_config.json.
     """
     safetensors()  # a clear ImportError before anything is written
     if not isinstance(model, Transformer):
@@ -71,68 +89,17 @@ def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {key: math.prod(piece.shape_in(shapes.get(piece.target, ()))) * itemsize for key, piece in table.items()}
+    sizes = {key: math.prod(piece.shape_in(shapes.get(piece.target, ()))) * (4 if piece.float32 else itemsize)
+             for key, piece in table.items()}
     write_weights(path, sizes, lambda key: _hf_tensor(state, table[key], dtype), max_shard_bytes, progress)
 
     hf = spec.config_to_hf(cfg, dtype_name(dtype))
-    for key, value in (extra_config or {}).items():
+    tokenizer = getattr(model, "tokenizer", None)
+    for key, value in {**token_ids(tokenizer), **(extra_config or {})}.items():
         hf.setdefault(key, value)
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
-        tokenizer.save(str(path / TOKENIZER_FILE))
+        write_tokenizer(path, tokenizer, cfg.max_seq_len)
+    if any(hf.get(key) is not None for key in TOKEN_ID_KEYS):
+        write_generation_config(path, hf)
     return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    types = loadable_types()
-    parser = argparse.ArgumentParser(
-        prog="moekit convert",
-        description="Re-save an HF-format MoE checkpoint (change dtype, expert layout or architecture name). "
-                    f"Reads and writes {', '.join(types)}.",
-    )
-    parser.add_argument("src", help="HF checkpoint directory (config.json + safetensors)")
-    parser.add_argument("dst", help="output directory (created; old weight files in it are replaced)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="dtype of the written weights (default: the source's)")
-    parser.add_argument("--model-type", choices=types, default=None,
-                        help="architecture to write (default: inferred; see moekit.hf.infer_model_type)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="per_expert",
-                        help="expert tensors: per_expert (hub format, transformers 4 and 5) or fused (transformers >= 5)")
-    parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3,
-                        help="split the weights into shards of at most this many GiB (default: 2)")
-    return parser
-
-
-def _convert(args) -> None:
-    src, dst = Path(args.src), Path(args.dst)
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise ValueError("DST must differ from SRC")
-    if args.max_shard_gb <= 0:
-        raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
-    source_config = read_config(src)
-    if args.model_type is not None:  # fail before reading the weights
-        with torch.device("meta"):
-            check_representable(Transformer(config_from_hf(source_config)), args.model_type, config_only=True)
-    model = load_hf(src, dtype=args.dtype, progress=True)
-    extra = {k: source_config[k] for k in TOKEN_ID_KEYS if source_config.get(k) is not None}
-    save_hf(model, dst, model_type=args.model_type, layout=args.layout, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-            extra_config=extra, progress=True)
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    print(f"wrote {dst} ({args.model_type or infer_model_type(model.cfg)}, {args.layout} layout)", file=sys.stderr)
-
-
-def cli(argv: Optional[Iterable[str]] = None) -> int:
-    """`moekit convert SRC DST [--dtype ...] [--model-type ...] [--layout ...]`; returns the exit code."""
-    try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
-        return int(exit_.code or 0)
-    try:
-        _convert(args)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"moekit convert: error: {err}", file=sys.stderr)
-        return 2
-    return 0

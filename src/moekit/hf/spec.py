@@ -35,6 +35,7 @@ class Piece:
     half: Optional[str] = None  # "gate": rows [:n], "up": rows [n:]
     shape: Optional[Tuple[int, ...]] = None
     optional: bool = False  # loading: may be absent (a tied lm_head.weight)
+    float32: bool = False  # stored and loaded in float32 whatever the model's dtype (glm4_moe's router bias)
 
     @property
     def whole(self) -> bool:
@@ -67,6 +68,12 @@ def swiglu_pieces(hf_prefix: str, target: str, names=("gate_proj", "up_proj", "d
         f"{hf_prefix}{up}.weight": Piece(f"{target}w13", expert=expert, half="up"),
         f"{hf_prefix}{down}.weight": Piece(f"{target}w2", expert=expert),
     }
+
+
+def absent_swiglu_pieces(hf_prefix: str, d_model: int) -> Dict[str, Piece]:
+    """The zero-size gate/up/down tensors transformers keeps for a shared expert of size 0."""
+    shapes = (("gate_proj", (0, d_model)), ("up_proj", (0, d_model)), ("down_proj", (d_model, 0)))
+    return {f"{hf_prefix}{name}.weight": Piece(None, shape=shape) for name, shape in shapes}
 
 
 @dataclass
@@ -178,9 +185,14 @@ class ArchSpec:
     qk_norm: Optional[str] = None  # the q/k RMSNorm kind: None, "head" or "full"
     qkv_bias: bool = False  # a bias on q/k/v only (no o_proj bias)
     clip_qkv: bool = False  # config.json clip_qkv clamps q/k/v
+    optional_qk_norm: bool = False  # qk_norm may also be None (a config.json flag turns it on)
     dense_layers: bool = False  # dense FFN layers between the MoE ones
-    shared_expert: bool = False  # one shared expert behind a sigmoid gate
+    shared_expert: Optional[str] = None  # the shared expert: None, "gated" (behind a sigmoid gate) or "plain"
     always_renormalise: bool = False  # the top-k gates always sum to 1 (no norm_topk_prob key)
+    routers: Tuple[str, ...] = ("softmax_topk", "topk_softmax")  # moekit routers it computes exactly
+    routing: str = "a softmax over the router logits"  # how it routes, for messages
+    scaled_gates: bool = False  # config.json holds routed_scaling_factor
+    expert_bias: bool = False  # stores router.expert_bias (the aux-loss-free selection bias)
     writes_head_dim: bool = True  # config.json holds head_dim (False: transformers derives it)
 
     # config.json names of the MoE layer's shape
@@ -320,12 +332,13 @@ class ArchSpec:
         mt, problems = self.model_type, []
         if cfg.attention != "gqa":
             problems.append(f"attention={cfg.attention!r} ({mt} has grouped-query attention)")
-        if moe.router not in ("softmax_topk", "topk_softmax"):
-            problems.append(f"router={moe.router!r} (HF MoE models route with a softmax over the router logits)")
+        if moe.router not in self.routers:
+            problems.append(f"router={moe.router!r} ({mt} routes with {self.routing})")
         if self.always_renormalise and not gates_renormalised(moe):
             problems.append(f"norm_topk_prob=False ({mt} always renormalises the top-k gates)")
-        if moe.routed_scaling_factor != 1.0:
-            problems.append(f"routed_scaling_factor={moe.routed_scaling_factor}")
+        if moe.routed_scaling_factor != 1.0 and not self.scaled_gates:
+            scaled = having("scaled_gates", " (only {} scales the gates)")
+            problems.append(f"routed_scaling_factor={moe.routed_scaling_factor}{scaled}")
         if moe.router_noise:
             problems.append("router_noise=True (no noise weights in HF)")
         if moe.token_rounding is not None:
@@ -334,17 +347,16 @@ class ArchSpec:
         if dense and not self.dense_layers:
             problems.append(f"dense layers {dense} ({mt} has MoE in every layer)")
         if moe.num_shared_experts and not self.shared_expert:
-            gated = _having("shared_expert", "; {} has one with a sigmoid gate")
-            problems.append(f"shared experts ({mt} has none{gated})")
-        if moe.num_shared_experts and not moe.shared_gate:
-            gated = _having("shared_expert", " ({} always gates its shared expert)")
-            problems.append(f"shared experts without shared_gate{gated}")
+            problems.append(f"shared experts ({mt} has none" + having("shared_expert", "; {} has them") + ")")
+        elif moe.num_shared_experts and moe.shared_gate != (self.shared_expert == "gated"):
+            problems.append(f"shared experts with shared_gate={moe.shared_gate} ({mt} "
+                            f"{'always' if self.shared_expert == 'gated' else 'never'} gates its shared expert)")
         if cfg.attention_bias and not self.qkv_bias:
-            problems.append(f"attention_bias=True ({mt} has no q/k/v-only bias" + _having("qkv_bias", "; {} has") + ")")
-        if cfg.qk_norm != self.qk_norm:
+            problems.append(f"attention_bias=True ({mt} has no q/k/v-only bias" + having("qkv_bias", "; {} has") + ")")
+        if cfg.qk_norm != self.qk_norm and not (cfg.qk_norm is None and self.optional_qk_norm):
             problems.append(f"qk_norm={cfg.qk_norm!r} ({mt} has qk_norm={self.qk_norm!r})")
         if cfg.clip_qkv is not None and not self.clip_qkv:
-            problems.append(f"clip_qkv={cfg.clip_qkv}" + _having("clip_qkv", " (only {} clips q/k/v)"))
+            problems.append(f"clip_qkv={cfg.clip_qkv}" + having("clip_qkv", " (only {} clips q/k/v)"))
         return problems
 
     def claims(self, cfg: ModelConfig) -> bool:
@@ -429,8 +441,8 @@ def get_spec(model_type, loadable: bool = True) -> ArchSpec:
     return spec
 
 
-def _having(flag: str, template: str) -> str:
-    """`template` filled with the loadable architectures that have feature `flag` ("" if none)."""
+def having(flag: str, template: str) -> str:
+    """For messages: `template` filled with the loadable architectures that have feature `flag` ("" if none)."""
     names = [mt for mt, spec in SPECS.items() if spec.loadable and getattr(spec, flag)]
     return template.format(" / ".join(names)) if names else ""
 

@@ -44,7 +44,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # Switch loss alpha * E * sum_i f_i P_i
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
     z_loss_coef: float = 0.0  # router z-loss: mean(logsumexp(logits)^2)
-    bias_update_speed: float = 0.001  # aux-loss-free balancing gamma
+    bias_update_speed: float = 0.0  # aux-loss-free balancing gamma (0: off; opt-in, e.g. the small preset)
     # --- shared experts ---
     num_shared_experts: int = 0
     d_shared: Optional[int] = None  # default num_shared_experts * d_expert

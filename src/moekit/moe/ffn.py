@@ -29,6 +29,8 @@ class SwiGLU(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.w13.is_meta:  # nothing to fill (and normal_ on meta imports torch._dynamo: ~1 s)
+            return
         nn.init.normal_(self.w13, std=self.w13.shape[-1] ** -0.5)
         nn.init.normal_(self.w2, std=self.w2.shape[-1] ** -0.5)
 

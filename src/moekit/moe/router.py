@@ -92,6 +92,8 @@ class Router(nn.Module):
     causal = True  # a token's experts depend on that token alone
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # nothing to fill (and normal_ on meta imports torch._dynamo: ~1 s)
+            return
         nn.init.normal_(self.weight, std=self.cfg.d_model**-0.5)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)

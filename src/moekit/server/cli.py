@@ -12,30 +12,55 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .. import cliargs
 from ..tokens import eos_token_ids
 
 
+EPILOG = """examples:
+  moekit serve runs/default --port 8000
+  moekit serve Qwen3-30B-A3B/ --dtype bf16 --device cuda --quantize int8 --max-batch 64
+
+from vLLM (`vllm serve MODEL ...`):
+  vllm serve MODEL                   moekit serve MODEL (a moekit/HF checkpoint or run directory)
+  --host, --port                     --host, --port
+  --served-model-name NAME           --model-name NAME
+  --max-num-seqs N                   --max-batch N
+  --max-num-batched-tokens N         --max-step-tokens N
+  --long-prefill-token-threshold N   --prefill-chunk N (chunked prefill is always on)
+  --gpu-memory-utilization F         --kv-budget TOKENS|BYTES (an explicit KV-cache size)
+  --max-model-len N                  none: the context is the model's max_seq_len
+  --dtype bfloat16                   --dtype bf16 (either spelling)
+  --quantization ...                 --quantize METHOD (weight-only, moekit's own formats)
+  --chat-template FILE               --chat-template FILE|default
+  --enforce-eager (default here)     --compile to compile the decode step
+Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit serve", description="OpenAI-compatible HTTP server for a checkpoint "
-                                "(continuous batching; see moekit.server and moekit.engine).")
-    p.add_argument("--checkpoint", required=True, help="moekit checkpoint, training run dir or HF checkpoint")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    from ..quantize.cli import CHOICES as QUANT_CHOICES, METHOD_HELP as QUANT_HELP
+
+    p = cliargs.parser("moekit serve", "OpenAI-compatible HTTP server for a checkpoint (continuous batching; see "
+                       "moekit.server and moekit.engine).", EPILOG)
+    cliargs.add_model_argument(p, "moekit checkpoint, training run dir or HF checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=cliargs.port, default=8000, help="TCP port 0..65535 (0 = any free port)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
-    p.add_argument("--quantize", default=None, metavar="METHOD",
-                   help="weight-only quantization via moekit.quantize (int8, int4-g32/g64/g128, q8_0, q4_0)")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests running at once (default 32)")
+    p.add_argument("--quantize", default=None, choices=QUANT_CHOICES, metavar="METHOD",
+                   help="weight-only quantization after loading: " + QUANT_HELP)
+    p.add_argument("--max-batch", type=int, default=32, help="most requests running at once")
     p.add_argument("--kv-budget", default=None,
-                   help="KV-cache budget: tokens (e.g. 16384) or bytes (e.g. 512MiB); default max-batch x context")
+                   help="KV-cache budget: tokens (e.g. 16384) or bytes (e.g. 512MiB) (default: max-batch x context)")
     p.add_argument("--max-queue", type=int, default=1024,
-                   help="most requests waiting for admission; beyond it requests get HTTP 429 (default 1024)")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step (default 128)")
-    p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward (default 256)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template file, or 'default' (ChatML)")
+                   help="most requests waiting for admission; beyond it requests get HTTP 429")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step")
+    p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file, or 'default' (ChatML) (default: the checkpoint's, else ChatML)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the model (default: torch's default minus one, at least 1)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", type=cliargs.dtype_name, default=None, metavar="DTYPE",
+                   help=cliargs.DTYPE_HELP + " (default: as stored)")
+    p.add_argument("--device", type=cliargs.device_name, default="cpu", help=cliargs.DEVICE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="run the engine's decode steps through torch.compile (faster decoding; the first "
                         "decode step compiles, tens of seconds on a small CPU)")
@@ -62,6 +87,7 @@ def eos_ids(path: Path, model, tokenizer) -> List[int]:
 
 
 def build_server(args):
+    """(the bound server, its chat template) for parsed `args` (checked by `cliargs.model_path`)."""
     from ..loading import load_model
     from ..engine import Engine
     from .app import OpenAIServer
@@ -69,21 +95,24 @@ def build_server(args):
 
     import torch
 
+    device = cliargs.check_device(args.device)
+    checkpoint = args.model if args.model is not None else args.checkpoint
     threads = args.threads if args.threads is not None else max(1, torch.get_num_threads() - 1)
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    path = Path(args.checkpoint)
+    path = Path(checkpoint)
     if not path.is_dir():
-        raise ValueError(f"checkpoint directory {args.checkpoint!r} does not exist")
-    model = load_model(path, dtype=args.dtype, device=args.device)
+        raise ValueError(f"checkpoint directory {checkpoint!r} does not exist")
+    model = load_model(path, dtype=args.dtype, device=device)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError(f"checkpoint {args.checkpoint!r} has no tokenizer.json; the server needs one")
+        raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer.json; the server needs one")
     if args.quantize:
         from ..quantize import quantize_model
+        from ..quantize.cli import method_name
 
-        quantize_model(model, args.quantize)  # in place; an unknown method raises ValueError
+        quantize_model(model, method_name(args.quantize))  # in place
     template = load_chat_template(path, args.chat_template)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
                     prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
@@ -97,16 +126,15 @@ def build_server(args):
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if not args.no_malloc_tune:
-            from ..runtime import tune_cpu_allocator
+    """`moekit serve`: serve until Ctrl-C (errors: `moekit.cli`)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    cliargs.model_path(args, p)
+    if not args.no_malloc_tune:
+        from ..runtime import tune_cpu_allocator
 
-            tune_cpu_allocator()
-        server, template = build_server(args)
-    except (ValueError, OSError) as err:
-        print(f"moekit serve: error: {err}", file=sys.stderr)
-        return 2
+        tune_cpu_allocator()
+    server, template = build_server(args)
     import torch
 
     engine, kv = server.engine, server.engine.kv

@@ -5,7 +5,8 @@ A bad field raises ApiError(400) naming it in `param`. Sampling fields go throug
 temperature <= 2 (OpenAI's range), top_k -1 or 0 = off (vLLM). Supported: model, prompt /
 messages, max_tokens (chat also max_completion_tokens; default 16 for completions, the rest
 of the context window, capped by the KV budget, for chat), temperature (default 1.0), top_p,
-n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, ignore_eos,
+n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, min_p (0 = off),
+repetition_penalty (> 0, 1.0 = off; HF semantics over prompt + output), ignore_eos,
 stop_token_ids. Accepted only at their neutral values: logprobs, echo, suffix, best_of,
 presence_penalty, frequency_penalty, logit_bias, tools, response_format other than text.
 Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ..engine import Completion, SamplingParams
-from ..sampling import (SamplingParamError, check_max_tokens, check_seed, check_stop_strings, check_temperature,
-                        check_top_k, check_top_p, normalise_stops)
+from ..sampling import (SamplingParamError, check_max_tokens, check_min_p, check_repetition_penalty, check_seed,
+                        check_stop_strings, check_temperature, check_top_k, check_top_p, normalise_stops)
 
 MAX_N = 16
 
@@ -128,6 +129,8 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     top_k = body.get("top_k")
     off = _is_int(top_k) and top_k in (-1, 0)  # vLLM: -1 (or 0) = off
     top_k = None if off else _checked(body, "top_k", check_top_k, None)
+    min_p = _checked(body, "min_p", check_min_p, None)
+    repetition_penalty = float(_checked(body, "repetition_penalty", check_repetition_penalty, 1.0))
     n = 1 if body.get("n") is None else body["n"]
     if not _is_int(n):
         raise bad("n", f"'n' must be an integer, got {n!r}")
@@ -158,6 +161,7 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
                         f"{longest + max_tokens} tokens ({longest} in the {what}, "
                         f"{max_tokens} in the completion); lower {name}", code="context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            min_p=None if min_p is None else float(min_p), repetition_penalty=repetition_penalty,
                             stop=tuple(stop) + tuple(extra_stop), stop_token_ids=tuple(stop_ids),
                             ignore_eos=ignore_eos)
     return GenerationRequest(chat, model, prompts, params, n, stream, include_usage)
