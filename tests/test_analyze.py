@@ -13,7 +13,9 @@ from moekit.analyze import formulas
 from moekit.analyze.cli import cli
 from moekit.analyze.estimate import activation_bytes_per_moe_layer, flops_by_component, forward_flops_per_token
 from moekit.analyze.params import params_by_component
-from moekit.analyze.precision import PRECISIONS
+from moekit.analyze.precision import precisions
+
+PRECISIONS = precisions()
 from moekit.bench.memory import saved_bytes
 from moekit.moe.grouped import experts_grouped
 

@@ -45,6 +45,15 @@ CASES = {
     "olmoe": ("olmoe", dict(num_experts=6, norm_topk_prob=False, clip_qkv=0.8), "olmoe"),
     "olmoe-norm-linear": ("olmoe", dict(num_experts=5, norm_topk_prob=True, rope_parameters={
         "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "olmoe"),
+    "glm4_moe": ("glm4_moe", dict(n_routed_experts=6, moe_intermediate_size=10, head_dim=12, n_shared_experts=2,
+                                  first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, n_group=2,
+                                  topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                                  partial_rotary_factor=1.0), "glm4_moe"),
+    "glm4_moe-noshared-yarn": ("glm4_moe", dict(n_routed_experts=4, moe_intermediate_size=10, n_shared_experts=0,
+                                                first_k_dense_replace=0, norm_topk_prob=False, rope_parameters={
+                                                    "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 16,
+                                                    "partial_rotary_factor": 1.0}), "glm4_moe"),
 }
 
 
@@ -66,6 +75,9 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(noise * p.shape[-1] ** -0.5)
         else:
             p.copy_(0.1 * noise)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # glm4_moe's router bias (zero when initialised)
+            b.copy_(0.3 * torch.randn(b.shape, generator=g))
 
 
 def _build_hf(name: str):
@@ -158,7 +170,7 @@ def test_save_round_trip(hf_case, tmp_path, name, layout):
         assert _max_diff(load_hf(out)(ids), ref) <= ATOL
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe"])
 def test_load_fused_state_dict_of_transformers(hf_case, tmp_path, name):
     """transformers 5 keeps experts fused in memory; a checkpoint of that state dict loads too."""
     path, ids, ref, hf_model = hf_case(name)
@@ -232,12 +244,19 @@ def _tiny_model(**overrides) -> Transformer:
 
 
 @pytest.mark.parametrize("model_type,model_kwargs,match", [
-    (None, dict(moe=dict(router="sigmoid_topk")), "router='sigmoid_topk'"),
+    ("qwen3_moe", dict(qk_norm="head", moe=dict(router="sigmoid_topk")), "router='sigmoid_topk'"),
     (None, dict(moe=dict(router="hash", hash_vocab_size=VOCAB)), "router='hash'"),
     ("mixtral", dict(moe=dict(norm_topk_prob=False)), "norm_topk_prob=False"),
     ("olmoe", dict(qk_norm="full", first_k_dense=1), r"dense layers \[0\]"),
     ("mixtral", dict(moe=dict(num_shared_experts=1, shared_gate=True)), "shared experts"),
-    ("qwen2_moe", dict(moe=dict(num_shared_experts=1)), "without shared_gate"),
+    ("qwen2_moe", dict(moe=dict(num_shared_experts=1)), "shared_gate=False .qwen2_moe always gates"),
+    ("glm4_moe", dict(moe=dict(router="sigmoid_topk", num_shared_experts=1, shared_gate=True)),
+     "shared_gate=True .glm4_moe never gates"),
+    ("glm4_moe", dict(), "router='softmax_topk' .glm4_moe routes with sigmoid scores"),
+    ("glm4_moe", dict(dense_layers=(1,), moe=dict(router="sigmoid_topk")),
+     r"dense layers \[1\] .glm4_moe has dense layers only first"),
+    ("glm4_moe", dict(moe=dict(router="sigmoid_topk", num_shared_experts=1, d_shared=12)), "d_shared=12"),
+    ("glm4_moe", dict(qk_norm="full", moe=dict(router="sigmoid_topk")), "qk_norm='full'"),
     ("qwen3_moe", dict(qk_norm=None), "qk_norm=None"),
     ("mixtral", dict(attention_bias=True), "attention_bias"),
     ("mixtral", dict(moe=dict(routed_scaling_factor=2.0)), "routed_scaling_factor"),
@@ -254,7 +273,7 @@ def test_save_refuses_expert_bias(tmp_path):
     model = _tiny_model()
     with torch.no_grad():
         model.layers[1].ffn.router.expert_bias[2] = 0.5
-    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]"):
+    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]; glm4_moe stores it"):
         save_hf(model, tmp_path)
 
 
@@ -475,6 +494,67 @@ def test_real_model_parameter_counts_match_transformers(preset):
     assert _fields(config_from_hf(PUBLISHED[preset]), preset) == _fields(ModelConfig.preset(preset), preset)
 
 
+GLM_45_AIR = {  # GLM-4.5-Air's config.json (transformers' Glm4MoeConfig defaults are this model)
+    "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8,
+    "head_dim": 128, "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1,
+    "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True, "first_k_dense_replace": 1,
+    "attention_bias": True, "use_qk_norm": False, "partial_rotary_factor": 0.5, "rope_theta": 1000000,
+    "rope_scaling": None, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+
+
+def test_glm45_config_reading():
+    """A real GLM-4.5 config: RoPE on half of each head is refused by name (also when config.json
+    leaves partial_rotary_factor at transformers' default 0.5); the analyzer reads it; with whole-head
+    RoPE moekit builds it with transformers' parameter count."""
+    from moekit.analyze import analyze, from_hf_config
+
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5 .*not supported"):
+        config_from_hf(GLM_45_AIR)
+    unset = {k: v for k, v in GLM_45_AIR.items() if k != "partial_rotary_factor"}
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5"):
+        config_from_hf(unset)
+    whole = {**GLM_45_AIR, "partial_rotary_factor": 1.0}
+    cfg = config_from_hf(whole)
+    assert (cfg.attention_bias, cfg.qk_norm, cfg.moe.router, cfg.moe.num_shared_experts, cfg.moe.shared_dim) == (
+        True, None, "sigmoid_topk", 1, 1408)
+    assert [cfg.is_dense_layer(i) for i in range(3)] == [True, False, False]
+    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in whole.items()})
+    with torch.device("meta"):
+        hf_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf_config).parameters())
+        assert Transformer(cfg).num_params() == hf_params
+    assert analyze(from_hf_config(GLM_45_AIR))["params_total"] == hf_params
+
+
+def test_analyzer_reads_transformers5_qwen3_and_kimi_k2_configs(tmp_path):
+    """`moekit analyze DIR` on a config.json transformers 5 wrote (num_local_experts, rope_parameters);
+    kimi_k2 configs have DeepSeek-V3's layout."""
+    import subprocess
+    import sys
+
+    from moekit.analyze import analyze, from_hf_config
+    from moekit.analyze.catalog import HF_CONFIGS
+
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=8,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                 num_experts_per_tok=2)
+    transformers.Qwen3MoeConfig(**small).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["num_local_experts"] == 6 and "num_experts" not in written
+    with torch.device("meta"):
+        hf_params = sum(p.numel() for p in transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**small))
+                        .parameters())
+    result = subprocess.run([sys.executable, "-m", "moekit.cli", "analyze", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["params_total"] == hf_params
+    deepseek = HF_CONFIGS["deepseek-v3"]
+    kimi = analyze(from_hf_config({**deepseek, "model_type": "kimi_k2"}))
+    assert kimi["params_total"] == analyze(from_hf_config(deepseek))["params_total"]
+
+
 # ------------------------------------------------------------------ the architecture registry
 @pytest.fixture
 def toy_spec():
@@ -532,7 +612,7 @@ def test_registered_spec_is_used_by_load_save_convert_and_analyze(toy_spec, tmp_
 
 
 def test_unregistered_types_list_the_registry(toy_spec, tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, toy_moe$"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, toy_moe$"):
         save_hf(_tiny_model(), tmp_path, model_type="nope")
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'"):  # analysis only
         config_from_hf({"model_type": "gpt2"})

@@ -2,6 +2,7 @@
 the engine's per-row choice, and one set of parameter checks shared by generate, the engine and
 the server (the same bad value is refused everywhere with the same message)."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from moekit.generate import generate
 from moekit.sampling import (SamplingParamError, apply_repetition_penalty, apply_temperature, check_sampling,
                              choose_tokens, draw, ends_with_stop, filter_logits, filtered_probs, greedy,
                              new_generator, normalise_prompts, normalise_stops, sample_next, top_k_filter,
-                             top_p_filter)
+                             min_p_filter, top_p_filter)
 from moekit.server.app import engine_error
 from moekit.server.chat_template import default_template
 from moekit.server.protocol import ApiError, parse_completion
@@ -118,8 +119,8 @@ def test_choose_tokens_rows_are_independent():
     logits = torch.randn(3, 50)
 
     def seq(temperature, seed=None, logprobs=False, top_k=None, top_p=None):
-        params = SimpleNamespace(temperature=temperature, top_k=top_k, top_p=top_p, logprobs=logprobs)
-        return SimpleNamespace(params=params, generator=new_generator(temperature, seed, "cpu"))
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, logprobs=logprobs)
+        return SimpleNamespace(params=params, generator=new_generator(temperature, seed, "cpu"), prompt=[1], out=[])
 
     seqs = [seq(0.0, logprobs=True), seq(0.9, seed=4, top_k=20, top_p=0.9), seq(0.0)]
     out = choose_tokens(logits, seqs)
@@ -205,3 +206,70 @@ def test_check_sampling_accepts_the_neutral_values():
         with pytest.raises(SamplingParamError) as err:
             check_sampling(**{"max_tokens": 1, "temperature": 0.0, **kwargs})
         assert err.value.param == field and field in str(err.value)
+
+
+# ---------------------------------------------------------------------------- min-p and the engine's penalty
+def test_min_p_keeps_tokens_within_a_fraction_of_the_top_one():
+    # probabilities 0.1, 0.4, 0.05, 0.3, 0.15: min_p 0.5 keeps p >= 0.2, 0.3 keeps p >= 0.12
+    logits = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]).log()
+    assert kept(min_p_filter(logits, 0.5)) == [1, 3]
+    assert kept(min_p_filter(logits, 0.3)) == [1, 3, 4]
+    assert kept(min_p_filter(logits, 1.0)) == [1]  # the top token always stays
+    assert torch.equal(min_p_filter(logits, 0.0), logits) and torch.equal(min_p_filter(logits, None), logits)
+    # after temperature: at T = 2 the probabilities flatten (sqrt), so 0.5 keeps p / p_max >= 0.25 before it
+    assert kept(filter_logits(logits, 2.0, None, None, 0.5)) == [0, 1, 3, 4]
+
+
+def test_min_p_matches_transformers():
+    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    torch.manual_seed(3)
+    logits = torch.randn(4, 100) * 3
+    for temperature, min_p in ((1.0, 0.05), (0.7, 0.2), (1.5, 0.5)):
+        scaled = logits / temperature
+        ref = logits_process.MinPLogitsWarper(min_p)(torch.zeros(4, 1, dtype=torch.long), scaled.clone())
+        assert torch.equal(ref.isinf(), filter_logits(logits, temperature, None, None, min_p).isinf())
+
+
+def test_engine_applies_repetition_penalty_and_min_p(model):
+    torch.manual_seed(0)
+    prompt = torch.randint(1, model.cfg.vocab_size, (200,)).tolist()  # many seen tokens: the penalty matters
+    engine = Engine(model, prefill_chunk=16, max_step_tokens=48)
+    plain = generate(model, [prompt], max_new_tokens=12)[0]
+    for penalty in (3.0, 0.3):
+        want = generate(model, [prompt], max_new_tokens=12, repetition_penalty=penalty)[0]
+        got = engine.generate([prompt], SamplingParams(max_tokens=12, repetition_penalty=penalty))[0].token_ids
+        assert got == want
+        assert want != plain  # the penalty changed the greedy output
+    # min_p: a per-token reference from the definition, drawing from the same seeded generator, on a
+    # model with sharper logits (min_p then drops most of the vocabulary)
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(10.0)
+    engine = Engine(sharp, prefill_chunk=16, max_step_tokens=48)
+    ids, g = list(prompt), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(12):
+            logits = sharp(torch.tensor([ids]))[0, -1].float() / 1.5
+            probs = torch.softmax(logits, -1)
+            keep = probs >= 0.3 * probs.max()
+            ids.append(int(torch.multinomial(torch.softmax(logits.masked_fill(~keep, float("-inf")), -1), 1,
+                                             generator=g)))
+    got = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.5, seed=5, min_p=0.3))[0].token_ids
+    assert got == ids[len(prompt):]
+    unfiltered = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.5, seed=5))[0].token_ids
+    assert unfiltered != got
+
+
+@pytest.mark.parametrize("field,value", [("min_p", 1.5), ("min_p", -0.1), ("min_p", "0.1"),
+                                         ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+                                         ("repetition_penalty", float("inf"))])
+def test_engine_and_server_refuse_min_p_and_penalty_alike(model, engine, field, value):
+    with pytest.raises(ParamError) as eng_err:
+        engine.submit([1, 2], SamplingParams(max_tokens=2, **{field: value}))
+    api = server_error(model, engine, field, value)
+    assert eng_err.value.param == field and field in str(eng_err.value)
+    assert (api.status, api.param, api.message) == (400, field, str(eng_err.value))
+    if field == "repetition_penalty":
+        with pytest.raises(ValueError) as gen_err:
+            generate(model, [[1, 2]], max_new_tokens=2, repetition_penalty=value)
+        assert str(gen_err.value) == str(eng_err.value)

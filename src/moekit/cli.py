@@ -62,6 +62,10 @@ def _torch_load_file(err: BaseException) -> Optional[str]:
 def user_error(err: BaseException) -> Optional[str]:
     """One line describing a user error (bad input, a missing or corrupt file), or None for a bug."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)):
+        path = _torch_load_file(err)
+        if path is not None:
+            return f"corrupt or truncated checkpoint file {path}: {first}"
     if isinstance(err, OSError):
         if err.filename is not None and err.strerror:
             return f"{err.strerror}: {err.filename}"
@@ -70,10 +74,6 @@ def user_error(err: BaseException) -> Optional[str]:
         return first
     if type(err).__name__ == "SafetensorError":
         return f"corrupt or truncated safetensors file: {first}"
-    if isinstance(err, (pickle.UnpicklingError, RuntimeError, EOFError)):
-        path = _torch_load_file(err)
-        if path is not None:
-            return f"corrupt or truncated checkpoint file {path}: {first}"
     return None
 
 

@@ -128,7 +128,10 @@ def check_corpus(path: Optional[PathLike]) -> None:
     if not p.is_dir():
         raise ValueError(f"corpus path {str(path)!r} is neither a file nor a directory")
     for q in _candidates(p):
-        if q.stat().st_size and (q.suffix.lower() == ".parquet" or not _not_text_reason(q, limit=_SNIFF_BYTES)):
+        if q.suffix.lower() == ".parquet":
+            _require_pyarrow_parquet(q)
+            return
+        if q.stat().st_size and not _not_text_reason(q, limit=_SNIFF_BYTES):
             return
     raise ValueError(f"empty corpus: no non-empty UTF-8 files with suffixes {', '.join(CORPUS_SUFFIXES)} "
                      f"under {str(path)!r}")
@@ -222,7 +225,6 @@ def _text_blocks(text: str) -> list[str]:
 
 def _read_jsonl(path: pathlib.Path) -> Iterator[str]:
     with open(path, "r", encoding="utf-8-sig") as f:
-        lineno = 0
         try:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -237,8 +239,8 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[str]:
                 if not isinstance(text, str):
                     raise ValueError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__}')
                 yield text
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e.reason})") from None
 
 
 def _parquet_file(path: pathlib.Path):

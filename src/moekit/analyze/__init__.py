@@ -2,9 +2,10 @@
 
     from moekit.analyze import analyze, resolve_model, local_hardware
     report = analyze(resolve_model("qwen3-30b-a3b"), hardware="h100", weights="bf16", batch=8)
-    report["decode_tokens_per_s"]
+    report["decode_tokens_per_s"], report["fits"], report["memory"]["inference"]["max_batch"]
 
-Modules: docs/architecture.md#layout; formulas and conventions: docs/formulas.md.
+Modules: docs/architecture.md#layout; formulas and conventions: docs/formulas.md. Importing the
+analyzer imports no torch (moekit.config, moekit.hf and moekit.quantize are imported where needed).
 """
 
 from .arch import Arch, from_hf_config, from_layer, from_model_config

@@ -71,12 +71,13 @@ def parse_layer(spec: str) -> Arch:
 def resolve_model(model: str) -> Arch:
     """An `Arch` for a preset/known name, an HF config.json (file or dir), or a moekit checkpoint/run dir.
     A LAYERS name is refused with a pointer to --layer: it has no attention, embeddings or head."""
-    from ..config import ModelConfig
     from ..presets import MODEL_PRESETS
 
     if model in HF_CONFIGS:
         return from_hf_config(HF_CONFIGS[model], name=model)
     if model in MODEL_PRESETS:
+        from ..config import ModelConfig
+
         return from_model_config(ModelConfig.preset(model))
     path = Path(model)
     if path.is_file():

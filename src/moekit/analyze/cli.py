@@ -24,7 +24,7 @@ def build_parser():
     p.add_argument("--layer", help=f"a bare MoE layer d,n,E,K or a published name: {', '.join(LAYERS)}")
     p.add_argument("--hardware", default="h100", help=f"one of {', '.join(CHOICES)}")
     p.add_argument("--memory", type=float, metavar="GIB",
-                   help=f"device memory in GiB instead of the hardware's ({USABLE:.0%} of it counts as usable)")
+                   help=f"device memory in GiB instead of the hardware's ({USABLE * 100:.0f}%% of it counts as usable)")
     p.add_argument("--weights", help=f"weight precision: {NAMES_HELP} (default: the model's dtype)")
     p.add_argument("--kv-dtype", help="KV cache dtype: fp32, bf16, fp16, fp8, int8 (default: weights' float type)")
     p.add_argument("--batch", type=int, default=1, help="decode/prefill/training batch size (sequences)")

@@ -24,7 +24,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     hw: Hardware = get_hardware(hardware)
     if memory_gib is not None:
-        if not memory_gib > 0:
+        if not 0 < memory_gib < float("inf"):
             raise ValueError(f"--memory must be a positive number of GiB, got {memory_gib!r}")
         hw = replace(hw, memory=memory_gib * GIB)
     weights = weights or {"float32": "fp32", "float16": "fp16", "float64": "fp32"}.get(arch.dtype, "bf16")

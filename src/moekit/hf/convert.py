@@ -13,10 +13,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..checkpoint import CONFIG_FILE as MOEKIT_CONFIG, QUANT_FILE, read_config as read_moekit_config
+from ..checkpoint import CONFIG_FILE as MOEKIT_CONFIG, QUANT_FILE, load_moekit, read_config as read_moekit_config
 from ..config import ModelConfig
 from ..model import Transformer
 from .io import CONFIG_FILE, MAX_SHARD_BYTES, read_config
+from .load import load_hf
 from .save import check_representable, save_hf
 from .spec import LAYOUTS, config_from_hf, infer_model_type, loadable_types
 from .tokenizer import TOKEN_ID_KEYS
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def source_dir(src: Path) -> Path:
-    """The checkpoint directory `moekit.load_model` reads for `src`: src itself, or a run's checkpoint/."""
+    """The checkpoint directory `moekit.load_model` reads for `src`: src itself, or a run's checkpoint/.
+    (moekit.loading imports moekit.hf, so convert follows its rules here rather than importing it.)"""
     if not src.is_dir():
         raise ValueError(f"checkpoint path {str(src)!r} is not a directory")
     if not (src / MOEKIT_CONFIG).is_file() and (src / "checkpoint").is_dir():
@@ -69,8 +71,6 @@ def source_config(checkpoint: Path) -> ModelConfig:
 
 
 def _convert(args) -> None:
-    from ..loading import load_model  # loading imports moekit.hf: no module-level cycle
-
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and src.resolve() == dst.resolve():
         raise ValueError("DST must differ from SRC")
@@ -80,8 +80,8 @@ def _convert(args) -> None:
     with torch.device("meta"):  # the architecture checks fail before reading the weights
         skeleton = Transformer(source_config(checkpoint))
     check_representable(skeleton, args.model_type or infer_model_type(skeleton.cfg), config_only=True)
-    model = load_model(checkpoint, dtype=args.dtype)
     hf_source = not (checkpoint / MOEKIT_CONFIG).is_file()
+    model = load_hf(checkpoint, dtype=args.dtype, progress=True) if hf_source else load_moekit(checkpoint, args.dtype)
     source = json.loads((checkpoint / CONFIG_FILE).read_text()) if hf_source else {}
     extra = {k: source[k] for k in TOKEN_ID_KEYS if source.get(k) is not None}
     save_hf(model, dst, model_type=args.model_type, layout=args.layout, max_shard_bytes=int(args.max_shard_gb * 1024**3),

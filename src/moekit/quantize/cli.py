@@ -18,8 +18,8 @@ from .formats import METHODS
 
 ALIASES = {"int4": "int4-g128"}  # as moekit.analyze.precision's "int4"
 CHOICES = (*METHODS, *ALIASES)
-METHOD_HELP = ("int8 (per row), int4-gG (affine, G values per group), q8_0/q4_0 (llama.cpp blocks of 32); "
-               "int4 = int4-g128")
+METHOD_HELP = (f"{', '.join(METHODS)} (int8: a scale per row; int4-gG: affine 4-bit, G values per group; "
+               "q8_0/q4_0: llama.cpp blocks of 32), or int4 (= int4-g128)")
 
 
 def method_name(method: str) -> str:

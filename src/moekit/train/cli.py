@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parser("moekit train", "Train an MoE language model (defaults: the small preset on the Python standard "
                "library, about 10 minutes on 2 CPU cores). Defaults shown are TrainConfig's.", epilog=EPILOG)
+    p.usage = "moekit train [options]   (moekit train --help lists them)"
     run = p.add_argument_group("run")
     run.add_argument("--config", help="a .toml ([train] and [model] tables) or .py file of settings; flags override it")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "

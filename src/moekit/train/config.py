@@ -53,6 +53,7 @@ MOE_FIELDS = {
     "seq_aux_loss_coef": "DeepSeek-V3 sequence-wise balance loss coefficient",
     "z_loss_coef": "router z-loss coefficient",
     "bias_update_speed": "aux-loss-free balancing step gamma (0: off)",
+    "hash_vocab_size": "hash router: size of the token-id -> experts table",
     "router_noise": "noisy top-k routing in training",
     "token_rounding": "SonicMoE token rounding: 'up', 'down', 'nearest' or 'none'",
     "rounding_tile": "token rounding tile",

@@ -91,11 +91,11 @@ class Trainer:
             raise ValueError(f"cannot write to run directory {str(run)!r}: {exc.strerror or exc}") from None
         self.lock = RunLock(run).__enter__()
         clean_stale(run, self.log)
-        ckpt = latest_checkpoint(run)
-        if resume and ckpt is None:
+        self.resume_from = latest_checkpoint(run) if resume else None
+        if resume and self.resume_from is None:
             why = " (it holds weights but no trainer_state.pt, so it cannot continue exactly)" if has_weights(run) else ""
             raise ValueError(f"--resume: no complete checkpoint in {str(run)!r}{why}")
-        if not resume and (ckpt is not None or has_weights(run)):
+        if not resume and has_weights(run):
             if not overwrite:
                 raise ValueError(f"{str(run)!r} already holds a training run; pass --resume to continue it, "
                                  f"--overwrite to replace it, or choose another --out")
@@ -108,15 +108,15 @@ class Trainer:
         from .. import data
 
         cfg = self.cfg
-        files = data.corpus_files(cfg.corpus)
-        train_files, val_files = data.split_files(files, cfg.val_fraction)
+        files = data.corpus_files(cfg.corpus, log=self.log)
+        train_files, val_files = data.split_files(files, cfg.val_fraction, log=self.log)
         tok_path = self.run_dir / "tokenizer.json"
         if resume and tok_path.is_file():
             tokenizer = data.load_tokenizer(tok_path)
         elif cfg.tokenizer:
             tokenizer = data.load_tokenizer(cfg.tokenizer)
         else:
-            self.log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(train_files)} files ...")
+            self.log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split ...")
             tokenizer = data.train_tokenizer(data.read_documents(train_files), cfg.vocab_size)
         tokenizer.save(str(tok_path))
         self.tokenizer = tokenizer
@@ -126,7 +126,7 @@ class Trainer:
         val_windows = (data.read_shard_meta(val_bin)["num_tokens"] - 1) // cfg.seq_len
         self.val_data = data.TokenWindows(val_bin, cfg.seq_len, min(cfg.batch_size, max(1, val_windows)),
                                           seed=cfg.seed, shuffle=False)
-        self.log(f"data: {len(train_files)} train / {len(val_files)} val files, "
+        self.log(f"data: {len(train_files)} train / {len(val_files)} val sources, "
                  f"{len(self.train_data)} train windows of {cfg.seq_len} tokens")
 
     def _prepare_model(self) -> None:
@@ -159,7 +159,7 @@ class Trainer:
     def _resume(self, new_decay: bool, allow_config_change: bool) -> None:
         from safetensors.torch import load_file
 
-        path = latest_checkpoint(self.run_dir)
+        path = self.resume_from
         state = self._load_state(path)
         saved = state["model_config"]
         if saved != self.model_cfg.to_dict():
