@@ -46,6 +46,7 @@ from moekit import Transformer
 from common import bench_config
 from moekit.generate import generate
 from moekit.runtime import tune_cpu_allocator
+from machine import print_machine_header
 
 
 def build_models(seed: int, tmpdir: str):
@@ -172,6 +173,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     p.add_argument("--prompt-len", type=int, default=32)

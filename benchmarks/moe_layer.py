@@ -4,7 +4,9 @@ Thin wrapper around `moekit.bench.moe_layer` (see its docstring for the FLOP cou
 the baseline and the saved-bytes measurement). Run with --help for the flags.
 """
 
+from machine import print_machine_header
 from moekit.bench.moe_layer import main
 
 if __name__ == "__main__":
+    print_machine_header()
     main()

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from moekit.analyze.catalog import SONICMOE_H100
 from moekit.bench.memory import saved_bytes
+from machine import print_machine_header
 
 # (T, d, n, E, K)
 SONIC_SHAPES: List[Tuple[int, int, int, int, int]] = list(SONICMOE_H100)
@@ -282,6 +283,7 @@ def parse_shapes(text: str) -> List[Tuple[int, int, int, int, int]]:
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=str, default=None, help="T,d,n,E,K;... (default: SonicMoE's three shapes)")
     p.add_argument("--impls", type=str, default="moekit-triton,moekit-grouped,torch-grouped-mm")

@@ -38,6 +38,7 @@ from moekit import load_model
 from moekit.data import cached_shards, default_corpus_files, split_files, TokenWindows
 from moekit.generate import generate
 from moekit.quantize import METHODS, model_bytes, quantize_model, size_report
+from machine import print_machine_header
 
 
 def perplexity(model, windows: TokenWindows, batches: int) -> float:
@@ -66,6 +67,7 @@ def decode_speed(model, prompt, new_tokens: int, repeats: int, compile: bool):
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/default", help="trained checkpoint or run directory")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (float is always run)")

@@ -62,6 +62,7 @@ from common import bench_config, git_commit
 from moekit import Transformer, save_model
 from moekit.generate import generate
 from moekit.runtime import tune_cpu_allocator
+from machine import print_machine_header
 
 MAX_BATCH = 64
 N_PROMPTS = 64
@@ -347,6 +348,7 @@ def commit() -> str:
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     p.add_argument("--prompt-len", type=int, default=32)

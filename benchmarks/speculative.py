@@ -39,6 +39,7 @@ from moekit.data import TokenWindows, cached_shards, default_corpus_files, split
 from moekit.generate import generate
 from moekit.quantize import quantize_model
 from moekit.speculative import speculative_generate
+from machine import print_machine_header
 
 
 def timed(fn, repeats: int):
@@ -67,6 +68,7 @@ def forward_ms(model, T: int, context: int, n: int = 100) -> float:
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="runs/default")
     p.add_argument("--draft", default="runs/draft-tiny", help="draft checkpoint (same tokenizer); '' to skip")

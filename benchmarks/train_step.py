@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import bench_config  # noqa: E402  (benchmarks/decode.py)
+from machine import print_machine_header
 
 LR, BETAS, WD, CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
 
@@ -216,6 +217,7 @@ def format_table(rows) -> str:
 
 
 def main(argv=None) -> int:
+    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=["both", "moekit", "hf"], default="both",
                    help="both (default): one subprocess per implementation; moekit / hf: run here")

@@ -29,8 +29,11 @@ def test_help_shows_defaults_but_not_none():
     p = cliargs.parser("prog", "d")
     p.add_argument("--steps", type=int, default=7, help="number of steps")
     p.add_argument("--name", default=None, help="a name")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--json", action="store_true", help="as JSON")
     text = p.format_help()
-    assert "number of steps (default: 7)" in text and "(default: None)" not in text
+    assert "number of steps (default: 7)" in text and "seed (default: 0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_model_argument_positional_or_checkpoint():

@@ -136,7 +136,7 @@ def test_export_problems_before_training():
     # a bias that training will make non-zero, with an architecture that has no place for it
     biased = ModelConfig.preset("tiny", moe=dict(d_model=64, d_expert=32, num_experts=8, top_k=2,
                                                  bias_update_speed=0.001))
-    assert any("bias_update_speed=0.001" in p and "glm4_moe can" in p for p in export_problems(biased))
+    assert any("bias_update_speed=0.001" in p and "glm4_moe can, with router=sigmoid_topk" in p for p in export_problems(biased))
     assert any("router='sigmoid_topk'" in p for p in export_problems(_small_cfg(), model_type="qwen3_moe"))
     assert "unsupported model_type 'llama'" in export_problems(_tiny_cfg(), model_type="llama")[0]
     glm = export_problems(_small_cfg(), model_type="glm4_moe")
@@ -169,6 +169,8 @@ def test_cli_convert_reads_a_training_run(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert cli([str(tmp_path), str(tmp_path / "y")]) == 2
     assert "is not a checkpoint" in capsys.readouterr().err
+    assert cli([str(run), str(run / "checkpoint")]) == 2  # would overwrite the run's own weights
+    assert "DST must differ" in capsys.readouterr().err
 
 
 def test_cli_convert_help_documents_every_option(capsys):

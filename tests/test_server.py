@@ -378,11 +378,13 @@ def test_chat_template_from_the_tokenizer_config(tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert serve_cli.cli(["--checkpoint", str(tmp_path / "missing"), "--no-malloc-tune"]) == 2
+    from moekit.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--no-malloc-tune"]) == 2
     assert "does not exist" in capsys.readouterr().err
     model = tiny_model()
     save_model(model, tmp_path / "no_tok")
-    assert serve_cli.cli(["--checkpoint", str(tmp_path / "no_tok"), "--no-malloc-tune"]) == 2
+    assert main(["serve", str(tmp_path / "no_tok"), "--no-malloc-tune"]) == 2
     assert "tokenizer" in capsys.readouterr().err
 
 
@@ -396,5 +398,30 @@ def test_serve_with_quantized_weights(checkpoint):
         assert type(srv.engine.model.layers[0].attn.q_proj).__name__ == "QuantizedLinear"
     finally:
         srv.shutdown()
-    with pytest.raises(ValueError):
+    with pytest.raises(SystemExit):  # argparse: not one of the --quantize choices
         start_server(checkpoint[0], "--quantize", "int3-nonsense")
+
+
+def test_repetition_penalty_and_min_p_are_applied(checkpoint, client):
+    _, model, tok = checkpoint
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, model.cfg.vocab_size, (200,), generator=g).tolist()  # many seen tokens
+    for penalty in (3.0, 0.3):  # greedy with HF's repetition penalty = moekit.generate with the same penalty
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"repetition_penalty": penalty})
+        want = generate(model, [prompt], max_new_tokens=8, repetition_penalty=penalty, eos_token_id=EOS)[0]
+        assert r.choices[0].text == tok.decode(want)
+        assert want != generate(model, [prompt], max_new_tokens=8, eos_token_id=EOS)[0]  # it mattered
+    # min_p = 1 keeps only the most likely token: sampling at temperature 2 becomes greedy
+    greedy_text = expected(model, prompt, 24)[0]
+    sampled = []
+    for seed in range(4):
+        kw = dict(model=NAME, prompt=prompt, max_tokens=24, temperature=2.0, seed=seed)
+        assert client.completions.create(**kw, extra_body={"min_p": 1.0}).choices[0].text == greedy_text
+        sampled.append(client.completions.create(**kw).choices[0].text)
+    assert any(text != greedy_text for text in sampled)
+    for name, value in (("min_p", 1.5), ("min_p", -0.5), ("repetition_penalty", 0), ("repetition_penalty", -2)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
+                                           extra_body={name: value})
+        assert name in check_error(err.value, 400, name)["message"]

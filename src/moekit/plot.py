@@ -8,7 +8,7 @@
 
 Resume points (`{"step": S, "event": "resume"}` lines the trainer writes) are dashed vertical lines
 on every panel. A resume at step S replaces what the run logged after S before it stopped, so those
-older lines are dropped. A torn line (a run killed mid-write) is skipped with a warning.
+older lines are dropped. A torn last line (a run killed mid-write) is dropped with a note (moekit.rundir.read_metrics).
 
 Needs matplotlib (`pip install matplotlib`, part of the `dev` extra).
 """
@@ -16,37 +16,18 @@ Needs matplotlib (`pip install matplotlib`, part of the `dev` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional
+
+from . import rundir
 
 
 class RunMetrics(NamedTuple):
     train: list  # training lines, in step order
     val: list  # evaluation lines (they carry val_loss)
     resumes: list  # steps at which the run was resumed
-
-
-def read_metrics_file(path: Path, log: Callable[[str], None] = print) -> List[dict]:
-    """The JSON lines of `path`; lines that do not parse (a torn write) are skipped and reported via `log`."""
-    records, bad = [], []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-        else:
-            bad.append(number)
-    if bad:
-        log(f"warning: skipped {len(bad)} unreadable line(s) of {path} (line {', '.join(map(str, bad[:5]))})")
-    return records
 
 
 def split_metrics(records: List[dict]) -> RunMetrics:
@@ -68,7 +49,7 @@ def read_metrics(run_dir: Path, log: Callable[[str], None] = print) -> RunMetric
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"no metrics.jsonl in {str(run_dir)!r} (is it a moekit run directory?)")
-    run = split_metrics(read_metrics_file(path, log))
+    run = split_metrics([r for r in rundir.read_metrics(path, log) if "step" in r])
     if not run.train:
         raise ValueError(f"{path} has no training lines yet")
     return run

@@ -306,7 +306,8 @@ def main(argv=None) -> int:
                        "FLOPs and HF Qwen3-MoE (CPU).")
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in DEFAULT_SHAPES),
                    help='semicolon-separated T,d,n,E,K tuples, e.g. "4096,512,128,64,8;1024,256,64,32,4"')
-    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="comma-separated dtypes, e.g. fp32,bf16 (" + cliargs.DTYPE_HELP + ")")
+    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
+                   help="comma-separated dtypes, e.g. fp32,bf16 (" + cliargs.DTYPE_HELP + ")")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="warmup iterations (the saved-bytes pass is the first)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers Qwen3MoeSparseMoeBlock rows")

@@ -7,9 +7,9 @@
 Sampling and the field checks are `moekit.sampling`'s, shared with `generate` and the server
 (temperature 0 = greedy; repetition_penalty (1.0 = off) over the prompt and the tokens so far,
 greedy mode included, as in `generate`; min_p None or 0 = off; a seeded `torch.Generator` per
-request); a bad field raises ParamError naming it. Stopping: `stop` strings (need a tokenizer; the text is cut before the match),
-`stop_token_ids` (ids or id sequences; not returned), the engine's EOS ids unless
-`ignore_eos`, and `max_tokens`.
+request); a bad field raises ParamError naming it. Stopping: `stop` strings (need a tokenizer;
+the text is cut before the match), `stop_token_ids` (ids or id sequences; not returned), the
+engine's EOS ids unless `ignore_eos`, and `max_tokens`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Load and save HF-format checkpoints (config.json + safetensors).
 
-    model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE
+    model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, GLM-4.5 (glm4_moe)
     save_hf(model, "out_dir", layout="per_expert")     # loads in transformers with the same logits
-    moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]
+    export_problems(model_cfg)                         # [] when save_hf will take it (checked before training)
+    moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]   # SRC: any load_model source
 
 Only `safetensors` is needed (imported when used); transformers is not. One `ArchSpec` file per
 `model_type` says what sets it apart (docs/architecture.md#hf-specs; adding one:
-docs/extending.md#an-hf-architecture). Analysis only (load_hf refuses them): deepseek_v3, llama, gpt2.
+docs/extending.md#an-hf-architecture). Analysis only (load_hf refuses them): deepseek_v3 (and kimi_k2),
+llama, gpt2. With `model.tokenizer` set, save_hf also writes what AutoTokenizer needs (hf/tokenizer.py).
 
 Tensor names, HF (with the "model." prefix) -> moekit; `i` layer, `e` expert, n expert dim:
 
@@ -34,6 +36,10 @@ Tensor names, HF (with the "model." prefix) -> moekit; `i` layer, `e` expert, n 
     model.layers.i.mlp.shared_expert.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
     model.layers.i.mlp.shared_expert.down_proj.weight       layers.i.ffn.shared.w2
     model.layers.i.mlp.shared_expert_gate.weight            layers.i.ffn.shared_gate.weight
+    glm4_moe: router bias and ungated shared experts (zero-size tensors when n_shared_experts=0):
+    model.layers.i.mlp.gate.e_score_correction_bias          layers.i.ffn.router.expert_bias (float32)
+    model.layers.i.mlp.shared_experts.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
+    model.layers.i.mlp.shared_experts.down_proj.weight       layers.i.ffn.shared.w2
 
 Logits match in both directions: `load_hf` folds transformers' YaRN cos/sin factor into q and k
 (`save_hf` writes attention_factor 1.0) and caps max_seq_len at a sliding window (exact up to W tokens).
@@ -73,7 +79,8 @@ SUPPORTED = loadable_types()  # the built-in loadable types (loadable_types() al
 ARCHITECTURES = {mt: SPECS[mt].architecture for mt in SUPPORTED}
 
 __all__ = [
-    "load_hf", "save_hf", "export_problems", "cli", "config_from_hf", "config_to_hf", "infer_model_type", "check_representable",
+    "load_hf", "save_hf", "export_problems", "cli", "config_from_hf", "config_to_hf", "infer_model_type",
+    "check_representable",
     "SUPPORTED", "ARCHITECTURES", "LAYOUTS", "CONFIG_FILE", "SINGLE_FILE", "INDEX_FILE", "MAX_SHARD_BYTES",
     "SIDE_FILES", "TOKEN_ID_KEYS", "PathLike", "ArchSpec", "Piece", "SPECS", "register", "get_spec", "loadable_types",
 ]

@@ -72,11 +72,11 @@ def source_config(checkpoint: Path) -> ModelConfig:
 
 def _convert(args) -> None:
     src, dst = Path(args.src), Path(args.dst)
-    if dst.exists() and src.resolve() == dst.resolve():
-        raise ValueError("DST must differ from SRC")
     if args.max_shard_gb <= 0:
         raise ValueError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     checkpoint = source_dir(src)
+    if dst.exists() and dst.resolve() in (src.resolve(), checkpoint.resolve()):
+        raise ValueError("DST must differ from SRC (and from its checkpoint/)")
     with torch.device("meta"):  # the architecture checks fail before reading the weights
         skeleton = Transformer(source_config(checkpoint))
     check_representable(skeleton, args.model_type or infer_model_type(skeleton.cfg), config_only=True)
@@ -84,8 +84,8 @@ def _convert(args) -> None:
     model = load_hf(checkpoint, dtype=args.dtype, progress=True) if hf_source else load_moekit(checkpoint, args.dtype)
     source = json.loads((checkpoint / CONFIG_FILE).read_text()) if hf_source else {}
     extra = {k: source[k] for k in TOKEN_ID_KEYS if source.get(k) is not None}
-    save_hf(model, dst, model_type=args.model_type, layout=args.layout, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-            extra_config=extra, progress=True)
+    save_hf(model, dst, model_type=args.model_type, layout=args.layout,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3), extra_config=extra, progress=True)
     for name in SIDE_FILES if hf_source else ():
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, dst / name)

@@ -13,7 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from .io import CONFIG_FILE, MAX_SHARD_BYTES, PathLike, dtype_name, resolve_dtype, safetensors, write_weights
-from .spec import Piece, get_spec, having, infer_model_type
+from .spec import SPECS, Piece, get_spec, having, infer_model_type
 from .tokenizer import TOKEN_ID_KEYS, token_ids, write_generation_config, write_tokenizer
 
 
@@ -30,7 +30,8 @@ def export_problems(model_cfg: ModelConfig, model_type: Optional[str] = None) ->
     problems = spec.problems(model_cfg)
     moe = model_cfg.moe
     if moe is not None and moe.bias_update_speed > 0 and not spec.expert_bias:
-        others = having("expert_bias", "; {} can")
+        others = "".join(f"; {mt} can, with router={'/'.join(s.routers)}" for mt, s in SPECS.items()
+                         if s.loadable and s.expert_bias)
         problems.append(f"bias_update_speed={moe.bias_update_speed} (training makes router.expert_bias non-zero; "
                         f"{model_type} cannot store it{others})")
     return [f"{model_type}: {problem}" for problem in problems]

@@ -32,7 +32,7 @@ from vLLM (`vllm serve MODEL ...`):
   --dtype bfloat16                   --dtype bf16 (either spelling)
   --quantization ...                 --quantize METHOD (weight-only, moekit's own formats)
   --chat-template FILE               --chat-template FILE|default
-  --enforce-eager (default here)     --compile to compile the decode step
+  (CUDA graphs, vLLM's default)      --compile (torch.compile of the decode step; eager without it)
 Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids."""
 
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_model_argument(p, "moekit checkpoint, training run dir or HF checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=cliargs.port, default=8000, help="TCP port 0..65535 (0 = any free port)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the directory name)")
     p.add_argument("--quantize", default=None, choices=QUANT_CHOICES, metavar="METHOD",
                    help="weight-only quantization after loading: " + QUANT_HELP)
     p.add_argument("--max-batch", type=int, default=32, help="most requests running at once")

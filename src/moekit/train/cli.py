@@ -18,6 +18,7 @@ from ..moe.experts import EXPERT_IMPLS
 from ..moe.router import ROUTERS
 from ..presets import MODEL_PRESETS
 from .config import MODEL_FIELDS, MOE_FIELDS, OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, TrainConfig, merge_resume
+from .trainer import Trainer
 
 TRAIN_HELP = {
     "preset": f"model preset to start from (trainable on a CPU: {', '.join(TRAINABLE_PRESETS)})",
@@ -174,7 +175,6 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 def cli(argv=None) -> int:
     from ..runtime import tune_cpu_allocator
-    from .trainer import Trainer
 
     args = build_parser().parse_args(argv)
     given = given_settings(args)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ModelConfig
-from ..moe.config import MoEConfig
 from ..presets import MODEL_PRESETS
 
 OPTIMIZERS = ("muon", "adamw")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rundir import (CKPT, CKPT_NEW, CKPT_OLD, METRICS_FILE, STATE_FILE, RunLock, clean_stale, has_weights,
-                      latest_checkpoint, reset_metrics, truncate_metrics, verify_checksums, write_checksums)
+                      latest_checkpoint, reset_metrics, truncate_metrics, write_checksums)
 from .config import TUNABLE, FIXED_REASON, TrainConfig, check_before_work, model_config, parse_duration
 from .peak import peak_flops
 from .schedule import fit_steps, lr_factor, new_decay_anchor
