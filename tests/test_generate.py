@@ -228,13 +228,15 @@ def test_cli_with_prompt_ids(saved, model, capsys):
 
 
 def test_cli_errors(saved, tmp_path, capsys):
-    assert gen_mod.cli(["--checkpoint", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
+    from moekit.cli import main  # the entry point turns ValueError into `moekit generate: error: ...`, exit 2
+
+    assert main(["generate", str(tmp_path / "nope"), "--prompt-ids", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert gen_mod.cli(["--checkpoint", str(saved), "--prompt", "hello"]) == 2
+    assert main(["generate", str(saved), "--prompt", "hello"]) == 2
     assert "--prompt-ids" in capsys.readouterr().err
-    assert gen_mod.cli(["--checkpoint", str(saved), "--prompt-ids", "1,x"]) == 2
+    assert main(["generate", str(saved), "--prompt-ids", "1,x"]) == 2
     assert "comma-separated" in capsys.readouterr().err
-    assert gen_mod.cli(["--checkpoint", str(saved), "--prompt-ids", "1", "--max-new-tokens", "999"]) == 2
+    assert main(["generate", str(saved), "--prompt-ids", "1", "--max-new-tokens", "999"]) == 2
     assert "max_seq_len" in capsys.readouterr().err
 
 
