@@ -136,7 +136,8 @@ def test_export_problems_before_training():
     # a bias that training will make non-zero, with an architecture that has no place for it
     biased = ModelConfig.preset("tiny", moe=dict(d_model=64, d_expert=32, num_experts=8, top_k=2,
                                                  bias_update_speed=0.001))
-    assert any("bias_update_speed=0.001" in p and "glm4_moe can, with router=sigmoid_topk" in p for p in export_problems(biased))
+    assert any("bias_update_speed=0.001" in p and "glm4_moe can, with router=sigmoid_topk" in p
+               for p in export_problems(biased))
     assert any("router='sigmoid_topk'" in p for p in export_problems(_small_cfg(), model_type="qwen3_moe"))
     assert "unsupported model_type 'llama'" in export_problems(_tiny_cfg(), model_type="llama")[0]
     glm = export_problems(_small_cfg(), model_type="glm4_moe")

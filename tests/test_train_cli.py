@@ -158,7 +158,8 @@ def test_kill_then_resume_with_only_out(corpus, tmp_path):
 
 def test_resume_refuses_silent_changes(base_run, tmp_path):
     run = copy_run(base_run, tmp_path)
-    one_line_error(moekit("train", "--out", run, "--resume"), "already reached step 6")
+    done = moekit("train", "--out", run, "--resume")  # a finished run: nothing to do
+    assert done.returncode == 0 and "the run is complete (step 6 of 6)" in done.stdout, done.stderr
     one_line_error(moekit("train", "--out", run, "--resume", "--max-steps", 10), "--new-decay", "from 0.100")
     one_line_error(moekit("train", "--out", run, "--resume", "--max-steps", 8, "--new-decay", "--lr", "0.01"),
                    "--allow-config-change", "lr 0.003 -> 0.01")

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-type", choices=types, default=None,
                         help="architecture to write (default: inferred; see moekit.hf.infer_model_type)")
     parser.add_argument("--layout", choices=LAYOUTS, default="per_expert",
-                        help="expert tensors: per_expert (hub format, transformers 4 and 5) or fused (transformers >= 5)")
+                        help="expert tensors: per_expert (hub format, transformers 4 and 5) "
+                             "or fused (transformers >= 5)")
     parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3,
                         help="split the weights into shards of at most this many GiB (default: 2)")
     return parser

@@ -179,9 +179,8 @@ class Trainer:
             self.anchor = new_decay_anchor(self.step, old_cfg, self.anchor)
             self.log(f"new decay phase: LR factor {was:.3f} at step {self.step} -> {self.cfg.min_lr_ratio:.3f} "
                      f"at step {self.cfg.max_steps} ({self.cfg.schedule})")
-        if self.cfg.max_steps <= self.step:
-            raise ValueError(f"the run already reached step {self.step} (max_steps {self.cfg.max_steps}); to train "
-                             f"further pass a larger --max-steps with --new-decay")
+        if self.cfg.max_steps < self.step:
+            raise ValueError(f"--max-steps {self.cfg.max_steps} is below the run's step {self.step}")
         weights = load_file(str(path / "model.safetensors"))
         if self.model_cfg.tie_embeddings:
             weights.setdefault("lm_head.weight", weights["embed.weight"])
@@ -287,6 +286,10 @@ class Trainer:
         """Run to max_steps, the time budget, or `stop_after` more steps (for tests); returns this call's
         losses. Releases the run's lock when it returns."""
         try:
+            if self.step == self.cfg.max_steps:
+                self.log(f"the run is complete (step {self.step} of {self.cfg.max_steps}): nothing to do; to train "
+                         f"further pass a larger --max-steps with --new-decay")
+                return []
             return self._train(stop_after)
         finally:
             self.close()
