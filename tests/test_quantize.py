@@ -210,10 +210,21 @@ def test_what_is_quantized_and_what_stays_float():
 
 @pytest.mark.parametrize("method", ["int8", "q8_0"])
 def test_quantized_greedy_generate_matches_float(method):
+    """Greedy tokens agree until a step where the float model's top-2 margin is within the quantization's
+    logit error there: a near tie may flip, nothing else may."""
     model = tiny_model()
     qmodel = quantize_model(tiny_model(), method)
-    prompts = [[5, 17, 300, 42], [8, 3], [11]]
-    assert generate(qmodel, prompts, max_new_tokens=8) == generate(model, prompts, max_new_tokens=8)
+    prompts = [[5, 17, 300, 42], [8, 3], [11], [7, 99, 1], [250, 11, 8, 64]]
+    ref, out = generate(model, prompts, max_new_tokens=8), generate(qmodel, prompts, max_new_tokens=8)
+    for prompt, ref_ids, out_ids in zip(prompts, ref, out):
+        k = next((i for i, (a, b) in enumerate(zip(ref_ids, out_ids)) if a != b), None)
+        if k is None:
+            continue
+        tokens = torch.tensor([prompt + ref_ids[:k]])
+        with torch.no_grad():
+            float_V, quant_V = model(tokens)[0, -1], qmodel(tokens)[0, -1]
+        top2 = float_V.topk(2).values
+        assert top2[0] - top2[1] <= 2 * (quant_V - float_V).abs().max(), (prompt, k)
 
 
 @pytest.mark.parametrize("method", METHODS)

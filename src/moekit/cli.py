@@ -19,7 +19,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("moekit.train", "train an MoE language model (default: small preset on the Python stdlib)"),
     "bench": ("moekit.bench.cli", "benchmarks: 'demo' (default) or 'moe-layer'"),
-    "convert": ("moekit.hf", "convert SRC DST: re-save an HF checkpoint (dtype, expert layout, shards)"),
+    "convert": ("moekit.hf", "convert SRC DST: a run, moekit or HF checkpoint -> an HF checkpoint (dtype, layout, architecture, shards)"),
     "generate": ("moekit.generate", "generate text from a checkpoint (moekit generate DIR --prompt TEXT)"),
     "plot": ("moekit.plot", "loss and expert-load PNGs of a run directory"),
     "serve": ("moekit.server.cli", "OpenAI-compatible HTTP server with continuous batching (moekit serve DIR)"),

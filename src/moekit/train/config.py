@@ -197,7 +197,7 @@ def check_before_work(cfg: TrainConfig) -> ModelConfig:
     """Every check that needs no data: values, the model, the device, the corpus path and the HF export.
     Returns the model configuration (vocab_size not yet known: the configured one)."""
     from ..cliargs import check_device
-    from ..data import check_corpus
+    from ..corpus import check_corpus
 
     cfg.validate()
     mcfg = model_config(cfg, cfg.vocab_size)

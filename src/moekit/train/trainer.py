@@ -105,11 +105,11 @@ class Trainer:
             self.log(f"--overwrite: removed the previous run in {str(run)!r}")
 
     def _prepare_data(self, resume: bool) -> None:
-        from .. import data
+        from .. import corpus, data
 
         cfg = self.cfg
-        files = data.corpus_files(cfg.corpus, log=self.log)
-        train_files, val_files = data.split_files(files, cfg.val_fraction, log=self.log)
+        files = corpus.corpus_files(cfg.corpus, log=self.log)
+        train_files, val_files = corpus.split_files(files, cfg.val_fraction, log=self.log)
         tok_path = self.run_dir / "tokenizer.json"
         if resume and tok_path.is_file():
             tokenizer = data.load_tokenizer(tok_path)
@@ -117,7 +117,7 @@ class Trainer:
             tokenizer = data.load_tokenizer(cfg.tokenizer)
         else:
             self.log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split ...")
-            tokenizer = data.train_tokenizer(data.read_documents(train_files), cfg.vocab_size)
+            tokenizer = data.train_tokenizer(corpus.read_documents(train_files), cfg.vocab_size)
         tokenizer.save(str(tok_path))
         self.tokenizer = tokenizer
         cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "moekit"
