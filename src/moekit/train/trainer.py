@@ -320,6 +320,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         flops_per_token = 6 * model.num_params(active=True)
         losses, t_start, t_last, t_second = [], time.perf_counter(), time.perf_counter(), None
+        logged_at = self.step
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
         while self.step < end:
             factor = lr_factor(self.step, cfg, self.anchor)
@@ -349,8 +350,8 @@ class Trainer:
             last = self.step == end or over_budget
             if self.step % cfg.log_every == 0 or last:
                 steps_done = len(losses)
-                tok_s = tokens_per_step * min(steps_done, cfg.log_every) / max(now - t_last, 1e-9)
-                t_last = now
+                tok_s = tokens_per_step * (self.step - logged_at) / max(now - t_last, 1e-9)
+                t_last, logged_at = now, self.step
                 loads = [t.double() for t in aux.tokens_per_expert]
                 mfu = tok_s * flops_per_token / peak
                 record({"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "aux_loss": aux_sum,
