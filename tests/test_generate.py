@@ -95,6 +95,15 @@ def test_top_k_1_equals_greedy(model):
     assert generate(model, PROMPTS, max_new_tokens=8, temperature=0.7, top_k=1, seed=3) == greedy
 
 
+def test_min_p_1_equals_greedy_and_min_p_0_changes_nothing(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=8)
+    assert generate(model, PROMPTS, max_new_tokens=8, temperature=2.0, min_p=1.0, seed=3) == greedy
+    kw = dict(max_new_tokens=8, temperature=1.5, seed=5)
+    assert generate(model, PROMPTS, min_p=0.0, **kw) == generate(model, PROMPTS, **kw)
+    with pytest.raises(ValueError, match="min_p"):
+        generate(model, PROMPTS, min_p=1.5)
+
+
 def test_top_k_and_top_p_filters_by_hand():
     # probabilities of softmax(log p) are p: 0.5, 0.2, 0.15, 0.1, 0.05
     probs = torch.tensor([[0.1, 0.5, 0.05, 0.2, 0.15]])

@@ -41,17 +41,17 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
              top_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = None,
              stop: StopSpec = None, eos_token_id=None,
              stream: Optional[Callable[[List[Optional[int]]], None]] = None,
-             compile: bool = False) -> List[List[int]]:
+             compile: bool = False, min_p: Optional[float] = None) -> List[List[int]]:
     """One list of up to `max_new_tokens` new ids per prompt (non-empty token-id lists of any lengths).
 
-    temperature 0 = greedy; top_k / top_p None = off; repetition_penalty 1.0 = off (greedy mode too,
+    temperature 0 = greedy; top_k / top_p / min_p None = off; repetition_penalty 1.0 = off (greedy mode too,
     as in HF); seed None draws one from torch's global RNG; stop / eos_token_id: ids or id sequences
     that end a sequence. The model's train/eval mode is restored afterwards.
     """
     cfg = model.cfg
     prompts = normalise_prompts(prompts, cfg.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                   max_tokens_name="max_new_tokens", min_tokens=0)
+                   max_tokens_name="max_new_tokens", min_tokens=0, min_p=min_p)
     stops = normalise_stops(stop, eos_token_id, cfg.vocab_size)
     lens = [len(p) for p in prompts]
     P = max(lens)
@@ -71,13 +71,13 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
     try:
         with torch.inference_mode():
             return _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, generator, stops, stream, device, dtype, step_fn)
+                                repetition_penalty, generator, stops, stream, device, dtype, step_fn, min_p)
     finally:
         model.train(was_training)
 
 
 def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                 generator, stops, stream, device, dtype, step_fn=None) -> List[List[int]]:
+                 generator, stops, stream, device, dtype, step_fn=None, min_p=None) -> List[List[int]]:
     B = len(prompts)
     tokens_BP = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts], dtype=torch.long, device=device)
     lens_B = torch.tensor(lens, dtype=torch.long, device=device)
@@ -103,7 +103,7 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
         logits_BV = logits_BV.float()
         if seen_BV is not None:
             logits_BV = apply_repetition_penalty(logits_BV, seen_BV, repetition_penalty)
-        next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        next_B = sample_next(logits_BV, temperature, top_k, top_p, generator, min_p)
         next_ids = next_B.tolist()
         step_tokens: List[Optional[int]] = [None] * B
         for b in range(B):
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top token's probability, "
+                   "in [0, 1] (HF MinPLogitsWarper; default: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL/HF penalty > 0 (1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output; default: random)")
     p.add_argument("--stop-ids", default=None, help="comma-separated token ids that end the generation")
@@ -233,8 +235,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
     if args.draft is not None and args.speculative is not None:
         raise ValueError("give either --draft DIR or --speculative ngram, not both")
     speculative = args.draft is not None or args.speculative is not None
-    if speculative and args.repetition_penalty != 1.0:
-        raise ValueError("--repetition-penalty is not supported with speculative decoding")
+    if speculative and (args.repetition_penalty != 1.0 or args.min_p is not None):
+        raise ValueError("--repetition-penalty and --min-p are not supported with speculative decoding")
     from .loading import load_model
     from .quantize.cli import method_name
 
@@ -274,6 +276,6 @@ def cli(argv: Optional[List[str]] = None) -> int:
     else:
         generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                 seed=args.seed, stop=stop, eos_token_id=eos, stream=streamer)
+                 seed=args.seed, stop=stop, eos_token_id=eos, stream=streamer, min_p=args.min_p)
         streamer.finish()
     return 0
