@@ -340,3 +340,36 @@ def test_paused_engine_queues_and_stop_cancels(model):
     pending = engine.submit(PROMPTS[1], SamplingParams(max_tokens=4))
     engine.stop()
     assert pending.result(timeout=5).finish_reason == "cancelled"
+
+
+# ---------------------------------------------------------------------------- one request never takes the engine down
+def test_extreme_sampling_values_run_and_leave_the_engine_serving(model):
+    ref = sequential(model, PROMPTS[:1], 6)[0]
+    with Engine(model, **KW) as engine:
+        tiny_t = engine.submit(PROMPTS[0], SamplingParams(max_tokens=6, temperature=1e-38, seed=1))
+        tiny_p = engine.submit(PROMPTS[0], SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-46, seed=1))
+        assert tiny_t.result(timeout=60).token_ids == ref  # a vanishing temperature or nucleus is greedy
+        assert tiny_p.result(timeout=60).token_ids == ref
+        assert engine.metrics()["thread_alive"]
+
+
+def test_a_failure_while_choosing_tokens_fails_only_that_request(model, monkeypatch):
+    import moekit.engine.engine as engine_module
+
+    real = engine_module.choose_tokens
+
+    def faulty(logits_RV, seqs):  # fault injection: sampling for the request with seed 666 breaks
+        if any(s.params.seed == 666 for s in seqs):
+            raise RuntimeError("simulated sampling failure")
+        return real(logits_RV, seqs)
+
+    monkeypatch.setattr(engine_module, "choose_tokens", faulty)
+    ref = sequential(model, PROMPTS[:2], 6)
+    with Engine(model, **KW) as engine:
+        bad = engine.submit(PROMPTS[2], SamplingParams(max_tokens=6, temperature=1.0, seed=666))
+        good = [engine.submit(p, SamplingParams(max_tokens=6)) for p in PROMPTS[:2]]
+        failed = bad.result(timeout=60)
+        assert failed.finish_reason == "error" and "simulated sampling failure" in failed.error
+        assert [h.result(timeout=60).token_ids for h in good] == ref
+        assert engine.submit(PROMPTS[0], SamplingParams(max_tokens=6)).result(timeout=60).token_ids == ref[0]
+        assert engine.metrics()["thread_alive"]

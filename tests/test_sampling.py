@@ -66,9 +66,9 @@ def test_top_k_keeps_ties_with_the_kth():
 
 def test_temperature_then_top_k_then_top_p():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    assert torch.equal(apply_temperature(logits, 2.0), logits / 2.0)
+    assert torch.equal(apply_temperature(logits, 2.0), (logits - 2.0) / 2.0)  # shifted: the max becomes 0
     # top-k before top-p: with k=2 the nucleus is computed over the two survivors only
-    expect = top_p_filter(top_k_filter(logits / 0.5, 2), 0.9)
+    expect = top_p_filter(top_k_filter((logits - 2.0) / 0.5, 2), 0.9)
     assert torch.equal(filter_logits(logits, 0.5, 2, 0.9), expect)
     assert kept(filter_logits(logits, 0.5, 2, 0.9)) == [0, 1]
     # at temperature 0.5 token 0 has e^2 / (e^2 + 1) = 0.88 of the two: p = 0.85 keeps it alone
@@ -76,6 +76,17 @@ def test_temperature_then_top_k_then_top_p():
     probs = filtered_probs(logits, 0.5, 2, None)
     assert torch.allclose(probs, torch.softmax(expect.new_tensor([[4.0, 2.0, float("-inf"), float("-inf")]]), -1))
     assert filtered_probs(logits, 0.0, None, None).tolist() == [[1.0, 0.0, 0.0, 0.0]]  # greedy: one-hot argmax
+
+
+def test_extreme_but_valid_values_give_a_distribution_not_nan():
+    # temperature 1e-38 would overflow logits / T to inf (softmax NaN); top_p 1e-46 rounds to 0 in float32
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 3.0, 3.0, -2.0]])
+    for kwargs in (dict(temperature=1e-38, top_k=None, top_p=None), dict(temperature=1.0, top_k=None, top_p=1e-46),
+                   dict(temperature=1e-38, top_k=2, top_p=1e-46, min_p=1e-30)):
+        probs = filtered_probs(logits, **kwargs)
+        assert not probs.isnan().any() and torch.allclose(probs.sum(-1), torch.ones(2))
+        assert probs[0].argmax() == 0 and probs[0, 0] == 1.0  # a tiny temperature or top_p is greedy
+    assert torch.allclose(filtered_probs(logits, 1e-38, None, None)[1], torch.tensor([0.0, 0.5, 0.5, 0.0]))
 
 
 def test_greedy_and_seeded_draws():

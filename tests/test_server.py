@@ -19,6 +19,7 @@ from moekit import ModelConfig, Transformer, save_model  # noqa: E402
 from moekit.cli import COMMANDS  # noqa: E402
 from moekit.generate import generate  # noqa: E402
 from moekit.server import cli as serve_cli  # noqa: E402
+from moekit.engine import SamplingParams  # noqa: E402
 from moekit.server.chat_template import load_chat_template  # noqa: E402
 
 NAME = "tiny-test"
@@ -425,3 +426,32 @@ def test_repetition_penalty_and_min_p_are_applied(checkpoint, client):
             client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
                                            extra_body={name: value})
         assert name in check_error(err.value, 400, name)["message"]
+
+
+def test_a_vanishing_temperature_or_nucleus_is_served_and_health_stays_ok(checkpoint, server, client):
+    path, model, tok = checkpoint
+    ids = tok.encode("def parse_args(").ids
+    greedy = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0).choices[0].text
+    for kw in (dict(temperature=1e-38), dict(temperature=1.0, top_p=1e-46)):
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=8, seed=1, **kw)
+        assert r.choices[0].text == greedy
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+def test_serve_exits_when_the_engine_thread_dies(checkpoint):
+    srv = serve_cli.build_server(serve_cli.build_parser().parse_args(
+        [str(checkpoint[0]), "--port", "0", "--quiet", "--threads", str(torch.get_num_threads())]))[0]
+
+    def broken_step():  # fault injection: the engine loop itself fails (not one request)
+        raise SystemError("simulated engine failure")
+
+    srv.engine.step = broken_step
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("error", srv.serve_forever()))
+    runner.start()
+    srv.engine.submit([1, 2, 3], SamplingParams(max_tokens=2))  # wake the loop
+    runner.join(timeout=30)
+    try:
+        assert not runner.is_alive() and "simulated engine failure" in result["error"]
+    finally:
+        srv.shutdown()

@@ -35,8 +35,10 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
 
 
 def apply_temperature(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / temperature (temperature > 0; 0 means greedy and is handled by the caller)."""
-    return logits_BV / temperature
+    """(logits - row max) / temperature (temperature > 0; 0 means greedy and is handled by the caller).
+    The shift leaves the softmax unchanged and keeps a tiny temperature (1e-38) from overflowing to
+    +inf, whose softmax would be NaN: the top token gets 0, the others at most 0."""
+    return (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / temperature
 
 
 def top_k_filter(logits_BV: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
@@ -56,6 +58,7 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: Optional[float]) -> torch.Tenso
     probs_BV = torch.softmax(sorted_BV, dim=-1)
     mass_before_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV
     drop_sorted_BV = mass_before_BV >= top_p
+    drop_sorted_BV[..., 0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
     drop_BV = torch.zeros_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
     return logits_BV.masked_fill(drop_BV, float("-inf"))
 

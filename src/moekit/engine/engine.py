@@ -285,12 +285,29 @@ class Engine:
             for s in decoding:
                 s.computed += 1
             sampled = decoding + [s for s, g in zip(prefilling, segments) if g.want_logits]
-            with torch.inference_mode():
-                choices = choose_tokens(logits_RV, sampled)
-            for s, (token, logprob) in zip(sampled, choices):
-                self._append(s, token, logprob)
+            for s, choice in zip(sampled, self._choose(logits_RV, sampled)):
+                if isinstance(choice, Exception):  # only this request fails
+                    self._finish(s, "error", f"{type(choice).__name__}: {choice}")
+                else:
+                    self._append(s, *choice)
             self.metrics_.record_step(prompt_tokens, len(sampled))
             return True
+
+    def _choose(self, logits_RV: torch.Tensor, sampled: list) -> list:
+        """(token, logprob) per row; when the batched choice fails, each row alone, so a failure is
+        an Exception in the row of the request it concerns and the others carry on."""
+        with torch.inference_mode():
+            try:
+                return choose_tokens(logits_RV, sampled)
+            except Exception:  # noqa: BLE001 -- find the row(s) at fault below
+                traceback.print_exc()
+            out = []
+            for r, s in enumerate(sampled):
+                try:
+                    out.append(choose_tokens(logits_RV[r:r + 1], [s])[0])
+                except Exception as err:  # noqa: BLE001
+                    out.append(err)
+            return out
 
     def _append(self, s: Seq, token: int, logprob: Optional[float]) -> None:
         if s.first_token_at is None:

@@ -81,6 +81,8 @@ class OpenAIServer:
         self._count_lock = threading.Lock()
         self.httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
+        self.stopping = threading.Event()
+        self.engine_error: Optional[str] = None  # set when the engine thread died while serving
 
     def count(self, path: str, status: int) -> None:
         if path.startswith("/v1/models/"):
@@ -105,11 +107,24 @@ class OpenAIServer:
         self._thread.start()
         return self
 
-    def serve_forever(self) -> None:
+    def serve_forever(self) -> Optional[str]:
+        """Serve until `shutdown()`, or until the engine thread dies: then stop serving and return its
+        error, so `moekit serve` exits non-zero and a supervisor restarts it (a dead engine behind a
+        live socket would answer 503 forever)."""
         self.engine.start()
+        threading.Thread(target=self._watch_engine, name="moekit-watchdog", daemon=True).start()
         self.httpd.serve_forever()
+        return self.engine_error
+
+    def _watch_engine(self) -> None:
+        while self.engine.metrics()["thread_alive"] or self.engine.thread_error is None:
+            if self.stopping.wait(self.poll_s):
+                return
+        self.engine_error = self.engine.thread_error
+        self.httpd.shutdown()
 
     def shutdown(self) -> None:
+        self.stopping.set()
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()

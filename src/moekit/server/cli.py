@@ -145,10 +145,15 @@ def cli(argv: Optional[List[str]] = None) -> int:
           f"  {torch.get_num_threads()} torch threads, max batch {args.max_batch}, KV budget {kv.capacity} tokens "
           f"({kv.capacity * kv.bytes_per_token / 2**20:.1f} MiB), context {cfg.max_seq_len}, "
           f"chat template: {template.source}, eos ids {engine.eos_token_ids}", file=sys.stderr, flush=True)
+    error = None
     try:
-        server.serve_forever()
+        error = server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.shutdown()
+    if error is not None:
+        print(f"moekit serve: the engine stopped ({error}); exiting so a supervisor can restart the server",
+              file=sys.stderr)
+        return 1
     return 0
