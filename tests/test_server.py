@@ -455,3 +455,42 @@ def test_serve_exits_when_the_engine_thread_dies(checkpoint):
         assert not runner.is_alive() and "simulated engine failure" in result["error"]
     finally:
         srv.shutdown()
+
+
+def raw_bytes(server, data: bytes) -> bytes:
+    """Send `data` as is on a fresh socket; the whole answer (the server closes after an error)."""
+    with socket.create_connection(server.httpd.server_address[:2], timeout=30) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def answer(reply: bytes):
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_malformed_requests_get_openai_style_400s_and_the_server_keeps_serving(server):
+    post = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    for headers, body, words in [
+        ("Content-Length: -1\r\n", b"", "Content-Length"),
+        ("Content-Length: 2\r\nContent-Length: 3\r\n", b"{}", "conflicting"),
+        (None, b"[" * 100000 + b"]" * 100000, "nests too deeply"),
+        (None, b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "parse the JSON"),
+        (None, json.dumps({"model": NAME, "prompt": "x", "seed": 2**70}).encode(), "64-bit"),
+        (None, b'{"model": "' + NAME.encode() + b'", "prompt": "a\\ud800b", "max_tokens": 2}', "not valid Unicode"),
+        (None, json.dumps({"model": NAME, "prompt": "x", "stop": ["s%d" % i for i in range(65)]}).encode(), "limit"),
+    ]:
+        headers = headers if headers is not None else f"Content-Length: {len(body)}\r\n"
+        status, err = answer(raw_bytes(server, (post + headers + "\r\n").encode() + body))
+        assert status == 400 and words in err["error"]["message"], (status, err)
+    for method in ("HEAD", "OPTIONS"):
+        status, headers, data = raw(server, method, "/v1/completions")
+        assert status == 405
+    status, err = answer(raw_bytes(server, b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 501 and err["error"]["type"] == "invalid_request_error"
+    status, err = answer(raw_bytes(server, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 414 and "error" in err
+    assert raw(server, "GET", "/health")[0] == 200

@@ -202,9 +202,11 @@ def check_min_p(value, name: str = "min_p") -> None:
 
 
 def check_seed(value, name: str = "seed") -> None:
-    """None (a random seed) or an integer."""
+    """None (a random seed) or an integer in torch.Generator's range [-2**63, 2**64)."""
     if value is not None and not _is_int(value):
         raise SamplingParamError(f"{name} must be an integer, got {value!r}", name)
+    if value is not None and not -2**63 <= value < 2**64:
+        raise SamplingParamError(f"{name} must be a 64-bit integer, got one of {len(str(value))} digits", name)
 
 
 def check_sampling(max_tokens, temperature, top_k=None, top_p=None, repetition_penalty=1.0, seed=None, *,
@@ -219,12 +221,17 @@ def check_sampling(max_tokens, temperature, top_k=None, top_p=None, repetition_p
     check_seed(seed)
 
 
+MAX_STOP_STRINGS = 64  # each one is checked against the text after every token: bound the work
+
+
 def check_stop_strings(stop, name: str = "stop") -> None:
-    """A list/tuple of non-empty strings (a bare string is refused: wrap it in a list)."""
+    """A list/tuple of at most MAX_STOP_STRINGS non-empty strings (a bare string is refused: wrap it)."""
     if isinstance(stop, str):
         raise SamplingParamError(f"{name} must be a list of strings (wrap a single string in a list)", name)
     if not isinstance(stop, (list, tuple)):
         raise SamplingParamError(f"{name} must be a list of strings, got {stop!r}", name)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise SamplingParamError(f"{name} holds {len(stop)} strings; the limit is {MAX_STOP_STRINGS}", name)
     for item in stop:
         if not isinstance(item, str) or not item:
             raise SamplingParamError(f"{name} strings must be non-empty strings, got {item!r}", name)

@@ -194,12 +194,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(self._post)
 
     def _not_allowed(self):
+        self.close_connection = True  # (a HEAD client reads no body: do not reuse the connection)
         raise ApiError(405, f"method {self.command} is not allowed here", code="method_not_allowed")
 
     def do_PUT(self):
         self._dispatch(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_PUT
+    do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_PUT
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's errors (414, 431, 501 unknown method, 400 bad request line) as OpenAI-style
+        JSON instead of HTML."""
+        self.close_connection = True
+        if not hasattr(self, "path"):  # the request line itself was refused
+            self.path = ""
+        try:
+            self._send_json(code, ApiError(code, message or explain or f"HTTP error {code}",
+                                           code="http_error").body())
+        except OSError:
+            pass
 
     def _get(self):
         path = urlsplit(self.path).path
@@ -223,21 +236,24 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route {path}", code="not_found")
 
     def _read_json(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:  # errors before the body is read close the connection (_dispatch)
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:  # errors before the body is read close the connection (_dispatch)
             raise ApiError(400, "the request needs a Content-Length header (chunked bodies are not supported)")
-        try:
-            n = int(length)
-        except ValueError:
-            raise ApiError(400, f"bad Content-Length {length!r}") from None
+        if len(set(lengths)) > 1:
+            raise ApiError(400, f"conflicting Content-Length headers {lengths}")
+        length = lengths[0]
+        if not length.strip().isdigit():
+            raise ApiError(400, f"bad Content-Length {length!r}: a non-negative integer is needed")
+        n = int(length)
         if n > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is {n} bytes; the limit is {MAX_BODY_BYTES}")
         raw = self.rfile.read(n)
         self._body_read = True
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
+        except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
+            reason = "it nests too deeply" if isinstance(err, RecursionError) else str(err)
+            raise ApiError(400, f"We could not parse the JSON body of your request: {reason}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object", code="invalid_json")
         return body

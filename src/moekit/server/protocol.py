@@ -180,6 +180,10 @@ def _model(body, ctx) -> str:
 
 
 def _encode(ctx, text: str, param: str, add_special_tokens: bool = True) -> List[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
+        raise bad(param, f"'{param}' is not valid Unicode text: {err.reason} at position {err.start}") from None
     ids = ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
     if not ids:
         raise bad(param, f"'{param}' encodes to no tokens; give at least one token of text")
