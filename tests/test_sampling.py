@@ -129,17 +129,21 @@ def test_choose_tokens_rows_are_independent():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
 
-    def seq(temperature, seed=None, logprobs=False, top_k=None, top_p=None):
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, logprobs=logprobs)
+    def seq(temperature, seed=None, logprobs=False, top_k=None, top_p=None, top_logprobs=0):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, logprobs=logprobs,
+                                top_logprobs=top_logprobs)
         return SimpleNamespace(params=params, generator=new_generator(temperature, seed, "cpu"), prompt=[1], out=[])
 
-    seqs = [seq(0.0, logprobs=True), seq(0.9, seed=4, top_k=20, top_p=0.9), seq(0.0)]
+    seqs = [seq(0.0, logprobs=True, top_logprobs=3), seq(0.9, seed=4, top_k=20, top_p=0.9), seq(0.0)]
     out = choose_tokens(logits, seqs)
-    assert [t for t, _ in out][0::2] == logits.argmax(-1).tolist()[0::2]
+    assert [t for t, _, _ in out][0::2] == logits.argmax(-1).tolist()[0::2]
     alone = sample_next(logits[1:2], 0.9, 20, 0.9, new_generator(0.9, 4, "cpu"))
     assert out[1][0] == int(alone[0])  # the sampled row draws as it would alone
-    assert out[0][1] == pytest.approx(float(torch.log_softmax(logits[0], -1)[out[0][0]]))
-    assert out[1][1] is None and out[2][1] is None
+    lp = torch.log_softmax(logits[0], -1)
+    assert out[0][1] == pytest.approx(float(lp[out[0][0]]))
+    order = sorted(range(50), key=lambda v: -float(lp[v]))[:3]  # the 3 most likely, by hand
+    assert [t for t, _ in out[0][2]] == order and out[0][2][0][1] == pytest.approx(float(lp[order[0]]))
+    assert out[1][1] is None and out[2][1] is None and out[1][2] is None
 
 
 # ---------------------------------------------------------------------------- one set of checks for every caller

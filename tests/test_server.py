@@ -21,6 +21,7 @@ from moekit.generate import generate  # noqa: E402
 from moekit.server import cli as serve_cli  # noqa: E402
 from moekit.engine import SamplingParams  # noqa: E402
 from moekit.server.chat_template import load_chat_template  # noqa: E402
+from moekit.server.protocol import token_text  # noqa: E402
 
 NAME = "tiny-test"
 EOS = 0  # "<|endoftext|>" of moekit's tokenizers, which the server treats as end of sequence
@@ -278,8 +279,11 @@ def test_error_statuses_and_the_server_keeps_serving(server, client):
         client.chat.completions.create(model=NAME, messages=[{"role": "wizard", "content": "x"}])
     check_error(err.value, 400, "messages.[0].role")
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=NAME, prompt="x", logprobs=2)
+        client.completions.create(model=NAME, prompt="x", logprobs=2, stream=True)
     check_error(err.value, 400, "logprobs", "unsupported_parameter")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="x", presence_penalty=0.5)
+    check_error(err.value, 400, "presence_penalty", "unsupported_parameter")
     # longer than the context window (1024): the prompt alone, and prompt + max_tokens
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=NAME, prompt=[5] * 1100, max_tokens=4)
@@ -494,3 +498,58 @@ def test_malformed_requests_get_openai_style_400s_and_the_server_keeps_serving(s
     status, err = answer(raw_bytes(server, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status == 414 and "error" in err
     assert raw(server, "GET", "/health")[0] == 200
+
+
+def dense_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(checkpoint, client):
+    # lm-evaluation-harness's local-completions log-likelihood request: token ids, echo, logprobs=1, max_tokens=0
+    path, model, tok = checkpoint
+    ids = tok.encode("def parse_args(argv=None):\n    return argv").ids
+    r = client.completions.create(model=NAME, prompt=ids, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    lp = r.choices[0].logprobs
+    ref = dense_logprobs(model, ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert "".join(lp.tokens) == r.choices[0].text == tok.decode(ids)  # (an ASCII prompt: no partial tokens)
+    assert lp.text_offset == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    for t in range(1, len(ids)):  # the top-1 alternative is the argmax of the in-process distribution
+        (text, value), = lp.top_logprobs[t].items()
+        assert text == token_text(tok, int(ref[t - 1].argmax()))
+        assert value == pytest.approx(float(ref[t - 1].max()), abs=1e-5)
+
+
+def test_logprobs_of_generated_tokens_with_top_alternatives(checkpoint, client):
+    path, model, tok = checkpoint
+    ids = tok.encode("import sys").ids
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=5, logprobs=3, temperature=0)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == 5
+    gen = generate(model, [ids], max_new_tokens=5)[0]
+    ref = dense_logprobs(model, ids + gen)
+    for k, t in enumerate(gen):
+        assert lp.token_logprobs[k] == pytest.approx(float(ref[len(ids) - 1 + k, t]), abs=1e-4)
+        assert len(lp.top_logprobs[k]) == 3 and max(lp.top_logprobs[k].values()) == pytest.approx(lp.token_logprobs[k])
+    echo = client.completions.create(model=NAME, prompt=ids, max_tokens=5, logprobs=0, temperature=0, echo=True)
+    assert echo.choices[0].text == tok.decode(ids) + choice.text
+    assert echo.choices[0].logprobs.token_logprobs[len(ids):] == pytest.approx(lp.token_logprobs)
+    for kw, param in ((dict(logprobs=21), "logprobs"), (dict(logprobs=1, stream=True), "logprobs"),
+                      (dict(max_tokens=0), "max_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=NAME, prompt=ids, **{"max_tokens": 2, **kw})
+        assert err.value.body["param"] == param
+
+
+def test_a_partial_utf8_token_is_written_as_its_bytes(checkpoint):
+    tok = checkpoint[2]
+    partial = next(i for i in range(tok.get_vocab_size()) if "\ufffd" in tok.decode([i]))
+    text = token_text(tok, partial)
+    first = tok.encode("def").ids[0]
+    assert text.startswith("bytes:") and token_text(tok, first) == tok.decode([first])
+    raw_bytes_ = bytes(int(h, 16) for h in text[len("bytes:"):].split("\\x")[1:])
+    assert tok.decode([partial]) == raw_bytes_.decode("utf-8", errors="replace")

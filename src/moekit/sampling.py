@@ -115,8 +115,15 @@ def new_generator(temperature: float, seed: Optional[int], device) -> Optional[t
     return generator
 
 
-def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float]]]:
-    """The engine's per-row choice: (token, logprob or None) per row; seqs[r] has .params, .generator,
+def top_logprobs(logprobs_V: torch.Tensor, n: int) -> List[Tuple[int, float]]:
+    """The n most likely (token, logprob) of one row of log-probabilities, most likely first."""
+    values, ids = torch.topk(logprobs_V, n)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float], Optional[list]]]:
+    """The engine's per-row choice: (token, logprob or None, top (id, logprob) list or None) per row
+    (the top list when params.top_logprobs > 0); seqs[r] has .params, .generator,
     .prompt and .out (the tokens so far, for the repetition penalty). Plain greedy rows take the argmax
     (batched); the others go one at a time through the penalty and `sample_next` with the request's
     own generator, so a seeded request draws the same tokens alone, among others, or in
@@ -141,12 +148,15 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
                                      p.min_p)[0])
     want = [r for r in range(R) if seqs[r].params.logprobs]
     logprobs: List[Optional[float]] = [None] * R
+    tops: List[Optional[list]] = [None] * R
     if want:
         idx = torch.tensor(want, device=logits_RV.device)
-        lp_RV = torch.log_softmax(logits_RV.index_select(0, idx), dim=-1)
+        lp_RV = torch.log_softmax(logits_RV.index_select(0, idx).float(), dim=-1)
         for j, r in enumerate(want):
             logprobs[r] = float(lp_RV[j, out[r]])
-    return list(zip(out, logprobs))
+            if seqs[r].params.top_logprobs:
+                tops[r] = top_logprobs(lp_RV[j], seqs[r].params.top_logprobs)
+    return list(zip(out, logprobs, tops))
 
 
 class SamplingParamError(ValueError):

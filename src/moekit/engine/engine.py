@@ -31,13 +31,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..numerics import PLAIN, Numerics
 from ..rope import rope_table
-from ..sampling import choose_tokens, ends_with_stop, new_generator
+from ..sampling import choose_tokens, ends_with_stop, new_generator, top_logprobs
 from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
 from .forward import DecodeStep, bucket_rows, prefill_forward
 from .kv import KVBudget, parse_budget
@@ -192,15 +192,7 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ParamError(f"n must be an integer >= 1, got {n!r}", "n")
         params = params or SamplingParams()
-        V = self.model.token_limit
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ParamError("prompt must be a non-empty list of token ids", "prompt")
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
-                raise ParamError(f"prompt holds {t!r}, not a token id in [0, {V})", "prompt")
-        prompt, seqs = list(prompt), []
+        prompt, seqs = self.check_prompt(prompt), []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
             cb = None if on_event is None else (lambda event, i=i: on_event(i, event))
@@ -224,6 +216,33 @@ class Engine:
         """One request, then two (on the engine thread once started): compiles each decode-step variant."""
         for n in (1, 2):
             self.generate([[0]] * n, SamplingParams(max_tokens=2, ignore_eos=True))
+
+    def check_prompt(self, prompt) -> List[int]:
+        """The prompt as a list of token ids, or ParamError."""
+        V = self.model.token_limit
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ParamError("prompt must be a non-empty list of token ids", "prompt")
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                raise ParamError(f"prompt holds {t!r}, not a token id in [0, {V})", "prompt")
+        if len(prompt) > self.model.cfg.max_seq_len:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the model's context window is "
+                                     f"{self.model.cfg.max_seq_len}", "prompt")
+        return list(prompt)
+
+    def score(self, tokens: List[int], top_n: int = 0) -> Tuple[List[float], List[list]]:
+        """Log-probabilities of tokens[1:] each given the tokens before it (one plain forward over the whole
+        sequence, between engine steps), and with top_n > 0 the top_n most likely (id, logprob) at those
+        positions: what `echo` + `logprobs` return for a prompt (lm-eval's log-likelihoods)."""
+        tokens = self.check_prompt(tokens)
+        with self._step_lock, torch.inference_mode():
+            tokens_1T = torch.tensor([tokens], device=self.model.embed.weight.device)
+            logprobs_TV = torch.log_softmax(self.model(tokens_1T)[0, :-1].float(), dim=-1)
+            picked = logprobs_TV.gather(-1, tokens_1T[0, 1:, None])[:, 0].tolist()
+            tops = [top_logprobs(row, top_n) for row in logprobs_TV] if top_n else []
+        return picked, tops
 
     def generate(self, prompts, params: Union[SamplingParams, Sequence[SamplingParams], None] = None
                  ) -> List[Completion]:
@@ -309,18 +328,21 @@ class Engine:
                     out.append(err)
             return out
 
-    def _append(self, s: Seq, token: int, logprob: Optional[float]) -> None:
+    def _append(self, s: Seq, token: int, logprob: Optional[float], top: Optional[list] = None) -> None:
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
         s.out.append(token)
         if logprob is not None:
             s.logprobs.append(logprob)
+        if top is not None:
+            s.top_logprobs.append(top)
         s.generated += 1
         reason = None
         n_stop = ends_with_stop(s.out, s.stops) if s.stops else 0
         if n_stop:
             del s.out[-n_stop:]
             del s.logprobs[len(s.out):]
+            del s.top_logprobs[len(s.out):]
             reason = "stop"
         if s.text is not None and s.text.update(s.out):
             reason = "stop"
@@ -348,7 +370,8 @@ class Engine:
             delta, text = s.text.delta(final=True), s.text.text
         completion = Completion(
             prompt_tokens=len(s.prompt), token_ids=list(s.out), text=text, finish_reason=reason,
-            logprobs=list(s.logprobs) if s.params.logprobs else None, error=error,
+            logprobs=list(s.logprobs) if s.params.logprobs else None,
+            top_logprobs=list(s.top_logprobs) if s.params.top_logprobs else None, error=error,
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - s.arrival,
             latency=now - s.arrival, generated_tokens=s.generated)
         self.metrics_.count(f"finished_{reason}")

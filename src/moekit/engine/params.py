@@ -21,6 +21,9 @@ from ..sampling import SamplingParamError, check_sampling, check_stop_strings, n
 from .errors import ParamError
 
 
+MAX_TOP_LOGPROBS = 20  # vLLM's default cap
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -34,6 +37,7 @@ class SamplingParams:
     stop_token_ids: Sequence[Union[int, Sequence[int]]] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # record the log-probability of each chosen token
+    top_logprobs: int = 0  # with logprobs: also the n most likely tokens at each step, with their logprobs
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -46,6 +50,9 @@ class SamplingParams:
             check_stop_strings(self.stop)
         except SamplingParamError as err:
             raise ParamError(str(err), err.param) from None
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ParamError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
+                             "logprobs")
         if self.stop and not has_tokenizer:
             raise ParamError("stop strings need a tokenizer; this engine has none (use stop_token_ids)", "stop")
         stop_sequences(self.stop_token_ids, (), vocab_size)
@@ -68,6 +75,7 @@ class Completion:
     text: Optional[str]  # None without a tokenizer
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     logprobs: Optional[List[float]] = None
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token: the n most likely (id, logprob)
     error: Optional[str] = None
     time_to_first_token: Optional[float] = None  # seconds from submission
     latency: Optional[float] = None  # seconds from submission to the end

@@ -30,6 +30,7 @@ class Sequence:
         self.generator, self.text, self.handle = generator, text, handle
         self.out: List[int] = []
         self.logprobs: List[float] = []
+        self.top_logprobs: List[list] = []
         self.row: Optional[int] = None  # its row of the KV pool while admitted
         self.cache = None  # the batch-1 view of that row
         self.computed = 0  # tokens whose k/v are in the cache

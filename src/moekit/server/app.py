@@ -31,11 +31,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
 from urllib.parse import urlsplit
 
-from ..engine import (ContextLengthError, EngineStoppedError, KVBudgetError, ParamError, QueueFullError)
+from ..engine import (Completion, ContextLengthError, EngineStoppedError, KVBudgetError, ParamError,
+                      QueueFullError)
 from ..sampling import SamplingParamError
 from . import metrics as prom
 from .chat_template import ChatTemplate, default_template
-from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, models_body, new_id, now,
+from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, logprobs_body, models_body,
+                       new_id, now,
                        parse_chat, parse_completion, usage)
 
 MAX_BODY_BYTES = 16 * 2**20
@@ -270,6 +272,9 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ generation
     def _generate(self, req: GenerationRequest) -> None:
         engine = self.app.engine
+        if req.params.max_tokens == 0:  # echo only: score the prompts, generate nothing
+            done = [Completion(len(p), [], "", "length", [], []) for p in req.prompts for _ in range(req.n)]
+            return self._reply(req, done)
         self._checked_at = time.monotonic()
         events: "queue.Queue" = queue.Queue()
         handles = []
@@ -316,8 +321,30 @@ class _Handler(BaseHTTPRequestHandler):
         for c in done.values():
             if c.finish_reason not in ("stop", "length"):
                 raise self._failure(c)
-        use = usage(sum(len(p) for p in req.prompts), sum(c.generated_tokens for c in done.values()))
-        self._send_json(200, completion_body(req, new_id(req.chat), now(), [done[i] for i in range(total)], use))
+        self._reply(req, [done[i] for i in range(total)])
+
+    def _reply(self, req: GenerationRequest, done: list) -> None:
+        """The non-streamed answer, with the prompt (echo) and logprobs when asked."""
+        use = usage(sum(len(p) for p in req.prompts), sum(c.generated_tokens for c in done))
+        texts = logprobs = None
+        if req.echo or req.logprobs is not None:
+            tokenizer, texts, logprobs, scored = self.app.ctx.tokenizer, [], [], {}
+            for i, c in enumerate(done):
+                prompt = req.prompts[i // req.n] if req.echo else []
+                head = tokenizer.decode(prompt) if req.echo else ""
+                texts.append(head + c.text)
+                if req.logprobs is None:
+                    continue
+                if req.echo and i // req.n not in scored:
+                    scored[i // req.n] = self.app.engine.score(prompt, req.logprobs)
+                plp, ptop = scored.get(i // req.n, ([], []))
+                top_n = req.logprobs
+                ids = prompt + c.token_ids
+                lps = ([None] + plp if req.echo else []) + list(c.logprobs or [])
+                tops = (([None] + ptop) if req.echo and top_n else [None] * len(prompt)) + (
+                    list(c.top_logprobs) if top_n and c.top_logprobs else [None] * len(c.token_ids))
+                logprobs.append(logprobs_body(tokenizer, ids, lps, tops))
+        self._send_json(200, completion_body(req, new_id(req.chat), now(), done, use, logprobs, texts))
 
     def _stream(self, req: GenerationRequest, events, total: int) -> None:
         rid, created = new_id(req.chat), now()

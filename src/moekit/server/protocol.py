@@ -7,8 +7,11 @@ messages, max_tokens (chat also max_completion_tokens; default 16 for completion
 of the context window, capped by the KV budget, for chat), temperature (default 1.0), top_p,
 n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, min_p (0 = off),
 repetition_penalty (> 0, 1.0 = off; HF semantics over prompt + output), ignore_eos,
-stop_token_ids. Accepted only at their neutral values: logprobs, echo, suffix, best_of,
-presence_penalty, frequency_penalty, logit_bias, tools, response_format other than text.
+stop_token_ids; completions' logprobs (top-n, up to 20, with tokens, token_logprobs, top_logprobs,
+text_offset) and echo (the prompt first, scored by `Engine.score`; echo with max_tokens 0 scores
+without generating: lm-eval's log-likelihood request), not with stream. Accepted only at their
+neutral values: suffix, best_of, presence_penalty, frequency_penalty, logit_bias, tools,
+response_format other than text, chat logprobs.
 Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
 token ids or a list of such lists; choice index = prompt_index * n + j.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ..engine import Completion, SamplingParams
+from ..engine.params import MAX_TOP_LOGPROBS
 from ..sampling import (SamplingParamError, check_max_tokens, check_min_p, check_repetition_penalty, check_seed,
                         check_stop_strings, check_temperature, check_top_k, check_top_p, normalise_stops)
 
@@ -53,6 +57,8 @@ class GenerationRequest:
     n: int
     stream: bool
     include_usage: bool
+    logprobs: Optional[int] = None  # completions: the top-n logprobs per token (0: only the chosen token's)
+    echo: bool = False  # completions: the prompt first, with its logprobs when logprobs is set
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -68,12 +74,12 @@ def _sampling_check(field: str, check, *args, **kwargs) -> None:
         raise bad(field, str(err)) from None
 
 
-def _checked(body, name, check, default):
+def _checked(body, name, check, default, **kwargs):
     """body[name] passed through a moekit.sampling check, or default when unset."""
     v = body.get(name)
     if v is None:
         return default
-    _sampling_check(name, check, v, name)
+    _sampling_check(name, check, v, name, **kwargs)
     return v
 
 
@@ -119,8 +125,20 @@ _NEUTRAL = {
 }
 
 
+def _logprobs(body) -> Optional[int]:
+    v = body.get("logprobs")
+    if v is None:
+        return None
+    if not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
+    if body.get("stream"):
+        raise bad("logprobs", "'logprobs' with stream=true is not supported; use a non-streamed request",
+                  code="unsupported_parameter")
+    return v
+
+
 def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
-             extra_stop=()) -> GenerationRequest:
+             extra_stop=(), logprobs: Optional[int] = None, echo: bool = False) -> GenerationRequest:
     """The sampling fields shared by both endpoints, checked, with the prompts: the request."""
     temperature = float(_checked(body, "temperature", check_temperature, 1.0))
     if temperature > 2:
@@ -146,7 +164,7 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     ignore_eos = _bool(body, "ignore_eos")
     stop_ids = _stop_token_ids(body, ctx.vocab_size)
     name = "max_tokens"
-    max_tokens = _checked(body, name, check_max_tokens, None)
+    max_tokens = _checked(body, name, check_max_tokens, None, minimum=0 if echo else 1)  # echo + 0: score only
     if chat and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
         max_tokens = _checked(body, name, check_max_tokens, None)
@@ -163,8 +181,8 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             min_p=None if min_p is None else float(min_p), repetition_penalty=repetition_penalty,
                             stop=tuple(stop) + tuple(extra_stop), stop_token_ids=tuple(stop_ids),
-                            ignore_eos=ignore_eos)
-    return GenerationRequest(chat, model, prompts, params, n, stream, include_usage)
+                            ignore_eos=ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+    return GenerationRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, echo)
 
 
 def _model(body, ctx) -> str:
@@ -193,8 +211,11 @@ def _encode(ctx, text: str, param: str, add_special_tokens: bool = True) -> List
 # ---------------------------------------------------------------------------- endpoints
 def parse_completion(body: dict, ctx) -> GenerationRequest:
     model = _model(body, ctx)
-    _unsupported(body, {**_NEUTRAL, "logprobs": lambda v: False, "echo": lambda v: v is False,
-                        "suffix": lambda v: v == "", "best_of": lambda v: v == 1})
+    _unsupported(body, {**_NEUTRAL, "suffix": lambda v: v == "", "best_of": lambda v: v == 1})
+    logprobs, echo = _logprobs(body), _bool(body, "echo")
+    if echo and body.get("stream"):
+        raise bad("echo", "'echo' with stream=true is not supported; use a non-streamed request",
+                  code="unsupported_parameter")
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "you must provide a prompt", code=None)
@@ -213,7 +234,7 @@ def parse_completion(body: dict, ctx) -> GenerationRequest:
     for p in prompts:
         if any(not 0 <= t < ctx.vocab_size for t in p):
             raise bad("prompt", f"'prompt' holds token ids outside [0, {ctx.vocab_size})")
-    return _request(body, ctx, False, model, prompts)
+    return _request(body, ctx, False, model, prompts, logprobs=logprobs, echo=echo)
 
 
 def parse_messages(messages) -> List[Dict[str, str]]:
@@ -263,13 +284,58 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(req: GenerationRequest, rid: str, created: int, completions: List[Completion], use: dict) -> dict:
-    """The non-streamed reply; `completions` in choice order."""
+def byte_level_alphabet() -> Dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = byte_level_alphabet()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text, or for a token that is part of a multi-byte character its bytes written as
+    OpenAI does ("bytes:\\xe2\\x80"), so that distinct tokens never share a text."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.id_to_token(token_id) or ""
+    if not all(ch in BYTE_LEVEL for ch in piece):
+        return text
+    return "bytes:" + "".join(f"\\x{BYTE_LEVEL[ch]:02x}" for ch in piece)
+
+
+def logprobs_body(tokenizer, ids: List[int], logprobs: List[Optional[float]], tops: List[Optional[list]],
+                  start: int = 0) -> dict:
+    """A completions `logprobs` object: each token's text, its logprob (None for the first prompt token,
+    which has no context), the top alternatives {text: logprob} (None where not asked) and the character
+    offset of each token in the returned text (from `start`)."""
+    texts = [token_text(tokenizer, t) for t in ids]
+    offsets, at = [], start
+    for t in ids:
+        offsets.append(at)
+        at += len(tokenizer.decode([t]))
+    top = [None if t is None else {token_text(tokenizer, i): lp for i, lp in t} for t in tops]
+    return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def completion_body(req: GenerationRequest, rid: str, created: int, completions: List[Completion], use: dict,
+                    logprobs: Optional[List[dict]] = None, texts: Optional[List[str]] = None) -> dict:
+    """The non-streamed reply; `completions` in choice order (`logprobs` / `texts`: per choice, when the
+    request asked for logprobs / echo)."""
     if req.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
     else:
-        choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        choices = [{"index": i, "text": c.text if texts is None else texts[i],
+                    "logprobs": None if logprobs is None else logprobs[i], "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)]
     return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": created,
             "model": req.model, "choices": choices, "usage": use}
