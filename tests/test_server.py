@@ -553,3 +553,37 @@ def test_a_partial_utf8_token_is_written_as_its_bytes(checkpoint):
     assert text.startswith("bytes:") and token_text(tok, first) == tok.decode([first])
     raw_bytes_ = bytes(int(h, 16) for h in text[len("bytes:"):].split("\\x")[1:])
     assert tok.decode([partial]) == raw_bytes_.decode("utf-8", errors="replace")
+
+
+def test_tokenize_detokenize_and_tokenizer_info(checkpoint, server):
+    tok = checkpoint[2]
+    text = "def  main():\n\treturn 0"
+    status, _, data = raw(server, "POST", "/tokenize", json.dumps({"model": NAME, "prompt": text}).encode(),
+                          {"Content-Type": "application/json"})
+    body = json.loads(data)
+    assert status == 200 and body["tokens"] == tok.encode(text).ids and body["count"] == len(body["tokens"])
+    status, _, data = raw(server, "POST", "/detokenize", json.dumps({"model": NAME, "tokens": body["tokens"]}).encode())
+    assert status == 200 and json.loads(data)["prompt"] == text
+    messages = [{"role": "user", "content": "hi"}]
+    status, _, data = raw(server, "POST", "/tokenize", json.dumps({"model": NAME, "messages": messages}).encode())
+    rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert status == 200 and json.loads(data)["tokens"] == tok.encode(rendered, add_special_tokens=False).ids
+    status, _, data = raw(server, "GET", "/tokenizer_info")
+    assert status == 200 and json.loads(data)["vocab_size"] == tok.get_vocab_size()
+    status, _, data = raw(server, "POST", "/detokenize", json.dumps({"model": NAME, "tokens": [10**9]}).encode())
+    assert status == 400 and json.loads(data)["error"]["param"] == "tokens"
+
+
+def test_api_key_guards_everything_but_health_and_metrics(checkpoint):
+    srv = start_server(checkpoint[0], "--api-key", "s3cret")
+    try:
+        assert raw(srv, "GET", "/health")[0] == 200 and raw(srv, "GET", "/metrics")[0] == 200
+        status, _, data = raw(srv, "GET", "/v1/models")
+        assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
+        wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model=NAME, prompt="x", max_tokens=2)
+        right = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert right.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
+    finally:
+        srv.shutdown()

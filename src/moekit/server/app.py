@@ -18,6 +18,7 @@ its requests are cancelled, which frees their KV reservations.
 from __future__ import annotations
 
 import collections
+import hmac
 import json
 import queue
 import select
@@ -36,13 +37,14 @@ from ..engine import (Completion, ContextLengthError, EngineStoppedError, KVBudg
 from ..sampling import SamplingParamError
 from . import metrics as prom
 from .chat_template import ChatTemplate, default_template
-from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, logprobs_body, models_body,
-                       new_id, now,
-                       parse_chat, parse_completion, usage)
+from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, detokenize_body, logprobs_body,
+                       models_body, new_id, now, parse_chat, parse_completion, tokenize_body, tokenizer_info, usage)
 
 MAX_BODY_BYTES = 16 * 2**20
 _DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+          "/detokenize", "/tokenizer_info")
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
 
 
 @dataclass
@@ -71,11 +73,11 @@ def engine_error(err: Exception) -> ApiError:
 
 class OpenAIServer:
     def __init__(self, engine, tokenizer, model_name: str, chat_template: Optional[ChatTemplate] = None,
-                 log_requests: bool = False, poll_s: float = 0.2):
+                 log_requests: bool = False, poll_s: float = 0.2, api_key: Optional[str] = None):
         if tokenizer is None:
             raise ValueError("the server needs a tokenizer (tokenizer.json in the checkpoint) to turn text into tokens")
         cfg = engine.model.cfg
-        self.engine, self.log_requests, self.poll_s = engine, log_requests, poll_s
+        self.engine, self.log_requests, self.poll_s, self.api_key = engine, log_requests, poll_s, api_key
         self.ctx = ServerContext(tokenizer, [model_name], cfg.vocab_size, cfg.max_seq_len, engine.kv.capacity,
                                  chat_template or default_template())
         self.created = now()
@@ -173,9 +175,20 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
+    def _authorised(self) -> None:
+        """With an API key, every route but /health and /metrics needs `Authorization: Bearer KEY`."""
+        key = self.app.api_key
+        if key is None or urlsplit(self.path).path in OPEN_PATHS:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
     def _dispatch(self, fn) -> None:
         self._body_read = False
         try:
+            self._authorised()
             fn()
         except ApiError as err:
             if self.command not in ("GET", "HEAD") and not self._body_read:
@@ -232,7 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
             if name not in app.ctx.model_names:
                 raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
             self._send_json(200, models_body([name], app.created)["data"][0])
-        elif path in ("/v1/completions", "/v1/chat/completions"):
+        elif path == "/tokenizer_info":
+            self._send_json(200, tokenizer_info(app.ctx))
+        elif path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
         else:
             raise ApiError(404, f"no route {path}", code="not_found")
@@ -262,6 +277,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self):
         path = urlsplit(self.path).path
+        if path == "/tokenize":
+            return self._send_json(200, tokenize_body(self._read_json(), self.app.ctx))
+        if path == "/detokenize":
+            return self._send_json(200, detokenize_body(self._read_json(), self.app.ctx))
         if path not in ("/v1/completions", "/v1/chat/completions"):
             if path in _PATHS:
                 raise ApiError(405, f"use GET for {path}", code="method_not_allowed")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -32,6 +33,7 @@ from vLLM (`vllm serve MODEL ...`):
   --dtype bfloat16                   --dtype bf16 (either spelling)
   --quantization ...                 --quantize METHOD (weight-only, moekit's own formats)
   --chat-template FILE               --chat-template FILE|default
+  --api-key KEY / VLLM_API_KEY       --api-key KEY / MOEKIT_API_KEY
   (CUDA graphs, vLLM's default)      --compile (torch.compile of the decode step; eager without it)
 Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids."""
 
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the engine's decode steps through torch.compile (faster decoding; the first "
                         "decode step compiles, tens of seconds on a small CPU)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                        "(default: the MOEKIT_API_KEY environment variable, else no key)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's allocator settings alone")
     return p
@@ -122,7 +127,8 @@ def build_server(args):
         print("moekit serve: compiling the decode step ...", file=sys.stderr, flush=True)
         engine.start().warmup()
     name = args.model_name or path.resolve().name
-    server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY") or None
+    server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet, api_key=api_key)
     return server.bind(args.host, args.port), template
 
 

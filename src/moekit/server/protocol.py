@@ -358,6 +358,39 @@ def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[i
     return body
 
 
+# ---------------------------------------------------------------------------- tokenizer endpoints (vLLM's)
+def tokenize_body(body: dict, ctx) -> dict:
+    """POST /tokenize {"model", "prompt"} or {"model", "messages"} (the chat template applied)."""
+    _model(body, ctx)
+    if "messages" in body:
+        try:
+            text = ctx.chat_template.render(parse_messages(body["messages"]))
+        except ValueError as err:
+            raise bad("messages", f"the chat template failed on these messages: {err}") from None
+        ids = ctx.tokenizer.encode(text, add_special_tokens=False).ids
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad("prompt", f"'prompt' must be a string, got {prompt!r}")
+        ids = _encode(ctx, prompt, "prompt", add_special_tokens=_bool(body, "add_special_tokens", True)) if prompt else []
+    return {"count": len(ids), "max_model_len": ctx.max_seq_len, "tokens": ids}
+
+
+def detokenize_body(body: dict, ctx) -> dict:
+    """POST /detokenize {"model", "tokens"} -> {"prompt": text}."""
+    _model(body, ctx)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and 0 <= t < ctx.vocab_size for t in tokens):
+        raise bad("tokens", f"'tokens' must be a list of token ids in [0, {ctx.vocab_size})")
+    return {"prompt": ctx.tokenizer.decode(tokens)}
+
+
+def tokenizer_info(ctx) -> dict:
+    """GET /tokenizer_info: what a client needs to tokenize as the server does."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": ctx.tokenizer.get_vocab_size(),
+            "model_max_length": ctx.max_seq_len, "chat_template": ctx.chat_template.source}
+
+
 def models_body(names: List[str], created: int) -> dict:
     return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "moekit"}
                                        for n in names]}
