@@ -373,3 +373,25 @@ def test_a_failure_while_choosing_tokens_fails_only_that_request(model, monkeypa
         assert [h.result(timeout=60).token_ids for h in good] == ref
         assert engine.submit(PROMPTS[0], SamplingParams(max_tokens=6)).result(timeout=60).token_ids == ref[0]
         assert engine.metrics()["thread_alive"]
+
+
+def test_presence_and_frequency_penalties_follow_a_per_token_loop():
+    model = tiny_model(scaled=False)
+    prompt, n = PROMPTS[0], 12
+
+    def reference(presence, frequency):
+        out = []
+        for _ in range(n):
+            with torch.no_grad():
+                logits_V = model(torch.tensor([prompt + out]))[0, -1].float()
+            for t in set(out):
+                logits_V[t] -= presence + frequency * out.count(t)
+            out.append(int(logits_V.argmax()))
+        return out
+
+    plain = reference(0.0, 0.0)
+    assert len(set(plain)) < n  # greedy repeats itself on this model: the penalties have work to do
+    for presence, frequency in ((2.0, 0.0), (0.0, 2.0), (1.0, 0.5)):
+        sp = SamplingParams(max_tokens=n, presence_penalty=presence, frequency_penalty=frequency, ignore_eos=True)
+        got = Engine(model, **KW).generate([prompt], sp)[0].token_ids
+        assert got == reference(presence, frequency) and got != plain

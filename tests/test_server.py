@@ -282,8 +282,8 @@ def test_error_statuses_and_the_server_keeps_serving(server, client):
         client.completions.create(model=NAME, prompt="x", logprobs=2, stream=True)
     check_error(err.value, 400, "logprobs", "unsupported_parameter")
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=NAME, prompt="x", presence_penalty=0.5)
-    check_error(err.value, 400, "presence_penalty", "unsupported_parameter")
+        client.completions.create(model=NAME, prompt="x", best_of=3)
+    check_error(err.value, 400, "best_of", "unsupported_parameter")
     # longer than the context window (1024): the prompt alone, and prompt + max_tokens
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=NAME, prompt=[5] * 1100, max_tokens=4)
@@ -587,3 +587,43 @@ def test_api_key_guards_everything_but_health_and_metrics(checkpoint):
         assert right.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
     finally:
         srv.shutdown()
+
+
+def penalised_greedy(model, ids, n, presence=0.0, frequency=0.0, bias=None):
+    """A per-token reference loop: the full forward each step, OpenAI's penalties over the generated tokens."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits_V = model(torch.tensor([ids + out]))[0, -1].float()
+        for t in set(out):
+            logits_V[t] -= presence + frequency * out.count(t)
+        for t, b in (bias or {}).items():
+            logits_V[t] += b
+        out.append(int(logits_V.argmax()))
+    return out
+
+
+def test_presence_frequency_penalties_logit_bias_and_min_tokens(checkpoint, client):
+    path, model, tok = checkpoint
+    ids = tok.encode("def main(").ids
+    plain = generate(model, [ids], max_new_tokens=10)[0]
+    for kw in (dict(presence_penalty=2.0), dict(frequency_penalty=1.5), dict(presence_penalty=-1.0, frequency_penalty=0.7)):
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0, **kw)
+        ref = penalised_greedy(model, ids, 10, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0))
+        assert tok.decode(ref) == r.choices[0].text
+    # (that the penalties change this model's output is checked in test_engine.py on an unscaled model)
+    forced = next(t for t in range(5, 400) if t not in plain)
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].text == tok.decode(penalised_greedy(model, ids, 4, bias={forced: 100.0}))
+    stop_at = plain[1]  # greedy stops at its 2nd token, unless min_tokens holds it back
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0,
+                                  extra_body={"stop_token_ids": [stop_at]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0,
+                                  extra_body={"stop_token_ids": [stop_at], "min_tokens": 4})
+    assert r.usage.completion_tokens >= 4
+    for kw, param in ((dict(presence_penalty=3), "presence_penalty"), (dict(logit_bias={"x": 1}), "logit_bias"),
+                      (dict(logit_bias={"5": 101}), "logit_bias"), (dict(extra_body={"min_tokens": -1}), "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=NAME, prompt=ids, max_tokens=2, **kw)
+        assert err.value.body["param"] == param

@@ -34,6 +34,26 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
     return torch.where(seen_BV, penalised_BV, logits_BV)
 
 
+def apply_presence_frequency(logits_1V: torch.Tensor, out_ids: Sequence[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the generated tokens: logit - presence * [count > 0] - frequency * count."""
+    if not out_ids or (presence == 0 and frequency == 0):
+        return logits_1V
+    count_V = torch.bincount(torch.tensor(out_ids, device=logits_1V.device), minlength=logits_1V.shape[-1])
+    count_V = count_V[:logits_1V.shape[-1]].to(logits_1V.dtype)
+    return logits_1V - presence * (count_V > 0).to(logits_1V.dtype) - frequency * count_V
+
+
+def apply_logit_bias(logits_1V: torch.Tensor, bias: Sequence[Tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: (token id, value) pairs added to the logits."""
+    if not bias:
+        return logits_1V
+    ids, values = zip(*bias)
+    out = logits_1V.clone()
+    out[..., list(ids)] += torch.tensor(values, dtype=out.dtype, device=out.device)
+    return out
+
+
 def apply_temperature(logits_BV: torch.Tensor, temperature: float) -> torch.Tensor:
     """(logits - row max) / temperature (temperature > 0; 0 means greedy and is handled by the caller).
     The shift leaves the softmax unchanged and keeps a tiny temperature (1e-38) from overflowing to
@@ -130,8 +150,7 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
-    greedy_rows = [r for r in range(R)
-                   if seqs[r].params.temperature == 0 and seqs[r].params.repetition_penalty == 1]
+    greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0 and seqs[r].params.plain_logits]
     if greedy_rows:
         idx = torch.tensor(greedy_rows, device=logits_RV.device)
         for r, t in zip(greedy_rows, greedy(logits_RV.index_select(0, idx)).tolist()):
@@ -144,6 +163,12 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
                 seen_1V = torch.zeros_like(logits_1V, dtype=torch.bool)
                 seen_1V[0, torch.tensor(seqs[r].prompt + seqs[r].out, device=logits_1V.device)] = True
                 logits_1V = apply_repetition_penalty(logits_1V, seen_1V, float(p.repetition_penalty))
+            logits_1V = apply_presence_frequency(logits_1V, seqs[r].out, p.presence_penalty, p.frequency_penalty)
+            logits_1V = apply_logit_bias(logits_1V, p.logit_bias)
+            if len(seqs[r].out) < p.min_tokens:  # no end yet: the single-token stops (EOS included) are out
+                ends = torch.tensor([s[0] for s in seqs[r].stops if len(s) == 1], dtype=torch.long,
+                                    device=logits_1V.device)
+                logits_1V = logits_1V.index_fill(-1, ends, float("-inf"))
             out[r] = int(sample_next(logits_1V, float(p.temperature), p.top_k, p.top_p, seqs[r].generator,
                                      p.min_p)[0])
     want = [r for r in range(R) if seqs[r].params.logprobs]
@@ -203,6 +228,21 @@ def check_repetition_penalty(value, name: str = "repetition_penalty") -> None:
     """A finite number > 0 (1.0 = off)."""
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise SamplingParamError(f"{name} must be a finite number > 0 (1.0 = off), got {value!r}", name)
+
+
+def check_penalty(value, name: str) -> None:
+    """presence_penalty / frequency_penalty: a number in [-2, 2] (OpenAI's range; 0 = off)."""
+    if not _is_number(value) or not -2 <= value <= 2:
+        raise SamplingParamError(f"{name} must be a number in [-2, 2], got {value!r}", name)
+
+
+def check_logit_bias(bias, vocab_size: int, name: str = "logit_bias") -> None:
+    """(token id, value) pairs with ids in [0, vocab_size) and values in [-100, 100] (OpenAI's range)."""
+    for token, value in bias:
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise SamplingParamError(f"{name} has a token id {token!r} outside [0, {vocab_size})", name)
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise SamplingParamError(f"{name} values must be in [-100, 100], got {value!r}", name)
 
 
 def check_min_p(value, name: str = "min_p") -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..sampling import SamplingParamError, check_sampling, check_stop_strings, normalise_stops
+from ..sampling import (SamplingParamError, check_logit_bias, check_max_tokens, check_penalty, check_sampling,
+                        check_stop_strings, normalise_stops)
 from .errors import ParamError
 
 
@@ -38,6 +39,16 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # record the log-probability of each chosen token
     top_logprobs: int = 0  # with logprobs: also the n most likely tokens at each step, with their logprobs
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: Sequence[Tuple[int, float]] = ()  # (token id, value) pairs added to the logits
+    min_tokens: int = 0  # EOS and single-token stops are masked until this many tokens are generated
+
+    @property
+    def plain_logits(self) -> bool:
+        """No processor changes the logits before the choice (greedy rows can then be batched)."""
+        return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
+                and not self.logit_bias and self.min_tokens == 0)
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -48,6 +59,10 @@ class SamplingParams:
             check_sampling(self.max_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
                            self.seed, min_p=self.min_p)
             check_stop_strings(self.stop)
+            check_penalty(self.presence_penalty, "presence_penalty")
+            check_penalty(self.frequency_penalty, "frequency_penalty")
+            check_logit_bias(self.logit_bias, vocab_size)
+            check_max_tokens(self.min_tokens, "min_tokens", 0)
         except SamplingParamError as err:
             raise ParamError(str(err), err.param) from None
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:

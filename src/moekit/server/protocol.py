@@ -6,11 +6,12 @@ temperature <= 2 (OpenAI's range), top_k -1 or 0 = off (vLLM). Supported: model,
 messages, max_tokens (chat also max_completion_tokens; default 16 for completions, the rest
 of the context window, capped by the KV budget, for chat), temperature (default 1.0), top_p,
 n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, min_p (0 = off),
-repetition_penalty (> 0, 1.0 = off; HF semantics over prompt + output), ignore_eos,
+repetition_penalty (> 0, 1.0 = off; HF semantics over prompt + output), ignore_eos, min_tokens;
+OpenAI's presence_penalty and frequency_penalty ([-2, 2], over the generated tokens), logit_bias,
 stop_token_ids; completions' logprobs (top-n, up to 20, with tokens, token_logprobs, top_logprobs,
 text_offset) and echo (the prompt first, scored by `Engine.score`; echo with max_tokens 0 scores
 without generating: lm-eval's log-likelihood request), not with stream. Accepted only at their
-neutral values: suffix, best_of, presence_penalty, frequency_penalty, logit_bias, tools,
+neutral values: suffix, best_of, tools,
 response_format other than text, chat logprobs.
 Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
 token ids or a list of such lists; choice index = prompt_index * n + j.
@@ -25,7 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from ..engine import Completion, SamplingParams
 from ..engine.params import MAX_TOP_LOGPROBS
-from ..sampling import (SamplingParamError, check_max_tokens, check_min_p, check_repetition_penalty, check_seed,
+from ..sampling import (SamplingParamError, check_logit_bias, check_max_tokens, check_min_p, check_penalty,
+                        check_repetition_penalty, check_seed,
                         check_stop_strings, check_temperature, check_top_k, check_top_p, normalise_stops)
 
 MAX_N = 16
@@ -118,11 +120,22 @@ def _unsupported(body, neutral: Dict[str, Any]) -> None:
             raise bad(name, f"'{name}'={v!r} is not supported by this server", code="unsupported_parameter")
 
 
-_NEUTRAL = {
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "logit_bias": lambda v: v == {},
-}
+_NEUTRAL: Dict[str, Any] = {}
+
+
+def _logit_bias(body, vocab_size: int):
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object {{token id: bias}}, got {v!r}")
+    pairs = []
+    for key, value in v.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}")
+        pairs.append((int(key), value))
+    _sampling_check("logit_bias", check_logit_bias, pairs, vocab_size)
+    return tuple((t, float(b)) for t, b in pairs)
 
 
 def _logprobs(body) -> Optional[int]:
@@ -149,6 +162,10 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     top_k = None if off else _checked(body, "top_k", check_top_k, None)
     min_p = _checked(body, "min_p", check_min_p, None)
     repetition_penalty = float(_checked(body, "repetition_penalty", check_repetition_penalty, 1.0))
+    presence = float(_checked(body, "presence_penalty", check_penalty, 0.0))
+    frequency = float(_checked(body, "frequency_penalty", check_penalty, 0.0))
+    logit_bias = _logit_bias(body, ctx.vocab_size)
+    min_tokens = _checked(body, "min_tokens", check_max_tokens, 0, minimum=0)
     n = 1 if body.get("n") is None else body["n"]
     if not _is_int(n):
         raise bad("n", f"'n' must be an integer, got {n!r}")
@@ -181,7 +198,9 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             min_p=None if min_p is None else float(min_p), repetition_penalty=repetition_penalty,
                             stop=tuple(stop) + tuple(extra_stop), stop_token_ids=tuple(stop_ids),
-                            ignore_eos=ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+                            ignore_eos=ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+                            presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
+                            min_tokens=min_tokens)
     return GenerationRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, echo)
 
 
