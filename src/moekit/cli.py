@@ -26,6 +26,7 @@ COMMANDS = {
     "quantize": ("moekit.quantize.cli", "weight-only quantized copy of a checkpoint (int8, int4-gN, q8_0, q4_0)"),
     "analyze": ("moekit.analyze.cli", "parameters, FLOPs, bytes and hardware speed bounds of a model or MoE layer"),
     "profile": ("moekit.profile", "time per component under torch.profiler vs the analyzer's FLOPs share"),
+    "export": ("moekit.gguf_export", "export MODEL OUT.gguf: a GGUF file llama.cpp runs (f32, f16, q8_0, q4_0)"),
     "plan": ("moekit.analyze.plan_cli", "the compute-optimal fine-grained MoE for a FLOP budget (Krajewski et al. 2024)"),
 }
 
