@@ -13,12 +13,18 @@ Errors: OpenAI's error JSON; engine errors map as `engine_error` (statuses: engi
 plus 404 unknown path, 405 wrong method, 413 body too large, 500 the engine failed on this
 request. A client that disconnects is noticed within `poll_s` seconds or at the next write;
 its requests are cancelled, which frees their KV reservations.
+
+Bounded work: reading a request (line, headers, body) must end within `request_timeout` seconds
+however slowly the bytes come (else the connection is dropped, 408 for a late body); at most
+`max_connections` connections are served at once, the next ones get 503 from the accepting thread;
+bodies over MAX_BODY_BYTES get 413; `drain(grace_s)` is the graceful shutdown (SIGTERM in cli.py).
 """
 
 from __future__ import annotations
 
 import collections
 import hmac
+import io
 import json
 import queue
 import select
@@ -41,7 +47,7 @@ from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body,
                        models_body, new_id, now, parse_chat, parse_completion, tokenize_body, tokenizer_info, usage)
 
 MAX_BODY_BYTES = 16 * 2**20
-_DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _PATHS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
           "/detokenize", "/tokenizer_info")
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key
@@ -57,6 +63,7 @@ class ServerContext:
     max_seq_len: int
     kv_capacity: int
     chat_template: ChatTemplate
+    max_prompts: int = 64  # prompts x n per request
 
 
 def engine_error(err: Exception) -> ApiError:
@@ -73,13 +80,19 @@ def engine_error(err: Exception) -> ApiError:
 
 class OpenAIServer:
     def __init__(self, engine, tokenizer, model_name: str, chat_template: Optional[ChatTemplate] = None,
-                 log_requests: bool = False, poll_s: float = 0.2, api_key: Optional[str] = None):
+                 log_requests: bool = False, poll_s: float = 0.2, api_key: Optional[str] = None,
+                 request_timeout: float = 30.0, max_connections: int = 256, max_prompts: int = 64):
         if tokenizer is None:
             raise ValueError("the server needs a tokenizer (tokenizer.json in the checkpoint) to turn text into tokens")
+        for name, v in (("--request-timeout", request_timeout), ("--max-connections", max_connections),
+                        ("--max-prompts-per-request", max_prompts)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
         cfg = engine.model.cfg
         self.engine, self.log_requests, self.poll_s, self.api_key = engine, log_requests, poll_s, api_key
+        self.request_timeout, self.max_connections = float(request_timeout), int(max_connections)
         self.ctx = ServerContext(tokenizer, [model_name], cfg.vocab_size, cfg.max_seq_len, engine.kv.capacity,
-                                 chat_template or default_template())
+                                 chat_template or default_template(), int(max_prompts))
         self.created = now()
         self.http_counts = collections.Counter()
         self._count_lock = threading.Lock()
@@ -87,6 +100,9 @@ class OpenAIServer:
         self._thread: Optional[threading.Thread] = None
         self.stopping = threading.Event()
         self.engine_error: Optional[str] = None  # set when the engine thread died while serving
+        self.draining = threading.Event()  # set by drain(): new requests get 503
+        self.in_flight = 0  # requests being answered
+        self._idle = threading.Condition()
 
     def count(self, path: str, status: int) -> None:
         if path.startswith("/v1/models/"):
@@ -98,6 +114,30 @@ class OpenAIServer:
         self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.app = self
         return self
+
+    def request_began(self) -> None:
+        with self._idle:
+            self.in_flight += 1
+
+    def request_ended(self) -> None:
+        with self._idle:
+            self.in_flight -= 1
+            self._idle.notify_all()
+
+    def drain(self, grace_s: float) -> bool:
+        """Graceful stop, once the accept loop has stopped (`httpd.shutdown()`): close the listening
+        socket (new connections are refused), let running requests finish for up to `grace_s` seconds,
+        then stop the engine: streams still running end with an error event and [DONE], waiting
+        non-streamed requests get 503. True if all finished within the grace period."""
+        self.draining.set()
+        self.httpd.server_close()
+        with self._idle:
+            finished = self._idle.wait_for(lambda: self.in_flight == 0, timeout=grace_s)
+        if not finished:
+            self.engine.stop()
+            with self._idle:  # the handlers write their last words
+                self._idle.wait_for(lambda: self.in_flight == 0, timeout=5.0)
+        return finished
 
     @property
     def url(self) -> str:
@@ -137,18 +177,103 @@ class OpenAIServer:
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `app.max_connections` of them."""
+
     daemon_threads = True
     request_queue_size = 256  # many clients connect at once; the default backlog (5) drops SYNs
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            full = self.connections >= self.app.max_connections
+            self.connections += not full
+        if full:
+            self.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_closed()
+
+    def connection_closed(self) -> None:
+        with self.connections_lock:
+            self.connections -= 1
+
+    def refuse(self, sock) -> None:
+        """503 for a connection beyond the cap, written by the accepting thread (no thread of its own)."""
+        err = ApiError(503, f"the server is serving its limit of {self.app.max_connections} connections; "
+                            "retry later", type="server_error", code="too_many_connections")
+        body = json.dumps(err.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                f"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            sock.settimeout(0.5)
+            if select.select([sock], [], [], 0.01)[0]:  # the request, if it came with the connection:
+                sock.recv(65536)  # closing with unread bytes would reset the connection, losing the answer
+            sock.sendall(head + body)
+        except OSError:
+            pass
+        self.app.count("other", 503)
+        self.shutdown_request(sock)
+
+
+class _DeadlineReader(socket.SocketIO):
+    """A connection's read side that raises TimeoutError once `deadline` (time.monotonic()) has passed,
+    however the bytes trickle in: a client sending a byte a second holds its thread for at most
+    the request timeout."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock, "rb")
+        self.sock, self.deadline = sock, None
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client did not send its request in time")
+            self.sock.settimeout(left)
+        return super().readinto(b)
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "moekit-serve"
-    timeout = 600
 
     @property
     def app(self) -> OpenAIServer:
         return self.server.app
+
+    @property
+    def timeout(self) -> float:  # each socket operation's limit (StreamRequestHandler.setup)
+        return self.app.request_timeout
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self.reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        """One request; reading it (line, headers, body) must end within the request timeout."""
+        self.reader.deadline = time.monotonic() + self.app.request_timeout
+        super().handle_one_request()
+
+    def _request_read(self) -> None:
+        """The request is in: writes and later reads get the per-operation timeout only."""
+        if self.reader.deadline is not None:
+            self.reader.deadline = None
+            self.connection.settimeout(self.timeout)
 
     def log_message(self, format, *args):  # noqa: A002 -- the base class's name
         if self.app.log_requests:
@@ -156,12 +281,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._request_read()
+        if not self._head_sent:  # (else `_probe` sent a 200 head: only the body is left to write)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
         self.wfile.write(body)
         self.app.count(urlsplit(self.path).path, status)
 
@@ -169,11 +296,36 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def _client_gone(self) -> bool:
+        """True once the client has certainly gone (its socket reports an error). An end of stream alone
+        does not tell: a client that half-closed its socket after sending (shutdown(SHUT_WR), as
+        HTTP/1.0-style clients do) still reads the answer. So at the first end of stream, `_probe`
+        writes: a client that closed answers that with a reset, which the next check sees (POLLHUP)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            events = poller.poll(0)
+            mask = events[0][1] if events else 0
+            if mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            if mask & select.POLLIN and self.connection.recv(1, socket.MSG_PEEK) == b"" and not self._probed:
+                self._probed = True
+                self._probe()
         except (OSError, ValueError):
             return True
+        return False
+
+    def _probe(self) -> None:
+        """Write something harmless: an SSE comment in a stream; else the head of a 200 reply whose body
+        ends with the connection (a failure after this is then written as the body of that 200)."""
+        self.close_connection = True
+        if self._head_sent:
+            self.wfile.write(b": waiting\n\n")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._head_sent = True
 
     def _authorised(self) -> None:
         """With an API key, every route but /health and /metrics needs `Authorization: Bearer KEY`."""
@@ -186,8 +338,14 @@ class _Handler(BaseHTTPRequestHandler):
                            code="invalid_api_key")
 
     def _dispatch(self, fn) -> None:
-        self._body_read = False
+        self._body_read = self._head_sent = self._probed = False
+        if self.command != "POST":
+            self._request_read()
+        self.app.request_began()
         try:
+            if self.app.draining.is_set():
+                self.close_connection = True
+                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
             self._authorised()
             fn()
         except ApiError as err:
@@ -200,6 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             msg = f"internal error: {type(err).__name__}: {err}"
             self._send_json(500, ApiError(500, msg, type="server_error").body())
+        finally:
+            self.app.request_ended()
 
     # ------------------------------------------------------------------ routes
     def do_GET(self):
@@ -221,6 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The base class's errors (414, 431, 501 unknown method, 400 bad request line) as OpenAI-style
         JSON instead of HTML."""
         self.close_connection = True
+        self._head_sent = False
         if not hasattr(self, "path"):  # the request line itself was refused
             self.path = ""
         try:
@@ -264,8 +425,15 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(length)
         if n > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is {n} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise ApiError(408, f"the request did not arrive within {self.timeout:g} s", code="request_timeout") from None
         self._body_read = True
+        self._request_read()
+        if len(raw) < n:
+            self.close_connection = True
+            raise ApiError(400, f"the body ended after {len(raw)} of its Content-Length {n} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, a 5000-digit integer, deep nesting
@@ -324,8 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _failure(self, completion) -> ApiError:
         if completion.finish_reason == "cancelled":
-            return ApiError(503, "the engine stopped before the request finished", type="server_error",
-                            code="engine_stopped")
+            what = "the server shut down" if self.app.draining.is_set() else "the engine stopped"
+            return ApiError(503, f"{what} before the request finished", type="server_error", code="engine_stopped")
         return ApiError(500, f"generation failed: {completion.error}", type="server_error")
 
     def _collect(self, req: GenerationRequest, events, total: int) -> None:
@@ -372,7 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        self.close_connection = True
+        self.close_connection = self._head_sent = True
         self.app.count(urlsplit(self.path).path, 200)
 
         def send(obj) -> None:
@@ -390,14 +558,14 @@ class _Handler(BaseHTTPRequestHandler):
             index, event = item
             c = event.completion
             if c is not None and c.finish_reason not in ("stop", "length"):
-                send(self._failure(c).body())
-                return
+                send(self._failure(c).body())  # an error event, then the end of the stream
+                break
             if event.text or c is not None:
                 send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None))
             if c is not None:
                 finished += 1
                 generated += c.generated_tokens
-        if req.include_usage:
+        if req.include_usage and finished == total:
             send(chunk_body(req, rid, created, None, None, use=usage(sum(len(p) for p in req.prompts), generated)))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()

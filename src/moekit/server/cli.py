@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,6 +36,8 @@ from vLLM (`vllm serve MODEL ...`):
   --quantization ...                 --quantize METHOD (weight-only, moekit's own formats)
   --chat-template FILE               --chat-template FILE|default
   --api-key KEY / VLLM_API_KEY       --api-key KEY / MOEKIT_API_KEY
+  (uvicorn's --limit-concurrency)    --max-connections N (503 beyond it)
+  (uvicorn's graceful shutdown)      --shutdown-grace S (SIGTERM: drain, then exit 0)
   (CUDA graphs, vLLM's default)      --compile (torch.compile of the decode step; eager without it)
 Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids."""
 
@@ -70,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                         "(default: the MOEKIT_API_KEY environment variable, else no key)")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send a whole request (line, headers, body), and the limit on "
+                        "each later socket read or write; slower clients are dropped (default 30)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="most connections served at once; beyond it clients get HTTP 503 (default 256)")
+    p.add_argument("--max-prompts-per-request", type=int, default=64, metavar="N",
+                   help="most completions one request may ask for (prompts x n); beyond it HTTP 400 (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM: stop accepting, let running requests finish for up to S seconds, end the rest "
+                        "with an error (streams: an error event and [DONE]), exit 0 (default 30)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's allocator settings alone")
     return p
@@ -106,6 +120,8 @@ def build_server(args):
     threads = args.threads if args.threads is not None else max(1, torch.get_num_threads() - 1)
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
     torch.set_num_threads(threads)
     path = Path(checkpoint)
     if not path.is_dir():
@@ -128,7 +144,9 @@ def build_server(args):
         engine.start().warmup()
     name = args.model_name or path.resolve().name
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY") or None
-    server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet, api_key=api_key)
+    server = OpenAIServer(engine, tokenizer, name, template, log_requests=not args.quiet, api_key=api_key,
+                          request_timeout=args.request_timeout, max_connections=args.max_connections,
+                          max_prompts=args.max_prompts_per_request)
     return server.bind(args.host, args.port), template
 
 
@@ -151,9 +169,22 @@ def cli(argv: Optional[List[str]] = None) -> int:
           f"  {torch.get_num_threads()} torch threads, max batch {args.max_batch}, KV budget {kv.capacity} tokens "
           f"({kv.capacity * kv.bytes_per_token / 2**20:.1f} MiB), context {cfg.max_seq_len}, "
           f"chat template: {template.source}, eos ids {engine.eos_token_ids}", file=sys.stderr, flush=True)
+    terminating = threading.Event()
+
+    def on_sigterm(signum, frame):  # stop the accept loop (from another thread: it runs on this one)
+        terminating.set()
+        threading.Thread(target=server.httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     error = None
     try:
         error = server.serve_forever()
+        if terminating.is_set() and error is None:
+            print(f"moekit serve: SIGTERM: finishing running requests (up to {args.shutdown_grace:g} s)",
+                  file=sys.stderr, flush=True)
+            finished = server.drain(args.shutdown_grace)
+            print("moekit serve: " + ("all requests finished" if finished else "grace period over: ended the "
+                  "running requests with an error"), file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         pass
     finally:

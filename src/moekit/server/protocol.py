@@ -171,6 +171,7 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
         raise bad("n", f"'n' must be an integer, got {n!r}")
     if not 1 <= n <= MAX_N:
         raise bad("n", f"'n' must be >= 1, got {n!r}" if n < 1 else f"'n' must be <= {MAX_N}, got {n!r}")
+    check_prompt_count(len(prompts), n, ctx.max_prompts, "messages" if chat else "prompt")
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or not stream):
@@ -227,6 +228,13 @@ def _encode(ctx, text: str, param: str, add_special_tokens: bool = True) -> List
     return ids
 
 
+def check_prompt_count(prompts: int, n: int, limit: int, param: str = "prompt") -> None:
+    """One request may ask for at most `limit` completions (prompts x n): it cannot fill the queue alone."""
+    if prompts * n > limit:
+        raise bad(param, f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} completions; "
+                         f"the limit per request is {limit} (split it into several requests)")
+
+
 # ---------------------------------------------------------------------------- endpoints
 def parse_completion(body: dict, ctx) -> GenerationRequest:
     model = _model(body, ctx)
@@ -238,6 +246,8 @@ def parse_completion(body: dict, ctx) -> GenerationRequest:
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "you must provide a prompt", code=None)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # before tokenizing them all
+        check_prompt_count(len(prompt), 1, ctx.max_prompts)
     if isinstance(prompt, str):
         prompts = [_encode(ctx, prompt, "prompt")]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
