@@ -25,14 +25,16 @@ goes in as tokenizer.ggml.model "gpt2" with the "gpt-2" pre-tokenizer, bos = eos
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from . import cliargs
+from .hf.spec import gates_renormalised
 from .loading import load_model
 from .quantize import get_format
 from .tokens import end_of_text_id
@@ -50,8 +52,29 @@ def require_gguf():
 
 
 # ---------------------------------------------------------------------------- which architecture
-def gguf_arch(model) -> str:
-    """The llama.cpp architecture name that runs `model` exactly; ValueError naming what it lacks."""
+@dataclass(frozen=True)
+class GgufArch:
+    """What sets a llama.cpp architecture apart in the export (its checks are in `gguf_arch`)."""
+
+    name: str
+    routers: Tuple[str, ...] = ("softmax_topk", "topk_softmax")  # moekit routers it computes exactly
+    permute_qk: bool = False  # llama.cpp's llama RoPE rotates pairs (2i, 2i + 1): permute the q/k rows
+    qkv_bias: bool = False  # q/k/v biases always written (zeros when the model has none)
+    output_always: bool = False  # output.weight written even with tied embeddings
+    ffn_norm: str = "ffn_norm"  # the GGUF name of the norm before the FFN
+    router_bias_and_shared: bool = False  # exp_probs_b (the expert bias) and the _shexp tensors
+    expert_sized_ffn: bool = False  # feed_forward_length holds the expert size (not d_ff)
+
+
+QWEN3MOE = GgufArch("qwen3moe")
+LLAMA = GgufArch("llama", permute_qk=True, expert_sized_ffn=True)
+OLMOE = GgufArch("olmoe", output_always=True, expert_sized_ffn=True)
+GLM4MOE = GgufArch("glm4moe", routers=("sigmoid_topk",), qkv_bias=True, ffn_norm="post_attention_norm",
+                   router_bias_and_shared=True)
+
+
+def gguf_arch(model) -> GgufArch:
+    """The llama.cpp architecture that runs `model` exactly; ValueError naming what it lacks."""
     cfg = model.cfg
     moe = cfg.moe
     if cfg.attention != "gqa":
@@ -64,12 +87,12 @@ def gguf_arch(model) -> str:
     if moe is None:
         if cfg.qk_norm is not None or cfg.attention_bias:
             raise ValueError("a dense model exports as llama.cpp's llama architecture: no q/k norm, no q/k/v bias")
-        return "llama"
+        return LLAMA
     if moe.token_rounding is not None:
         raise ValueError(f"token_rounding={moe.token_rounding!r}: llama.cpp routes every token to exactly top_k experts")
-    if moe.router == "sigmoid_topk":
+    if moe.router in GLM4MOE.routers:
         return glm4moe_check(model, dense)
-    if moe.router not in ("softmax_topk", "topk_softmax"):
+    if moe.router not in QWEN3MOE.routers:
         raise ValueError(f"router={moe.router!r}: llama.cpp's MoE architectures route with a softmax or sigmoid top-k")
     if any(bool(layer.ffn.router.expert_bias.any()) for layer in model.layers if layer.is_moe):
         raise ValueError("a softmax router with a nonzero expert bias: llama.cpp has a selection bias only "
@@ -80,20 +103,20 @@ def gguf_arch(model) -> str:
     if dense:
         raise ValueError(f"dense layers {dense} in an MoE model: llama.cpp's qwen3moe / olmoe / llama have "
                          "MoE in every layer")
-    renorm = moe.router == "topk_softmax" or moe.norm_topk_prob
+    renorm = gates_renormalised(moe)
     if cfg.qk_norm == "full":
         if renorm:
             raise ValueError("qk_norm='full' (olmoe) with renormalised top-k gates: llama.cpp's olmoe never renormalises "
                              "(set norm_topk_prob=False with router='softmax_topk')")
         if cfg.head_dim * cfg.n_heads != cfg.d_model:
             raise ValueError("olmoe needs head_dim * n_heads == d_model")
-        return "olmoe"
+        return OLMOE
     if not renorm:
         raise ValueError("norm_topk_prob=False: llama.cpp's qwen3moe and llama (Mixtral) always renormalise the top-k gates")
-    return "qwen3moe" if cfg.qk_norm == "head" else "llama"
+    return QWEN3MOE if cfg.qk_norm == "head" else LLAMA
 
 
-def glm4moe_check(model, dense: List[int]) -> str:
+def glm4moe_check(model, dense: List[int]) -> GgufArch:
     cfg, moe = model.cfg, model.cfg.moe
     if moe.num_groups != 1:
         raise ValueError(f"num_groups={moe.num_groups}: llama.cpp's glm4moe has no group-limited routing")
@@ -103,7 +126,7 @@ def glm4moe_check(model, dense: List[int]) -> str:
         raise ValueError("llama.cpp's glm4moe needs ungated shared experts of num_shared_experts x d_expert")
     if cfg.qk_norm == "full":
         raise ValueError("qk_norm='full' with a sigmoid router: llama.cpp's glm4moe normalises q/k per head")
-    return "glm4moe"
+    return GLM4MOE
 
 
 # ---------------------------------------------------------------------------- tensors
@@ -114,7 +137,7 @@ def permute_rotary(w_ND: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w_ND.reshape(n_heads, 2, N // n_heads // 2, D).transpose(1, 2).reshape(N, D)
 
 
-def gguf_tensors(model, arch: str) -> Iterator[Tuple[str, torch.Tensor, str]]:
+def gguf_tensors(model, arch: GgufArch) -> Iterator[Tuple[str, torch.Tensor, str]]:
     """(GGUF name, float32 tensor, role) for every tensor; role "matrix", "embed", "output" or "f32"."""
     cfg = model.cfg
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
@@ -122,7 +145,7 @@ def gguf_tensors(model, arch: str) -> Iterator[Tuple[str, torch.Tensor, str]]:
     for i, layer in enumerate(model.layers):
         p, b = f"layers.{i}.", f"blk.{i}."
         q, k = sd[p + "attn.q_proj.weight"], sd[p + "attn.k_proj.weight"]
-        if arch == "llama":
+        if arch.permute_qk:
             q, k = permute_rotary(q, cfg.n_heads), permute_rotary(k, cfg.n_kv_heads)
         yield b + "attn_norm.weight", sd[p + "attn_norm.weight"], "f32"
         yield b + "attn_q.weight", q, "matrix"
@@ -132,23 +155,22 @@ def gguf_tensors(model, arch: str) -> Iterator[Tuple[str, torch.Tensor, str]]:
         for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
             if cfg.qk_norm is not None:
                 yield b + f"attn_{name}_norm.weight", sd[p + f"attn.{name}_norm.weight"], "f32"
-            if arch == "glm4moe" or cfg.attention_bias:
+            if arch.qkv_bias or cfg.attention_bias:
                 yield b + f"attn_{name}.bias", sd.get(p + f"attn.{name}_proj.bias", torch.zeros(n * cfg.head_dim)), "f32"
-        if arch == "glm4moe" or cfg.attention_bias:
+        if arch.qkv_bias or cfg.attention_bias:
             yield b + "attn_v.bias", sd.get(p + "attn.v_proj.bias", torch.zeros(cfg.n_kv_heads * cfg.head_dim)), "f32"
-        norm = "post_attention_norm" if arch == "glm4moe" else "ffn_norm"
-        yield b + f"{norm}.weight", sd[p + "ffn_norm.weight"], "f32"
+        yield b + f"{arch.ffn_norm}.weight", sd[p + "ffn_norm.weight"], "f32"
         f = p + "ffn."
         if not layer.is_moe:
             yield from swiglu(b, "", sd[f + "w13"], sd[f + "w2"])
             continue
         yield b + "ffn_gate_inp.weight", sd[f + "router.weight"], "f32"
-        if arch == "glm4moe":
+        if arch.router_bias_and_shared:
             yield b + "exp_probs_b.bias", sd[f + "router.expert_bias"], "f32"
             yield from swiglu(b, "_shexp", sd[f + "shared.w13"], sd[f + "shared.w2"])
         yield from swiglu(b, "_exps", sd[f + "experts.w13"], sd[f + "experts.w2"])
     yield "output_norm.weight", sd["norm.weight"], "f32"
-    if not cfg.tie_embeddings or arch == "olmoe":  # llama.cpp's olmoe requires output.weight
+    if not cfg.tie_embeddings or arch.output_always:
         yield "output.weight", sd.get("lm_head.weight", sd["embed.weight"]), "output"
 
 
@@ -190,7 +212,7 @@ def add_tensor(writer, gguf, name: str, w: torch.Tensor, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------- metadata
-def add_hparams(writer, gguf, model, arch: str) -> None:
+def add_hparams(writer, gguf, model, arch: GgufArch) -> None:
     cfg, moe = model.cfg, model.cfg.moe
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
@@ -213,8 +235,8 @@ def add_hparams(writer, gguf, model, arch: str) -> None:
     writer.add_expert_used_count(moe.top_k)
     writer.add_expert_feed_forward_length(moe.d_expert)
     # llama and olmoe size their experts with feed_forward_length
-    writer.add_feed_forward_length(moe.d_expert if arch in ("llama", "olmoe") else cfg.d_ff)
-    if arch == "glm4moe":
+    writer.add_feed_forward_length(moe.d_expert if arch.expert_sized_ffn else cfg.d_ff)
+    if arch.router_bias_and_shared:
         writer.add_expert_shared_count(moe.num_shared_experts)
         writer.add_leading_dense_block_count(sum(cfg.is_dense_layer(i) for i in range(cfg.n_layers)))
         writer.add_expert_weights_scale(float(moe.routed_scaling_factor))
@@ -282,7 +304,7 @@ def export_gguf(model, out, file_type: str = "f16", chat_template: Optional[str]
     if out.is_dir():
         raise ValueError(f"output {str(out)!r} is a directory; give a file name such as model.gguf")
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(tmp), arch.name)
     try:
         writer.add_name(model.cfg.name)
         file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
@@ -304,16 +326,15 @@ def export_gguf(model, out, file_type: str = "f16", chat_template: Optional[str]
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return arch
+    return arch.name
 
 
 def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moekit export",
-                                     description="Write a GGUF file llama.cpp runs "
-                                                 "(qwen3moe, olmoe, llama/Mixtral, glm4moe).")
+    parser = cliargs.parser("moekit export", "Write a GGUF file llama.cpp runs (qwen3moe, olmoe, llama/Mixtral, "
+                            "glm4moe).")
     parser.add_argument("model", help="a moekit checkpoint, training run directory or HF checkpoint")
     parser.add_argument("out", help="the GGUF file to write")
-    parser.add_argument("--type", default="f16", help=f"tensor type: {', '.join(TYPES)} (default f16)")
+    parser.add_argument("--type", default="f16", choices=TYPES, help="tensor type")
     args = parser.parse_args(argv)
     if args.type not in TYPES:
         raise ValueError(f"unknown --type {args.type!r}; choose one of {', '.join(TYPES)}")
