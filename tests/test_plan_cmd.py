@@ -3,7 +3,6 @@ against the paper's Table 2 and hand-worked values, its bad-input errors, and a 
 and analyzes to the parameter count the plan printed."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

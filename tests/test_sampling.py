@@ -15,7 +15,7 @@ from moekit.sampling import (SamplingParamError, apply_repetition_penalty, apply
                              choose_tokens, draw, ends_with_stop, filter_logits, filtered_probs, greedy,
                              new_generator, normalise_prompts, normalise_stops, sample_next, top_k_filter,
                              min_p_filter, top_p_filter)
-from moekit.server.app import engine_error
+from moekit.server.app import ServerContext, engine_error
 from moekit.server.chat_template import default_template
 from moekit.server.protocol import ApiError, parse_completion
 from moekit.speculative import speculative_generate
@@ -160,8 +160,8 @@ def engine(model):
 
 def server_error(model, engine, field, value) -> ApiError:
     cfg = model.cfg
-    ctx = SimpleNamespace(tokenizer=None, model_names=[NAME], vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
-                          kv_capacity=engine.kv.capacity, chat_template=default_template())
+    ctx = ServerContext(tokenizer=None, model_names=[NAME], vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len,
+                        kv_capacity=engine.kv.capacity, chat_template=default_template())
     with pytest.raises(ApiError) as err:
         parse_completion({"model": NAME, "prompt": [1, 2], field: value}, ctx)
     return err.value

@@ -285,11 +285,18 @@ class TokenWindows:
     With shuffle, each epoch visits every window once in the order of
     `torch.randperm(W, generator=torch.Generator().manual_seed(seed + epoch))`; a batch
     that crosses an epoch's end continues into the next epoch's order.
+
+    Data parallelism: with `num_shards` ranks, each batch is a global batch of batch_size x num_shards
+    windows and rank `shard` gets rows [shard*B, (shard+1)*B) of it. The position (epoch, pos) counts
+    global windows, so a run resumed at another world size with the same global batch sees the same windows.
     """
 
-    def __init__(self, path: PathLike, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, path: PathLike, seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 shard: int = 0, num_shards: int = 1):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len}, batch_size={batch_size}")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} is not in [0, num_shards={num_shards})")
         self.path = pathlib.Path(path)
         meta = read_shard_meta(self.path)
         self.dtype = np.dtype(meta["dtype"])
@@ -298,11 +305,13 @@ class TokenWindows:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.shard, self.num_shards = int(shard), int(num_shards)
         self.num_windows = max(self.num_tokens - 1, 0) // self.seq_len
-        if self.num_windows < self.batch_size:
+        if self.num_windows < self.batch_size * self.num_shards:
+            ranks = f" x {self.num_shards} data-parallel ranks" if self.num_shards > 1 else ""
             raise ValueError(
                 f"batch larger than data: {str(self.path)!r} has {self.num_tokens} tokens = "
-                f"{self.num_windows} windows of seq_len={self.seq_len}, fewer than batch_size={self.batch_size}"
+                f"{self.num_windows} windows of seq_len={self.seq_len}, fewer than batch_size={self.batch_size}{ranks}"
             )
         self.tokens_N = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         self.epoch = 0
@@ -329,8 +338,9 @@ class TokenWindows:
         return w_BT1[:, :-1].contiguous(), w_BT1[:, 1:].contiguous()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the next global batch."""
         picked = []
-        need = self.batch_size
+        need = self.batch_size * self.num_shards
         while need:
             take = self._order(self.epoch)[self.pos : self.pos + need]
             picked.append(take)
@@ -339,7 +349,8 @@ class TokenWindows:
             if self.pos >= self.num_windows:
                 self.epoch += 1
                 self.pos = 0
-        return self._gather(np.concatenate(picked))
+        B = self.batch_size
+        return self._gather(np.concatenate(picked)[self.shard * B : (self.shard + 1) * B])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
@@ -358,11 +369,13 @@ class TokenWindows:
 
     def iter_eval(self, max_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """In-order batches over every window (the last may be smaller than batch_size);
-        leaves the training position alone."""
-        n_batches = -(-self.num_windows // self.batch_size)
+        leaves the training position alone. With num_shards > 1: this rank's rows of the full global
+        batches only (every rank gets batch_size rows)."""
+        B, G = self.batch_size, self.batch_size * self.num_shards
+        n_batches = -(-self.num_windows // G) if self.num_shards == 1 else self.num_windows // G
         if max_batches is not None:
             n_batches = min(n_batches, max_batches)
         for b in range(n_batches):
-            lo = b * self.batch_size
-            hi = min(lo + self.batch_size, self.num_windows)
+            lo = b * G + self.shard * B
+            hi = min(lo + B, self.num_windows)
             yield self._gather(np.arange(lo, hi))

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["CombinedOptimizer", "Muon", "build_optimizer", "newton_schulz5", "param_groups"]
+__all__ = ["CombinedOptimizer", "Muon", "build_optimizer", "newton_schulz5", "orthogonalize", "param_groups"]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -53,8 +53,22 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
     return X.to(G.dtype).contiguous()
 
 
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """`newton_schulz5` of whole matrices. A DTensor (an FSDP shard, moekit/dist/fsdp.py) is gathered to its
+    full tensor, orthogonalized (every rank the same), and its own shard kept: the single-process update."""
+    if not hasattr(update, "full_tensor"):  # a plain tensor (DTensor is not imported by one process)
+        return newton_schulz5(update, steps=steps)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = update.device_mesh
+    full = newton_schulz5(update.full_tensor(), steps=steps)
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+        mesh, update.placements)
+
+
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD with orthogonalized updates for (..., rows, cols) weights.
+    """Momentum SGD with orthogonalized updates for (..., rows, cols) weights (plain tensors, or FSDP-sharded
+    DTensors: `orthogonalize` works on each whole matrix).
 
     Per parameter p with gradient g:
         buf = momentum * buf + g
@@ -101,7 +115,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mom).add_(g)
                 update = g.add(buf, alpha=mom) if group["nesterov"] else buf
-                update = newton_schulz5(update, steps=group["ns_steps"])
+                update = orthogonalize(update, steps=group["ns_steps"])
                 scale = math.sqrt(max(1.0, p.shape[-2] / p.shape[-1]))  # rows / cols
                 if wd != 0:
                     p.mul_(1 - lr * wd)

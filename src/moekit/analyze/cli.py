@@ -1,5 +1,6 @@
 """`moekit analyze MODEL | --layer d,n,E,K [--hardware H] [--memory GIB] [--weights P] [--kv-dtype D] [--batch B]
-[--context C] [--tokens T] [--json] [--plot DIR]`. Imports no torch for presets, names and config.json files.
+[--context C] [--tokens T] [--dp D] [--ep E] [--nodes N] [--json] [--plot DIR]`. Imports no torch for presets,
+names and config.json files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def build_parser():
     p.add_argument("--batch", type=int, default=1, help="decode/prefill/training batch size (sequences)")
     p.add_argument("--context", type=int, default=4096, help="context length in tokens")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per MoE batch for arithmetic intensity and activation bytes")
+    p.add_argument("--dp", type=int, help="training communication on D data-parallel GPUs (FSDP); default: --ep, "
+                   "or --nodes full nodes")
+    p.add_argument("--ep", type=int, help="expert-parallel degree E (divides --dp and num_experts; default 1)")
+    p.add_argument("--nodes", type=int, help="nodes the --dp GPUs span (default: as few as hold them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write roofline.png and decode_vs_batch.png into DIR")
     return p
@@ -44,7 +49,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
             raise ValueError("give exactly one of MODEL or --layer d,n,E,K")
         arch = parse_layer(args.layer) if args.layer else resolve_model(args.model)
         report = analyze(arch, hardware=args.hardware, weights=args.weights, kv_dtype=args.kv_dtype,
-                         batch=args.batch, context=args.context, tokens=args.tokens, memory_gib=args.memory)
+                         batch=args.batch, context=args.context, tokens=args.tokens, memory_gib=args.memory,
+                         dp=args.dp, ep=args.ep, nodes=args.nodes)
         if args.plot:
             from .plots import write_plots
 

@@ -1,5 +1,7 @@
-"""Hardware: peak dense FLOP/s (16-bit, and fp8 where the chip has it), memory bandwidth and device
-memory (docs/formulas.md#hardware), or measured locally; only measurement gives a separate fp32 peak."""
+"""Hardware: peak dense FLOP/s (16-bit, and fp8 where the chip has it), memory bandwidth, device memory
+and interconnect (docs/formulas.md#hardware), or measured locally; only measurement gives a separate fp32
+peak. Interconnect figures are per direction: `link_bw` GPU to GPU inside a node (NVLink, or PCIe where a
+chip has no NVLink), `node_bw` a node's InfiniBand to other nodes, shared by its `gpus_per_node` GPUs."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ class Hardware:
     flops_fp8: Optional[float] = None  # peak dense fp8 FLOP/s, where the chip has fp8 tensor cores
     flops_fp32: Optional[float] = None  # measured only (local)
     note: str = ""
+    link_bw: float = 0.0  # GPU to GPU inside a node, bytes/s per GPU per direction (0: unknown)
+    node_bw: float = 0.0  # one node to the others (InfiniBand), bytes/s per node per direction (0: unknown)
+    gpus_per_node: int = 1
 
     def peak(self, weights: str) -> Tuple[float, str]:
         """(FLOP/s, which peak) for matmuls with `weights`: fp8 weights run fp8 GEMMs where the chip has them;
@@ -37,13 +42,20 @@ class Hardware:
 
 # Peaks and bandwidths: docs/formulas.md#hardware. Memory: the datasheet capacity taken as GiB (what the
 # driver reports is within 1% of it; the analyzer's 90% usable headroom covers the rest).
+NVLINK3, NVLINK4, NVLINK5 = 300e9, 450e9, 900e9  # per GPU per direction: 600 / 900 / 1800 GB/s both ways
+HDR8, NDR8 = 8 * 25e9, 8 * 50e9  # a DGX node's 8 compute NICs: 8 x 200 Gb/s HDR, 8 x 400 Gb/s NDR
 CATALOG = {
-    "a100": Hardware("a100", 312e12, 1.935e12, 80 * GIB, note="A100 SXM 80GB"),
-    "h100": Hardware("h100", 989e12, 3.35e12, 80 * GIB, flops_fp8=1979e12, note="H100 SXM"),
-    "h200": Hardware("h200", 989e12, 4.8e12, 141 * GIB, flops_fp8=1979e12),
-    "b200": Hardware("b200", 2.25e15, 8.0e12, 180 * GIB, flops_fp8=4.5e15),
-    "rtx4090": Hardware("rtx4090", 82.6e12, 1.008e12, 24 * GIB),
-    "t4": Hardware("t4", 65e12, 320e9, 16 * GIB, note="65 TFLOPS is fp16 tensor-core, not fp32"),
+    "a100": Hardware("a100", 312e12, 1.935e12, 80 * GIB, note="A100 SXM 80GB",
+                     link_bw=NVLINK3, node_bw=HDR8, gpus_per_node=8),
+    "h100": Hardware("h100", 989e12, 3.35e12, 80 * GIB, flops_fp8=1979e12, note="H100 SXM",
+                     link_bw=NVLINK4, node_bw=NDR8, gpus_per_node=8),
+    "h200": Hardware("h200", 989e12, 4.8e12, 141 * GIB, flops_fp8=1979e12, link_bw=NVLINK4, node_bw=NDR8,
+                     gpus_per_node=8),
+    "b200": Hardware("b200", 2.25e15, 8.0e12, 180 * GIB, flops_fp8=4.5e15, link_bw=NVLINK5, node_bw=NDR8,
+                     gpus_per_node=8),
+    "rtx4090": Hardware("rtx4090", 82.6e12, 1.008e12, 24 * GIB, link_bw=32e9, gpus_per_node=8),  # PCIe 4.0 x16
+    "t4": Hardware("t4", 65e12, 320e9, 16 * GIB, note="65 TFLOPS is fp16 tensor-core, not fp32",
+                   link_bw=16e9, gpus_per_node=8),  # PCIe 3.0 x16
     "m1": Hardware("m1", 5.5e12, 68.25e9, 16 * GIB, note="M1 GPU, 16 GB unified memory"),
     "m2-max": Hardware("m2-max", 13.6e12, 400e9, 32 * GIB, note="32 GB unified memory"),
     "rpi4": Hardware("rpi4", 13.5e9, 4e9, 8 * GIB, note="8 GB model"),

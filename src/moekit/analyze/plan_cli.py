@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from .. import cliargs
 from . import estimate, formulas, scaling
-from .hardware import CATALOG, CHOICES, get_hardware
+from .hardware import CATALOG, get_hardware
 from .memory import USABLE
 from .params import params_by_component
 from .arch import FFN, Arch, Attention

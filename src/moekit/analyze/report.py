@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 
 from dataclasses import replace
 
-from . import estimate, formulas
+from . import comm, estimate, formulas
 from .arch import Arch, from_model_config
 from .catalog import SONICMOE_H100
 from .hardware import GIB, Hardware, get_hardware
@@ -16,9 +16,12 @@ from .precision import dtype_bytes, get_precision
 
 
 def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype: Optional[str] = None,
-            batch: int = 1, context: int = 4096, tokens: int = 4096, memory_gib: Optional[float] = None) -> Dict:
+            batch: int = 1, context: int = 4096, tokens: int = 4096, memory_gib: Optional[float] = None,
+            dp: Optional[int] = None, ep: Optional[int] = None, nodes: Optional[int] = None) -> Dict:
     """All analyzer outputs as a dict (the `--json` document); see the module docs for formulas.
-    memory_gib overrides the hardware's device memory."""
+    memory_gib overrides the hardware's device memory. dp, ep, nodes (any of them) add the `communication`
+    section (analyze/comm.py) for training on dp GPUs (default: ep, or nodes full nodes) with EP degree ep
+    (default 1) over `nodes` nodes (default: as few as hold dp GPUs)."""
     for name, value in (("--batch", batch), ("--context", context), ("--tokens", tokens)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -49,10 +52,19 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
            else estimate.prefill(arch, prec, peak, hw.bw, tokens, 1, kv_nbytes))
     mem = memory(arch, sum(by_comp.values()), sum(wbytes.values()), estimate.kv_bytes_per_token(arch, kv_nbytes),
                  batch, ctx, tokens, hw.memory, "fp32" if weights == "fp32" else "bf16")
+    communication = None
+    if dp is not None or ep is not None or nodes is not None:
+        ep = 1 if ep is None else ep
+        if dp is None:
+            dp = nodes * hw.gpus_per_node if isinstance(nodes, int) and nodes > 0 and hw.gpus_per_node else ep
+        train_bytes = 4 if weights == "fp32" else 2
+        communication = comm.communication(arch, hw, dp, ep, nodes, mem["training"]["tokens"], train_bytes,
+                                           train_bytes, 3 * fwd, peak)
     out = {
         "model": arch.name,
         "hardware": {"name": hw.name, "flops": hw.flops, "flops_used": peak, "peak_used": peak_name,
-                     "flops_fp8": hw.flops_fp8, "bw": hw.bw, "memory": hw.memory, "note": hw.note},
+                     "flops_fp8": hw.flops_fp8, "bw": hw.bw, "memory": hw.memory, "note": hw.note,
+                     "link_bw": hw.link_bw, "node_bw": hw.node_bw, "gpus_per_node": hw.gpus_per_node},
         "fits": mem["inference"]["fits"],
         "memory": mem,
         "inputs": {"weights": weights, "kv_dtype": kv_dtype, "batch": batch, "context": ctx, "tokens": tokens},
@@ -86,6 +98,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
         "activation_bytes_per_moe_layer": (estimate.activation_bytes_per_moe_layer(
             arch.d_model, moe.d_expert, moe.num_experts, moe.top_k, tokens, act_bytes) if moe else None),
         "published": None,
+        "communication": communication,
         "formulas": formulas.FORMULAS,
         "notes": list(arch.notes),
     }
@@ -215,6 +228,42 @@ def render(r: Dict) -> str:
         lines += ["", "Published H100 figures at this shape (docs/formulas.md; fwd/bwd TFLOPS, peak activation GiB):"]
         for k, v in r["published"].items():
             lines.append(f"- {k}: {v['fwd_tflops']}/{v['bwd_tflops']}, {v['peak_activation_gib']} GiB")
+    if r["communication"]:
+        lines += [""] + communication_rows(r["communication"], r["hardware"])
     for note in r["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _s(x: float) -> str:
+    return f"{x * 1e3:.3g} ms" if x < 1 else f"{x:.3g} s"
+
+
+def communication_rows(c: Dict, hw: Dict) -> List[str]:
+    """The communication section: the layout asked for, then the same dp over every EP degree."""
+    F, a2a, fsdp = comm.FORMULAS, c["a2a_bytes_per_token_per_layer"], c["fsdp_bytes_per_step"]
+    links = (f"NVLink/PCIe {hw['link_bw'] / 1e9:.0f} GB/s per GPU, InfiniBand {hw['node_bw'] / 1e9:.0f} GB/s "
+             f"per node of {hw['gpus_per_node']}")
+    lines = [f"Training communication: dp {c['dp']} GPUs on {c['nodes']} node(s) ({c['gpus_per_node']} each), "
+             f"ep {c['ep']}, {c['tokens_per_rank']} tokens per GPU per step; {links}; {c['assumption']}.", "",
+             "| quantity | value | formula |", "|---|---:|---|"]
+    rows = [("all-to-all bytes / token / MoE layer, forward", f"{_b(a2a['forward'])} (dispatch {_b(a2a['dispatch'])}, "
+             f"combine {_b(a2a['combine'])})", F["a2a_forward"]),
+            ("all-to-all bytes / GPU / step (fwd + bwd)", _b(c["a2a_bytes_per_step"]), F["a2a_training"]),
+            ("FSDP all-gather bytes / GPU / step", f"{_b(fsdp['all_gather_forward'])} forward + "
+             f"{_b(fsdp['all_gather_backward'])} backward", F["fsdp"]),
+            ("FSDP reduce-scatter bytes / GPU / step", _b(fsdp["reduce_scatter"]), "gradients at the parameter dtype"),
+            ("compute / FSDP / all-to-all per step", f"{_s(c['compute_s'])} / {_s(c['fsdp_s'])} ({c['fsdp_link']}) / "
+             f"{_s(c['a2a_s'])} ({c['a2a_link']})", F["link"]),
+            ("step time (serial)", f"{_s(c['step_s'])} ({_s(c['step_serial_s'])})", F["step"]),
+            ("training tokens/s (all GPUs)", f"{c['tokens_per_s']:.4g}", "dp · tokens per GPU / step time")]
+    lines += [f"| {a} | {b} | {f} |" for a, b, f in rows]
+    lines += ["", f"When expert parallelism pays off (dp {c['dp']}, same tokens per GPU; best: ep {c['best_ep']}):", "",
+              "| ep | experts/GPU | all-to-all / step | FSDP / step | gathered experts / layer | all-to-all s | "
+              "FSDP s | step s | tokens/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in c["by_ep"]:
+        mark = "**" if e["ep"] == c["best_ep"] else ""
+        lines.append(f"| {mark}{e['ep']}{mark} | {e['experts_per_rank']} | {_b(e['a2a_bytes_per_step'])} | "
+                     f"{_b(e['fsdp_bytes_per_step']['total'])} | {_b(e['gathered_expert_bytes_per_layer'])} | "
+                     f"{_s(e['a2a_s'])} | {_s(e['fsdp_s'])} | {_s(e['step_s'])} | {e['tokens_per_s']:.4g} |")
+    return lines

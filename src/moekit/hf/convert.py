@@ -15,7 +15,9 @@ import torch
 
 from ..checkpoint import CONFIG_FILE as MOEKIT_CONFIG, QUANT_FILE, load_moekit, read_config as read_moekit_config
 from ..config import ModelConfig
+from ..dist.checkpoint import is_sharded, load_sharded, model_dir
 from ..model import Transformer
+from ..rundir import is_run_dir
 from .io import CONFIG_FILE, MAX_SHARD_BYTES, read_config
 from .load import load_hf
 from .save import check_representable, save_hf
@@ -49,12 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def source_dir(src: Path) -> Path:
-    """The checkpoint directory `moekit.load_model` reads for `src`: src itself, or a run's checkpoint/.
-    (moekit.loading imports moekit.hf, so convert follows its rules here rather than importing it.)"""
+    """The checkpoint directory `moekit.load_model` reads for `src`: src itself, or a run's checkpoint/
+    (checkpoint.old/ mid-swap). (moekit.loading imports moekit.hf, so convert follows its rules here.)"""
     if not src.is_dir():
         raise ValueError(f"checkpoint path {str(src)!r} is not a directory")
-    if not (src / MOEKIT_CONFIG).is_file() and (src / "checkpoint").is_dir():
-        return src / "checkpoint"
+    if not (src / MOEKIT_CONFIG).is_file() and is_run_dir(src):
+        return model_dir(src)
     return src
 
 
@@ -82,7 +84,12 @@ def _convert(args) -> None:
         skeleton = Transformer(source_config(checkpoint))
     check_representable(skeleton, args.model_type or infer_model_type(skeleton.cfg), config_only=True)
     hf_source = not (checkpoint / MOEKIT_CONFIG).is_file()
-    model = load_hf(checkpoint, dtype=args.dtype, progress=True) if hf_source else load_moekit(checkpoint, args.dtype)
+    if hf_source:
+        model = load_hf(checkpoint, dtype=args.dtype, progress=True)
+    elif is_sharded(checkpoint):  # written under torchrun
+        model = load_sharded(checkpoint, args.dtype)
+    else:
+        model = load_moekit(checkpoint, args.dtype)
     source = json.loads((checkpoint / CONFIG_FILE).read_text()) if hf_source else {}
     extra = {k: source[k] for k in TOKEN_ID_KEYS if source.get(k) is not None}
     save_hf(model, dst, model_type=args.model_type, layout=args.layout,

@@ -7,6 +7,11 @@ input checks, aux is None). `active_rows`: routed experts for these rows only. I
 the balancing losses are skipped (`aux.loss` 0, the values None); in training mode the layer
 accumulates per-expert token counts for `update_expert_bias()`, called after the optimizer step.
 
+Data parallelism (moekit.dist.ep) sets `global_sum(t)`, a sum over the data-parallel ranks
+with autograd: the training-mode balancing losses and counts become those of the global batch.
+It is None in one process, and expert parallelism replaces `experts` by a module with the same
+call signature, so the single-process path never touches torch.distributed.
+
 Legend: T tokens, D model dim, E experts, P (token, expert) pairs.
 """
 
@@ -48,6 +53,7 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         # token counts since the last aux-loss-free bias update (training forwards only)
         self.register_buffer("tokens_since_update", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=True)
+        self.global_sum = None  # moekit.dist.ep.apply_global_balancing
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, numerics: Numerics = PLAIN,
                 static: bool = False, active_rows: Optional[torch.Tensor] = None):
@@ -72,10 +78,13 @@ class MoE(nn.Module):
         if static:
             return y_TD.view(x.shape), None
         tokens_per_expert = torch.bincount(routing.expert_idx_P, minlength=cfg.num_experts)
+        reduce = self.global_sum if self.training else None  # eval forwards stay local
+        if reduce is not None:
+            tokens_per_expert = reduce(tokens_per_expert)
         if self.training:
             self.tokens_since_update += tokens_per_expert.to(self.tokens_since_update.device)
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
-        return y_TD.view(x.shape), self._aux(routing, tokens_per_expert, seq_len)
+        return y_TD.view(x.shape), self._aux(routing, tokens_per_expert, seq_len, reduce)
 
     def check_inputs(self, x: torch.Tensor, token_ids: Optional[torch.Tensor]) -> None:
         cfg = self.cfg
@@ -94,7 +103,7 @@ class MoE(nn.Module):
             raise ValueError(f"token_ids has {token_ids.numel()} ids but x has {num_tokens} tokens")
         self.router.check_inputs(x.reshape(-1, cfg.d_model), None if token_ids is None else token_ids.reshape(-1))
 
-    def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int) -> MoEAux:
+    def _aux(self, routing: Routing, tokens_per_expert: torch.Tensor, seq_len: int, reduce=None) -> MoEAux:
         cfg = self.cfg
         device = tokens_per_expert.device
         zero = torch.zeros((), device=device, dtype=torch.float32)
@@ -102,23 +111,26 @@ class MoE(nn.Module):
             return MoEAux(zero, tokens_per_expert, None, None, None, routing)
         switch = seq = z = zero
         total = zero
-        if routing.logits_TE is not None and routing.num_tokens > 0:
+        # with `reduce`, every rank joins the collectives, even with no tokens of its own
+        if routing.logits_TE is not None and (routing.num_tokens > 0 or reduce is not None):
             grad = torch.is_grad_enabled()
             with torch.set_grad_enabled(grad and (cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0)):
                 probs_TE = routing.probs()
             with torch.set_grad_enabled(grad and cfg.aux_loss_coef > 0):
-                switch = balancing.switch_loss(probs_TE, routing.top1_T)
+                switch = balancing.switch_loss(probs_TE, routing.top1_T, reduce)
             with torch.set_grad_enabled(grad and cfg.seq_aux_loss_coef > 0):
-                seq = balancing.sequence_aux_loss(probs_TE, routing.token_idx_P, routing.expert_idx_P, seq_len, cfg.top_k)
+                seq = balancing.sequence_aux_loss(probs_TE, routing.token_idx_P, routing.expert_idx_P, seq_len,
+                                                  cfg.top_k, reduce)
             with torch.set_grad_enabled(grad and cfg.z_loss_coef > 0):
-                z = balancing.z_loss(routing.logits_TE)
+                z = balancing.z_loss(routing.logits_TE, reduce)
             total = cfg.aux_loss_coef * switch + cfg.seq_aux_loss_coef * seq + cfg.z_loss_coef * z
         return MoEAux(total, tokens_per_expert, switch, seq, z, routing)
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: Optional[float] = None) -> torch.Tensor:
         """Aux-loss-free step from the counts of training forwards since the last call (then reset);
-        call after `optimizer.step()`. Returns the counts used."""
+        call after `optimizer.step()`. Returns the counts used (global under `global_sum`: every
+        data-parallel rank then applies the same update)."""
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
         load_E = self.tokens_since_update.clone()
         if load_E.sum() > 0:

@@ -9,7 +9,10 @@ run can change (Trainer: FREE, TUNABLE with --allow-config-change, schedule with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -52,6 +55,9 @@ TRAIN_HELP = {
     "compile": "torch.compile the loss step",
     "cache_dir": "token shard cache (default ~/.cache/moekit)",
     "export_hf": "also write the final weights as an HF checkpoint here (checked before training starts)",
+    "ep": "under torchrun: expert-parallel degree (divides dp_shard and num_experts; README \"Scaling out\")",
+    "dp_shard": "under torchrun: FSDP degree (-1: the world size / dp_replicate)",
+    "dp_replicate": "under torchrun: HSDP replicas (parameters replicated across them, sharded within)",
 }
 
 EPILOG = """\
@@ -174,6 +180,18 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 
 def cli(argv=None) -> int:
+    """`moekit train`; under torchrun every rank runs it, and only rank 0 reports (a refused start is one
+    error line from rank 0; the other ranks exit with the same code, silently)."""
+    if os.environ.get("RANK", "0") == "0":
+        return train(argv)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return train(argv)
+    except ValueError:
+        raise SystemExit(2) from None
+
+
+def train(argv=None) -> int:
     from ..runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
@@ -195,6 +213,12 @@ def cli(argv=None) -> int:
     trainer = Trainer(cfg, resume=args.resume, log=lambda m: print(m, flush=True), overwrite=args.overwrite,
                       new_decay=args.new_decay, allow_config_change=args.allow_config_change)
     print(f"run directory: {trainer.run_dir}", flush=True)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if trainer.ranks.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     print(f"done. run directory: {trainer.run_dir}\n  moekit generate {trainer.run_dir} --prompt 'def '")
     return 0

@@ -5,6 +5,7 @@ run before any work (README.md, "Training"). Nothing here touches the corpus or 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -109,6 +110,10 @@ class TrainConfig:
     compile: bool = False
     cache_dir: Optional[str] = None  # token shard cache; None: ~/.cache/moekit
     export_hf: Optional[str] = None  # also write the final weights as an HF checkpoint here
+    # the parallel layout under torchrun (moekit.dist.mesh.Layout): a launch setting, not saved for resume
+    ep: int = 1  # expert-parallel degree (divides dp_shard and num_experts)
+    dp_shard: int = -1  # FSDP degree; -1: the world size / dp_replicate
+    dp_replicate: int = 1  # HSDP replicas
 
     def validate(self) -> None:
         """Checks of the values alone (no file is read)."""
@@ -117,6 +122,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("ep", "dp_replicate"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dp_shard, int) or isinstance(self.dp_shard, bool) or not (self.dp_shard >= 1
+                                                                                       or self.dp_shard == -1):
+            raise ValueError(f"dp_shard must be a positive integer or -1 (the rest), got {self.dp_shard!r}")
         for name in ("warmup_steps", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -201,6 +213,7 @@ def check_before_work(cfg: TrainConfig) -> ModelConfig:
 
     cfg.validate()
     mcfg = model_config(cfg, cfg.vocab_size)
+    check_layout(cfg, mcfg)
     check_device(cfg.device)
     check_corpus(cfg.corpus)
     if cfg.export_hf:
@@ -212,12 +225,38 @@ def check_before_work(cfg: TrainConfig) -> ModelConfig:
     return mcfg
 
 
+def launched_world_size() -> Optional[int]:
+    """torchrun's WORLD_SIZE, or None when this process was not launched by torchrun."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(cfg: TrainConfig, mcfg: ModelConfig):
+    """The resolved moekit.dist.mesh.Layout under torchrun (None for one plain process), or ValueError naming
+    the numbers that do not fit the world size and the model."""
+    world = launched_world_size()
+    if world is None and (cfg.ep, cfg.dp_shard, cfg.dp_replicate) == (1, -1, 1):
+        return None  # one process: torch.distributed is never imported
+    if cfg.ep > 1 and mcfg.moe is None:
+        raise ValueError(f"--ep {cfg.ep}: preset {cfg.preset!r} has no MoE layers to split over ranks")
+    from ..dist.mesh import Layout
+
+    where = "" if world is not None else " (one process: launch with torchrun --nproc-per-node N -m moekit train ...)"
+    try:
+        return Layout(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, ep=cfg.ep).check(
+            world or 1, mcfg.moe.num_experts if mcfg.moe is not None else None)
+    except ValueError as err:
+        raise ValueError(f"{err}{where}") from None
+
+
 # --------------------------------------------------------------------------- resume
 # what a resumed run may change: freely, only with --allow-config-change, or never
 FREE = ("out", "max_steps", "time_budget", "eval_every", "eval_batches", "ckpt_every", "log_every", "device",
         "bf16", "compile", "cache_dir", "export_hf")
 TUNABLE = ("lr", "muon_lr", "weight_decay", "grad_clip", "batch_size", "grad_accum", "warmup_steps", "schedule",
            "decay_fraction", "min_lr_ratio")
+LAUNCH = ("ep", "dp_shard", "dp_replicate")  # how this launch is laid out: taken from the flags, never the run
 FIXED_REASON = {
     "seq_len": "the data position is counted in windows of seq_len",
     "vocab_size": "the tokenizer and embedding are fixed", "tokenizer": "the tokenizer is fixed",
@@ -229,9 +268,10 @@ FIXED_REASON = {
 
 def merge_resume(saved: dict, given: dict) -> TrainConfig:
     """The run's saved TrainConfig with the explicitly `given` settings on top (the Trainer checks what
-    may change: FREE freely, TUNABLE with allow_config_change, the rest never). A given `model` table
+    may change: FREE freely, TUNABLE with allow_config_change, the rest never; the LAUNCH layout comes from
+    `given` or the defaults, so a run resumes at any world size). A given `model` table
     is merged into the saved one, so the Trainer can name a difference."""
-    names = {f.name for f in fields(TrainConfig)}
+    names = {f.name for f in fields(TrainConfig)} - set(LAUNCH)
     merged = {k: v for k, v in saved.items() if k in names}
     model = {**merged.get("model", {}), **given.get("model", {})}
     if "moe" in merged.get("model", {}) or "moe" in given.get("model", {}):
