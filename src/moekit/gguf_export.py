@@ -37,6 +37,7 @@ from . import cliargs
 from .hf.spec import gates_renormalised
 from .loading import load_model
 from .quantize import get_format
+from .server.chat_template import template_source
 from .tokens import end_of_text_id
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -278,17 +279,8 @@ def add_tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
 
 def checkpoint_chat_template(path: Path) -> Optional[str]:
     """The Jinja chat template a checkpoint carries (tokenizer_config.json or chat_template.jinja), if any."""
-    for d in (path, path / "checkpoint"):
-        config, jinja = d / "tokenizer_config.json", d / "chat_template.jinja"
-        source = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-        if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            source = named.get("default") or next(iter(named.values()), None)
-        if source is None and jinja.is_file():
-            source = jinja.read_text()
-        if isinstance(source, str) and source:
-            return source
-    return None
+    found = template_source(path)
+    return None if found is None else found[0]
 
 
 # ---------------------------------------------------------------------------- the export

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -77,6 +77,16 @@ def load_chat_template(checkpoint: Path, override: Optional[str] = None) -> Chat
         if not path.is_file():
             raise ValueError(f"--chat-template {override!r}: no such file (or pass 'default')")
         return jinja_template(path.read_text(), origin=str(path))
+    found = template_source(checkpoint)
+    if found is None:
+        return default_template()
+    source, data, origin = found
+    return jinja_template(source, _token_text(data.get("bos_token")), _token_text(data.get("eos_token")), origin=origin)
+
+
+def template_source(checkpoint: Path) -> Optional[Tuple[str, dict, str]]:
+    """(Jinja source, tokenizer_config.json's data, the file it came from) of the chat template a checkpoint
+    (or a run directory's checkpoint/) carries in tokenizer_config.json or chat_template.jinja; None without one."""
     checkpoint = Path(checkpoint)
     for d in (checkpoint, checkpoint / "checkpoint"):
         config, jinja = d / "tokenizer_config.json", d / "chat_template.jinja"
@@ -91,6 +101,5 @@ def load_chat_template(checkpoint: Path, override: Optional[str] = None) -> Chat
         if source is None and jinja.is_file():
             source = jinja.read_text()
         if isinstance(source, str) and source:
-            return jinja_template(source, _token_text(data.get("bos_token")), _token_text(data.get("eos_token")),
-                                  origin=str(config if config.is_file() else jinja))
-    return default_template()
+            return source, data, str(config if config.is_file() else jinja)
+    return None
