@@ -139,6 +139,7 @@ def test_ep_needs_moe():
 # ----------------------------------------------------------------------------- measured on 2 gloo processes
 WORKER = r'''
 import json, sys, torch, torch.distributed as dist
+from pathlib import Path
 import torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
 from distributed import CollectiveBytes  # benchmarks/distributed.py
@@ -178,7 +179,8 @@ full = CollectiveBytes([meshes.ep.get_group(), meshes.dp.get_group(), meshes.dp_
 with full:
     logits_BTV = model(tokens_BT[:, :-1])
     F.cross_entropy(logits_BTV.view(-1, cfg.vocab_size), tokens_BT[:, 1:].reshape(-1)).backward()
-print(json.dumps({"rank": rank, "layer": dict(layer.bytes), "model": dict(full.bytes)}), flush=True)
+result = {"rank": rank, "layer": dict(layer.bytes), "model": dict(full.bytes)}
+(Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(result))  # (not stdout: the ranks' lines interleave)
 dist.barrier()
 dist.destroy_process_group()
 '''
@@ -201,10 +203,10 @@ def test_collectives_move_the_predicted_bytes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(bench)],
+                          str(script), str(bench), str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     # by hand, d 16, K 2, fp32 rows of 64 B, float32 gates, 6 tokens per rank, half of the pairs leave:
     # dispatch 2·(64 + 4)/2 + combine 2·64/2 + backward 2·(2·64 + 4)/2 = 264 B per token; counts 4·8/2 = 16 B

@@ -251,3 +251,34 @@ def test_a_one_process_run_resumes_on_two_processes(corpus, reference, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(two, one)
     assert (two / "checkpoint" / ".metadata").is_file()
+
+
+@pytest.mark.slow
+def test_a_sharded_save_cut_short_leaves_the_previous_checkpoint_loadable(corpus, reference, tmp_path):
+    """The state a crash leaves at each point of the sharded save (DCP shards half written into
+    checkpoint.new/; the previous checkpoint moved to checkpoint.old/ but the new one not yet in place):
+    the run loads, resumes from the surviving checkpoint and continues to the uninterrupted run's losses."""
+    runs, cache = reference
+    first = tmp_path / "first"  # steps 1..3, checkpoint at 3
+    done = torchrun(2, *flags(corpus, cache, 2, "adamw", steps=3), "--ep", 2, "--out", first)
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight = tmp_path / "straight"  # one process: 3 steps, then 3 more in a new decay phase
+    assert plain(*flags(corpus, cache, 1, "adamw", steps=3), "--out", straight).returncode == 0
+    assert plain("--out", straight, "--resume", "--max-steps", 6, "--new-decay").returncode == 0
+    for stage in ("shards-written", "moved-old"):
+        run = tmp_path / stage
+        shutil.copytree(first, run)
+        partial = run / "checkpoint.new"
+        shutil.copytree(run / "checkpoint", partial)
+        for name in ("checksums.json", "trainer_state.pt", ".metadata"):  # rank 0's part never came
+            (partial / name).unlink()
+        if stage == "moved-old":
+            os.replace(run / "checkpoint", run / "checkpoint.old")
+        from moekit import load_model
+
+        assert load_model(run) is not None
+        done = torchrun(2, "--out", run, "--resume", "--ep", 2, "--max-steps", 6, "--new-decay")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resumed from" in done.stdout and "at step 3" in done.stdout and not partial.exists()
+        assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+        assert_same_run(run, straight)

@@ -4,8 +4,8 @@
     logits = model(tokens_BT, cache=cache, start=0)   # writes, then attends over the cache
 
 A `Cache` is a list of per-layer caches, each built by its layer's attention kind, so layers
-can hold different state: keys and values today (`KVLayerCache`); a latent (MLA), a window
-with sinks or a recurrent state are other classes with the same operations
+can hold different state: keys and values (`KVLayerCache`), MLA's latent and shared rotary key
+(`LatentLayerCache`); a window with sinks or a recurrent state are other classes with the same operations
 (docs/architecture.md):
 
     update(new state, span) -> what the layer attends over; `span` (plan.py) says where the
@@ -13,7 +13,8 @@ with sinks or a recurrent state are other classes with the same operations
     rows(a, b)      a view of batch rows [a, b) (the engine's per-request view of its pool)
     slots(n)        a view of the first n slots (the engine's bucketed cache length)
     nbytes_per_slot bytes one position of one sequence takes (the engine's KV budget)
-Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim.
+Legend: B batch rows, G KV heads, S cache slots, T new tokens, Dh head dim, C latent (kv_lora_rank),
+R rotary key dim (qk_rope_head_dim).
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ class KVLayerCache:
 
     @property
     def nbytes_per_slot(self) -> int:
-        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in (self.k, self.v))
 
     def rows(self, a: int, b: int) -> "KVLayerCache":
-        return KVLayerCache(self.k[a:b], self.v[a:b])
+        return type(self)(self.k[a:b], self.v[a:b])
 
     def slots(self, n: int) -> "KVLayerCache":
         """A view of the first n slots."""
-        return KVLayerCache(self.k[:, :, :n], self.v[:, :, :n])
+        return type(self)(self.k[:, :, :n], self.v[:, :, :n])
 
     def update(self, k_BGTDh: torch.Tensor, v_BGTDh: torch.Tensor, span):
         """Write the new keys/values where `span` says; return (k, v) to attend over."""
@@ -62,6 +63,17 @@ class KVLayerCache:
         if span.end is None:
             return self.k, self.v
         return self.k[:, :, :span.end], self.v[:, :, :span.end]
+
+
+class LatentLayerCache(KVLayerCache):
+    """MLA's per-token state: the normed latent (B, 1, S, C) in `k` and the rotated shared key
+    (B, 1, S, R) in `v`; the attention expands (or absorbs) kv_b_proj when it reads them.
+    Bytes per slot: (C + R) x element size."""
+
+    @classmethod
+    def allocate(cls, batch: int, max_len: int, latent_dim: int, rope_dim: int, dtype, device) -> "LatentLayerCache":
+        return cls(torch.zeros(batch, 1, max_len, latent_dim, dtype=dtype, device=device),
+                   torch.zeros(batch, 1, max_len, rope_dim, dtype=dtype, device=device))
 
 
 class Cache:

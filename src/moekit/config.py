@@ -34,6 +34,13 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # None | "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over the projection)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2-MoE)
     clip_qkv: Optional[float] = None  # OLMoE
+    # attention="mla" only (DeepSeek-V3 multi-head latent attention; head_dim is then the rotary dim)
+    q_lora_rank: Optional[int] = None  # None: q_proj; else q_a_proj -> RMSNorm -> q_b_proj
+    kv_lora_rank: int = 0  # the cached latent's width
+    qk_nope_head_dim: int = 0  # per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 0  # the rotary query dims per head and the shared rotary key (cached)
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # RoPE on interleaved pairs (DeepSeek's layout) instead of rotate-half
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"type": "linear"|"llama3"|"yarn", "factor": ..., ...}
     norm_eps: float = 1e-6
@@ -55,11 +62,14 @@ class ModelConfig:
         self.dense_layers = tuple(self.dense_layers)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.attention == "mla":
+            self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads if self.n_heads > 0 else 0
         self.validate()
 
     def validate(self) -> None:
+        self.validate_mla()
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "sparse_step"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -85,6 +95,30 @@ class ModelConfig:
                 raise ValueError(f"MoE d_model={self.moe.d_model} differs from the model's d_model={self.d_model}")
             if not router_class(self.moe.router).causal:
                 raise ValueError(f"router={self.moe.router!r} is not causal and cannot be used in a decoder language model")
+
+    def validate_mla(self) -> None:
+        names = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.attention != "mla":
+            set_ = [f"{n}={getattr(self, n)!r}" for n in ("q_lora_rank", *names, "rope_interleave") if getattr(self, n)]
+            if set_:
+                raise ValueError(f"ModelConfig {', '.join(set_)} only apply to attention='mla', "
+                                 f"not attention={self.attention!r}")
+            return
+        for n in names:
+            value = getattr(self, n)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{n} must be a positive integer for attention='mla', got {value!r}")
+        q = self.q_lora_rank
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q <= 0):
+            raise ValueError(f"ModelConfig.q_lora_rank must be None or a positive integer, got {q!r}")
+        if self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(f"attention='mla': head_dim={self.head_dim} must equal qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim} (the rotary dim)")
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(f"attention='mla' gives every head its own key: n_kv_heads={self.n_kv_heads} "
+                             f"must equal n_heads={self.n_heads}")
+        if self.qk_norm is not None or self.clip_qkv is not None:
+            raise ValueError(f"attention='mla' has no qk_norm={self.qk_norm!r} / clip_qkv={self.clip_qkv!r}")
 
     def is_dense_layer(self, i: int) -> bool:
         return (

@@ -2,11 +2,12 @@
 
 from .base import ATTENTION_KINDS, attend_spans, attention_class, register_attention
 from .gqa import GQAttention
+from .mla import MLAttention
 
 
 def build_attention(cfg, layer_idx: int):
     return attention_class(cfg.attention)(cfg, layer_idx)
 
 
-__all__ = ["ATTENTION_KINDS", "GQAttention", "attend_spans", "attention_class", "build_attention",
+__all__ = ["ATTENTION_KINDS", "GQAttention", "MLAttention", "attend_spans", "attention_class", "build_attention",
            "register_attention"]

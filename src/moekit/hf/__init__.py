@@ -1,14 +1,14 @@
 """Load and save HF-format checkpoints (config.json + safetensors).
 
-    model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, GLM-4.5 (glm4_moe)
+    model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, GLM-4.5 (glm4_moe),
+                                                       # DeepSeek-V3 / Kimi K2 (deepseek_v3, kimi_k2: MLA)
     save_hf(model, "out_dir", layout="per_expert")     # loads in transformers with the same logits
     export_problems(model_cfg)                         # [] when save_hf will take it (checked before training)
     moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]   # SRC: any load_model source
 
 Only `safetensors` is needed (imported when used); transformers is not. One `ArchSpec` file per
 `model_type` says what sets it apart (docs/architecture.md#hf-specs; adding one:
-docs/extending.md#an-hf-architecture). Analysis only (load_hf refuses them): deepseek_v3 (and kimi_k2),
-llama, gpt2. With `model.tokenizer` set, save_hf also writes what AutoTokenizer needs (hf/tokenizer.py).
+docs/extending.md#an-hf-architecture). Analysis only (load_hf refuses them): llama, gpt2. With `model.tokenizer` set, save_hf also writes what AutoTokenizer needs (hf/tokenizer.py).
 
 Tensor names, HF (with the "model." prefix) -> moekit; `i` layer, `e` expert, n expert dim:
 
@@ -70,8 +70,8 @@ register(MixtralSpec())
 register(Qwen2MoeSpec())
 register(OlmoeSpec())
 register(Glm4MoeSpec())
-register(DeepseekV3Spec())  # analysis only
-register(KimiK2Spec())  # analysis only (DeepSeek-V3's layout)
+register(DeepseekV3Spec())  # MLA (attention/mla.py); its tensor names: hf/deepseek_v3.py
+register(KimiK2Spec())  # DeepSeek-V3's layout
 register(LlamaSpec())  # analysis only
 register(Gpt2Spec())  # analysis only
 
