@@ -273,7 +273,7 @@ def test_save_refuses_expert_bias(tmp_path):
     model = _tiny_model()
     with torch.no_grad():
         model.layers[1].ffn.router.expert_bias[2] = 0.5
-    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]; glm4_moe stores it"):
+    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]; glm4_moe / deepseek_v3 / kimi_k2 stores it"):
         save_hf(model, tmp_path)
 
 
@@ -612,7 +612,7 @@ def test_registered_spec_is_used_by_load_save_convert_and_analyze(toy_spec, tmp_
 
 
 def test_unregistered_types_list_the_registry(toy_spec, tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, toy_moe$"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, deepseek_v3, kimi_k2, toy_moe$"):
         save_hf(_tiny_model(), tmp_path, model_type="nope")
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'"):  # analysis only
         config_from_hf({"model_type": "gpt2"})

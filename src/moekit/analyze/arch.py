@@ -14,7 +14,14 @@ __all__ = ["Arch", "Attention", "FFN", "from_hf_config", "from_layer", "from_mod
 
 def from_model_config(cfg) -> Arch:
     """The `Arch` of a moekit `ModelConfig`."""
-    attn = Attention("mha", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias, qk_norm=cfg.qk_norm)
+    if cfg.attention == "mla":
+        attn = Attention("mla", cfg.n_heads, cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+                         qkv_bias=cfg.attention_bias, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+                         qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                         v_head_dim=cfg.v_head_dim)
+    else:
+        attn = Attention("mha", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
+                         qk_norm=cfg.qk_norm)
     ffns = []
     for i in range(cfg.n_layers):
         if cfg.is_dense_layer(i):

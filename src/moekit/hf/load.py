@@ -122,6 +122,7 @@ def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) ->
         table["lm_head.weight"] = Piece("lm_head.weight", optional=True)
     builder = StateBuilder(table, shapes, cfg.torch_dtype, torch.device(device))
     read_weights(files, builder, progress)
+    builder.unexpected = [key for key in builder.unexpected if not spec.skips(key, cfg)]
     builder.check_complete()
     head_VD = builder.state.pop("lm_head.weight", None) if cfg.tie_embeddings else None
     if head_VD is not None and not torch.equal(head_VD, builder.state["embed.weight"]):  # transformers would untie

@@ -410,6 +410,10 @@ class ArchSpec:
         """Tensors of an MoE block beside the router and the routed experts (a shared expert)."""
         return {}
 
+    def skips(self, key: str, cfg: ModelConfig) -> bool:
+        """A checkpoint tensor load_hf reads past (deepseek_v3's multi-token-prediction layers)."""
+        return False
+
     # ----------------------------------------------------------- analysis only
     def to_arch(self, hf: dict, name: str):
         """The analyzer's `Arch` for a config.json moekit cannot load (`loadable = False`)."""
