@@ -7,8 +7,8 @@
     softmax scale (N + R)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 when set
 
 The layer cache holds only the latent and the rotated shared key (cache.LatentLayerCache: C + R
-values per token). `attend` expands k/v from the cached latent; with `absorb = True` it folds
-kv_b_proj into the query and the output instead (scores q_nope W_uk . latent, output W_uv . probs
+values per token). `attend` expands k/v from the cached latent, or (`absorb`; by default for
+one-token decode steps) folds kv_b_proj into the query and the output instead (scores q_nope W_uk . latent, output W_uv . probs
 latent), which never builds per-head keys (same values up to rounding).
 
 Legend: B batch, T new tokens, S keys, D model dim, H heads, C latent dim (kv_lora_rank),
@@ -46,7 +46,10 @@ def softmax_scale(cfg) -> float:
 
 @register_attention("mla")
 class MLAttention(nn.Module):
-    absorb = False  # True: fold kv_b_proj into q and the output instead of expanding k/v
+    # True: fold kv_b_proj into q and the output instead of expanding k/v; False: expand; None (default):
+    # absorbed for one-token decode steps outside batch-invariant numerics (3.8x the decode speed at a
+    # 2048-token context, benchmarks/results/mla_decode_cpu.md), expanded for prompts and training
+    absorb = None
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -104,7 +107,8 @@ class MLAttention(nn.Module):
 
     def attend(self, q_BHTK, state, span, numerics) -> torch.Tensor:
         latent_B1SC, k_rot_B1SR = state
-        if self.absorb:
+        absorb = self.absorb if self.absorb is not None else q_BHTK.shape[2] == 1 and not numerics.batch_invariant
+        if absorb:
             return self.attend_absorbed(q_BHTK, latent_B1SC, k_rot_B1SR, span.mask_B1TS)
         k_BHSK, v_BHSV = self.expand(latent_B1SC, k_rot_B1SR)
         if numerics.batch_invariant and q_BHTK.shape[0] > 1 and span.mask_B1TS is not None:
