@@ -273,7 +273,7 @@ def test_save_refuses_expert_bias(tmp_path):
     model = _tiny_model()
     with torch.no_grad():
         model.layers[1].ffn.router.expert_bias[2] = 0.5
-    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]; glm4_moe / deepseek_v3 / kimi_k2 stores it"):
+    with pytest.raises(ValueError, match=r"expert_bias.*\[1\]; glm4_moe / deepseek_v3 / kimi_k2 / minimax_m2 stores it"):
         save_hf(model, tmp_path)
 
 
@@ -506,16 +506,14 @@ GLM_45_AIR = {  # GLM-4.5-Air's config.json (transformers' Glm4MoeConfig default
 
 
 def test_glm45_config_reading():
-    """A real GLM-4.5 config: RoPE on half of each head is refused by name (also when config.json
-    leaves partial_rotary_factor at transformers' default 0.5); the analyzer reads it; with whole-head
-    RoPE moekit builds it with transformers' parameter count."""
+    """A real GLM-4.5 config: RoPE on half of each head (also when config.json leaves
+    partial_rotary_factor at transformers' default 0.5); the analyzer reads it; moekit builds it
+    with transformers' parameter count."""
     from moekit.analyze import analyze, from_hf_config
 
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5 .*not supported"):
-        config_from_hf(GLM_45_AIR)
+    assert config_from_hf(GLM_45_AIR).rotary_dim == 64
     unset = {k: v for k, v in GLM_45_AIR.items() if k != "partial_rotary_factor"}
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5"):
-        config_from_hf(unset)
+    assert config_from_hf(unset).rotary_dim == 64
     whole = {**GLM_45_AIR, "partial_rotary_factor": 1.0}
     cfg = config_from_hf(whole)
     assert (cfg.attention_bias, cfg.qk_norm, cfg.moe.router, cfg.moe.num_shared_experts, cfg.moe.shared_dim) == (
@@ -612,7 +610,7 @@ def test_registered_spec_is_used_by_load_save_convert_and_analyze(toy_spec, tmp_
 
 
 def test_unregistered_types_list_the_registry(toy_spec, tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, deepseek_v3, kimi_k2, toy_moe$"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, deepseek_v3, kimi_k2, minimax_m2, toy_moe$"):
         save_hf(_tiny_model(), tmp_path, model_type="nope")
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'"):  # analysis only
         config_from_hf({"model_type": "gpt2"})

@@ -31,6 +31,7 @@ class ModelConfig:
     attention: str = "gqa"  # the attention kind of every layer (attention/: a registered class)
     n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; else GQA
     head_dim: Optional[int] = None  # None: d_model // n_heads
+    rotary_dim: Optional[int] = None  # RoPE on the first rotary_dim dims of each head (GLM-4.5, MiniMax-M2); None: all
     qk_norm: Optional[str] = None  # None | "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over the projection)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2-MoE)
     clip_qkv: Optional[float] = None  # OLMoE
@@ -81,6 +82,12 @@ class ModelConfig:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        r = self.rotary_dim
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
+            raise ValueError(f"ModelConfig.rotary_dim={r!r} must be an even positive integer <= head_dim={self.head_dim}")
+        if r is not None and self.attention != "gqa":
+            raise ValueError(f"ModelConfig.rotary_dim applies to attention='gqa', not {self.attention!r} "
+                             "(MLA's rotary dim is qk_rope_head_dim)")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS[1:]:
             raise ValueError(f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose one of {ROPE_SCALINGS[1:]}")
         if self.first_k_dense < 0 or self.first_k_dense > self.n_layers:
@@ -127,6 +134,11 @@ class ModelConfig:
             or i in self.dense_layers
             or (i + 1) % self.sparse_step != 0
         )
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated dims of each head (the width of RoPE's cos/sin): rotary_dim, else head_dim."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def torch_dtype(self):

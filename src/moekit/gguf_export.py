@@ -80,6 +80,8 @@ def gguf_arch(model) -> GgufArch:
     moe = cfg.moe
     if cfg.attention != "gqa":
         raise ValueError(f"attention={cfg.attention!r}: llama.cpp export supports moekit's gqa attention only")
+    if cfg.rope_dim != cfg.head_dim:
+        raise ValueError(f"rotary_dim={cfg.rotary_dim}: the export writes RoPE over whole heads only")
     if cfg.clip_qkv is not None:
         raise ValueError("clip_qkv is set: none of llama.cpp's qwen3moe, olmoe, llama or glm4moe clamps q/k/v")
     if cfg.rope_scaling is not None and cfg.rope_scaling.get("type") != "linear":

@@ -82,7 +82,7 @@ class Transformer(nn.Module):
         """On the CPU whatever the default device (arange on meta imports torch._dynamo: ~1 s)."""
         cfg = self.cfg
         with torch.device("cpu"):
-            return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            return rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -1,8 +1,9 @@
 """Grouped-query attention: MHA (G = H), GQA, MQA (G = 1); q/k RMSNorm per head (Qwen3) or over
-the whole projection (OLMoE), q/k/v bias (Qwen2-MoE), clipping (OLMoE), rotate-half RoPE, SDPA.
+the whole projection (OLMoE), q/k/v bias (Qwen2-MoE), clipping (OLMoE), rotate-half RoPE on the whole head or
+on its first rope_dim dims (partial rotary: GLM-4.5, MiniMax-M2), SDPA.
 Its layer cache holds keys and values (cache.KVLayerCache).
 
-Legend: B batch, T new tokens, S keys, D model dim, H heads, G KV heads, Dh head dim.
+Legend: B batch, T new tokens, S keys, D model dim, H heads, G KV heads, Dh head dim, R rotary dim (cfg.rope_dim).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class GQAttention(nn.Module):
         cfg = self.cfg
         return KVLayerCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
-    def project(self, x_BTD, cos_BTDh, sin_BTDh):
-        """Projections, qk-norm, clipping and RoPE: q (B, H, T, Dh), k and v (B, G, T, Dh)."""
+    def project(self, x_BTD, cos_BTR, sin_BTR):
+        """Projections, qk-norm, clipping and RoPE (on the first R dims): q (B, H, T, Dh), k and v (B, G, T, Dh)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
@@ -51,8 +52,8 @@ class GQAttention(nn.Module):
         k_BTGDh = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
-        q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_BTDh, sin_BTDh)
-        k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_BTDh, sin_BTDh)
+        q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_BTR, sin_BTR)
+        k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_BTR, sin_BTR)
         v_BGTDh = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         return q_BHTDh, k_BGTDh, v_BGTDh
 

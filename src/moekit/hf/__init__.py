@@ -1,7 +1,7 @@
 """Load and save HF-format checkpoints (config.json + safetensors).
 
     model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, GLM-4.5 (glm4_moe),
-                                                       # DeepSeek-V3 / Kimi K2 (deepseek_v3, kimi_k2: MLA)
+                                                       # DeepSeek-V3 / Kimi K2 (deepseek_v3, kimi_k2: MLA), MiniMax-M2
     save_hf(model, "out_dir", layout="per_expert")     # loads in transformers with the same logits
     export_problems(model_cfg)                         # [] when save_hf will take it (checked before training)
     moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]   # SRC: any load_model source
@@ -54,6 +54,7 @@ from .glm4_moe import Glm4MoeSpec
 from .gpt2 import Gpt2Spec
 from .io import CONFIG_FILE, INDEX_FILE, MAX_SHARD_BYTES, SINGLE_FILE, PathLike
 from .llama import LlamaSpec
+from .minimax_m2 import MiniMaxM2Spec
 from .load import load_hf
 from .mixtral import MixtralSpec
 from .olmoe import OlmoeSpec
@@ -72,6 +73,7 @@ register(OlmoeSpec())
 register(Glm4MoeSpec())
 register(DeepseekV3Spec())  # MLA (attention/mla.py); its tensor names: hf/deepseek_v3.py
 register(KimiK2Spec())  # DeepSeek-V3's layout
+register(MiniMaxM2Spec())  # Mixtral-style experts, sigmoid router, partial rotary
 register(LlamaSpec())  # analysis only
 register(Gpt2Spec())  # analysis only
 

@@ -1,7 +1,9 @@
 """glm4_moe (Glm4MoeForCausalLM, GLM-4.5): DeepSeek-V3-style routing (sigmoid scores, the
 selection-only `e_score_correction_bias`, group-limited top-k n_group/topk_group, norm_topk_prob,
 routed_scaling_factor), n_shared_experts ungated shared experts of moe_intermediate_size each, the
-first first_k_dense_replace layers dense, q/k/v bias (attention_bias), optional per-head q/k norm.
+first first_k_dense_replace layers dense, q/k/v bias (attention_bias), optional per-head q/k norm,
+partial rotary: RoPE on the first int(head_dim * partial_rotary_factor) dims of each head
+(ModelConfig.rotary_dim; transformers' default when config.json has none is 0.5, as the GLM-4.5 releases).
 
 Tensor names beside the base table (hf/__init__.py), layer i an MoE layer:
 
@@ -9,9 +11,7 @@ Tensor names beside the base table (hf/__init__.py), layer i an MoE layer:
     model.layers.i.mlp.shared_experts.{gate,up}_proj.weight  layers.i.ffn.shared.w13 rows [:n_s] / [n_s:]
     model.layers.i.mlp.shared_experts.down_proj.weight       layers.i.ffn.shared.w2
 
-transformers keeps zero-size shared-expert tensors when n_shared_experts=0 (as qwen2_moe). Its
-config default partial_rotary_factor is 0.5 (RoPE on half of each head, as the GLM-4.5 releases):
-moekit rotates whole heads, so load_hf refuses it and save_hf writes 1.0.
+transformers keeps zero-size shared-expert tensors when n_shared_experts=0 (as qwen2_moe).
 """
 
 from __future__ import annotations
@@ -21,6 +21,35 @@ from typing import Dict, List, Optional, Tuple
 from ..config import ModelConfig, MoEConfig
 from .spec import (COMMON_KEYS, ArchSpec, ParsedConfig, Piece, absent_swiglu_pieces, dense_layer_indices, first_present,
                    refuse, rope_params, swiglu_pieces)
+
+
+def parse_partial_rotary(spec: ArchSpec, hf: dict, factor: float, dtype: Optional[str], strict: bool) -> ParsedConfig:
+    """The base `parse_config` of `hf` with RoPE on the first int(head_dim * factor) dims of each head
+    (transformers' rounding): the factor is taken out of config.json and set as ModelConfig.rotary_dim."""
+    rope = {k: v for k, v in rope_params(hf).items() if k != "partial_rotary_factor"}
+    plain = {**hf, "partial_rotary_factor": 1.0, "rope_scaling": rope or None, "rope_parameters": None}
+    parsed = ArchSpec.parse_config(spec, plain, dtype, strict)
+    head_dim = parsed.cfg.head_dim
+    rotary_dim = int(head_dim * factor)
+    if rotary_dim != head_dim and parsed.attention_factor != 1.0:
+        refuse(f"{spec.model_type} with YaRN attention_factor={parsed.attention_factor:g} and partial rotary is not "
+               "supported (transformers scales only the rotated dims; moekit folds the factor into whole q and k)",
+               strict)
+    if rotary_dim != head_dim:
+        try:
+            parsed.cfg = parsed.cfg.replace(rotary_dim=rotary_dim)
+        except ValueError as e:
+            refuse(f"{spec.model_type} with a rotary dim of {rotary_dim} (head_dim={head_dim} x "
+                   f"partial_rotary_factor={factor}): {e}", strict)  # the analyzer: RoPE changes no shape
+    return parsed
+
+
+def partial_rotary_problems(mt: str, cfg: ModelConfig) -> List[str]:
+    """Why cfg's rotary dim cannot be written as partial_rotary_factor ([] when it can)."""
+    factor = cfg.rope_dim / cfg.head_dim
+    if int(cfg.head_dim * factor) != cfg.rope_dim:
+        return [f"rotary_dim={cfg.rotary_dim} ({mt}'s int(head_dim * partial_rotary_factor) does not give it back)"]
+    return []
 
 
 class Glm4MoeSpec(ArchSpec):
@@ -35,6 +64,7 @@ class Glm4MoeSpec(ArchSpec):
     qk_norm = "head"
     optional_qk_norm = True
     qkv_bias = True
+    partial_rotary = True  # RoPE on the first rotary_dim dims of each head
     dense_layers = True
     shared_expert = "plain"
     routers = ("sigmoid_topk",)
@@ -47,11 +77,7 @@ class Glm4MoeSpec(ArchSpec):
     def parse_config(self, hf: dict, dtype: Optional[str] = None, strict: bool = True) -> ParsedConfig:
         partial = first_present({**rope_params(hf), **hf}, "partial_rotary_factor")
         partial = float(self.default("partial_rotary_factor") if partial is None else partial)
-        if partial != 1.0:
-            refuse(f"glm4_moe with partial_rotary_factor={partial} (RoPE on part of each head; transformers' "
-                   "default when config.json has none is 0.5) is not supported: moekit rotates whole heads", strict)
-            hf = {**hf, "partial_rotary_factor": 1.0}  # the analyzer: RoPE changes no shape
-        return super().parse_config(hf, dtype, strict)
+        return parse_partial_rotary(self, hf, partial, dtype, strict)
 
     def attention_from_hf(self, hf: dict, strict: bool) -> dict:
         return dict(attention_bias=bool(hf.get("attention_bias", False)),
@@ -79,10 +105,10 @@ class Glm4MoeSpec(ArchSpec):
                     n_shared_experts=moe.num_shared_experts, first_k_dense_replace=len(dense_layer_indices(cfg)),
                     norm_topk_prob=moe.norm_topk_prob, routed_scaling_factor=moe.routed_scaling_factor,
                     n_group=moe.num_groups, topk_group=moe.topk_groups, use_qk_norm=cfg.qk_norm == "head",
-                    attention_bias=cfg.attention_bias, partial_rotary_factor=1.0, num_nextn_predict_layers=0)
+                    attention_bias=cfg.attention_bias, partial_rotary_factor=cfg.rope_dim / cfg.head_dim, num_nextn_predict_layers=0)
 
     def problems(self, cfg: ModelConfig) -> List[str]:
-        problems = super().problems(cfg)
+        problems = super().problems(cfg) + partial_rotary_problems(self.model_type, cfg)
         moe, dense = cfg.moe, dense_layer_indices(cfg)
         if moe is None:
             return problems

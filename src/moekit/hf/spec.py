@@ -194,6 +194,7 @@ class ArchSpec:
     scaled_gates: bool = False  # config.json holds routed_scaling_factor
     expert_bias: bool = False  # stores router.expert_bias (the aux-loss-free selection bias)
     writes_head_dim: bool = True  # config.json holds head_dim (False: transformers derives it)
+    partial_rotary: bool = False  # RoPE may cover only the first rotary_dim dims of each head
 
     # config.json names of the MoE layer's shape
     num_experts_key: ConfigKey = "num_experts"
@@ -332,6 +333,8 @@ class ArchSpec:
         mt, problems = self.model_type, []
         if cfg.attention != "gqa":
             problems.append(f"attention={cfg.attention!r} ({mt} has grouped-query attention)")
+        if cfg.rope_dim != cfg.head_dim and not self.partial_rotary:
+            problems.append(f"rotary_dim={cfg.rotary_dim} ({mt} rotates whole heads)")
         if moe.router not in self.routers:
             problems.append(f"router={moe.router!r} ({mt} routes with {self.routing})")
         if self.always_renormalise and not gates_renormalised(moe):
