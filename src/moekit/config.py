@@ -63,31 +63,22 @@ class ModelConfig:
         self.dense_layers = tuple(self.dense_layers)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.head_dim is None and self.attention == "mla":
-            self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
-            self.head_dim = self.d_model // self.n_heads if self.n_heads > 0 else 0
+            self.head_dim = attention_class(self.attention).default_head_dim(self)
         self.validate()
 
     def validate(self) -> None:
-        self.validate_mla()
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "sparse_step"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
-        attention_class(self.attention)
+        attention_class(self.attention).check(self)
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
-        r = self.rotary_dim
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
-            raise ValueError(f"ModelConfig.rotary_dim={r!r} must be an even positive integer <= head_dim={self.head_dim}")
-        if r is not None and self.attention != "gqa":
-            raise ValueError(f"ModelConfig.rotary_dim applies to attention='gqa', not {self.attention!r} "
-                             "(MLA's rotary dim is qk_rope_head_dim)")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS[1:]:
             raise ValueError(f"unknown rope_scaling type {self.rope_scaling.get('type')!r}; choose one of {ROPE_SCALINGS[1:]}")
         if self.first_k_dense < 0 or self.first_k_dense > self.n_layers:
@@ -102,30 +93,6 @@ class ModelConfig:
                 raise ValueError(f"MoE d_model={self.moe.d_model} differs from the model's d_model={self.d_model}")
             if not router_class(self.moe.router).causal:
                 raise ValueError(f"router={self.moe.router!r} is not causal and cannot be used in a decoder language model")
-
-    def validate_mla(self) -> None:
-        names = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        if self.attention != "mla":
-            set_ = [f"{n}={getattr(self, n)!r}" for n in ("q_lora_rank", *names, "rope_interleave") if getattr(self, n)]
-            if set_:
-                raise ValueError(f"ModelConfig {', '.join(set_)} only apply to attention='mla', "
-                                 f"not attention={self.attention!r}")
-            return
-        for n in names:
-            value = getattr(self, n)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{n} must be a positive integer for attention='mla', got {value!r}")
-        q = self.q_lora_rank
-        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q <= 0):
-            raise ValueError(f"ModelConfig.q_lora_rank must be None or a positive integer, got {q!r}")
-        if self.head_dim != self.qk_rope_head_dim:
-            raise ValueError(f"attention='mla': head_dim={self.head_dim} must equal qk_rope_head_dim="
-                             f"{self.qk_rope_head_dim} (the rotary dim)")
-        if self.n_kv_heads != self.n_heads:
-            raise ValueError(f"attention='mla' gives every head its own key: n_kv_heads={self.n_kv_heads} "
-                             f"must equal n_heads={self.n_heads}")
-        if self.qk_norm is not None or self.clip_qkv is not None:
-            raise ValueError(f"attention='mla' has no qk_norm={self.qk_norm!r} / clip_qkv={self.clip_qkv!r}")
 
     def is_dense_layer(self, i: int) -> bool:
         return (

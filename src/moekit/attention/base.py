@@ -4,7 +4,9 @@ An attention kind is an `nn.Module` registered with `@register_attention("name")
 implements:
 
     forward(x_BTD, plan, rope_BT) -> (B, T, D)   rope_BT = (cos, sin) of the plan's positions
-    new_cache(batch, max_len, dtype, device)     its per-layer cache (cache.py: KVLayerCache today)
+    new_cache(batch, max_len, dtype, device)     its per-layer cache (cache.py)
+    default_head_dim(cfg), check(cfg)            classmethods: ModelConfig's head_dim when unset, and
+                                                 the kind's own config checks (ValueError naming values)
 
 and runs its core through `attend_spans`: per span of the plan (plan.py) the layer cache
 `update`s with the new tokens' state (the kind decides what is cached) and `attend` runs;
@@ -26,6 +28,16 @@ from ..registry import Registry
 ATTENTION_KINDS = Registry("attention kind")
 register_attention = ATTENTION_KINDS.register
 attention_class = ATTENTION_KINDS.get
+
+# fields of ModelConfig that only the "mla" kind reads; the other kinds refuse them when set
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
+
+
+def refuse_fields(cfg, names, kind: str, why: str) -> None:
+    """ValueError naming each of `names` that is set in cfg (they do not apply to this kind)."""
+    set_ = [f"{n}={getattr(cfg, n)!r}" for n in names if getattr(cfg, n)]
+    if set_:
+        raise ValueError(f"ModelConfig {', '.join(set_)} {why}, not attention={kind!r}")
 
 
 def take_rows(t: torch.Tensor, a: int, b: int, whole: bool) -> torch.Tensor:

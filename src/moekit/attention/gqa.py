@@ -15,11 +15,22 @@ from torch import nn
 from ..cache import KVLayerCache
 from ..norm import RMSNorm
 from ..rope import apply_rope
-from .base import attend_spans, math_attention, register_attention
+from .base import MLA_FIELDS, attend_spans, math_attention, refuse_fields, register_attention
 
 
 @register_attention("gqa")
 class GQAttention(nn.Module):
+    @classmethod
+    def default_head_dim(cls, cfg) -> int:
+        return cfg.d_model // cfg.n_heads if cfg.n_heads > 0 else 0
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        refuse_fields(cfg, MLA_FIELDS, "gqa", "only apply to attention='mla'")
+        r = cfg.rotary_dim
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > cfg.head_dim):
+            raise ValueError(f"ModelConfig.rotary_dim={r!r} must be an even positive integer <= head_dim={cfg.head_dim}")
+
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx

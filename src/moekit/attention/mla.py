@@ -26,7 +26,7 @@ from torch import nn
 from ..cache import LatentLayerCache
 from ..norm import RMSNorm
 from ..rope import apply_rope
-from .base import attend_spans, register_attention
+from .base import attend_spans, refuse_fields, register_attention
 
 LORA_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm eps (not rms_norm_eps)
 
@@ -50,6 +50,29 @@ class MLAttention(nn.Module):
     # absorbed for one-token decode steps outside batch-invariant numerics (3.8x the decode speed at a
     # 2048-token context, benchmarks/results/mla_decode_cpu.md), expanded for prompts and training
     absorb = None
+
+    @classmethod
+    def default_head_dim(cls, cfg) -> int:
+        return cfg.qk_rope_head_dim  # the rotary dim, as transformers' DeepSeek-V3 config sets head_dim
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        refuse_fields(cfg, ("rotary_dim",), "mla", "applies to attention='gqa' (MLA's rotary dim is qk_rope_head_dim)")
+        for n in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(cfg, n)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{n} must be a positive integer for attention='mla', got {value!r}")
+        q = cfg.q_lora_rank
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q <= 0):
+            raise ValueError(f"ModelConfig.q_lora_rank must be None or a positive integer, got {q!r}")
+        if cfg.head_dim != cfg.qk_rope_head_dim:
+            raise ValueError(f"attention='mla': head_dim={cfg.head_dim} must equal qk_rope_head_dim="
+                             f"{cfg.qk_rope_head_dim} (the rotary dim)")
+        if cfg.n_kv_heads != cfg.n_heads:
+            raise ValueError(f"attention='mla' gives every head its own key: n_kv_heads={cfg.n_kv_heads} "
+                             f"must equal n_heads={cfg.n_heads}")
+        if cfg.qk_norm is not None or cfg.clip_qkv is not None:
+            raise ValueError(f"attention='mla' has no qk_norm={cfg.qk_norm!r} / clip_qkv={cfg.clip_qkv!r}")
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()

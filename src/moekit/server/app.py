@@ -222,7 +222,7 @@ class _HTTPServer(ThreadingHTTPServer):
             if select.select([sock], [], [], 0.01)[0]:  # the request, if it came with the connection:
                 sock.recv(65536)  # closing with unread bytes would reset the connection, losing the answer
             sock.sendall(head + body)
-        except OSError:
+        except OSError:  # the client already went away: nobody to answer, the socket is closed below
             pass
         self.app.count("other", 503)
         self.shutdown_request(sock)
@@ -387,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._send_json(code, ApiError(code, message or explain or f"HTTP error {code}",
                                            code="http_error").body())
-        except OSError:
+        except OSError:  # the client already went away: nobody to answer
             pass
 
     def _get(self):
