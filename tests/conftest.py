@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -21,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """One .jsonl file of 120 small code-like documents (the training CLI tests' corpus)."""
+    root = tmp_path_factory.mktemp("corpus")
+    words = "def return self import for in if else value print ( ) : x y".split()
+    rows = []
+    for i in range(120):
+        text = "\n".join(" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(3 + (i + j) % 6))
+                         for j in range(12))
+        rows.append(json.dumps({"text": text}))
+    (root / "one.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "one.jsonl"

@@ -112,19 +112,6 @@ def test_gradients_and_a_muon_step_on_four_processes(tmp_path, ep, dp_replicate)
     run_step_script(tmp_path, 4, ep=ep, dp_replicate=dp_replicate)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    words = "def return self import for in if else value print ( ) : x y".split()
-    rows = []
-    for i in range(120):
-        text = "\n".join(" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(3 + (i + j) % 6))
-                         for j in range(12))
-        rows.append(json.dumps({"text": text}))
-    (root / "one.jsonl").write_text("\n".join(rows) + "\n")
-    return root / "one.jsonl"
-
-
 def flags(corpus, cache, nproc, optimizer="muon", steps=3, **extra):
     out = ["--preset", "tiny", "--corpus", corpus, "--cache-dir", cache, "--seq-len", 32, "--vocab-size", 300,
            "--val-fraction", 0.1, "--warmup-steps", 2, "--eval-batches", 2, "--log-every", 1,

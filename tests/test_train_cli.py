@@ -30,19 +30,6 @@ def metrics(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    words = "def return self import for in if else value print ( ) : x y".split()
-    rows = []
-    for i in range(120):
-        text = "\n".join(" ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(3 + (i + j) % 6))
-                         for j in range(12))
-        rows.append(json.dumps({"text": text}))
-    (root / "one.jsonl").write_text("\n".join(rows) + "\n")
-    return root / "one.jsonl"
-
-
 def common(corpus, cache):
     return ["--preset", "tiny", "--corpus", corpus, "--cache-dir", cache, "--seq-len", "32", "--batch-size", "4",
             "--vocab-size", "300", "--val-fraction", "0.1", "--warmup-steps", "2", "--eval-batches", "2",
