@@ -147,7 +147,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from moekit import ModelConfig, Transformer
 from moekit.dist.ep import apply_expert_parallel
 from moekit.dist.fsdp import parallelize
-from moekit.dist.mesh import Layout, build_meshes, init_distributed
+from moekit.dist.mesh import Layout, build_meshes, finish_and_exit, init_distributed
 from moekit.moe import MoE, MoEConfig
 
 env = init_distributed()
@@ -181,8 +181,7 @@ with full:
     F.cross_entropy(logits_BTV.view(-1, cfg.vocab_size), tokens_BT[:, 1:].reshape(-1)).backward()
 result = {"rank": rank, "layer": dict(layer.bytes), "model": dict(full.bytes)}
 (Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(result))  # (not stdout: the ranks' lines interleave)
-dist.barrier()
-dist.destroy_process_group()
+finish_and_exit(0)
 '''
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.dist.mesh import Layout, init_distributed
+from moekit.dist.mesh import Layout, finish_and_exit, init_distributed
 
 HERE = Path(__file__).resolve()
 
@@ -143,7 +143,6 @@ def run_bias_case(env, meshes_for, name, steps=5):
 
 
 def worker(out_dir: str, names) -> None:
-    import torch.distributed as dist
 
     from moekit.dist.mesh import build_meshes
 
@@ -156,7 +155,7 @@ def worker(out_dir: str, names) -> None:
         results[name] = run_layer_case(env, meshes_for, name) if name in LAYER_CASES else \
             run_bias_case(env, meshes_for, name)
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    finish_and_exit(0)
 
 
 # ----------------------------------------------------------------- test side

@@ -50,7 +50,7 @@ import sys, torch, torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from moekit.config import ModelConfig
 from moekit.dist.fsdp import clip_grad_norm, parallelize
-from moekit.dist.mesh import Layout, build_meshes, init_distributed
+from moekit.dist.mesh import Layout, build_meshes, finish_and_exit, init_distributed
 from moekit.model import Transformer
 from moekit.optim import build_optimizer
 
@@ -88,6 +88,7 @@ torch.testing.assert_close(full(n2), n1, rtol=1e-5, atol=0)
 for (name, p1), p2 in zip(one.named_parameters(), par.parameters()):  # Muon, AdamW (first step ~ lr*sign(g))
     torch.testing.assert_close(full(p2.detach()), p1.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 print("rank", env.rank, "ok")
+finish_and_exit(0)
 """
 
 

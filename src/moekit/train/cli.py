@@ -213,12 +213,11 @@ def train(argv=None) -> int:
     trainer = Trainer(cfg, resume=args.resume, log=lambda m: print(m, flush=True), overwrite=args.overwrite,
                       new_decay=args.new_decay, allow_config_change=args.allow_config_change)
     print(f"run directory: {trainer.run_dir}", flush=True)
-    try:
-        trainer.train()
-    finally:
-        if trainer.ranks.distributed:
-            import torch.distributed as dist
+    trainer.train()
+    if trainer.ranks.main:
+        print(f"done. run directory: {trainer.run_dir}\n  moekit generate {trainer.run_dir} --prompt 'def '")
+    if trainer.ranks.distributed:
+        from ..dist.mesh import finish_and_exit
 
-            dist.destroy_process_group()
-    print(f"done. run directory: {trainer.run_dir}\n  moekit generate {trainer.run_dir} --prompt 'def '")
+        finish_and_exit(0)
     return 0
