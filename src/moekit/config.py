@@ -14,6 +14,10 @@ from .moe.router import router_class
 from .presets import MODEL_PRESETS
 
 ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
+# per-layer types (HF's `layer_types`): "full" attention of the model's kind, "sliding" the same kind over
+# the last `sliding_window` keys (gpt-oss), "linear" the registered LINEAR_KIND (Qwen3-Next's Gated DeltaNet)
+LAYER_TYPES = ("full", "sliding", "linear")
+LINEAR_KIND = "gated_deltanet"
 QK_NORMS = (None, "head", "full")
 
 
@@ -28,7 +32,9 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    attention: str = "gqa"  # the attention kind of every layer (attention/: a registered class)
+    attention: str = "gqa"  # the attention kind of the "full"/"sliding" layers (attention/: a registered class)
+    layer_types: Tuple[str, ...] = ()  # one of LAYER_TYPES per layer; () = every layer "full"
+    sliding_window: Optional[int] = None  # keys a "sliding" layer sees (itself included)
     n_kv_heads: Optional[int] = None  # None: = n_heads (MHA); 1: MQA; else GQA
     head_dim: Optional[int] = None  # None: d_model // n_heads
     rotary_dim: Optional[int] = None  # RoPE on the first rotary_dim dims of each head (GLM-4.5, MiniMax-M2); None: all
@@ -61,6 +67,7 @@ class ModelConfig:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
         self.dense_layers = tuple(self.dense_layers)
+        self.layer_types = tuple(self.layer_types)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -73,6 +80,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
         attention_class(self.attention).check(self)
+        self.check_layer_types()
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qk_norm not in QK_NORMS:
@@ -93,6 +101,35 @@ class ModelConfig:
                 raise ValueError(f"MoE d_model={self.moe.d_model} differs from the model's d_model={self.d_model}")
             if not router_class(self.moe.router).causal:
                 raise ValueError(f"router={self.moe.router!r} is not causal and cannot be used in a decoder language model")
+
+    def check_layer_types(self) -> None:
+        types = self.layer_types
+        if types and len(types) != self.n_layers:
+            raise ValueError(f"ModelConfig.layer_types has {len(types)} entries for n_layers={self.n_layers}")
+        bad = sorted({t for t in types if t not in LAYER_TYPES})
+        if bad:
+            raise ValueError(f"unknown layer_types {bad}; choose from {LAYER_TYPES}")
+        w = self.sliding_window
+        if "sliding" in types and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ValueError(f"layer_types has 'sliding' layers: ModelConfig.sliding_window must be a positive "
+                             f"integer, got {w!r}")
+        if "sliding" in types and not getattr(attention_class(self.attention), "supports_window", False):
+            raise ValueError(f"attention={self.attention!r} has no sliding-window form (layer_types 'sliding')")
+        if w is not None and "sliding" not in types:
+            raise ValueError(f"ModelConfig.sliding_window={w} is set but no layer_types entry is 'sliding'")
+        if "linear" in types:
+            attention_class(LINEAR_KIND).check(self)
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else "full"
+
+    def attention_kind(self, i: int) -> str:
+        """The registered attention kind of layer i."""
+        return LINEAR_KIND if self.layer_type(i) == "linear" else self.attention
+
+    def window(self, i: int) -> Optional[int]:
+        """Keys layer i attends over at most (its own included), None for all."""
+        return self.sliding_window if self.layer_type(i) == "sliding" else None
 
     def is_dense_layer(self, i: int) -> bool:
         return (

@@ -6,7 +6,7 @@ from .mla import MLAttention
 
 
 def build_attention(cfg, layer_idx: int):
-    return attention_class(cfg.attention)(cfg, layer_idx)
+    return attention_class(cfg.attention_kind(layer_idx))(cfg, layer_idx)
 
 
 __all__ = ["ATTENTION_KINDS", "GQAttention", "MLAttention", "attend_spans", "attention_class", "build_attention",
