@@ -41,6 +41,7 @@ class ModelConfig:
     qk_norm: Optional[str] = None  # None | "head" (Qwen3: RMSNorm per head) | "full" (OLMoE: over the projection)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2-MoE)
     clip_qkv: Optional[float] = None  # OLMoE
+    attn_output_gate: bool = False  # attention output times sigmoid(a gate from q_proj) (Qwen3-Next)
     # attention="mla" only (DeepSeek-V3 multi-head latent attention; head_dim is then the rotary dim)
     q_lora_rank: Optional[int] = None  # None: q_proj; else q_a_proj -> RMSNorm -> q_b_proj
     kv_lora_rank: int = 0  # the cached latent's width
@@ -51,6 +52,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"type": "linear"|"llama3"|"yarn", "factor": ..., ...}
     norm_eps: float = 1e-6
+    zero_centred_norm: bool = False  # RMSNorm computes x * (1 + weight) (Qwen3-Next); norm.py
     tie_embeddings: bool = False
     d_ff: int = 128  # dense FFN size
     first_k_dense: int = 0  # DeepSeek: the first k layers are dense

@@ -39,9 +39,9 @@ from .rope import rope_cos_sin, rope_inv_freq
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.zero_centred_norm)
         self.attn = build_attention(cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.zero_centred_norm)
         self.is_moe = not cfg.is_dense_layer(layer_idx)
         self.ffn = MoE(cfg.moe.replace(causal=True)) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
         self.last_aux = None
@@ -71,7 +71,7 @@ class Transformer(nn.Module):
         # from an empty tensor: nn.Embedding's own init would be thrown away by reset_parameters
         self.embed = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.d_model), freeze=False)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.zero_centred_norm)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -95,7 +95,7 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                module.reset_parameters()
             elif isinstance(module, SwiGLU):
                 nn.init.normal_(module.w13, std=std)
                 nn.init.normal_(module.w2, std=std)

@@ -35,14 +35,16 @@ class GQAttention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         H, G, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.attention_bias)
+        # with an output gate (Qwen3-Next) q_proj emits, per head, the query then the gate: (H, 2 * Dh)
+        self.q_proj = nn.Linear(D, H * Dh * (2 if cfg.attn_output_gate else 1), bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        zc = cfg.zero_centred_norm
         if cfg.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps), RMSNorm(Dh, cfg.norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps, zc), RMSNorm(Dh, cfg.norm_eps, zc)
         elif cfg.qk_norm == "full":
-            self.q_norm, self.k_norm = RMSNorm(H * Dh, cfg.norm_eps), RMSNorm(G * Dh, cfg.norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(H * Dh, cfg.norm_eps, zc), RMSNorm(G * Dh, cfg.norm_eps, zc)
         else:
             self.q_norm = self.k_norm = None
 
@@ -51,10 +53,15 @@ class GQAttention(nn.Module):
         return KVLayerCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
     def project(self, x_BTD, cos_BTR, sin_BTR):
-        """Projections, qk-norm, clipping and RoPE (on the first R dims): q (B, H, T, Dh), k and v (B, G, T, Dh)."""
+        """Projections, qk-norm, clipping and RoPE (on the first R dims): q (B, H, T, Dh), k and v (B, G, T, Dh),
+        and the output gate (B, T, H * Dh) or None."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        gate_BTE = None
+        if cfg.attn_output_gate:
+            q_BTH2Dh = q.view(B, T, cfg.n_heads, 2 * cfg.head_dim)
+            q, gate_BTE = (t.reshape(B, T, -1) for t in q_BTH2Dh.split(cfg.head_dim, dim=-1))
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:
@@ -66,7 +73,7 @@ class GQAttention(nn.Module):
         q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_BTR, sin_BTR)
         k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_BTR, sin_BTR)
         v_BGTDh = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        return q_BHTDh, k_BGTDh, v_BGTDh
+        return q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE
 
     def attend(self, q_BHTDh, kv, span, numerics) -> torch.Tensor:
         k_BGSDh, v_BGSDh = kv
@@ -80,6 +87,9 @@ class GQAttention(nn.Module):
 
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTDh, k_BGTDh, v_BGTDh = self.project(x_BTD, *rope_BT)
+        q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE = self.project(x_BTD, *rope_BT)
         out_BHTDh = attend_spans(plan, self.layer_idx, q_BHTDh, (k_BGTDh, v_BGTDh), self.attend)
-        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
+        out_BTE = out_BHTDh.transpose(1, 2).reshape(B, T, -1)
+        if gate_BTE is not None:
+            out_BTE = out_BTE * torch.sigmoid(gate_BTE)
+        return self.o_proj(out_BTE)
