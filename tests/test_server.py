@@ -279,8 +279,11 @@ def test_error_statuses_and_the_server_keeps_serving(server, client):
         client.chat.completions.create(model=NAME, messages=[{"role": "wizard", "content": "x"}])
     check_error(err.value, 400, "messages.[0].role")
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=NAME, prompt="x", logprobs=2, stream=True)
-    check_error(err.value, 400, "logprobs", "unsupported_parameter")
+        client.completions.create(model=NAME, prompt="x", echo=True, stream=True)
+    check_error(err.value, 400, "echo", "unsupported_parameter")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    check_error(err.value, 400, "top_logprobs")
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=NAME, prompt="x", best_of=3)
     check_error(err.value, 400, "best_of", "unsupported_parameter")
@@ -538,11 +541,49 @@ def test_logprobs_of_generated_tokens_with_top_alternatives(checkpoint, client):
     echo = client.completions.create(model=NAME, prompt=ids, max_tokens=5, logprobs=0, temperature=0, echo=True)
     assert echo.choices[0].text == tok.decode(ids) + choice.text
     assert echo.choices[0].logprobs.token_logprobs[len(ids):] == pytest.approx(lp.token_logprobs)
-    for kw, param in ((dict(logprobs=21), "logprobs"), (dict(logprobs=1, stream=True), "logprobs"),
-                      (dict(max_tokens=0), "max_tokens")):
+    for kw, param in ((dict(logprobs=21), "logprobs"), (dict(max_tokens=0), "max_tokens")):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=NAME, prompt=ids, **{"max_tokens": 2, **kw})
         assert err.value.body["param"] == param
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(client):
+    ids = [5, 17, 29, 3]
+    whole = client.completions.create(model=NAME, prompt=ids, max_tokens=6, logprobs=2, temperature=0)
+    chunks = list(client.completions.create(model=NAME, prompt=ids, max_tokens=6, logprobs=2, temperature=0,
+                                            stream=True))
+    got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        lp = ch.choices[0].logprobs if ch.choices else None
+        for key in got:
+            got[key] += getattr(lp, key) if lp is not None else []
+    ref = whole.choices[0].logprobs
+    assert got == {key: getattr(ref, key) for key in got}
+
+
+def test_chat_logprobs_and_top_logprobs_in_openai_format(checkpoint, server, client):
+    path, model, tok = checkpoint
+    messages = [{"role": "user", "content": "import os"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    # the reference: the in-process distribution of the same prompt ids (the template is the server's)
+    status, _, data = raw(server, "POST", "/tokenize", json.dumps({"model": NAME, "messages": messages}).encode())
+    prompt = json.loads(data)["tokens"]
+    gen = generate(model, [prompt], max_new_tokens=4)[0]
+    ref = dense_logprobs(model, prompt + gen)
+    for k, (entry, t) in enumerate(zip(content, gen)):
+        assert entry.token == token_text(tok, t)
+        assert entry.logprob == pytest.approx(float(ref[len(prompt) - 1 + k, t]), abs=1e-4)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == tok.decode([t])
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    streamed = [e for ch in client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0,
+                                                            logprobs=True, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.top_logprobs) for e in streamed] == [(e.token, e.logprob, []) for e in content]
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_a_partial_utf8_token_is_written_as_its_bytes(checkpoint):

@@ -351,9 +351,7 @@ class Engine:
         if reason is not None:
             self._finish(s, reason)
             return
-        new = s.out[s.emitted:]
-        s.emitted = len(s.out)
-        s.handle._push(Event(new, s.text.delta() if s.text is not None else ""))
+        s.handle._push(self._event(s, s.text.delta() if s.text is not None else ""))
 
     def _finish(self, s: Seq, reason: str, error: Optional[str] = None) -> None:
         if s.finish_reason is not None:
@@ -361,8 +359,6 @@ class Engine:
         self.scheduler.remove(s)
         s.finish_reason = reason
         now = time.perf_counter()
-        new = s.out[s.emitted:]
-        s.emitted = len(s.out)
         delta, text = "", None
         if s.text is not None:
             if reason in ("cancelled", "error"):
@@ -375,7 +371,14 @@ class Engine:
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - s.arrival,
             latency=now - s.arrival, generated_tokens=s.generated)
         self.metrics_.count(f"finished_{reason}")
-        s.handle._push(Event(new, delta, reason, completion))
+        s.handle._push(self._event(s, delta, reason, completion))
+
+    @staticmethod
+    def _event(s: Seq, text: str, reason: Optional[str] = None, completion: Optional[Completion] = None) -> Event:
+        """The tokens (with their logprobs) since the last event, and `text`."""
+        a, b = s.emitted, len(s.out)
+        s.emitted = b
+        return Event(s.out[a:b], text, reason, completion, s.logprobs[a:b], s.top_logprobs[a:b])
 
     def run_until_idle(self) -> None:
         while self.step():

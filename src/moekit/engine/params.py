@@ -105,3 +105,5 @@ class Event:
     text: str = ""
     finish_reason: Optional[str] = None
     completion: Optional[Completion] = None  # set on the last event
+    logprobs: List[float] = field(default_factory=list)  # of token_ids, when the request asked for logprobs
+    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)  # per token, when top_logprobs > 0

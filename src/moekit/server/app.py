@@ -43,8 +43,8 @@ from ..engine import (Completion, ContextLengthError, EngineStoppedError, KVBudg
 from ..sampling import SamplingParamError
 from . import metrics as prom
 from .chat_template import ChatTemplate, default_template
-from .protocol import (ApiError, GenerationRequest, chunk_body, completion_body, detokenize_body, logprobs_body,
-                       models_body, new_id, now, parse_chat, parse_completion, tokenize_body, tokenizer_info, usage)
+from .protocol import (ApiError, GenerationRequest, chat_logprobs_body, chunk_body, completion_body, detokenize_body,
+                       logprobs_body, models_body, new_id, now, parse_chat, parse_completion, tokenize_body, tokenizer_info, usage)
 
 MAX_BODY_BYTES = 16 * 2**20
 _DISCONNECTED = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -514,7 +514,10 @@ class _Handler(BaseHTTPRequestHandler):
         """The non-streamed answer, with the prompt (echo) and logprobs when asked."""
         use = usage(sum(len(p) for p in req.prompts), sum(c.generated_tokens for c in done))
         texts = logprobs = None
-        if req.echo or req.logprobs is not None:
+        if req.chat and req.logprobs is not None:
+            logprobs = [chat_logprobs_body(self.app.ctx.tokenizer, c.token_ids, c.logprobs or [],
+                                           c.top_logprobs if req.logprobs else None) for c in done]
+        elif req.echo or req.logprobs is not None:
             tokenizer, texts, logprobs, scored = self.app.ctx.tokenizer, [], [], {}
             for i, c in enumerate(done):
                 prompt = req.prompts[i // req.n] if req.echo else []
@@ -532,6 +535,14 @@ class _Handler(BaseHTTPRequestHandler):
                     list(c.top_logprobs) if top_n and c.top_logprobs else [None] * len(c.token_ids))
                 logprobs.append(logprobs_body(tokenizer, ids, lps, tops))
         self._send_json(200, completion_body(req, new_id(req.chat), now(), done, use, logprobs, texts))
+
+    def _event_logprobs(self, req: GenerationRequest, event, offset: int):
+        """A streamed chunk's logprobs object for the event's tokens, and the text offset after them."""
+        tokenizer, tops = self.app.ctx.tokenizer, event.top_logprobs if req.logprobs else None
+        if req.chat:
+            return chat_logprobs_body(tokenizer, event.token_ids, event.logprobs, tops), offset
+        body = logprobs_body(tokenizer, event.token_ids, event.logprobs, tops or [None] * len(event.token_ids), offset)
+        return body, offset + sum(len(tokenizer.decode([t])) for t in event.token_ids)
 
     def _stream(self, req: GenerationRequest, events, total: int) -> None:
         rid, created = new_id(req.chat), now()
@@ -551,6 +562,7 @@ class _Handler(BaseHTTPRequestHandler):
             for i in range(total):
                 send(chunk_body(req, rid, created, i, "", role=True))
         finished, generated = 0, 0
+        offsets = [0] * total  # completions' text_offset of each choice's next token
         while finished < total:
             item = self._next(events)
             if item is None:
@@ -560,8 +572,11 @@ class _Handler(BaseHTTPRequestHandler):
             if c is not None and c.finish_reason not in ("stop", "length"):
                 send(self._failure(c).body())  # an error event, then the end of the stream
                 break
-            if event.text or c is not None:
-                send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None))
+            lp = None
+            if req.logprobs is not None and event.token_ids:
+                lp, offsets[index] = self._event_logprobs(req, event, offsets[index])
+            if event.text or c is not None or lp is not None:
+                send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None, logprobs=lp))
             if c is not None:
                 finished += 1
                 generated += c.generated_tokens

@@ -9,10 +9,11 @@ n, stream, stream_options.include_usage, stop, seed, user; vLLM's top_k, min_p (
 repetition_penalty (> 0, 1.0 = off; HF semantics over prompt + output), ignore_eos, min_tokens;
 OpenAI's presence_penalty and frequency_penalty ([-2, 2], over the generated tokens), logit_bias,
 stop_token_ids; completions' logprobs (top-n, up to 20, with tokens, token_logprobs, top_logprobs,
-text_offset) and echo (the prompt first, scored by `Engine.score`; echo with max_tokens 0 scores
-without generating: lm-eval's log-likelihood request), not with stream. Accepted only at their
-neutral values: suffix, best_of, tools,
-response_format other than text, chat logprobs.
+text_offset; also streamed, per chunk) and echo (the prompt first, scored by `Engine.score`; echo
+with max_tokens 0 scores without generating: lm-eval's log-likelihood request; not with stream);
+chat's logprobs (bool) + top_logprobs (0..20): `{"content": [{token, logprob, bytes, top_logprobs}]}`
+per choice, and per chunk when streamed. Accepted only at their neutral values: suffix, best_of,
+tools, response_format other than text.
 Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
 token ids or a list of such lists; choice index = prompt_index * n + j.
 """
@@ -144,10 +145,20 @@ def _logprobs(body) -> Optional[int]:
         return None
     if not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
         raise bad("logprobs", f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {v!r}")
-    if body.get("stream"):
-        raise bad("logprobs", "'logprobs' with stream=true is not supported; use a non-streamed request",
-                  code="unsupported_parameter")
     return v
+
+
+def _chat_logprobs(body) -> Optional[int]:
+    """Chat's `logprobs` (bool) and `top_logprobs` (0..20, needs logprobs): the top-n, or None when off."""
+    on = _bool(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if on else None
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad("top_logprobs", f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+    if not on:
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+    return top
 
 
 def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
@@ -291,8 +302,7 @@ def parse_messages(messages) -> List[Dict[str, str]]:
 
 def parse_chat(body: dict, ctx) -> GenerationRequest:
     model = _model(body, ctx)
-    _unsupported(body, {**_NEUTRAL, "logprobs": lambda v: v is False, "top_logprobs": lambda v: v == 0,
-                        "tools": lambda v: v == [], "tool_choice": lambda v: v == "none",
+    _unsupported(body, {**_NEUTRAL, "tools": lambda v: v == [], "tool_choice": lambda v: v == "none",
                         "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text"})
     messages = parse_messages(body.get("messages"))
     try:
@@ -300,7 +310,8 @@ def parse_chat(body: dict, ctx) -> GenerationRequest:
     except ValueError as err:
         raise bad("messages", f"the chat template failed on these messages: {err}") from None
     prompt = _encode(ctx, text, "messages", add_special_tokens=False)
-    return _request(body, ctx, True, model, [prompt], extra_stop=ctx.chat_template.stop)
+    return _request(body, ctx, True, model, [prompt], extra_stop=ctx.chat_template.stop,
+                    logprobs=_chat_logprobs(body))
 
 
 # ---------------------------------------------------------------------------- responses
@@ -355,12 +366,33 @@ def logprobs_body(tokenizer, ids: List[int], logprobs: List[Optional[float]], to
     return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+def token_bytes(tokenizer, token_id: int) -> List[int]:
+    """The UTF-8 bytes a token stands for (its raw bytes for a byte-level piece of a character)."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    if piece and all(ch in BYTE_LEVEL for ch in piece):
+        return [BYTE_LEVEL[ch] for ch in piece]
+    return list(tokenizer.decode([token_id]).encode("utf-8"))
+
+
+def chat_logprobs_body(tokenizer, ids: List[int], logprobs: List[float], tops: Optional[List[list]]) -> dict:
+    """A chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def entry(token_id: int, lp: float) -> dict:
+        return {"token": token_text(tokenizer, token_id), "logprob": lp, "bytes": token_bytes(tokenizer, token_id)}
+
+    content = []
+    for j, (t, lp) in enumerate(zip(ids, logprobs)):
+        alts = tops[j] if tops else []
+        content.append({**entry(t, lp), "top_logprobs": [entry(i, alp) for i, alp in alts]})
+    return {"content": content, "refusal": None}
+
+
 def completion_body(req: GenerationRequest, rid: str, created: int, completions: List[Completion], use: dict,
                     logprobs: Optional[List[dict]] = None, texts: Optional[List[str]] = None) -> dict:
     """The non-streamed reply; `completions` in choice order (`logprobs` / `texts`: per choice, when the
     request asked for logprobs / echo)."""
     if req.chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None if logprobs is None else logprobs[i],
                     "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
     else:
         choices = [{"index": i, "text": c.text if texts is None else texts[i],
@@ -371,16 +403,18 @@ def completion_body(req: GenerationRequest, rid: str, created: int, completions:
 
 
 def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[int], text: Optional[str],
-               finish_reason: Optional[str] = None, role: bool = False, use: Optional[dict] = None) -> dict:
-    """One streaming chunk: a choice's delta (index given) or the final usage chunk (index None)."""
+               finish_reason: Optional[str] = None, role: bool = False, use: Optional[dict] = None,
+               logprobs: Optional[dict] = None) -> dict:
+    """One streaming chunk: a choice's delta (index given; `logprobs` of its tokens when asked) or the
+    final usage chunk (index None)."""
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": []}
     if index is not None:
         if req.chat:
             delta = {"role": "assistant", "content": text or ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         body["choices"].append(choice)
     if req.include_usage:
         body["usage"] = use  # null on the content chunks, filled on the last one (OpenAI's format)
