@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from .activation import ACTIVATIONS
 from .experts import EXPERT_IMPLS
 from .gmm import LAYOUTS as GROUPED_LAYOUTS
 from .router import router_class
@@ -45,6 +46,12 @@ class MoEConfig:
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
     z_loss_coef: float = 0.0  # router z-loss: mean(logsumexp(logits)^2)
     bias_update_speed: float = 0.0  # aux-loss-free balancing gamma (0: off; opt-in, e.g. the small preset)
+    router_bias: bool = False  # a learned bias (E,) on the router's linear, in the logits (gpt-oss)
+    # --- routed experts' FFN (moe/activation.py) ---
+    activation: str = "swiglu"  # "swiglu" | "swiglu_oai" (gpt-oss: clamped, (up + 1) * gate * sigmoid(alpha gate))
+    swiglu_limit: float = 7.0  # swiglu_oai: gate <= limit, |up| <= limit
+    swiglu_alpha: float = 1.702  # swiglu_oai: sigmoid(alpha * gate)
+    expert_bias: bool = False  # biases Experts.b13 (E, 2F) and b2 (E, D) (gpt-oss); not router.expert_bias
     # --- shared experts ---
     num_shared_experts: int = 0
     d_shared: Optional[int] = None  # default num_shared_experts * d_expert
@@ -106,6 +113,14 @@ class MoEConfig:
         if self.token_rounding is not None and self.token_rounding not in ROUNDING_MODES:
             raise ValueError(f"unknown token_rounding {self.token_rounding!r}; choose None or one of {ROUNDING_MODES}")
         router_cls.check(self)
+        ACTIVATIONS.get(self.activation)
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"MoEConfig.{name} must be positive, got {value}")
+            if self.activation != "swiglu_oai" and value != getattr(MoEConfig, name):
+                raise ValueError(f"MoEConfig.{name}={value} applies to activation='swiglu_oai' only, "
+                                 f"not activation={self.activation!r}")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"MoEConfig.routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
         if self.capacity_factor <= 0:

@@ -1,5 +1,6 @@
-"""SwiGLU feed-forward network (dense FFN and shared experts), and the SwiGLU activation:
+"""SwiGLU feed-forward network (dense FFN and shared experts):
 y = W2 @ (silu(G) * U), [G; U] = W13 @ x; w13 (2F, D) rows [:F] gate, [F:] up; w2 (D, F).
+The activation itself is `activation.swiglu` (the expert activations' registry).
 Weights go through the accessor (moe/weights.py), so they may be quantized.
 
 Legend: T tokens, D model dim, F intermediate dim.
@@ -8,17 +9,11 @@ Legend: T tokens, D model dim, F intermediate dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import PLAIN, Numerics
+from .activation import swiglu
 from .weights import linear
-
-
-def swiglu(h_T2F: torch.Tensor, numerics: Numerics = PLAIN) -> torch.Tensor:
-    """silu(G) * U of the fused [G; U] rows (the one SwiGLU line every expert kernel uses)."""
-    n = h_T2F.shape[-1] // 2
-    return numerics.ew(F.silu, h_T2F[..., :n]) * h_T2F[..., n:]
 
 
 class SwiGLU(nn.Module):

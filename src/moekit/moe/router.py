@@ -65,7 +65,8 @@ def topk_routing(router: "Router", expert_idx_TK, gates_TK, logits_TE) -> Routin
 
 
 class Router(nn.Module):
-    """Base: a linear router (weight (E, D)), the selection-only `expert_bias`, optional noise."""
+    """Base: a linear router (weight (E, D), optional `bias` (E,) in the logits), the selection-only
+    `expert_bias`, optional noise."""
 
     name = "base"
 
@@ -75,6 +76,7 @@ class Router(nn.Module):
         self.cfg = cfg
         E, D = cfg.num_experts, cfg.d_model
         self.weight = nn.Parameter(torch.empty(E, D))
+        self.bias = nn.Parameter(torch.zeros(E)) if cfg.router_bias else None  # in the logits (gpt-oss)
         # added to the selection score only, never to the gates (aux-loss-free balancing)
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.noise_weight = nn.Parameter(torch.zeros(E, D)) if cfg.router_noise else None
@@ -95,11 +97,13 @@ class Router(nn.Module):
         if self.weight.is_meta:  # nothing to fill (and normal_ on meta imports torch._dynamo: ~1 s)
             return
         nn.init.normal_(self.weight, std=self.cfg.d_model**-0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD, self.weight).to(score_dtype(x_TD.dtype))
+        logits_TE = F.linear(x_TD, self.weight, self.bias).to(score_dtype(x_TD.dtype))
         if self.noise_weight is not None and self.training:
             noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight).to(logits_TE.dtype))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
@@ -262,6 +266,8 @@ class HashRouter(Router):
             raise ValueError("router='hash' needs hash_vocab_size > 0 (the token-id table size)")
         if cfg.router_noise:
             raise ValueError("router_noise has no meaning for router='hash' (it has no logits)")
+        if cfg.router_bias:
+            raise ValueError("router_bias has no meaning for router='hash' (it has no logits)")
 
     def __init__(self, cfg):
         super().__init__(cfg)
