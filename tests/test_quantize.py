@@ -37,9 +37,21 @@ def _roundf(v: float) -> int:  # C roundf: half away from zero
     return int(math.copysign(math.floor(abs(v) + 0.5), v))
 
 
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]  # code -> value
+
+
 def ref_group(method: str, values) -> bytes:
     """One group (int8: a whole row) quantized value by value in float32, as the documented bytes."""
     x = [F32(v) for v in values]
+    if method == "mxfp4":  # OCP MX: scale 2**(floor(log2 amax) - 2), E2M1 nearest (ties: even code), saturating
+        amax = max(abs(float(v)) for v in x)
+        e = max(-127, math.floor(math.log2(amax)) - 2) if amax else -127
+        q = []
+        for v in x:
+            y = min(abs(float(v)) / 2.0 ** e, 6.0)
+            code = min(range(8), key=lambda c: (abs(y - E2M1[c]), c & 1))
+            q.append(code | (8 if math.copysign(1, v) < 0 else 0))
+        return bytes([e + 127]) + bytes(q[2 * j] | (q[2 * j + 1] << 4) for j in range(16))  # element 2j: low nibble
     if method in ("int8", "q8_0"):
         d = F32(max(abs(v) for v in x) / F32(127))
         inv = F32(1) / d if d != 0 else F32(0)
@@ -63,6 +75,8 @@ def ref_group(method: str, values) -> bytes:
 
 
 def ref_dequant_group(method: str, data: bytes):
+    if method == "mxfp4":
+        return [F32(E2M1[c] * 2.0 ** (data[0] - 127)) for b in data[1:] for c in (b & 15, b >> 4)]
     if method == "int8":
         s = F32(np.frombuffer(data[:4], np.float32)[0])
         return [F32(F32(q) * s) for q in np.frombuffer(data[4:], np.int8)]
@@ -117,12 +131,14 @@ def test_pack_matches_plain_reference_and_round_trips(method, shape):
     assert formats.reference_quantize_group(method, rows[0, :G].tolist()) == stored_group(method, packed, 0, 0)
     # quantization error: at most half a step (int8/q8_0), one step for the 4-bit formats (clipping at the edges)
     step = w.abs().max() / (127 if fmt.bits == 8 else 7)
+    if method == "mxfp4":  # a group's amax in [4, 8) * 2**e: a half step 2**e, clipping at 6 * 2**e below 2 * 2**e
+        step = w.abs().max() / 2
     assert (deq - w).abs().max() <= step * (0.5 if fmt.bits == 8 else 1.0) + 1e-6
 
 
 @pytest.mark.parametrize("method,bits", [
     ("int8", 8 + 32 / 256), ("int4-g32", 4 + 32 / 32), ("int4-g64", 4 + 32 / 64), ("int4-g128", 4 + 32 / 128),
-    ("q8_0", 8.5), ("q4_0", 4.5),
+    ("q8_0", 8.5), ("q4_0", 4.5), ("mxfp4", 4.25),
 ])
 def test_bits_per_weight_from_real_bytes(method, bits):
     w = torch.randn(64, 256)
@@ -180,9 +196,9 @@ def logits_error(model, qmodel) -> float:
 
 
 @pytest.mark.parametrize("method,tol", [("int8", 0.03), ("q8_0", 0.03), ("int4-g32", 0.2), ("int4-g64", 0.2),
-                                        ("int4-g128", 0.2), ("q4_0", 0.2)])
+                                        ("int4-g128", 0.2), ("q4_0", 0.2), ("mxfp4", 0.25)])
 def test_quantized_logits_close_to_float(method, tol):
-    # measured: ~0.01 (8-bit) and ~0.10-0.12 (4-bit) of the logit std on this random model
+    # measured: ~0.01 (8-bit), ~0.10-0.12 (4-bit integer) and ~0.17 (mxfp4) of the logit std on this random model
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", moe=MoEConfig(d_model=64, d_expert=32, num_experts=8, top_k=2,
                                                                  num_shared_experts=1))).eval()

@@ -1,6 +1,6 @@
 """Weight precisions with their real storage cost, scales included: fp32/bf16/fp16, fp8 (one fp32
 scale per 128x128 block, docs/formulas.md#number-formats), and the `moekit.quantize` formats, whose
-bytes come from the format class itself (int4 = int4-g128). Only weight matrices are quantized;
+bytes come from the format class itself (int4 = int4-g128; mxfp4 = 4.25 bits, gpt-oss's experts). Only weight matrices are quantized;
 biases, norm weights and the router stay 16-bit (32-bit with fp32 weights).
 """
 
@@ -72,7 +72,7 @@ FLOAT_PRECISIONS = {p.name: p for p in (
     FloatPrecision("fp8", 8, block=128, note="E4M3, fp32 scale per 128x128 block"),
 )}
 # for --help without importing moekit.quantize (and torch): the full list is `precisions()`
-NAMES_HELP = "fp32, bf16, fp16, fp8, int8, int4 (= int4-g128), int4-g32, int4-g64, int4-g128, q8_0, q4_0"
+NAMES_HELP = "fp32, bf16, fp16, fp8, int8, int4 (= int4-g128), int4-g32, int4-g64, int4-g128, q8_0, q4_0, mxfp4"
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1, "float64": 8}
 

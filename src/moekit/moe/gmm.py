@@ -11,6 +11,11 @@ Operations: gather / scatter_add (token rows in, token sums out), to_rows / to_p
 per-pair tensor in and out of the layout), mm (out[rows_e] = a[rows_e] @ w[e].T, or @ w[e]
 with w_transposed) and wgrad (out[e] = a[rows_e].T @ b[rows_e]).
 
+`gemm`: a low-precision recipe (moekit.lowp.recipes.Recipe) or None. With one, mm is the recipe's
+forward GEMM (dgrad with w_transposed) and wgrad its wgrad GEMM: the operands are quantised along the
+reduction dim (K of a and w; for wgrad each expert's own rows, whatever the layout) and multiplied in
+float32, the result cast back to a's dtype. These are all the expert GEMMs of moe/grouped.py.
+
 Legend: T tokens, P pairs (sorted by expert), R rows of the layout, E experts, K/N dims,
 B candidate block sizes (choose_block).
 """
@@ -33,10 +38,12 @@ MAX_MEAN_ROWS_FOR_GRID = 256
 
 
 class ExpertRows:
-    def __init__(self, tok_P: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, block: int):
+    def __init__(self, tok_P: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, block: int, gemm=None):
         E, P = counts_E.numel(), tok_P.numel()
         device = tok_P.device
         self.num_tokens, self.num_experts, self.block = num_tokens, E, block
+        self.gemm = gemm
+        self.counts = counts_E.tolist() if gemm is not None else None
         self.grid_rows = E * block
         over_E = (counts_E - block).clamp(min=0)
         self.num_rows = self.grid_rows + int(over_E.sum())
@@ -78,7 +85,13 @@ class ExpertRows:
         return a_RK[: self.grid_rows].view(self.num_experts, self.block, a_RK.shape[-1])
 
     def mm(self, a_RK: torch.Tensor, w_ENK: torch.Tensor, w_transposed: bool = False) -> torch.Tensor:
-        w_EKN = w_ENK if w_transposed else w_ENK.transpose(1, 2)
+        if self.gemm is not None:  # quantised operands (float32, reduction dim possibly padded)
+            role, b_ENK = ("dgrad", w_ENK.transpose(1, 2)) if w_transposed else ("fwd", w_ENK)
+            a_q, w_q = self.gemm.operands(role, a_RK, b_ENK)
+            return self.plain_mm(a_q, w_q.transpose(1, 2)).to(a_RK.dtype)
+        return self.plain_mm(a_RK, w_ENK if w_transposed else w_ENK.transpose(1, 2))
+
+    def plain_mm(self, a_RK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
         out_RN = a_RK.new_empty(self.num_rows, w_EKN.shape[2])
         if self.block:
             torch.bmm(self._grid(a_RK), w_EKN, out=self._grid(out_RN))
@@ -86,7 +99,21 @@ class ExpertRows:
             torch.mm(a_RK[start:end], w_EKN[e], out=out_RN[start:end])
         return out_RN
 
+    def expert_rows(self, e: int) -> torch.Tensor:
+        """Row indices of expert e's pairs in sorted order (grid part, then tail; no padding rows)."""
+        grid = torch.arange(e * self.block, e * self.block + min(self.counts[e], self.block))
+        tails = [torch.arange(s, t) for x, s, t in self.tail if x == e]
+        return torch.cat([grid] + tails)
+
     def wgrad(self, a_RK: torch.Tensor, b_RN: torch.Tensor) -> torch.Tensor:
+        if self.gemm is not None:  # per expert: quantise along its rows (the reduction dim)
+            out_EKN = a_RK.new_zeros(self.num_experts, a_RK.shape[1], b_RN.shape[1])
+            for e in range(self.num_experts):
+                if self.counts[e]:
+                    rows = self.expert_rows(e).to(a_RK.device)
+                    a_q, b_q = self.gemm.operands("wgrad", a_RK[rows].t(), b_RN[rows].t())
+                    out_EKN[e] = a_q @ b_q.t()
+            return out_EKN
         if self.block:
             out_EKN = torch.bmm(self._grid(a_RK).transpose(1, 2), self._grid(b_RN))
             for e, start, end in self.tail:

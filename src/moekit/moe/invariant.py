@@ -5,7 +5,8 @@ whatever other tokens share the call. Eager only (it reads the expert counts).
 
 Few experts active: a loop of F.linear over their rows; most active: one padded grid, two
 `bmm`s. Both give a row the same bits (`tests/test_engine.py`). A token sums its K expert
-outputs in the fixed order k = 0..K-1.
+outputs in the fixed order k = 0..K-1. Optional expert biases b13 (E, 2F), b2 (E, D) and the
+activation (moe/activation.py) are row-local, so invariance holds with them.
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs, R rows.
 """
@@ -16,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from ..numerics import Numerics, round_up
-from .ffn import swiglu
+from .activation import SWIGLU
 from .weights import dense
 
 
-def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics) -> torch.Tensor:
+def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics, b13_E2F=None, b2_ED=None,
+                      act=SWIGLU) -> torch.Tensor:
     T, K = expert_idx_TK.shape
     E, D, q = w13.shape[0], x_TD.shape[1], numerics.row_quantum
     dtype = x_TD.dtype
@@ -32,6 +34,8 @@ def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics
     counts = torch.bincount(expert_P, minlength=E).tolist()
     x_ext_TD = F.pad(x_TD, (0, 0, 0, 1))  # row T is zeros: the padding rows gather it
     gates_ext_P = F.pad(gates_P, (0, 1))
+    b13_E2F = None if b13_E2F is None else b13_E2F.to(dtype)
+    b2_ED = None if b2_ED is None else b2_ED.to(dtype)
     pad_pair = T * K
     y_PD = x_TD.new_empty(T * K, D)
     if 2 * sum(c > 0 for c in counts) > E:
@@ -45,8 +49,13 @@ def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics
         tok_R = torch.where(pair_R == pad_pair, T, pair_R // K)
         x_EBD = x_ext_TD.index_select(0, tok_R).view(E, block, D)
         h_EB2F = torch.bmm(x_EBD, dense(w13, dtype=dtype).transpose(1, 2))
-        a_EBF = swiglu(h_EB2F, numerics) * gates_ext_P.index_select(0, pair_R).view(E, block, 1)
-        y_RD = torch.bmm(a_EBF, dense(w2, dtype=dtype).transpose(1, 2)).view(E * block, D)
+        if b13_E2F is not None:
+            h_EB2F += b13_E2F[:, None, :]
+        g_EB1 = gates_ext_P.index_select(0, pair_R).view(E, block, 1)
+        y_EBD = torch.bmm(act(h_EB2F, numerics) * g_EB1, dense(w2, dtype=dtype).transpose(1, 2))
+        if b2_ED is not None:
+            y_EBD.addcmul_(b2_ED[:, None, :], g_EB1)
+        y_RD = y_EBD.view(E * block, D)
         y_PD.index_copy_(0, order_P, y_RD.index_select(0, slot_P))
     else:
         offset = 0
@@ -58,9 +67,14 @@ def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics
             c_pad = round_up(c, q)
             pairs_r = F.pad(pairs_c, (0, c_pad - c), value=pad_pair) if c_pad != c else pairs_c
             tok_r = torch.where(pairs_r == pad_pair, T, pairs_r // K)
+            g_r1 = gates_ext_P.index_select(0, pairs_r)[:, None]
             h_r2F = F.linear(x_ext_TD.index_select(0, tok_r), dense(w13, e, dtype))
-            a_rF = swiglu(h_r2F, numerics) * gates_ext_P.index_select(0, pairs_r)[:, None]
-            y_PD.index_copy_(0, pairs_c, F.linear(a_rF, dense(w2, e, dtype))[:c])
+            if b13_E2F is not None:  # added after the GEMM, as in the grid path (same bits)
+                h_r2F += b13_E2F[e]
+            y_rD = F.linear(act(h_r2F, numerics) * g_r1, dense(w2, e, dtype))
+            if b2_ED is not None:
+                y_rD.addcmul_(b2_ED[e], g_r1)
+            y_PD.index_copy_(0, pairs_c, y_rD[:c])
     y_TKD = y_PD.view(T, K, D)
     out_TD = y_TKD[:, 0].clone()
     for k in range(1, K):

@@ -1,6 +1,7 @@
 """`moekit quantize`: write a weight-only quantized copy of a checkpoint.
 
     moekit quantize runs/default runs/default-int4 --method int4-g64
+    moekit quantize runs/default runs/default-mxfp4 --format mxfp4     (--format = --method)
     moekit generate runs/default-int4 --prompt "def "
 
 The output is a moekit checkpoint (moekit/checkpoint.py); `load_model` returns the quantized model.
@@ -19,7 +20,8 @@ from .formats import METHODS
 ALIASES = {"int4": "int4-g128"}  # as moekit.analyze.precision's "int4"
 CHOICES = (*METHODS, *ALIASES)
 METHOD_HELP = (f"{', '.join(METHODS)} (int8: a scale per row; int4-gG: affine 4-bit, G values per group; "
-               "q8_0/q4_0: llama.cpp blocks of 32), or int4 (= int4-g128)")
+               "q8_0/q4_0: llama.cpp blocks of 32; mxfp4: OCP MXFP4 as gpt-oss ships its experts), "
+               "or int4 (= int4-g128)")
 
 
 def method_name(method: str) -> str:
@@ -35,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", nargs="?", default=None, metavar="OUT",
                    help="output checkpoint directory (replaced if it is a checkpoint)")
     p.add_argument("--out", default=None, metavar="DIR", help="the same as the positional OUT")
-    p.add_argument("--method", required=True, choices=CHOICES, help=METHOD_HELP)
+    p.add_argument("--method", "--format", dest="method", required=True, choices=CHOICES, help=METHOD_HELP)
     p.add_argument("--quantize-head", action="store_true", help="also quantize lm_head (default: kept in float)")
+    p.add_argument("--experts-only", action="store_true",
+                   help="quantize the routed experts only (attention, dense and shared FFNs stay float)")
     p.add_argument("--json", action="store_true", help="print the size report as JSON")
     return p
 
@@ -59,7 +63,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
     model = load_model(src)
     float_bytes = model_bytes(model)
-    quantize_model(model, method, quantize_head=args.quantize_head)
+    quantize_model(model, method, quantize_head=args.quantize_head, experts_only=args.experts_only)
     save_model(model, out)
     report = {"checkpoint": str(src), "out": str(out), "method": method, **size_report(model),
               "float_total_bytes": float_bytes}

@@ -12,19 +12,27 @@ and of the expert matmuls), in groups of G consecutive values:
   Q8_0        q8_0       32           fp16 d = max|w| / 127                  q * d, q int8             8.5
   Q4_0        q4_0       32           fp16 d = w* / -8, w* the value of      (q - 8) * d, q in [0, 15] 4.5
                                       largest magnitude (sign kept)
+  MXFP4       mxfp4      32           E8M0 scale 2**(s - 127), s = floor(    e2m1(q) * 2**(s - 127)    4.25
+                                      log2 max|w|) - 2 + 127 (OCP MX v1.0)   (q an E2M1 code)
 
 q8_0 and q4_0 reproduce llama.cpp's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` bit for bit:
 q8_0 rounds half away from zero; q4_0 computes q = min(15, trunc(w * (1/d) + 8.5)). int4-gG
 computes q = clamp(round((w - m) / s), 0, 15) from the fp16-rounded s and m (the stored pair).
 Arithmetic is float32 (1/d then a multiply, as llama.cpp); a scale of 0 gives q = 0 (q4_0: 8).
+mxfp4 is moekit.lowp.mx's codec (E2M1 round to nearest even, saturating at 6; an all-zero group
+gets s = 0): the format gpt-oss ships its experts in, which `QuantizedWeight.from_mxfp4_blocks`
+(modules.py) adopts bit for bit.
 
 Storage (struct of arrays, the buffers of a `QuantizedWeight`):
   qweight  int8 (..., Kp) for int8/q8_0; uint8 (..., Kp/2) for int4/q4_0, two values per byte
-  scale    int16 (..., Kp/G) = the raw bits of fp16 scales; int8: int32 (..., 1) = raw fp32 bits
+  scale    int16 (..., Kp/G) = the raw bits of fp16 scales; int8: int32 (..., 1) = raw fp32 bits;
+           mxfp4: uint8 (..., Kp/32) E8M0 biased exponents (gpt-oss's `*_scales`)
   offset   int16 (..., Kp/G) = raw fp16 bits (int4-gG only)
 Scales are integer bit patterns so that `model.to(dtype)` never re-rounds them. 4-bit codes (GGML
 order): byte j of a group holds element j in its low nibble and element j + G/2 in its high one,
-so [fp16 d, 16 bytes] per block is GGML's `block_q4_0` (and [d, 32 int8] `block_q8_0`). Rows are
+so [fp16 d, 16 bytes] per block is GGML's `block_q4_0` (and [d, 32 int8] `block_q8_0`). mxfp4
+packs in gpt-oss order instead: byte j holds element 2j (low nibble) and 2j + 1 (high), so qweight
+(..., N, Kp/2) is gpt-oss's `*_blocks` (..., N, Kp/32, 16) with the last two dims merged. Rows are
 zero-padded to Kp = ceil(K/G)*G; dequantizing cuts the padding. `FORMATS` maps method names to
 instances; `row_nbytes` / `bits_per_weight` are the one table of storage cost (moekit.analyze).
 
@@ -39,6 +47,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..lowp.formats import E2M1, decode as decode_e2m1
+from ..lowp.mx import SCALE_BIAS, mx_dequantize, mx_quantize, pack_e2m1, unpack_e2m1
 from . import reference
 
 Packed = Dict[str, torch.Tensor]
@@ -277,8 +287,39 @@ class AffineInt4(NibbleFormat):
         return (dot_NB * s_NB + m_NB * x_1BG.sum(-1)).sum(-1)
 
 
+class MXFP4(Format):
+    """OCP MXFP4 (gpt-oss's expert weights): E2M1 codes two per byte (element 2j in the low nibble)
+    and one E8M0 scale per 32 values; the codec is moekit.lowp.mx's."""
+
+    bits, scale_bits = 4, 8
+    layout_text = "OCP MXFP4: {G} E2M1 codes + one E8M0 scale = {nbytes} bytes (gpt-oss)"
+    reference_quantize_group = staticmethod(reference.quantize_mxfp4_group)
+    reference_dequantize_group = staticmethod(reference.dequantize_mxfp4_group)
+
+    def encode(self, x_Kp: torch.Tensor) -> Packed:
+        if x_Kp.is_meta:  # a skeleton to load into (load_model): the shapes only
+            lead, Kp = x_Kp.shape[:-1], x_Kp.shape[-1]
+            return {"qweight": x_Kp.new_empty(*lead, Kp // 2, dtype=torch.uint8),
+                    "scale": x_Kp.new_empty(*lead, Kp // self.group, dtype=torch.uint8)}
+        codes_Kp, scale_B = mx_quantize(x_Kp, "e2m1", self.group, "nearest")
+        return {"qweight": pack_e2m1(codes_Kp), "scale": scale_B}
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        return mx_dequantize(unpack_e2m1(packed["qweight"]), packed["scale"], "e2m1", self.group)
+
+    def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
+        """Each group's codes dotted with x (even elements: low nibbles, odd: high), times 2**(s - 127)."""
+        x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // self.group, self.group)
+        b_NBH = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group // 2)
+        lo_NBH, hi_NBH = decode_e2m1(b_NBH & 15, E2M1, x_1Kp.dtype), decode_e2m1(b_NBH >> 4, E2M1, x_1Kp.dtype)
+        dot_NB = (lo_NBH * x_1BG[..., 0::2] + hi_NBH * x_1BG[..., 1::2]).sum(-1)
+        s_NB = torch.exp2(packed["scale"].float() - SCALE_BIAS).to(x_1Kp.dtype)
+        return (dot_NB * s_NB).sum(-1)
+
+
 FORMATS: Dict[str, Format] = {fmt.name: fmt for fmt in (
-    RowInt8("int8", 0), AffineInt4(32), AffineInt4(64), AffineInt4(128), Q8_0("q8_0", 32), Q4_0("q4_0", 32))}
+    RowInt8("int8", 0), AffineInt4(32), AffineInt4(64), AffineInt4(128), Q8_0("q8_0", 32), Q4_0("q4_0", 32),
+    MXFP4("mxfp4", 32))}
 METHODS = tuple(FORMATS)
 
 

@@ -8,6 +8,12 @@ straight from the packed bytes. It quacks like a tensor for read-only uses (`.sh
 `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
 moves it, while the quantized buffers never change dtype).
 
+gpt-oss's MXFP4 experts are adopted packed, bit for bit, and written back the same way:
+
+    w = QuantizedWeight.from_mxfp4_blocks(blocks, scales, dtype=torch.bfloat16)
+        # blocks uint8 (..., N, K/32, 16), scales uint8 (..., N, K/32) -> an mxfp4 weight (..., N, K)
+    blocks, scales = w.mxfp4_blocks()   # the inverse (views of the buffers)
+
 Legend: P pairs, M rows of x, N out, K in.
 """
 
@@ -41,6 +47,25 @@ class QuantizedWeight(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor, method: str) -> "QuantizedWeight":
         return cls(method, weight.shape, formats.quantize(method, weight), weight.dtype)
+
+    @classmethod
+    def from_mxfp4_blocks(cls, blocks: torch.Tensor, scales: torch.Tensor,
+                          dtype: torch.dtype = torch.bfloat16) -> "QuantizedWeight":
+        """An mxfp4 weight (..., N, K) holding gpt-oss's `*_blocks` uint8 (..., N, K/32, 16) and
+        `*_scales` uint8 (..., N, K/32) as they are (no copy); `dtype` is the compute dtype."""
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+        if blocks.dim() < 3 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match: "
+                             "expected blocks (..., N, K/32, 16) and scales (..., N, K/32)")
+        shape = (*blocks.shape[:-2], blocks.shape[-2] * 32)
+        return cls("mxfp4", shape, {"qweight": blocks.reshape(*blocks.shape[:-2], -1), "scale": scales}, dtype)
+
+    def mxfp4_blocks(self):
+        """(blocks (..., N, K/32, 16), scales (..., N, K/32)) of an mxfp4 weight: gpt-oss's layout."""
+        if self.method != "mxfp4":
+            raise ValueError(f"mxfp4_blocks needs an mxfp4 weight, this one is {self.method!r}")
+        return self.qweight.view(*self.scale.shape, 16), self.scale
 
     # -- tensor-like read-only surface
     @property

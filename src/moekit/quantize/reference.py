@@ -6,6 +6,11 @@ correctly rounded float32 operation as in the C code, returning the group's byte
   q8_0     [fp16 d][32 x int8]           = GGML block_q8_0
   q4_0     [fp16 d][16 bytes]            = GGML block_q4_0
   int4-gG  [fp16 s][fp16 m][G/2 bytes]   (4-bit: byte j = element j (low nibble), j + G/2 (high))
+  mxfp4    [E8M0 s][16 bytes]            (E2M1: byte j = element 2j (low nibble), 2j + 1 (high))
+
+mxfp4 follows the OCP MX v1.0 spec from its text (not moekit.lowp's code): s = floor(log2(amax))
+- 2 + 127 (2: E2M1's largest exponent), 0 for an all-zero group; each value / 2**(s - 127)
+rounded to the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (ties to the even code, above 6 to 6).
 
 Inputs must be float32-representable and the group complete (padded).
 """
@@ -92,6 +97,31 @@ def quantize_affine_int4_group(values: Sequence[float]) -> bytes:
     inv = _f32(1.0 / s) if s else 0.0
     q = [max(0, min(15, math.floor(_f32(_f32(_f32(v - m) * inv) + 0.5)))) for v in x]
     return struct.pack("<ee", s, m) + _nibble_bytes(q)
+
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7; bit 3 is the sign
+
+
+def _e2m1_code(v: float) -> int:
+    a = min(abs(v), 6.0)
+    code = min(range(8), key=lambda c: (abs(a - E2M1_MAGNITUDES[c]), c % 2))  # nearest, ties to even
+    return code | (8 if math.copysign(1.0, v) < 0 else 0)
+
+
+def quantize_mxfp4_group(values: Sequence[float]) -> bytes:
+    x = [_f32(v) for v in values]
+    amax = max(abs(v) for v in x)
+    exp = -127 if amax == 0 else max(-127, min(127, math.frexp(amax)[1] - 1 - 2))
+    q = [_e2m1_code(v / 2.0 ** exp) for v in x]
+    return bytes([exp + 127]) + bytes(q[2 * j] | (q[2 * j + 1] << 4) for j in range(len(q) // 2))
+
+
+def dequantize_mxfp4_group(data: bytes) -> List[float]:
+    if data[0] == 255:
+        return [math.nan] * (2 * (len(data) - 1))
+    scale = 2.0 ** (data[0] - 127)
+    codes = [c for b in data[1:] for c in (b & 15, b >> 4)]
+    return [_f32((-1.0 if c & 8 else 1.0) * E2M1_MAGNITUDES[c & 7] * scale) for c in codes]
 
 
 def dequantize_affine_int4_group(data: bytes) -> List[float]:

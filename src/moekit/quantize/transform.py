@@ -20,23 +20,30 @@ from . import formats
 from ..model import Transformer
 from .modules import QuantizedLinear, QuantizedWeight
 
-def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -> nn.Module:
-    """Quantize `model`'s weights in place with `method` (see `formats.METHODS`); returns the model."""
+def quantize_model(model: nn.Module, method: str, quantize_head: bool = False, experts_only: bool = False) -> nn.Module:
+    """Quantize `model`'s weights in place with `method` (see `formats.METHODS`); returns the model.
+    `experts_only`: the routed experts' w13/w2 only (as gpt-oss ships MXFP4); attention, dense and
+    shared FFNs stay float."""
     formats.get_format(method)
     if not isinstance(model, Transformer):
         raise ValueError(f"quantize_model expects a moekit Transformer, got {type(model).__name__}")
     done = getattr(model, "quantization", None)
     if done is not None:
         raise ValueError(f"the model is already quantized ({done}); quantize a float model")
+    if quantize_head and experts_only:
+        raise ValueError("quantize_head=True contradicts experts_only=True; give one of them")
     if quantize_head and model.cfg.tie_embeddings:
         raise ValueError("quantize_head=True with tie_embeddings=True would keep a float embedding and a quantized "
                          "copy of the same matrix; leave the head in float (quantize_head=False)")
     with torch.no_grad():
         for block in model.layers:
             for name, child in list(block.attn.named_children()):  # every projection, of any attention kind
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and not experts_only:
                     setattr(block.attn, name, QuantizedLinear.from_float(child, method))
-            swiglus = [block.ffn.experts, block.ffn.shared] if block.is_moe else [block.ffn]
+            if experts_only:
+                swiglus = [block.ffn.experts] if block.is_moe else []
+            else:
+                swiglus = [block.ffn.experts, block.ffn.shared] if block.is_moe else [block.ffn]
             for module in [m for m in swiglus if m is not None]:
                 for name in ("w13", "w2"):  # the float parameter is dropped as it is replaced
                     weight = getattr(module, name)
@@ -45,6 +52,8 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False) -
         if quantize_head:
             model.lm_head = QuantizedLinear.from_float(model.lm_head, method)
     model.quantization = {"method": method, "quantize_head": bool(quantize_head)}
+    if experts_only:  # (recorded only when set: older checkpoints' quantization.json stays the same)
+        model.quantization["experts_only"] = True
     for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for float modules
         del model.__dict__[key]
     return model

@@ -1,0 +1,3 @@
+"""Low-precision training (docs/low_precision.md): number formats (formats.py: FP8, E2M1, scaled FP8;
+mx.py: OCP MX block formats), the random Hadamard transform (hadamard.py), the recipes and their
+quantised GEMMs (recipes.py, matmul.py), and the model transform (transform.py: apply_precision)."""
