@@ -330,7 +330,7 @@ def test_cli_plot_writes_pngs(tmp_path, capsys):
     assert sorted(p.rsplit("/", 1)[1] for p in r["plots"]) == ["decode_vs_batch.png", "roofline.png"]
 
 
-@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64", "int4-g128", "q8_0", "q4_0"])
+@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64", "int4-g128", "q8_0", "q4_0", "mxfp4"])
 def test_weight_bytes_equal_what_moekit_quantize_stores(method):
     """The analyzer's bytes for a format equal the bytes moekit.quantize really allocates (padding included)."""
     from moekit.quantize import quantize_model, size_report

@@ -199,6 +199,10 @@ def test_llama_permutation_matches_interleaved_rope():
     (dict(qk_norm="full", n_kv_heads=4, moe=MOE), "olmoe never renormalises"),
     (dict(moe={**MOE, "router": "sigmoid_topk", "num_groups": 2, "topk_groups": 1}), "group-limited"),
     (dict(moe={**MOE, "router": "sigmoid_topk"}), "shared experts"),
+    (dict(qk_norm="head", moe={**MOE, "expert_bias": True, "activation": "swiglu_oai"}), "expert biases"),
+    (dict(qk_norm="head", moe={**MOE, "router": "topk_softmax", "router_bias": True}), "a router bias"),
+    (dict(qk_norm="head", attn_output_gate=True, moe=MOE), "attn_output_gate"),
+    (dict(qk_norm="head", zero_centred_norm=True, moe=MOE), "zero_centred_norm"),
 ])
 def test_unexportable_models_refused(tokenizer, tmp_path, change, message):
     model = Transformer(ModelConfig(**{**BASE, **change}))

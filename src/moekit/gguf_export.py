@@ -86,6 +86,15 @@ def gguf_arch(model) -> GgufArch:
         raise ValueError("clip_qkv is set: none of llama.cpp's qwen3moe, olmoe, llama or glm4moe clamps q/k/v")
     if cfg.rope_scaling is not None and cfg.rope_scaling.get("type") != "linear":
         raise ValueError(f"rope_scaling {cfg.rope_scaling['type']!r}: the export writes plain or linear RoPE only")
+    unsupported = [name for name, on in (
+        ("sliding-window or linear-attention layers (layer_types)", any(t != "full" for t in cfg.layer_types)),
+        ("attention sinks", getattr(cfg, "attention_sinks", False)), ("attn_output_gate", cfg.attn_output_gate),
+        ("zero_centred_norm", cfg.zero_centred_norm)) if on]
+    unsupported += [f"experts with {m.experts.features()}" for m in model.moe_layers()[:1] if not m.experts.plain]
+    unsupported += ["a router bias"] if moe is not None and moe.router_bias else []
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: the GGUF export writes qwen3moe / glm4moe / olmoe / llama, "
+                         "which have none of these")
     dense = [i for i in range(cfg.n_layers) if cfg.is_dense_layer(i)]
     if moe is None:
         if cfg.qk_norm is not None or cfg.attention_bias:

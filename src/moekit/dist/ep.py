@@ -93,6 +93,8 @@ class ExpertParallel(Experts):
 
     def __init__(self, experts: Experts, ep_mesh):
         nn.Module.__init__(self)  # the weights come from `experts`, nothing to allocate
+        if not experts.plain:
+            raise ValueError(f"expert parallelism runs plain SwiGLU experts; this layer has {experts.features()}")
         self.size = ep_mesh.size()
         self.group = ep_mesh.get_group()
         self.num_local = experts.w13.shape[0] // self.size
