@@ -149,6 +149,69 @@ def run(batches=(1, 8), prompt_len: int = 32, new_tokens: int = 64, repeats: int
     return rows
 
 
+def hybrid_config():
+    """`bench_config` with Qwen3-Next's layout: three Gated DeltaNet layers then one gated-attention layer,
+    the same MoE layers (so the same expert parameters per token), attention-sized delta-rule projections."""
+    from moekit.presets import hybrid_layers
+
+    base = bench_config()
+    return base.replace(name="small-hybrid", layer_types=hybrid_layers(base.n_layers), attn_output_gate=True,
+                        zero_centred_norm=True, rotary_dim=base.head_dim // 4, linear_num_key_heads=4,
+                        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                        linear_fused_proj=True, max_seq_len=8192)
+
+
+def run_hybrid(prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) -> List[dict]:
+    """Plain MoE vs hybrid (moekit eager generate, batch 1) and transformers' generate on the hybrid weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from moekit.hf import save_hf
+
+    hf_logging.disable_progress_bar()
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, 4096, (1, prompt_len), generator=gen).tolist()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for cfg, model_type in ((bench_config().replace(max_seq_len=8192), "qwen3_moe"), (hybrid_config(), "qwen3_next")):
+            torch.manual_seed(seed)
+            model = Transformer(cfg)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(50.0)
+            model.eval()
+            path = f"{tmpdir}/{cfg.name}"
+            save_hf(model, path, model_type=model_type)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            mk_out, *_ = time_moekit(model, prompts, new_tokens)  # warm-up and agreement
+            hf_out, *_ = time_hf(hf, prompts, new_tokens)
+            mk, hfr = [], []
+            for _ in range(repeats):
+                mk.append(time_moekit(model, prompts, new_tokens)[1:])
+                hfr.append(time_hf(hf, prompts, new_tokens)[1:])
+            decoded = new_tokens - 1
+            rows.append(dict(model=cfg.name, active_params=model.num_params(active=True), prompt_len=prompt_len,
+                             new_tokens=new_tokens, moekit_prefill_ms=1e3 * min(p for p, _ in mk),
+                             moekit_decode_tok_s=decoded / min(d for _, d in mk),
+                             hf_prefill_ms=1e3 * min(p for p, _ in hfr), hf_decode_tok_s=decoded / min(d for _, d in hfr),
+                             greedy_token_mismatches=sum(a != b for a, b in zip(mk_out[0], hf_out[0]))))
+            print(f"  {cfg.name}: done", file=sys.stderr)
+    return rows
+
+
+def format_hybrid_table(rows: List[dict]) -> str:
+    head = ("model", "active params", "context", "moekit prefill tok/s", "moekit decode tok/s",
+            "HF prefill tok/s", "HF decode tok/s", "decode vs HF", "greedy == HF")
+    lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        lines.append(" | ".join([
+            r["model"], f"{r['active_params'] / 1e6:.2f}M", str(r["prompt_len"]),
+            f"{r['prompt_len'] / r['moekit_prefill_ms'] * 1e3:.0f}", f"{r['moekit_decode_tok_s']:.1f}",
+            f"{r['prompt_len'] / r['hf_prefill_ms'] * 1e3:.0f}", f"{r['hf_decode_tok_s']:.1f}",
+            f"{r['moekit_decode_tok_s'] / r['hf_decode_tok_s']:.2f}x",
+            "yes" if r["greedy_token_mismatches"] == 0 else f"NO ({r['greedy_token_mismatches']})"]))
+    return "\n".join(lines)
+
+
 def format_table(rows: List[dict]) -> str:
     head = ("batch", "prompt", "new", "implementation", "decode tok/s", "vs HF", "ms/step", "prefill ms",
             "compile s", "greedy == HF")
@@ -182,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object per row instead of the table")
+    p.add_argument("--hybrid", action="store_true", help="instead: the plain MoE vs a Qwen3-Next-style hybrid "
+                   "(Gated DeltaNet) of the same MoE layers at batch 1, context --prompt-len, and HF on the hybrid")
     p.add_argument("--no-malloc-tune", action="store_true", help="skip moekit.runtime.tune_cpu_allocator()")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
@@ -195,6 +260,15 @@ def main(argv=None) -> int:
     except ImportError:
         print("benchmarks/decode.py needs transformers (pip install 'moekit[hf]')", file=sys.stderr)
         return 2
+    if args.hybrid:
+        rows = run_hybrid(args.prompt_len, args.new_tokens, args.repeats, args.seed)
+        for r in rows if args.json else ():
+            print(json.dumps(r))
+        if not args.json:
+            print(f"prefill and decode, CPU float32, batch 1, {torch.get_num_threads()} threads, torch "
+                  f"{torch.__version__}, transformers {transformers.__version__}\n")
+            print(format_hybrid_table(rows))
+        return 1 if any(r["greedy_token_mismatches"] for r in rows) else 0
     rows = run(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.seed, progress=not args.json)
     if args.json:
         for r in rows:

@@ -610,7 +610,7 @@ def test_registered_spec_is_used_by_load_save_convert_and_analyze(toy_spec, tmp_
 
 
 def test_unregistered_types_list_the_registry(toy_spec, tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, deepseek_v3, kimi_k2, minimax_m2, toy_moe$"):
+    with pytest.raises(ValueError, match=r"unsupported model_type 'nope'; moekit reads and writes .*olmoe, glm4_moe, deepseek_v3, kimi_k2, minimax_m2, gpt_oss, .*toy_moe$"):
         save_hf(_tiny_model(), tmp_path, model_type="nope")
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'"):  # analysis only
         config_from_hf({"model_type": "gpt2"})

@@ -19,6 +19,7 @@ ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
 LAYER_TYPES = ("full", "sliding", "linear")
 LINEAR_KIND = "gated_deltanet"
 QK_NORMS = (None, "head", "full")
+LINEAR_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
 
 
 @dataclass
@@ -42,6 +43,15 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2-MoE)
     clip_qkv: Optional[float] = None  # OLMoE
     attn_output_gate: bool = False  # attention output times sigmoid(a gate from q_proj) (Qwen3-Next)
+    # "linear" layers only (Gated DeltaNet, attention/gated_deltanet.py; 0 = unset)
+    linear_num_key_heads: int = 0  # q/k heads of the delta rule
+    linear_num_value_heads: int = 0  # value heads (a multiple of the key heads; each group shares a key head)
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4  # the causal depthwise conv over q, k, v
+    linear_fused_proj: bool = False  # Qwen3-Next's fused in_proj_qkvz / in_proj_ba (else Qwen3.5's split ones)
+    attention_sinks: bool = False  # a learned logit per head as an extra softmax column, dropped (gpt-oss)
+    attention_out_bias: bool = False  # a bias on o_proj (gpt-oss; attention_bias is q/k/v only)
     # attention="mla" only (DeepSeek-V3 multi-head latent attention; head_dim is then the rotary dim)
     q_lora_rank: Optional[int] = None  # None: q_proj; else q_a_proj -> RMSNorm -> q_b_proj
     kv_lora_rank: int = 0  # the cached latent's width
@@ -83,6 +93,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
         attention_class(self.attention).check(self)
         self.check_layer_types()
+        for flag, feature in (("attention_sinks", "supports_sinks"), ("attention_out_bias", "supports_out_bias")):
+            if getattr(self, flag) and not getattr(attention_class(self.attention), feature, False):
+                raise ValueError(f"attention={self.attention!r} has no form with {flag}=True")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.qk_norm not in QK_NORMS:
@@ -121,6 +134,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window={w} is set but no layer_types entry is 'sliding'")
         if "linear" in types:
             attention_class(LINEAR_KIND).check(self)
+        else:
+            unused = [f"{n}={getattr(self, n)!r}" for n in LINEAR_FIELDS if getattr(self, n)]
+            unused += [f"linear_conv_kernel={self.linear_conv_kernel!r}"] if self.linear_conv_kernel != 4 else []
+            unused += ["linear_fused_proj=True"] if self.linear_fused_proj else []
+            if unused:
+                raise ValueError(f"ModelConfig {', '.join(unused)} only apply to 'linear' layer_types, and no layer is")
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else "full"

@@ -155,13 +155,13 @@ class Transformer(nn.Module):
         and attends over every slot s <= row_slots_B[b] with valid_BS[b, s] (False: padding).
         No input checks and no host syncs (the caller validates the tokens); no MoE aux.
         static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
-        (optional, static only): the rows whose tokens are real; the others only pad the batch to
-        its bucket and skip the routed experts.
+        (optional): the rows whose tokens are real; the others only pad the batch to its bucket,
+        skip the routed experts and leave per-sequence state (recurrent layers) untouched.
         """
         S = cache.max_len
         visible_BS = (torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None]) & valid_BS
         plan = ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache, numerics, rope_table, static)
-        plan.active_rows = active_rows if static else None
+        plan.active_rows = active_rows
         return self.forward_plan(tokens_B1, plan)[:, -1]
 
     # ------------------------------------------------------------------ MoE bookkeeping
@@ -192,6 +192,8 @@ class Transformer(nn.Module):
         if active:
             for moe in self.moe_layers():
                 c = moe.cfg
-                per_expert = moe.experts.w13[0].numel() + moe.experts.w2[0].numel()
+                ex = moe.experts
+                per_expert = sum(w[0].numel() for w in (ex.w13, ex.w2, getattr(ex, "b13", None),
+                                                          getattr(ex, "b2", None)) if w is not None)
                 total -= (c.num_experts - c.top_k) * per_expert
         return total

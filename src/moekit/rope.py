@@ -11,7 +11,8 @@ import torch
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> torch.Tensor:
-    """Inverse frequencies (R/2,) for rotary dim R = head_dim (the rotated width), with the configured scaling ("linear", "llama3", "yarn") applied."""
+    """Inverse frequencies (R/2,) for rotary dim R = head_dim (the rotated width), with the configured scaling
+    ("linear", "llama3", "yarn"; yarn's "truncate": False as transformers) applied."""
     dim = head_dim
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = scaling or {}
@@ -35,7 +36,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> torch.Tensor:
         def dim_at(rotations):
             return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low, high = max(math.floor(dim_at(beta_fast)), 0), min(math.ceil(dim_at(beta_slow)), dim - 1)
+        low, high = dim_at(beta_fast), dim_at(beta_slow)
+        if scaling.get("truncate", True):  # gpt-oss: truncate=False keeps the fractional range
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     return inv_freq.float()

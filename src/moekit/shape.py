@@ -21,6 +21,9 @@ class Attention:
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: Optional[str] = None  # None | "head" (Qwen3) | "full" (OLMoE)
+    sinks: bool = False  # a learned logit per head (gpt-oss)
+    sliding_window: int = 0  # keys the sliding layers hold (gpt-oss); 0: none
+    sliding_layers: int = 0  # how many layers slide (their KV cache holds only the window)
     # MLA only
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0
@@ -42,6 +45,8 @@ class FFN:
     d_expert: int = 0
     d_shared: int = 0
     shared_gate: bool = False
+    router_bias: bool = False  # a bias (E,) in the router logits (gpt-oss)
+    expert_bias: bool = False  # biases on each expert's up (2n) and down (d) projections (gpt-oss)
 
 
 @dataclass(frozen=True)

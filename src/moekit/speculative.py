@@ -13,8 +13,10 @@ a draw from the target's sampling distribution p. temperature == 0 is greedy: th
 
 KV caches: the target's holds every context token but the last (fed with the proposal: 1 + g
 tokens score g + 1 positions). Rejected slots are rolled back by lowering the valid length; the
-draft's is valid up to the first slot whose token changed. Stops end the generation as in
-`generate` (later tokens of the round are dropped).
+draft's is valid up to the first slot whose token changed. A model with recurrent layers (Gated
+DeltaNet: state that a valid length cannot shorten) snapshots that state before each round and, on
+a rejection, restores it and re-feeds the kept tokens with the next round's forward. Stops end the
+generation as in `generate` (later tokens of the round are dropped).
 
 Legend: V vocab, X positions scored in one round (g + 1), G proposed tokens (g <= gamma).
 """
@@ -155,6 +157,26 @@ class _Cached:
         self.model, self.device = model, model.embed.weight.device
         self.cache = model.new_cache(1, slots)
         self.length = 0
+        self.recurrent = [layer for layer in self.cache.layers if hasattr(layer, "snapshot")]
+        self.marked = None  # (length, recurrent states) at the round's start
+
+    def mark(self) -> None:
+        """Remember the recurrent state now (nothing to do for a cache of slots alone)."""
+        if self.recurrent:
+            self.marked = (self.length, [layer.snapshot() for layer in self.recurrent])
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first `length` tokens: lower the valid length, or, with recurrent layers, go back
+        to the mark (the caller feeds context[self.length:] again)."""
+        if length >= self.length:
+            return
+        if not self.recurrent:
+            self.length = length
+            return
+        self.length, states = self.marked
+        assert self.length <= length, "internal: rollback past the mark"
+        for layer, state in zip(self.recurrent, states):
+            layer.restore(state)
 
     def feed(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits (T, V) after writing `tokens` at the end of the valid cache."""
@@ -176,6 +198,7 @@ def _speculative_loop(target, draft, prompt, max_new_tokens, gamma, ngram, tempe
     while len(out) < max_new_tokens:
         g_max = min(gamma, max_new_tokens - len(out) - 1)  # the round's last token is drawn from p
         if dft is not None:
+            dft.mark()
             proposal, q_rows, feed = [], [], context[dft.length:]  # first the (one or two) tokens it has not seen
             for _ in range(g_max):
                 logits_V = dft.feed(feed)[-1]
@@ -188,7 +211,8 @@ def _speculative_loop(target, draft, prompt, max_new_tokens, gamma, ngram, tempe
             q_GV = torch.stack(q_rows).to(tgt.device) if proposal else None
         else:
             proposal, q_GV = ngram_proposal(context, ngram, g_max), None
-        logits_XV = tgt.feed([context[-1]] + proposal)
+        tgt.mark()  # the target holds the context but its last token (more after a recurrent rollback)
+        logits_XV = tgt.feed(context[tgt.length:] + proposal)[-(len(proposal) + 1):]
         stats.target_forward_passes += 1
         p_XV = filtered_probs(logits_XV, temperature, top_k, top_p)
         emitted, n_accepted = verify(p_XV, proposal, q_GV, generator, greedy=greedy)
@@ -196,9 +220,9 @@ def _speculative_loop(target, draft, prompt, max_new_tokens, gamma, ngram, tempe
         stats.accepted += n_accepted
         # roll back: the target keeps the context plus the accepted tokens (the emitted last one is fed
         # next round); the draft keeps its slots up to the first token that changed
-        tgt.length -= len(proposal) - n_accepted
+        tgt.rollback(tgt.length - (len(proposal) - n_accepted))
         if dft is not None:
-            dft.length = min(dft.length, len(context) + n_accepted)
+            dft.rollback(min(dft.length, len(context) + n_accepted))
         for token in emitted:
             out.append(token)
             context.append(token)

@@ -20,8 +20,10 @@ def from_model_config(cfg) -> Arch:
                          qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                          v_head_dim=cfg.v_head_dim)
     else:
+        sliding = sum(cfg.layer_type(i) == "sliding" for i in range(cfg.n_layers))
         attn = Attention("mha", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
-                         qk_norm=cfg.qk_norm)
+                         qk_norm=cfg.qk_norm, out_bias=cfg.attention_out_bias, sinks=cfg.attention_sinks,
+                         sliding_window=cfg.sliding_window or 0, sliding_layers=sliding)
     ffns = []
     for i in range(cfg.n_layers):
         if cfg.is_dense_layer(i):
@@ -29,7 +31,8 @@ def from_model_config(cfg) -> Arch:
         else:
             m = cfg.moe
             ffns.append(FFN("moe", num_experts=m.num_experts, top_k=m.top_k, d_expert=m.d_expert,
-                            d_shared=m.shared_dim if m.num_shared_experts else 0, shared_gate=m.shared_gate))
+                            d_shared=m.shared_dim if m.num_shared_experts else 0, shared_gate=m.shared_gate,
+                            router_bias=m.router_bias, expert_bias=m.expert_bias))
     notes = (cfg.notes,) if cfg.notes else ()
     return Arch(cfg.name, cfg.d_model, cfg.vocab_size, attn, tuple(ffns), tie_embeddings=cfg.tie_embeddings,
                 max_seq_len=cfg.max_seq_len, dtype=cfg.dtype, notes=notes)

@@ -44,13 +44,19 @@ def forward_flops_per_token(arch: Arch, ctx: float) -> float:
     return sum(flops_by_component(arch, ctx).values())
 
 
-def kv_bytes_per_token(arch: Arch, nbytes: float) -> float:
+def kv_bytes_per_token(arch: Arch, nbytes: float, ctx: float = 0) -> float:
+    """KV cache bytes per token; with a context `ctx`, sliding-window layers count min(ctx, W) / ctx of
+    theirs (their cache holds only the window)."""
     a = arch.attention
     if a is None:
         return 0.0
     if a.kind == "mla":
         return arch.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * nbytes
-    return formulas.kv_bytes_per_token(arch.n_layers, a.n_kv_heads, a.head_dim, nbytes)
+    if not a.sliding_layers:
+        return formulas.kv_bytes_per_token(arch.n_layers, a.n_kv_heads, a.head_dim, nbytes)
+    per_layer = formulas.kv_bytes_per_token(1, a.n_kv_heads, a.head_dim, nbytes)
+    held = min(ctx, a.sliding_window) / ctx if ctx and a.sliding_window else 1.0
+    return per_layer * (arch.n_layers - a.sliding_layers + a.sliding_layers * held)
 
 
 def weight_bytes_by_component(arch: Arch, prec: Precision) -> Dict[str, float]:
@@ -73,7 +79,7 @@ def decode_step_bytes(arch: Arch, prec: Precision, B: int, ctx: float, kv_nbytes
     moe = arch.moe
     if moe is not None:
         read += by["experts"] * formulas.experts_touched(moe.num_experts, moe.top_k, B) / moe.num_experts
-    return read + B * ctx * kv_bytes_per_token(arch, kv_nbytes)
+    return read + B * ctx * kv_bytes_per_token(arch, kv_nbytes, ctx)
 
 
 def decode(arch: Arch, prec: Precision, hw_flops: float, bw: float, B: int, ctx: float, kv_nbytes: float) -> Dict[str, float]:

@@ -14,7 +14,8 @@ FORMULAS = {
     "dense_layer_flops": "24·d² per layer per token (QKV 6d², output 2d², FFN 16d²)",
     "forward_flops": "2·N_matmul (active weights a token multiplies, head incl.) + attention 4·L·h·d_h·ctx",
     "training_flops": "6·N_matmul + 12·L·h·d_h·ctx",
-    "kv_bytes": "2·L·h_kv·d_h·bytes (MLA: L·(kv_lora_rank + qk_rope_head_dim)·bytes)",
+    "kv_bytes": "2·L·h_kv·d_h·bytes (MLA: L·(kv_lora_rank + qk_rope_head_dim)·bytes; sliding layers: "
+                "x min(C, W)/C)",
     "experts_touched": "E·(1 − (1 − K/E)^B) per MoE layer at batch B",
     "decode_time": "max(2·N_active·B / FLOPS, bytes_read / BW), bytes_read = weight bytes touched + KV bytes",
     "critical_batch": "B* = FLOPS·bytes_per_weight / (2·BW)",

@@ -65,6 +65,8 @@ def attention_tensors(arch: Arch, a: Attention) -> List[Tensor]:
         t += [Tensor("attention", "qkv.bias", q + 2 * kv, 1, matrix=False)]
     if a.out_bias:
         t += [Tensor("attention", "o_proj.bias", d, 1, matrix=False)]
+    if a.sinks:
+        t += [Tensor("attention", "sinks", a.n_heads, 1, matrix=False)]
     if a.qk_norm == "head":
         t += [Tensor("norms", "q_norm", a.head_dim, 1, matrix=False), Tensor("norms", "k_norm", a.head_dim, 1, matrix=False)]
     elif a.qk_norm == "full":
@@ -87,6 +89,11 @@ def ffn_tensors(arch: Arch, f: FFN) -> List[Tensor]:
     t = [Tensor("router", "router", E, d),
          Tensor("experts", "w13", 2 * n, d, count=E, per_expert=True),
          Tensor("experts", "w2", d, n, count=E, per_expert=True)]
+    if f.router_bias:
+        t += [Tensor("router", "router.bias", E, 1, matrix=False)]
+    if f.expert_bias:
+        t += [Tensor("experts", "b13", 2 * n, 1, count=E, matrix=False, per_expert=True),
+              Tensor("experts", "b2", d, 1, count=E, matrix=False, per_expert=True)]
     if f.d_shared:
         t += [Tensor("shared_experts", "shared.w13", 2 * f.d_shared, d), Tensor("shared_experts", "shared.w2", d, f.d_shared)]
         if f.shared_gate:

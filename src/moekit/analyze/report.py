@@ -50,7 +50,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
     # a bare layer has no context: its "prefill" is one forward over --tokens tokens
     pre = (estimate.prefill(arch, prec, peak, hw.bw, batch, ctx, kv_nbytes) if ctx
            else estimate.prefill(arch, prec, peak, hw.bw, tokens, 1, kv_nbytes))
-    mem = memory(arch, sum(by_comp.values()), sum(wbytes.values()), estimate.kv_bytes_per_token(arch, kv_nbytes),
+    mem = memory(arch, sum(by_comp.values()), sum(wbytes.values()), estimate.kv_bytes_per_token(arch, kv_nbytes, ctx),
                  batch, ctx, tokens, hw.memory, "fp32" if weights == "fp32" else "bf16")
     communication = None
     if dp is not None or ep is not None or nodes is not None:
@@ -79,7 +79,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
         "flops_per_token_forward": fwd,
         "flops_per_token_forward_by_component": flops_comp,
         "flops_per_token_training": 3 * fwd,
-        "kv_bytes_per_token": estimate.kv_bytes_per_token(arch, kv_nbytes),
+        "kv_bytes_per_token": estimate.kv_bytes_per_token(arch, kv_nbytes, ctx),
         "weight_bytes": sum(wbytes.values()),
         "weight_bytes_by_component": wbytes,
         "bytes_per_weight": bytes_per_weight,

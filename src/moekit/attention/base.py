@@ -65,16 +65,25 @@ def attend_spans(plan, layer_idx: int, q_BHTDh: torch.Tensor, new_state, attend)
     return torch.cat(outs, dim=2)
 
 
-def math_attention(q_BHTDh, k_BGSDh, v_BGSDh, mask_B1TS) -> torch.Tensor:
+def math_attention(q_BHTDh, k_BGSDh, v_BGSDh, mask_B1TS, sinks_H=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v with plain batched matmuls, GQA by grouping the query
     heads (no k/v copies). A row's bits do not depend on the batch size, unlike the CPU flash
     kernel's (its work split follows the thread count and the batch): the batch-invariant
-    numerics use this form for batches of several rows (the engine's decode step)."""
+    numerics use this form for batches of several rows (the engine's decode step).
+    mask None: causal, the T queries being the last T of the S keys. sinks_H (gpt-oss): a learned
+    logit per head joins each softmax as one more column, whose probability is then dropped."""
     B, H, T, Dh = q_BHTDh.shape
     G, S = k_BGSDh.shape[1], k_BGSDh.shape[2]
     R = H // G
+    if mask_B1TS is None:
+        k_S, q_T1 = torch.arange(S, device=q_BHTDh.device), torch.arange(S - T, S, device=q_BHTDh.device)[:, None]
+        mask_B1TS = (k_S <= q_T1)[None, None]
     q_BGRTDh = q_BHTDh.reshape(B, G, R * T, Dh)
     scores = torch.matmul(q_BGRTDh, k_BGSDh.transpose(-1, -2)) * (Dh ** -0.5)  # (B, G, R*T, S)
     scores = scores.view(B, G, R, T, S).masked_fill(~mask_B1TS[:, :, None], float("-inf"))
-    probs = torch.softmax(scores.view(B, G, R * T, S), dim=-1)
+    if sinks_H is None:
+        probs = torch.softmax(scores.view(B, G, R * T, S), dim=-1)
+    else:
+        sinks_BGRT1 = sinks_H.to(scores.dtype).view(1, G, R, 1, 1).expand(B, G, R, T, 1)
+        probs = torch.softmax(torch.cat([scores, sinks_BGRT1], dim=-1), dim=-1)[..., :S].reshape(B, G, R * T, S)
     return torch.matmul(probs, v_BGSDh).view(B, H, T, Dh)

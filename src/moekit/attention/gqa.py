@@ -1,7 +1,10 @@
 """Grouped-query attention: MHA (G = H), GQA, MQA (G = 1); q/k RMSNorm per head (Qwen3) or over
 the whole projection (OLMoE), q/k/v bias (Qwen2-MoE), clipping (OLMoE), rotate-half RoPE on the whole head or
-on its first rope_dim dims (partial rotary: GLM-4.5, MiniMax-M2), SDPA.
-Its layer cache holds keys and values (cache.KVLayerCache).
+on its first rope_dim dims (partial rotary: GLM-4.5, MiniMax-M2), SDPA; gpt-oss's attention sinks
+(a learned logit per head in each softmax, `math_attention`), o_proj bias and sliding-window layers
+(cfg.window(i): the last W keys, the query's own included).
+Its layer cache holds keys and values (cache.KVLayerCache); a sliding layer's holds only a ring of
+about the window (cache.WindowKVCache), which also builds the mask over it.
 
 Legend: B batch, T new tokens, S keys, D model dim, H heads, G KV heads, Dh head dim, R rotary dim (cfg.rope_dim).
 """
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVLayerCache
+from ..cache import KVLayerCache, WindowKVCache, window_visible
 from ..norm import RMSNorm
 from ..rope import apply_rope
 from .base import MLA_FIELDS, attend_spans, math_attention, refuse_fields, register_attention
@@ -20,6 +23,10 @@ from .base import MLA_FIELDS, attend_spans, math_attention, refuse_fields, regis
 
 @register_attention("gqa")
 class GQAttention(nn.Module):
+    supports_window = True
+    supports_sinks = True
+    supports_out_bias = True
+
     @classmethod
     def default_head_dim(cls, cfg) -> int:
         return cfg.d_model // cfg.n_heads if cfg.n_heads > 0 else 0
@@ -39,7 +46,9 @@ class GQAttention(nn.Module):
         self.q_proj = nn.Linear(D, H * Dh * (2 if cfg.attn_output_gate else 1), bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, G * Dh, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.attention_out_bias)
+        self.sinks = nn.Parameter(torch.zeros(H)) if cfg.attention_sinks else None
+        self.window = cfg.window(layer_idx)
         zc = cfg.zero_centred_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(Dh, cfg.norm_eps, zc), RMSNorm(Dh, cfg.norm_eps, zc)
@@ -48,8 +57,10 @@ class GQAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVLayerCache:
+    def new_cache(self, batch: int, max_len: int, dtype, device):
         cfg = self.cfg
+        if self.window is not None:
+            return WindowKVCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, self.window, dtype, device)
         return KVLayerCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
     def project(self, x_BTD, cos_BTR, sin_BTR):
@@ -76,13 +87,18 @@ class GQAttention(nn.Module):
         return q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE
 
     def attend(self, q_BHTDh, kv, span, numerics) -> torch.Tensor:
-        k_BGSDh, v_BGSDh = kv
-        if numerics.batch_invariant and q_BHTDh.shape[0] > 1 and span.mask_B1TS is not None:
-            return math_attention(q_BHTDh, k_BGSDh, v_BGSDh, span.mask_B1TS)
+        # a window cache returns its own mask; without a cache a sliding layer masks the new tokens here
+        k_BGSDh, v_BGSDh, mask_B1TS = kv if len(kv) == 3 else (*kv, span.mask_B1TS)
+        if self.window is not None and len(kv) == 2:
+            slot_1T = torch.arange(q_BHTDh.shape[2], device=q_BHTDh.device)[None]
+            visible_11TT = window_visible(slot_1T, slot_1T, self.window)[:, None]
+            mask_B1TS = visible_11TT if mask_B1TS is None else visible_11TT & mask_B1TS
+        if self.sinks is not None or (numerics.batch_invariant and q_BHTDh.shape[0] > 1 and mask_B1TS is not None):
+            return math_attention(q_BHTDh, k_BGSDh, v_BGSDh, mask_B1TS, self.sinks)
         gqa = self.cfg.n_kv_heads != self.cfg.n_heads
         # no mask: causal for a block of new tokens; one token (decoding) sees every key up to itself
-        causal = span.mask_B1TS is None and q_BHTDh.shape[2] > 1
-        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=span.mask_B1TS,
+        causal = mask_B1TS is None and q_BHTDh.shape[2] > 1
+        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1TS,
                                               is_causal=causal, enable_gqa=gqa)
 
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Load and save HF-format checkpoints (config.json + safetensors).
 
     model = load_hf("path/to/hf_dir")                 # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, GLM-4.5 (glm4_moe),
-                                                       # DeepSeek-V3 / Kimi K2 (deepseek_v3, kimi_k2: MLA), MiniMax-M2
+                                                       # DeepSeek-V3 / Kimi K2 (deepseek_v3, kimi_k2: MLA), MiniMax-M2,
+                                                       # gpt-oss (gpt_oss; MXFP4 experts stay packed: hf/packed.py)
     save_hf(model, "out_dir", layout="per_expert")     # loads in transformers with the same logits
     export_problems(model_cfg)                         # [] when save_hf will take it (checked before training)
     moekit convert SRC DST [--dtype bfloat16] [--model-type mixtral] [--layout fused]   # SRC: any load_model source
@@ -52,6 +53,7 @@ from .convert import SIDE_FILES, cli
 from .deepseek_v3 import DeepseekV3Spec, KimiK2Spec
 from .glm4_moe import Glm4MoeSpec
 from .gpt2 import Gpt2Spec
+from .gpt_oss import GptOssSpec
 from .io import CONFIG_FILE, INDEX_FILE, MAX_SHARD_BYTES, SINGLE_FILE, PathLike
 from .llama import LlamaSpec
 from .minimax_m2 import MiniMaxM2Spec
@@ -59,7 +61,9 @@ from .load import load_hf
 from .mixtral import MixtralSpec
 from .olmoe import OlmoeSpec
 from .qwen2_moe import Qwen2MoeSpec
+from .qwen3_5_moe import Qwen35MoeSpec, Qwen35MoeTextSpec
 from .qwen3_moe import Qwen3MoeSpec
+from .qwen3_next import Qwen3NextSpec
 from .save import check_representable, export_problems, save_hf
 from .tokenizer import TOKEN_ID_KEYS
 from .spec import (LAYOUTS, SPECS, ArchSpec, Piece, config_from_hf, config_to_hf, get_spec, infer_model_type,
@@ -74,6 +78,10 @@ register(Glm4MoeSpec())
 register(DeepseekV3Spec())  # MLA (attention/mla.py); its tensor names: hf/deepseek_v3.py
 register(KimiK2Spec())  # DeepSeek-V3's layout
 register(MiniMaxM2Spec())  # Mixtral-style experts, sigmoid router, partial rotary
+register(GptOssSpec())  # sinks, sliding windows, biased clamped-SwiGLU experts (MXFP4 checkpoints)
+register(Qwen3NextSpec())  # hybrid: Gated DeltaNet + gated attention (attention/gated_deltanet.py)
+register(Qwen35MoeTextSpec())  # Qwen3.5/3.6-MoE text model: qwen3_next with split projections
+register(Qwen35MoeSpec())  # its multimodal checkpoints: the text model is loaded
 register(LlamaSpec())  # analysis only
 register(Gpt2Spec())  # analysis only
 

@@ -11,6 +11,7 @@ import torch
 from ..checkpoint import load_tokenizer
 from ..model import Transformer
 from .io import PathLike, dtype_name, read_config, read_weights, resolve_dtype, weight_files
+from .packed import QuantizedParts, quant_method
 from .spec import Piece, get_spec
 
 
@@ -20,33 +21,65 @@ def _listing(items: List[str], limit: int = 8) -> str:
 
 
 class StateBuilder:
-    """Collects moekit tensors from HF pieces, checking shapes and coverage."""
+    """Collects moekit tensors from HF pieces, checking shapes and coverage; the parts of quantized
+    tensors (hf/packed.py) are joined first: into float tensors, or packed weights (`self.packed`)."""
 
-    def __init__(self, table: Dict[str, Piece], shapes: Dict[str, torch.Size], dtype, device):
+    def __init__(self, table: Dict[str, Piece], shapes: Dict[str, torch.Size], dtype, device,
+                 parts: Optional[QuantizedParts] = None):
         self.table, self.shapes, self.dtype, self.device = table, shapes, dtype, device
+        self.parts = parts or QuantizedParts(None, {})
         self.state: Dict[str, torch.Tensor] = {}
+        self.packed: Dict[str, object] = {}  # target -> QuantizedWeight (MXFP4 experts kept packed)
         self.read: Dict[str, List[str]] = defaultdict(list)  # target -> HF keys read
         self.unexpected: List[str] = []
 
     def expected_shape(self, key: str) -> Optional[Tuple[int, ...]]:
+        split = self.parts.split(key)
+        if split is not None:
+            return self.parts.expected_shape(key, self.expected_shape(split[0]))
         piece = self.table.get(key)
         return None if piece is None else piece.shape_in(self.shapes.get(piece.target, ()))
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        split = self.parts.split(key)
+        if split is not None or self.parts.waits_for(key, tensor):
+            base, part = split or (key, "")
+            whole = self.parts.add(base, tensor, part)
+            if isinstance(whole, tuple):
+                self.add_packed(base, *whole[1:])
+            elif whole is not None:
+                self.add(base, whole)
+            return
         piece = self.table[key]
         if piece.target is None:
             return
         self.read[piece.target].append(key)
         dtype = torch.float32 if piece.float32 else self.dtype
+        tensor = piece.from_hf(tensor)
         if piece.whole:
-            self.state[piece.target] = tensor.to(self.device, dtype)
+            self.state[piece.target] = tensor.to(self.device, dtype).contiguous()
             return
         full = self.state.get(piece.target)
         if full is None:
             full = self.state[piece.target] = torch.empty(self.shapes[piece.target], dtype=dtype, device=self.device)
         piece.view(full).copy_(tensor)
 
+    def add_packed(self, key: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        """An MXFP4 matrix kept packed; HF's interleaved gate/up rows reordered to moekit's halves."""
+        from ..quantize.modules import QuantizedWeight
+
+        piece = self.table[key]
+        if piece.layout == "interleave_t":
+            blocks, scales = (torch.cat(t.unflatten(1, (-1, 2)).unbind(2), dim=1) for t in (blocks, scales))
+        self.read[piece.target].append(key)
+        self.packed[piece.target] = QuantizedWeight.from_mxfp4_blocks(blocks.to(self.device), scales.to(self.device),
+                                                                      self.dtype)
+
     def check_complete(self) -> None:
+        waiting = self.parts.incomplete()
+        if waiting:
+            parts = _listing([f"{k!r} (has {', '.join(p or 'weight' for p in v)})" for k, v in waiting.items()])
+            raise ValueError(f"incomplete quantized tensors in the checkpoint: {parts}")
         if self.unexpected:
             unexpected = _listing([repr(k) for k in self.unexpected])
             raise ValueError(f"unexpected tensors in the checkpoint (moekit has no place for them): {unexpected}")
@@ -81,9 +114,18 @@ class StateBuilder:
         return [alternatives]
 
 
-def materialize(model: Transformer, state: Dict[str, torch.Tensor], device) -> None:
-    """Assign the loaded tensors to the meta-device model (no second copy); zero the buffers
-    HF does not store (expert_bias, token counters) and rebuild the RoPE table."""
+def materialize(model: Transformer, state: Dict[str, torch.Tensor], device, packed=None) -> None:
+    """Assign the loaded tensors to the meta-device model (no second copy), the packed weights in
+    place of their float parameters; zero the buffers HF does not store (expert_bias, token counters)
+    and rebuild the RoPE table."""
+    for target, weight in (packed or {}).items():
+        module_name, name = target.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        delattr(module, name)
+        setattr(module, name, weight)
+        state.update({f"{target}.{k}": v for k, v in weight.state_dict().items()})
+    if packed:
+        model.quantization = {"method": "mxfp4", "quantize_head": False, "experts_only": True}
     buffers = {name for name, _ in model.named_buffers()}
     for name, meta in model.state_dict().items():
         if name in state:
@@ -99,12 +141,15 @@ def materialize(model: Transformer, state: Dict[str, torch.Tensor], device) -> N
     model.inv_freq = model.rope_inv_freq().to(device)
 
 
-def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) -> Transformer:
+def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False,
+            dequantize: bool = False) -> Transformer:
     """Load an HF checkpoint directory as a moekit Transformer (eval mode).
 
     dtype: torch.dtype or name; None keeps config.json's dtype. Shards are read one at a
     time straight into the final tensors. `model.tokenizer` is the directory's
-    tokenizer.json as a `tokenizers.Tokenizer`, or None.
+    tokenizer.json as a `tokenizers.Tokenizer`, or None. Quantized checkpoints (hf/packed.py):
+    block-FP8 weights are dequantized; MXFP4 experts (gpt-oss) stay packed as weight-only mxfp4
+    (`model.quantization`), or become float weights with dequantize=True (for training).
     """
     path = Path(path)
     hf = read_config(path)
@@ -120,7 +165,8 @@ def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) ->
     table = {**spec.tensor_table(cfg, "per_expert"), **spec.tensor_table(cfg, "fused")}
     if cfg.tie_embeddings:
         table["lm_head.weight"] = Piece("lm_head.weight", optional=True)
-    builder = StateBuilder(table, shapes, cfg.torch_dtype, torch.device(device))
+    parts = QuantizedParts(quant_method(hf), hf, spec.mxfp4_matrices, dequantize)
+    builder = StateBuilder(table, shapes, cfg.torch_dtype, torch.device(device), parts)
     read_weights(files, builder, progress)
     builder.unexpected = [key for key in builder.unexpected if not spec.skips(key, cfg)]
     builder.check_complete()
@@ -128,7 +174,7 @@ def load_hf(path: PathLike, dtype=None, device="cpu", progress: bool = False) ->
     if head_VD is not None and not torch.equal(head_VD, builder.state["embed.weight"]):  # transformers would untie
         raise ValueError("config.json has tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
                          "model.embed_tokens.weight; set tie_word_embeddings to false to load both")
-    materialize(model, builder.state, device)
+    materialize(model, builder.state, device, builder.packed)
     if parsed.attention_factor != 1.0:  # scale q and k so scores match transformers' YaRN cos/sin (RoPE is linear)
         with torch.no_grad():
             for attn in (block.attn for block in model.layers):

@@ -57,7 +57,19 @@ def _hf_tensor(state: Dict[str, torch.Tensor], piece: Piece, dtype: torch.dtype)
     if piece.target is None:
         return torch.zeros(piece.shape, dtype=dtype)
     # a copy: safetensors refuses views that share storage (experts of one w13)
-    return piece.view(state[piece.target].detach()).to("cpu", dtype, copy=True).contiguous()
+    return piece.to_hf(piece.view(state[piece.target].detach())).to("cpu", dtype, copy=True).contiguous()
+
+
+def dense_state(model: Transformer) -> Dict[str, torch.Tensor]:
+    """The state dict with each quantized weight (a packed MXFP4 expert, quantize_model's) dequantized:
+    HF checkpoints hold float tensors."""
+    from ..quantize.modules import QuantizedWeight
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedWeight):
+            state[name] = module.dense()
+    return state
 
 
 def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None, layout: str = "per_expert",
@@ -68,7 +80,8 @@ def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None
     model_type: a registered architecture (SUPPORTED); None infers it (`infer_model_type`).
     layout: "per_expert" (hub / transformers save_pretrained format; loads in transformers 4
         and 5) or "fused" (3-D gate_up_proj/down_proj expert tensors; transformers >= 5 only).
-    dtype: torch.dtype or name for the written tensors; None keeps the model's.
+    dtype: torch.dtype or name for the written tensors; None keeps the model's. Quantized weights
+        (packed MXFP4 experts) are written dequantized in that dtype.
     max_shard_bytes: above this the weights are split into shards with an index file.
     extra_config: config.json entries to add (e.g. token ids); they never override ours.
     With `model.tokenizer` set, the tokenizer files transformers' AutoTokenizer needs are written
@@ -84,7 +97,7 @@ def save_hf(model: Transformer, path: PathLike, model_type: Optional[str] = None
     spec = get_spec(model_type)
     dtype = resolve_dtype(dtype) or model.embed.weight.dtype
     table = spec.tensor_table(cfg, layout)
-    state = model.state_dict()
+    state = dense_state(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
 
     path = Path(path)

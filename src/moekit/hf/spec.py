@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
+
 from ..config import ModelConfig, MoEConfig
 
 LAYOUTS = ("per_expert", "fused")
@@ -36,6 +38,9 @@ class Piece:
     shape: Optional[Tuple[int, ...]] = None
     optional: bool = False  # loading: may be absent (a tied lm_head.weight)
     float32: bool = False  # stored and loaded in float32 whatever the model's dtype (glm4_moe's router bias)
+    # HF's arrangement of the tensor (gpt-oss experts): None as moekit's; "t" the last two dims swapped;
+    # "interleave" gate/up halves of the last dim as alternating columns; "interleave_t" both (rows, then swap)
+    layout: Optional[str] = None
 
     @property
     def whole(self) -> bool:
@@ -56,7 +61,26 @@ class Piece:
         shape = list(full_shape if self.expert is None else full_shape[1:])
         if self.half is not None:
             shape[0] //= 2
+        if self.layout in ("t", "interleave_t"):
+            shape[-2:] = shape[-1:-3:-1]
         return tuple(shape)
+
+    def to_hf(self, t):
+        """moekit's arrangement of this piece -> HF's (a new tensor when the layout differs)."""
+        if self.layout in ("interleave", "interleave_t"):
+            dim = -2 if self.layout == "interleave_t" else -1  # the gate/up dim: rows of w13, the bias's last
+            gate, up = t.chunk(2, dim=dim)
+            t = torch.stack([gate, up], dim=dim).flatten(dim - 1, dim)
+        return t.transpose(-1, -2) if self.layout in ("t", "interleave_t") else t
+
+    def from_hf(self, t):
+        """HF's arrangement -> moekit's (the inverse of `to_hf`)."""
+        if self.layout in ("t", "interleave_t"):
+            t = t.transpose(-1, -2)
+        if self.layout in ("interleave", "interleave_t"):
+            dim = -2 if self.layout == "interleave_t" else -1
+            t = torch.cat(t.unflatten(dim, (-1, 2)).unbind(dim), dim=dim)
+        return t
 
 
 def swiglu_pieces(hf_prefix: str, target: str, names=("gate_proj", "up_proj", "down_proj"),
@@ -139,11 +163,11 @@ def rope_scaling_from_hf(hf: dict, max_pos: int) -> Tuple[Optional[dict], float]
                 "high_freq_factor": float(params["high_freq_factor"]),
                 "original_max_position_embeddings": original}, 1.0
     if kind == "yarn":
-        if params.get("truncate", True) is False:
-            raise ValueError("YaRN with truncate=False is not supported")
         factor = float(params.get("factor") or max_pos / original)
         scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
                    "beta_fast": float(params.get("beta_fast") or 32.0), "beta_slow": float(params.get("beta_slow") or 1.0)}
+        if params.get("truncate", True) is False:
+            scaling["truncate"] = False
         return scaling, yarn_attention_factor(params, factor)
     raise ValueError(f"unsupported rope type {kind!r}; moekit supports default, linear, llama3 and yarn")
 
@@ -162,6 +186,8 @@ def rope_scaling_to_hf(cfg: ModelConfig) -> Optional[dict]:
         out.update(original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 4096)),
                    beta_fast=float(scaling.get("beta_fast", 32.0)), beta_slow=float(scaling.get("beta_slow", 1.0)),
                    attention_factor=1.0)  # moekit's RoPE has no cos/sin scale
+        if scaling.get("truncate", True) is False:
+            out["truncate"] = False
     return out
 
 
@@ -195,6 +221,7 @@ class ArchSpec:
     expert_bias: bool = False  # stores router.expert_bias (the aux-loss-free selection bias)
     writes_head_dim: bool = True  # config.json holds head_dim (False: transformers derives it)
     partial_rotary: bool = False  # RoPE may cover only the first rotary_dim dims of each head
+    mxfp4_matrices: Tuple[str, ...] = ()  # HF names (key endings) an MXFP4 checkpoint packs (hf/packed.py)
 
     # config.json names of the MoE layer's shape
     num_experts_key: ConfigKey = "num_experts"
