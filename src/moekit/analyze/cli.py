@@ -35,6 +35,8 @@ def build_parser():
                    "or --nodes full nodes")
     p.add_argument("--ep", type=int, help="expert-parallel degree E (divides --dp and num_experts; default 1)")
     p.add_argument("--nodes", type=int, help="nodes the --dp GPUs span (default: as few as hold them)")
+    p.add_argument("--precision", help="also the low-precision training table (analyze/lowp.py): 'all' or one "
+                   "recipe (none, fp8-tensorwise, fp8-rowwise, fp8-blockwise, mxfp8, mxfp4-bwd[:options])")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write roofline.png and decode_vs_batch.png into DIR")
     return p
@@ -51,6 +53,16 @@ def cli(argv: Optional[List[str]] = None) -> int:
         report = analyze(arch, hardware=args.hardware, weights=args.weights, kv_dtype=args.kv_dtype,
                          batch=args.batch, context=args.context, tokens=args.tokens, memory_gib=args.memory,
                          dp=args.dp, ep=args.ep, nodes=args.nodes)
+        if args.precision:
+            from .lowp import lowp_rows
+
+            rows = lowp_rows(arch, args.hardware if args.hardware != "local" else "local")
+            if args.precision != "all":
+                from ..lowp.recipes import get_recipe
+
+                name = getattr(get_recipe(args.precision), "name", "none")
+                rows = [r for r in rows if r["precision"] in ("none", name)]
+            report["lowp"] = rows
         if args.plot:
             from .plots import write_plots
 
@@ -59,4 +71,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         print(f"moekit analyze: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else render(report))
+    if "lowp" in report and not args.json:
+        from .lowp import render_lowp
+
+        print("\n" + render_lowp(report["lowp"], args.hardware))
     return 0

@@ -20,6 +20,7 @@ class Hardware:
     bw: float  # memory bandwidth, bytes/s
     memory: float = 0.0  # device memory, bytes (0: unknown)
     flops_fp8: Optional[float] = None  # peak dense fp8 FLOP/s, where the chip has fp8 tensor cores
+    flops_fp4: Optional[float] = None  # peak dense fp4 (MXFP4/NVFP4) FLOP/s, where the chip has fp4 tensor cores
     flops_fp32: Optional[float] = None  # measured only (local)
     note: str = ""
     link_bw: float = 0.0  # GPU to GPU inside a node, bytes/s per GPU per direction (0: unknown)
@@ -51,8 +52,10 @@ CATALOG = {
                      link_bw=NVLINK4, node_bw=NDR8, gpus_per_node=8),
     "h200": Hardware("h200", 989e12, 4.8e12, 141 * GIB, flops_fp8=1979e12, link_bw=NVLINK4, node_bw=NDR8,
                      gpus_per_node=8),
-    "b200": Hardware("b200", 2.25e15, 8.0e12, 180 * GIB, flops_fp8=4.5e15, link_bw=NVLINK5, node_bw=NDR8,
-                     gpus_per_node=8),
+    # B200 FP4 dense 9 PFLOPS: NVIDIA DGX B200 datasheet (72 PF FP8 / 144 PF FP4 training+inference per 8 GPUs,
+    # sparse; dense is half). H100/H200 have no FP4 tensor cores (FP8 peak 1979 TFLOPS dense: H100 datasheet).
+    "b200": Hardware("b200", 2.25e15, 8.0e12, 180 * GIB, flops_fp8=4.5e15, flops_fp4=9e15, link_bw=NVLINK5,
+                     node_bw=NDR8, gpus_per_node=8),
     "rtx4090": Hardware("rtx4090", 82.6e12, 1.008e12, 24 * GIB, link_bw=32e9, gpus_per_node=8),  # PCIe 4.0 x16
     "t4": Hardware("t4", 65e12, 320e9, 16 * GIB, note="65 TFLOPS is fp16 tensor-core, not fp32",
                    link_bw=16e9, gpus_per_node=8),  # PCIe 3.0 x16

@@ -53,6 +53,9 @@ TRAIN_HELP = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "bf16": "bf16 autocast on CUDA (CPU trains in float32)",
     "compile": "torch.compile the loss step",
+    "precision": "low-precision GEMMs: none, fp8-tensorwise, fp8-rowwise, fp8-blockwise, mxfp8, mxfp4-bwd; "
+                 "options after a colon, e.g. mxfp4-bwd:sr=0,rht=1,rht_block=64 or fp8-blockwise:keep=head+experts "
+                 "(docs/low_precision.md); kept on --resume",
     "cache_dir": "token shard cache (default ~/.cache/moekit)",
     "export_hf": "also write the final weights as an HF checkpoint here (checked before training starts)",
     "ep": "under torchrun: expert-parallel degree (divides dp_shard and num_experts; README \"Scaling out\")",
@@ -76,6 +79,7 @@ examples:
   moekit train --config my.toml --out runs/t      [train] and [model] (+ [model.moe]) tables
   moekit train --out runs/t --resume              continue from the run's checkpoint with its settings
   moekit train --out runs/t --resume --max-steps 800 --new-decay
+  moekit train --preset tiny --precision mxfp4-bwd:sr=1,rht=0   MXFP4 backward GEMMs, SR without the RHT
 """
 
 

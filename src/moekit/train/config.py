@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available
     bf16: bool = True  # bf16 autocast on CUDA (CPU trains in float32)
     compile: bool = False
+    precision: str = "none"  # low-precision GEMM recipe: NAME[:opt=v,...] (moekit.lowp.recipes; none: off)
     cache_dir: Optional[str] = None  # token shard cache; None: ~/.cache/moekit
     export_hf: Optional[str] = None  # also write the final weights as an HF checkpoint here
     # the parallel layout under torchrun (moekit.dist.mesh.Layout): a launch setting, not saved for resume
@@ -151,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        from ..lowp.recipes import get_recipe
+
+        get_recipe(self.precision)
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ValueError(f"tokenizer file {self.tokenizer!r} does not exist")
         model_config(self, self.vocab_size)
@@ -263,6 +267,7 @@ FIXED_REASON = {
     "corpus": "the data position refers to this corpus", "val_fraction": "the validation split is fixed",
     "preset": "the model is fixed", "model": "the model is fixed", "optimizer": "the optimizer state is fixed",
     "seed": "the data order and RNG streams are fixed",
+    "precision": "the GEMM numerics recipe is part of the run",
 }
 
 

@@ -176,6 +176,11 @@ class Trainer:
         self.model_cfg = mcfg
         self.model = Transformer(mcfg).to(self.device)
         self.model.tokenizer = self.tokenizer
+        if cfg.precision != "none":  # before parallelize: FSDP wraps the low-precision modules
+            from ..lowp.transform import apply_precision
+
+            apply_precision(self.model, cfg.precision)
+            self.log(f"precision: {cfg.precision} (emulated: quantise, dequantise, multiply in float32)")
         self.active_params = self.model.num_params(active=True)
         self.log(f"model {mcfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
                  f"{self.active_params / 1e6:.2f}M active")
