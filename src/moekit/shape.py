@@ -12,7 +12,9 @@ from typing import List, Optional, Tuple
 
 @dataclass(frozen=True)
 class Attention:
-    """kind "mha" covers MHA/GQA/MQA; kind "mla" is DeepSeek's multi-head latent attention."""
+    """kind "mha" covers MHA/GQA/MQA; kind "mla" is DeepSeek's multi-head latent attention. Hybrids
+    (Qwen3-Next, Qwen3.5-MoE) run Gated DeltaNet in `linear_layers` of the layers instead: no KV cache,
+    a fixed state per sequence (conv inputs C·(K−1), delta-rule state Hv·Dk·Dv, C = 2·Hk·Dk + Hv·Dv)."""
 
     kind: str = "mha"
     n_heads: int = 1
@@ -24,12 +26,26 @@ class Attention:
     sinks: bool = False  # a learned logit per head (gpt-oss)
     sliding_window: int = 0  # keys the sliding layers hold (gpt-oss); 0: none
     sliding_layers: int = 0  # how many layers slide (their KV cache holds only the window)
+    output_gate: bool = False  # q_proj also emits a gate per head: output times sigmoid(gate) (Qwen3-Next)
+    # Gated DeltaNet ("linear" layers; attention/gated_deltanet.py)
+    linear_layers: int = 0  # how many layers are Gated DeltaNet rather than this attention
+    linear_key_heads: int = 0  # Hk
+    linear_value_heads: int = 0  # Hv (value head j reads key head j // (Hv / Hk))
+    linear_key_dim: int = 0  # Dk
+    linear_value_dim: int = 0  # Dv
+    linear_conv_kernel: int = 0  # K of the causal depthwise conv over q, k, v
+    linear_fused_proj: bool = False  # Qwen3-Next's in_proj_qkvz / in_proj_ba (else in_proj_qkv, _z, _b, _a)
     # MLA only
     q_lora_rank: Optional[int] = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """C: the channels of the conv (q, k and v of every head)."""
+        return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
 
 
 @dataclass(frozen=True)

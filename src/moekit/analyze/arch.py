@@ -23,7 +23,14 @@ def from_model_config(cfg) -> Arch:
         sliding = sum(cfg.layer_type(i) == "sliding" for i in range(cfg.n_layers))
         attn = Attention("mha", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
                          qk_norm=cfg.qk_norm, out_bias=cfg.attention_out_bias, sinks=cfg.attention_sinks,
-                         sliding_window=cfg.sliding_window or 0, sliding_layers=sliding)
+                         sliding_window=cfg.sliding_window or 0, sliding_layers=sliding,
+                         output_gate=cfg.attn_output_gate)
+    linear = sum(cfg.layer_type(i) == "linear" for i in range(cfg.n_layers))
+    if linear:
+        attn = replace(attn, linear_layers=linear, linear_key_heads=cfg.linear_num_key_heads,
+                       linear_value_heads=cfg.linear_num_value_heads, linear_key_dim=cfg.linear_key_head_dim,
+                       linear_value_dim=cfg.linear_value_head_dim, linear_conv_kernel=cfg.linear_conv_kernel,
+                       linear_fused_proj=cfg.linear_fused_proj)
     ffns = []
     for i in range(cfg.n_layers):
         if cfg.is_dense_layer(i):

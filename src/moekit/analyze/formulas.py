@@ -14,10 +14,15 @@ FORMULAS = {
     "dense_layer_flops": "24·d² per layer per token (QKV 6d², output 2d², FFN 16d²)",
     "forward_flops": "2·N_matmul (active weights a token multiplies, head incl.) + attention 4·L·h·d_h·ctx",
     "training_flops": "6·N_matmul + 12·L·h·d_h·ctx",
-    "kv_bytes": "2·L·h_kv·d_h·bytes (MLA: L·(kv_lora_rank + qk_rope_head_dim)·bytes; sliding layers: "
-                "x min(C, W)/C)",
+    "kv_bytes": "2·L·h_kv·d_h·bytes over the attention layers (MLA: L·(kv_lora_rank + qk_rope_head_dim)·bytes; "
+                "sliding layers: x min(C, W)/C; Gated DeltaNet layers: none)",
+    "recurrent_state_bytes": "per sequence, per Gated DeltaNet layer: C·(K−1)·bytes (conv inputs) + "
+                             "Hv·Dk·Dv·4 (fp32 delta-rule state), C = 2·Hk·Dk + Hv·Dv",
+    "delta_rule_flops": "per token per value head: decode step 7·Dk·Dv; chunked (c = min(64, T)) "
+                        "c·(5·Dk + 3·Dv) + 6·Dk·Dv; plus the conv 2·C·K per layer",
     "experts_touched": "E·(1 − (1 − K/E)^B) per MoE layer at batch B",
-    "decode_time": "max(2·N_active·B / FLOPS, bytes_read / BW), bytes_read = weight bytes touched + KV bytes",
+    "decode_time": "max(FLOPs / FLOPS, bytes_read / BW), bytes_read = weight bytes touched + KV bytes "
+                   "+ recurrent state read and written",
     "critical_batch": "B* = FLOPS·bytes_per_weight / (2·BW)",
     "decode_bound_batch1": "tok/s = BW / bytes per token",
     "zero_across_batch": "P(zero across batch N) = X^N",
@@ -66,6 +71,26 @@ def kv_values_per_token(L: int, h_kv: int, d_h: int) -> int:
 
 def kv_bytes_per_token(L: int, h_kv: int, d_h: int, nbytes: float) -> float:
     return kv_values_per_token(L, h_kv, d_h) * nbytes
+
+
+DELTA_RULE_CHUNK = 64  # tokens per chunk of the chunked delta rule (attention/delta_rule.CHUNK)
+
+
+def delta_rule_step_flops(Hv: int, Dk: int, Dv: int) -> float:
+    """One token of the recurrent form: decay the (Dk, Dv) state, kᵀS, the rank-1 update, qᵀS."""
+    return 7 * Hv * Dk * Dv
+
+
+def delta_rule_chunked_flops(Hv: int, Dk: int, Dv: int, chunk: float) -> float:
+    """Per token of the chunked form with chunks of `chunk` tokens: KKᵀ and QKᵀ (2·c·Dk each), the unit
+    triangular solve for [U0 W] (c·(Dv + Dk)), (QKᵀ ⊙ Γ)·U (2·c·Dv), and W·S, Q·S, Kᵀ·U against the
+    state (2·Dk·Dv each)."""
+    return Hv * (chunk * (5 * Dk + 3 * Dv) + 6 * Dk * Dv)
+
+
+def recurrent_state_bytes(Hv: int, Dk: int, Dv: int, conv_dim: int, kernel: int, nbytes: float) -> float:
+    """One sequence's state in one Gated DeltaNet layer (cache.RecurrentLayerCache)."""
+    return conv_dim * (kernel - 1) * nbytes + Hv * Dk * Dv * 4
 
 
 def experts_touched(E: int, K: int, B: float) -> float:

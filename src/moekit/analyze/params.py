@@ -59,7 +59,7 @@ def attention_tensors(arch: Arch, a: Attention) -> List[Tensor]:
                   Tensor("attention", "o_proj.bias", d, 1, matrix=False)]
         return t
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    t += [Tensor("attention", "q_proj", q, d), Tensor("attention", "k_proj", kv, d),
+    t += [Tensor("attention", "q_proj", q * (2 if a.output_gate else 1), d), Tensor("attention", "k_proj", kv, d),
           Tensor("attention", "v_proj", kv, d), Tensor("attention", "o_proj", d, q)]
     if a.qkv_bias:
         t += [Tensor("attention", "qkv.bias", q + 2 * kv, 1, matrix=False)]
@@ -72,6 +72,22 @@ def attention_tensors(arch: Arch, a: Attention) -> List[Tensor]:
     elif a.qk_norm == "full":
         t += [Tensor("norms", "q_norm", q, 1, matrix=False), Tensor("norms", "k_norm", kv, 1, matrix=False)]
     return t
+
+
+def linear_attention_tensors(arch: Arch, a: Attention) -> List[Tensor]:
+    """One Gated DeltaNet layer: the projections (fused or split: the same sizes), the depthwise conv
+    (C, 1, K), dt_bias and A_log (Hv), the gated RMSNorm (Dv) and out_proj."""
+    d, Hv, C = arch.d_model, a.linear_value_heads, a.linear_conv_dim
+    z = Hv * a.linear_value_dim
+    if a.linear_fused_proj:
+        t = [Tensor("attention", "in_proj_qkvz", C + z, d), Tensor("attention", "in_proj_ba", 2 * Hv, d)]
+    else:
+        t = [Tensor("attention", "in_proj_qkv", C, d), Tensor("attention", "in_proj_z", z, d),
+             Tensor("attention", "in_proj_b", Hv, d), Tensor("attention", "in_proj_a", Hv, d)]
+    return t + [Tensor("attention", "conv1d", C, a.linear_conv_kernel, matrix=False),
+                Tensor("attention", "dt_bias", Hv, 1, matrix=False), Tensor("attention", "A_log", Hv, 1, matrix=False),
+                Tensor("norms", "linear_norm", a.linear_value_dim, 1, matrix=False),
+                Tensor("attention", "out_proj", d, z)]
 
 
 def ffn_tensors(arch: Arch, f: FFN) -> List[Tensor]:
@@ -102,23 +118,32 @@ def ffn_tensors(arch: Arch, f: FFN) -> List[Tensor]:
 
 
 def layer_tensors(arch: Arch, f: FFN) -> List[Tensor]:
-    """One decoder block: its norms, attention and FFN."""
+    """One decoder block but its attention (counted apart, as layers differ in it): norms and FFN."""
     t: List[Tensor] = []
     if arch.attention is not None:
-        t += _norm(arch, "attn_norm", arch.d_model) + attention_tensors(arch, arch.attention) + _norm(arch, "ffn_norm", arch.d_model)
+        t += _norm(arch, "attn_norm", arch.d_model) + _norm(arch, "ffn_norm", arch.d_model)
     return t + ffn_tensors(arch, f)
 
 
+def times(tensors: List[Tensor], n_layers: int) -> List[Tensor]:
+    return [Tensor(x.component, x.name, x.rows, x.cols, x.count * n_layers, x.matrix, x.per_expert) for x in tensors]
+
+
 def model_tensors(arch: Arch) -> List[Tensor]:
-    """All weights, with layers of the same FFN kind folded into `count` (count = layers x experts)."""
+    """All weights, with layers of the same FFN kind (or attention kind) folded into `count`
+    (count = layers x experts)."""
     t: List[Tensor] = []
     if arch.vocab_size:
         t.append(Tensor("embedding", "embed", arch.vocab_size, arch.d_model))
         if arch.n_positions:
             t.append(Tensor("embedding", "pos_embed", arch.n_positions, arch.d_model))
     for f, n_layers in Counter(arch.ffns).items():
-        for x in layer_tensors(arch, f):
-            t.append(Tensor(x.component, x.name, x.rows, x.cols, x.count * n_layers, x.matrix, x.per_expert))
+        t += times(layer_tensors(arch, f), n_layers)
+    a = arch.attention
+    if a is not None:
+        t += times(attention_tensors(arch, a), arch.n_layers - a.linear_layers)
+        if a.linear_layers:
+            t += times(linear_attention_tensors(arch, a), a.linear_layers)
     if arch.vocab_size:
         t += _norm(arch, "final_norm", arch.d_model)
         if not arch.tie_embeddings:

@@ -40,6 +40,9 @@ def operations(arch: Arch, r: Dict) -> List[tuple]:
             ops.append(("decode attention (MLA latent KV)", score / ((a.kv_lora_rank + a.qk_rope_head_dim) * kvb)))
         else:
             ops.append(("decode attention over KV", 2 * (a.n_heads / a.n_kv_heads) / kvb))
+        if a.linear_layers:  # the step reads and writes each sequence's state, whatever the batch
+            ops.append(("decode delta rule step (state)", estimate.linear_mixer_flops(arch, 1)
+                        / (2 * estimate.state_bytes_per_sequence(arch, kvb) / a.linear_layers)))
         M, d = B * max(inp["context"], 1), arch.d_model
         ops.append((f"prefill projection, {M} tokens", 2 * M * d * d / (d * d * bpw + 2 * M * d * act_b)))
     moe = arch.moe

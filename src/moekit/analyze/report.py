@@ -50,8 +50,9 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
     # a bare layer has no context: its "prefill" is one forward over --tokens tokens
     pre = (estimate.prefill(arch, prec, peak, hw.bw, batch, ctx, kv_nbytes) if ctx
            else estimate.prefill(arch, prec, peak, hw.bw, tokens, 1, kv_nbytes))
+    state = estimate.state_bytes_per_sequence(arch, kv_nbytes) if ctx else 0.0
     mem = memory(arch, sum(by_comp.values()), sum(wbytes.values()), estimate.kv_bytes_per_token(arch, kv_nbytes, ctx),
-                 batch, ctx, tokens, hw.memory, "fp32" if weights == "fp32" else "bf16")
+                 batch, ctx, tokens, hw.memory, "fp32" if weights == "fp32" else "bf16", state)
     communication = None
     if dp is not None or ep is not None or nodes is not None:
         ep = 1 if ep is None else ep
@@ -70,6 +71,7 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
         "inputs": {"weights": weights, "kv_dtype": kv_dtype, "batch": batch, "context": ctx, "tokens": tokens},
         "n_layers": arch.n_layers,
         "n_moe_layers": len(arch.moe_ffns),
+        "n_linear_layers": arch.attention.linear_layers if arch.attention is not None else 0,
         "params_total": sum(by_comp.values()),
         "params_active": sum(by_comp_active.values()),
         "params_by_component": by_comp,
@@ -79,7 +81,11 @@ def analyze(arch: Arch, hardware="h100", weights: Optional[str] = None, kv_dtype
         "flops_per_token_forward": fwd,
         "flops_per_token_forward_by_component": flops_comp,
         "flops_per_token_training": 3 * fwd,
+        "flops_per_token_decode": estimate.forward_flops_per_token(arch, ctx, span=1),
+        "delta_rule_flops_per_token": {"chunked": estimate.linear_mixer_flops(arch, ctx),
+                                       "step": estimate.linear_mixer_flops(arch, 1)},
         "kv_bytes_per_token": estimate.kv_bytes_per_token(arch, kv_nbytes, ctx),
+        "recurrent_state_bytes_per_sequence": state,
         "weight_bytes": sum(wbytes.values()),
         "weight_bytes_by_component": wbytes,
         "bytes_per_weight": bytes_per_weight,
@@ -142,8 +148,9 @@ def fit_warning(r: Dict) -> str:
     """The report's first line when the model does not fit one device at the given batch and context."""
     m, inp, hw = r["memory"], r["inputs"], r["hardware"]
     inf = m["inference"]
-    what = (f"weights {_b(inf['weights'])} + KV cache {_b(inf['kv_cache'])} at batch {inp['batch']} x context "
-            f"{inp['context']}" if inp["context"] else f"weights {_b(inf['weights'])}")
+    state = f" + recurrent state {_b(inf['recurrent_state'])}" if inf["recurrent_state"] else ""
+    what = (f"weights {_b(inf['weights'])} + KV cache {_b(inf['kv_cache'])}{state} at batch {inp['batch']} x "
+            f"context {inp['context']}" if inp["context"] else f"weights {_b(inf['weights'])}")
     if inf["max_batch"] == 0:
         hint = "the weights alone do not fit"
     else:
@@ -162,12 +169,18 @@ def memory_rows(r: Dict) -> List[str]:
     unit = f"sequences of {C} tokens" if C else "tokens"
     pp = tr["bytes_per_param"]
     states = " + ".join(f"{k} {v}" for k, v in pp.items() if v)
+    state = inf["recurrent_state"]
+    plus, per_seq = (" + state", " + state per sequence") if state else ("", "")
     rows = [(f"weights ({inp['weights']})", _b(inf["weights"]), "stored bytes at the weight precision, scales included"),
-            (f"KV cache (B={B}, C={C}, {inp['kv_dtype']})", _b(inf["kv_cache"]), "B·C·KV bytes per token"),
+            (f"KV cache (B={B}, C={C}, {inp['kv_dtype']})", _b(inf["kv_cache"]),
+             "B·C·KV bytes per token" + (f" ({r['n_layers'] - r['n_linear_layers']} attention layers)" if state else "")),
+            (f"recurrent state (B={B}, {r['n_linear_layers']} Gated DeltaNet layers)", _b(state),
+             f"B·{_b(r['recurrent_state_bytes_per_sequence'])}: conv C·(K−1) at {inp['kv_dtype']} + Hv·Dk·Dv fp32, "
+             "any context") if state else None,
             ("inference total", f"{_b(inf['total'])}: {'fits' if inf['fits'] else 'DOES NOT FIT'}",
-             f"weights + KV vs usable {_b(m['usable'])} = {m['usable_fraction']:.0%} of {_b(m['device'])}"),
-            (f"largest batch that fits (C={C})", mb, "floor((usable − weights) / (C·KV bytes per token))"),
-            ("devices needed (inference)", str(inf["devices"]), "ceil((weights + KV) / usable)"),
+             f"weights + KV{plus} vs usable {_b(m['usable'])} = {m['usable_fraction']:.0%} of {_b(m['device'])}"),
+            (f"largest batch that fits (C={C})", mb, f"floor((usable − weights) / (C·KV bytes per token{per_seq}))"),
+            ("devices needed (inference)", str(inf["devices"]), f"ceil((weights + KV{plus}) / usable)"),
             (f"training states ({tr['dtype']}, AdamW)", _b(tr["states"]),
              f"params · {sum(pp.values())} B ({states})"),
             (f"training activations ({tr['tokens']} tokens)", _b(tr["activations"]),
@@ -175,7 +188,7 @@ def memory_rows(r: Dict) -> List[str]:
             ("training total", f"{_b(tr['total'])}: {'fits' if tr['fits'] else 'DOES NOT FIT'}", "states + activations"),
             (f"training: largest batch that fits ({unit})", tmb, "floor((usable − states) / activations per sequence)"),
             ("devices needed (training)", str(tr["devices"]), "ceil((states + activations) / usable), states sharded (FSDP)")]
-    return ["| memory | value | formula |", "|---|---:|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return ["| memory | value | formula |", "|---|---:|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in filter(None, rows)]
 
 
 def render(r: Dict) -> str:
@@ -204,9 +217,22 @@ def render(r: Dict) -> str:
                  (f"MoE arithmetic intensity (T={inp['tokens']})", f"{r['moe_arithmetic_intensity']:.1f} FLOP/B",
                   F["moe_arithmetic_intensity"]),
                  (f"experts touched per layer (B={inp['batch']})", f"{r['experts_touched_per_layer']:.1f}", F["experts_touched"])]
-    rows += [("forward FLOPs / token", _f(r["flops_per_token_forward"]), F["forward_flops"]),
-             ("training FLOPs / token", _f(r["flops_per_token_training"]), F["training_flops"]),
+    hybrid = r["n_linear_layers"] > 0
+    if hybrid:
+        rows += [("layers", f"{r['n_layers'] - r['n_linear_layers']} attention + {r['n_linear_layers']} Gated DeltaNet",
+                  "only the attention layers keep KV; the others a fixed state")]
+    lin = r["delta_rule_flops_per_token"]
+    rows += [("forward FLOPs / token", _f(r["flops_per_token_forward"]),
+              F["forward_flops"] + ("; L: the attention layers, Gated DeltaNet layers add delta rule + conv" if hybrid else "")),
+             (f"delta rule + conv / token / layer (chunked; decode step)", f"{_f(lin['chunked'])}; {_f(lin['step'])}",
+              F["delta_rule_flops"]) if hybrid else None,
+             ("training FLOPs / token", _f(r["flops_per_token_training"]),
+              "3 × forward" if hybrid else F["training_flops"]),
+             ("decode FLOPs / token", _f(r["flops_per_token_decode"]), "forward with the delta rule's one-token step")
+             if hybrid else None,
              ("KV cache / token", _b(r["kv_bytes_per_token"]), F["kv_bytes"]),
+             ("recurrent state / sequence", _b(r["recurrent_state_bytes_per_sequence"]), F["recurrent_state_bytes"])
+             if hybrid else None,
              ("critical batch B*", f"{r['critical_batch']:.0f}", F["critical_batch"]),
              ("break-even batch (this model)", f"{r['break_even_batch']}" if r["break_even_batch"] else "never (memory-bound)",
               "smallest B with compute time >= memory time, experts touched + KV included"),
