@@ -16,7 +16,7 @@ from ..presets import MODEL_PRESETS
 
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd")
-TRAINABLE_PRESETS = ("tiny", "small", "mla-tiny")  # the others are real models' shapes, for analysis
+TRAINABLE_PRESETS = ("tiny", "small", "mla-tiny", "gpt-oss-tiny", "hybrid-tiny")  # the others are real models' shapes, for analysis
 
 # model fields a run may set ([model] table, flags); the rest come from the preset or from training
 # (vocab_size from the tokenizer, max_seq_len from seq_len, dtype: training runs in float32)
@@ -36,6 +36,31 @@ MODEL_FIELDS = {
     "first_k_dense": "the first k blocks use a dense FFN (DeepSeek)",
     "sparse_step": "block i is MoE when (i + 1) %% step == 0 (Qwen2-MoE decoder_sparse_step)",
     "init_std": "standard deviation of the weight initialisation",
+    "attention": "attention kind of the full and sliding layers: gqa or mla",
+    "rotary_dim": "RoPE on the first rotary_dim dims of each head (GLM-4.5, MiniMax-M2; default all)",
+    "sliding_window": "keys a 'sliding' layer (layer_types) sees, itself included (gpt-oss: 128)",
+    "attention_sinks": "a learned per-head sink logit in each softmax (gpt-oss)",
+    "attention_out_bias": "bias on the attention output projection (gpt-oss)",
+    "attn_output_gate": "attention output times sigmoid(a gate from q_proj) (Qwen3-Next)",
+    "zero_centred_norm": "RMSNorm computes x * (1 + w) (Qwen3-Next)",
+    "q_lora_rank": "mla: query LoRA rank (none: a plain q_proj)",
+    "kv_lora_rank": "mla: width of the cached latent",
+    "qk_nope_head_dim": "mla: per-head query/key dims without RoPE",
+    "qk_rope_head_dim": "mla: rotary query dims per head and the shared rotary key",
+    "v_head_dim": "mla: per-head value dims",
+    "rope_interleave": "mla: RoPE on interleaved pairs (DeepSeek's layout)",
+    "linear_num_key_heads": "linear layers (Gated DeltaNet): key heads",
+    "linear_num_value_heads": "linear layers: value heads",
+    "linear_key_head_dim": "linear layers: key head dim",
+    "linear_value_head_dim": "linear layers: value head dim",
+    "linear_conv_kernel": "linear layers: causal conv kernel",
+    "linear_fused_proj": "linear layers: Qwen3-Next's fused in_proj_qkvz/in_proj_ba (else Qwen3.5's split ones)",
+}
+# model fields settable in a [model] table (or a .py config) but not as flags (lists and tables)
+TABLE_FIELDS = {
+    "layer_types": "per layer: 'full', 'sliding' or 'linear' (gpt-oss, Qwen3-Next)",
+    "dense_layers": "explicit dense layer indices (Qwen mlp_only_layers)",
+    "rope_scaling": "RoPE scaling table: {type = 'linear' | 'llama3' | 'yarn', factor = ..., ...}",
 }
 MOE_FIELDS = {
     "num_experts": "routed experts per MoE layer E",
@@ -58,6 +83,11 @@ MOE_FIELDS = {
     "token_rounding": "SonicMoE token rounding: 'up', 'down', 'nearest' or 'none'",
     "rounding_tile": "token rounding tile",
     "experts_impl": "expert backend (a runtime setting, not saved): reference, grouped, triton",
+    "activation": "expert activation: swiglu, or swiglu_oai (gpt-oss's clamped SwiGLU)",
+    "swiglu_limit": "swiglu_oai: the clamp limit (7.0)",
+    "swiglu_alpha": "swiglu_oai: the sigmoid slope (1.702)",
+    "expert_bias": "biases on the experts' matrices (gpt-oss)",
+    "router_bias": "a bias on the router logits (gpt-oss)",
 }
 
 SUFFIXES = {"s": 1, "m": 60, "h": 3600}
@@ -181,10 +211,12 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         raise ValueError(f"the [model] table must be a table of model fields, got {cfg.model!r}")
     overrides = dict(cfg.model)
     moe_overrides = overrides.pop("moe", None) or {}
-    unknown = sorted(set(overrides) - set(MODEL_FIELDS)) + sorted(f"moe.{k}" for k in set(moe_overrides) - set(MOE_FIELDS))
+    settable = {**MODEL_FIELDS, **TABLE_FIELDS}
+    unknown = sorted(set(overrides) - set(settable)) + sorted(f"moe.{k}" for k in set(moe_overrides) - set(MOE_FIELDS))
     if unknown:
         raise ValueError(f"unknown model settings: {', '.join(unknown)}; settable: "
-                         f"{', '.join(MODEL_FIELDS)}, moe: {', '.join(MOE_FIELDS)}")
+                         f"{', '.join(settable)}, moe: {', '.join(MOE_FIELDS)} (vocab_size, max_seq_len and dtype "
+                         "come from the tokenizer, seq_len and float32 training)")
     for key in ("qk_norm",):
         if overrides.get(key) == "none":
             overrides[key] = None
