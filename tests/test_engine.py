@@ -159,17 +159,18 @@ def test_n_sub_requests_use_consecutive_seeds(model):
 
 # ---------------------------------------------------------------------------- admission and cancellation
 def test_admission_control_under_a_tiny_kv_budget(model):
+    """4 blocks of 8 tokens: a request is admitted while blocks for its prompt are free beyond one
+    growth block per running request; the others wait (first come first served)."""
     sp = SamplingParams(max_tokens=8)
-    need = [len(p) + 8 for p in PROMPTS[:4]]  # 15, 10, 12, 78 tokens
-    engine = Engine(model, kv_budget=need[0] + need[1], **KW)
-    handles = [engine.submit(p, sp) for p in PROMPTS[:3]]
+    engine = Engine(model, kv_budget=32, block_size=8, **KW)
+    handles = [engine.submit(p, sp) for p in PROMPTS[:3]]  # 1 prompt block each
     engine.step()
     m = engine.metrics()
     assert m["running"] == 2 and m["queue_depth"] == 1  # the third waits for room
-    assert m["kv_reserved_tokens"] == need[0] + need[1] <= m["kv_capacity_tokens"]
+    assert m["kv_blocks_total"] == 4 and m["kv_blocks_in_use"] == 2 and m["kv_reserved_tokens"] == 16
     # a request that could never fit is rejected at once, and nothing is queued for it
     with pytest.raises(KVBudgetError, match="KV budget"):
-        engine.submit(PROMPTS[3], sp)
+        engine.submit(PROMPTS[3], sp)  # 70 + 8 tokens > 32
     assert [h.result().token_ids for h in handles] == sequential(model, PROMPTS[:3], 8)
     assert engine.metrics()["kv_reserved_tokens"] == 0
 

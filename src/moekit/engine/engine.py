@@ -6,8 +6,16 @@
     for event in handle:                 # streaming: new token ids and text deltas
         print(event.text, end="")
     handle.result()                      # Completion(token_ids, text, finish_reason, ...)
-    handle.cancel()                      # frees its KV reservation at the next step boundary
+    handle.cancel()                      # frees its KV blocks at the next step boundary
     engine.metrics(); engine.stop()
+
+KV memory is paged (kv.py, scheduler.py): the budget is `block_size`-token blocks, a request
+grows block by block, and when blocks run out the newest running request is preempted and later
+recomputed (same tokens and logprobs). With `prefix_caching` (default), full blocks of equal
+leading tokens are shared between requests and their prefill is skipped. Layer caches opt in to
+paging through the protocol in paged.py (`paged = False`: a per-request row of a row pool, as
+sliding-window rings and recurrent states need); a model with such a layer runs without prefix
+caching (`metrics()["prefix_caching_note"]` says why).
 
 Bitwise batch invariance (default; docs/architecture.md): a request's tokens and logprobs are
 the same whatever runs beside it. `batch_invariant=False` drops that for speed, as vLLM does:
@@ -26,6 +34,7 @@ requests wait for admission, `submit` raises QueueFullError. Design: docs/archit
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import sys
 import threading
@@ -40,11 +49,13 @@ from ..rope import rope_table
 from ..sampling import choose_tokens, ends_with_stop, new_generator, top_logprobs
 from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
 from .forward import DecodeStep, bucket_rows, prefill_forward
-from .kv import KVBudget, parse_budget
+from .kv import KVPool, parse_budget
 from .metrics import EngineMetrics
 from .params import Completion, Event, SamplingParams, stop_sequences
 from .scheduler import Scheduler, Sequence as Seq
 from .text import TextStream
+
+log = logging.getLogger(__name__)
 
 
 class RequestHandle:
@@ -102,7 +113,7 @@ class RequestHandle:
         return self.completion
 
     def cancel(self) -> None:
-        """Stop generating; the KV reservation is freed at the next step boundary."""
+        """Stop generating; its KV blocks are freed at the next step boundary."""
         if not self.done and self._seq is not None:
             self._seq.cancel_requested = True
             self.engine._inbox.put(("cancel", self._seq))
@@ -113,11 +124,11 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
                  eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, block_size: int = 16, prefix_caching: bool = True):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
-                             ("row_quantum", row_quantum, 1)):
+                             ("row_quantum", row_quantum, 1), ("block_size", block_size, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if prefill_chunk > max_step_tokens:
@@ -129,19 +140,29 @@ class Engine:
         weight = model.embed.weight
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        if not isinstance(batch_invariant, bool) or not isinstance(compile, bool):
-            raise ValueError(f"batch_invariant and compile must be True or False, got {batch_invariant!r}, {compile!r}")
+        for name, v in (("batch_invariant", batch_invariant), ("compile", compile), ("prefix_caching", prefix_caching)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
         self._threads = torch.get_num_threads()
         self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         budget = max_batch * cfg.max_seq_len if kv_budget is None else parse_budget(kv_budget, model, self.dtype)
-        self.kv = KVBudget(model, bucket_rows(max_batch, self.numerics.row_quantum), budget, self.dtype, self.device)
+        self.kv = KVPool(model, bucket_rows(max_batch, self.numerics.row_quantum), budget, block_size, self.dtype,
+                         self.device)
         self.decode_step = DecodeStep(model, self.kv, self.numerics, self._rope, compile)
-        self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens)
-        self.max_queue = max_queue
+        self.prefix_caching_note = None
+        if prefix_caching and not self.kv.all_paged:
+            kinds = sorted({type(c).__name__ for c, p in zip(self.kv.layers, self.kv.paged) if not p})
+            self.prefix_caching_note = f"prefix caching is off: layer caches {', '.join(kinds)} are not paged"
+            log.info("moekit engine: %s", self.prefix_caching_note)
+            prefix_caching = False
+        self.prefix_caching = prefix_caching
         self.metrics_ = EngineMetrics()
+        self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, max_step_tokens, prefix_caching,
+                                   self.numerics.batch_invariant, self.metrics_)
+        self.max_queue = max_queue
         self._inbox: "queue.Queue" = queue.Queue()
         self._ids = itertools.count()
         self._queued = 0  # submitted, not yet admitted (inbox + waiting)
@@ -265,7 +286,7 @@ class Engine:
                 else:
                     self.scheduler.waiting.append(seq)
             elif kind == "cancel" and seq.finish_reason is None:
-                if seq.cache is None and seq in self.scheduler.waiting:  # still queued
+                if not seq.admitted_before and seq in self.scheduler.waiting:  # still queued
                     self._dequeued(1)
                 self._finish(seq, "cancelled")
 
@@ -284,13 +305,15 @@ class Engine:
                 return False
             decoding = [s for s in plan if not s.in_prefill]
             prefilling = [s for s in plan if s.in_prefill]
-            segments = [s.next_segment(self.scheduler.prefill_chunk) for s in prefilling]
+            segments = [s.next_segment(self.scheduler.prefill_chunk, self.kv) for s in prefilling]
             prompt_tokens = sum(len(g.tokens) for g in segments)
+            sampled_rows = [i for i, s in enumerate(decoding) if s.samples]  # not recomputed tokens
             try:
                 with torch.inference_mode():
                     logits = []
                     if decoding:  # first: its throw-away rows write above every row's computed slots
-                        logits.append(self.decode_step(decoding, self.scheduler.running))
+                        logits_DV = self.decode_step(decoding, self.scheduler.running)
+                        logits.append(logits_DV if len(sampled_rows) == len(decoding) else logits_DV[sampled_rows])
                     if segments:
                         logits.append(prefill_forward(self.model, segments, self.numerics, self._rope))
                     logits_RV = torch.cat(logits)
@@ -303,7 +326,9 @@ class Engine:
                 s.computed += len(g.tokens)
             for s in decoding:
                 s.computed += 1
-            sampled = decoding + [s for s, g in zip(prefilling, segments) if g.want_logits]
+            for s in plan:
+                self.scheduler.register_computed(s)
+            sampled = [decoding[i] for i in sampled_rows] + [s for s, g in zip(prefilling, segments) if g.want_logits]
             for s, choice in zip(sampled, self._choose(logits_RV, sampled)):
                 if isinstance(choice, Exception):  # only this request fails
                     self._finish(s, "error", f"{type(choice).__name__}: {choice}")
@@ -443,15 +468,25 @@ class Engine:
     def metrics(self) -> dict:
         running = list(self.scheduler.running)
         prompt_rate, gen_rate, totals = self.metrics_.snapshot()
-        kv = self.kv
+        kv, blocks = self.kv, self.kv.blocks
+        queried = totals.get("prefix_query_tokens", 0)
         return {
             "queue_depth": self._queued,
             "running": len(running),
             "kv_capacity_tokens": kv.capacity,
-            "kv_reserved_tokens": kv.reserved,
+            "kv_reserved_tokens": blocks.in_use * kv.block_size,
             "kv_used_tokens": sum(s.computed for s in running),
-            "kv_usage": kv.reserved / kv.capacity,
+            "kv_usage": blocks.in_use / blocks.num_blocks,
             "kv_bytes_per_token": kv.bytes_per_token,
+            "kv_block_size": kv.block_size,
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_in_use": blocks.in_use,
+            "kv_blocks_cached": blocks.cached,
+            "kv_blocks_free": len(blocks.free),
+            "prefix_caching": self.prefix_caching,
+            "prefix_caching_note": self.prefix_caching_note,
+            "prefix_cache_hit_rate": totals.get("prefix_hit_tokens", 0) / queried if queried else 0.0,
+            "preemptions": totals.get("preemptions", 0),
             "prompt_tokens_per_s": prompt_rate,
             "generation_tokens_per_s": gen_rate,
             "totals": totals,

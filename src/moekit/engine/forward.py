@@ -2,15 +2,17 @@
 batch-invariant by default, so a request's logits are bitwise the same whatever else runs):
 
   * prefill: prompt chunks of several requests side by side in one ragged batch
-    (`ForwardPlan.ragged`), each written into and attending over its own row of the KV pool.
+    (`ForwardPlan.ragged`), each written into and attending over its own blocks (or row).
     Eager. Chunk boundaries are fixed multiples of prefill_chunk (independent of the load).
-  * decode: one token for every request past its prompt, one static-shape batch over pool
-    rows [0, bucket) and slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
+  * decode: one token for every request past its prefill, one static-shape batch over rows
+    [0, bucket) and logical slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
     up to a power of two (a multiple of the row quantum), the cache length to a power of two
-    >= 64. Under `compile=True` with invariance: dynamic shapes from the start, so every
-    bucket runs the same generated code. Rows that are not decoding (empty, or still in
-    their prompt) skip the routed experts (`active_rows`), write throw-away k/v at slot
-    S_bucket - 1 (no request has written it yet) and their logits are dropped.
+    >= 64. Paged layers read through the bucket's slot table (from the block tables) and
+    write at each row's pool slot (kv.py). Under `compile=True` with invariance: dynamic
+    shapes from the start, so every bucket runs the same generated code. Rows that are not
+    decoding (empty, or still in their prefill) skip the routed experts (`active_rows`), write
+    throw-away state to the trash block (paged layers) or at slot S_bucket - 1 of their row
+    (row-pool layers: no request has written it yet) and their logits are dropped.
 
 Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 """
@@ -24,6 +26,7 @@ import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
 from ..plan import ForwardPlan, Segment
+from .kv import TRASH
 
 PAD_ID, MIN_SLOTS = 0, 64
 
@@ -49,7 +52,6 @@ class DecodeStep:
     def __init__(self, model, kv, numerics: Numerics, rope_table, compile: bool):
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device, self.compile = model.embed.weight.device, compile
-        self.views = {}  # (bucket, slots) -> (valid mask, cache view)
         self.fn = model.decode_step
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
@@ -63,26 +65,25 @@ class DecodeStep:
             self.fn = fn
 
     def __call__(self, decoding: Sequence, running: Sequence) -> torch.Tensor:
-        """(len(decoding), V) float logits; `decoding` feed their last token, `running` are all
-        requests holding pool rows (for the bucket's cache length)."""
+        """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
+        one being recomputed), `running` are all requests holding rows (for the bucket's cache length)."""
         rows_used = max(s.row for s in running) + 1
         B = bucket_rows(rows_used, self.numerics.row_quantum)
         longest = max(s.computed for s in running) + 1
-        S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.row_len)
-        tokens = [PAD_ID] * B
-        slots = [S - 1] * B
+        S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
+        bs = self.kv.block_size
+        tokens, slots, writes = [PAD_ID] * B, [S - 1] * B, [TRASH * bs] * B
         for s in decoding:
-            tokens[s.row], slots[s.row] = s.out[-1], s.computed
-        ids_2B = torch.tensor([tokens, slots], dtype=torch.long, device=self.device)
-        if (B, S) not in self.views:  # the same view objects each step: cheaper guards under compile
-            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device),
-                                  self.kv.cache.rows(0, B).slots(S))
-        valid_BS, cache = self.views[(B, S)]
+            tokens[s.row], slots[s.row] = s.token(s.computed), s.computed
+            writes[s.row] = s.blocks[s.computed // bs] * bs + s.computed % bs
+        ids_3B = torch.tensor([tokens, slots, writes], dtype=torch.long, device=self.device)
+        valid_BS, cache, write_B = self.kv.decode_view(B, S)
+        write_B.copy_(ids_3B[2])
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
         # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles
         with shape_config.patch(use_duck_shape=False):
-            logits_BV = self.fn(ids_2B[0, :, None], ids_2B[1, :, None], ids_2B[1], valid_BS, cache, self.numerics,
+            logits_BV = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
                                 self.rope_table, self.compile, rows_R)
         logits_RV = logits_BV.index_select(0, rows_R).float()
         return logits_RV if order == sorted(order) else logits_RV[torch.argsort(torch.tensor(order))]

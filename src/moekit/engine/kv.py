@@ -1,31 +1,33 @@
-"""KV-cache memory budget and admission accounting.
+"""KV-cache memory: the budget in blocks, the block pools, block tables and the cache views
+the engine's two forwards run over.
 
-The budget is counted in tokens: an admitted request reserves prompt + max_tokens, and owns
-one row of a pooled cache (`max_batch` rows of min(context, budget) slots, allocated once)
-until it finishes, so the decode step runs all requests as one static-shape batch. So:
-
-  * a running request can never run out of KV memory (no preemption, no recomputation);
-  * the sum of reservations never exceeds the budget; a request that does not fit now
-    waits in the queue, and one larger than the whole budget is rejected (KVBudgetError);
-  * attention reads a request's cache as a plain strided view (no page gathers);
-  * the price is reserving max_tokens up front, and the pool's memory is rows x row length
-    whatever the budget admits (a paged pool would admit more, but needs preemption).
+The budget (tokens, or bytes of every layer's per-token state: `parse_budget`) becomes
+`budget // block_size` blocks of `block_size` slots. A request holds a block table (its
+blocks in position order) and grows block by block as it decodes; the sum never exceeds the
+budget. Each layer cache that can be paged (paged.py) is one batch-1 pool of
+(num_blocks + 1) x block_size slots, read through a slot table; a layer that cannot keeps
+per-request rows of a row pool of `rows` x (min(context, budget) + 1) slots, as before paging.
+Every running request also owns a row index: its row of the decode step's bucket.
 
 `parse_budget` reads "4096" (tokens) or sizes such as "64MiB", "1.5GB" (bytes of k + v).
+Legend: R rows, M blocks per row, B bucket rows, S slots, E a prefill's end slot.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-from typing import Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..cache import Cache
+from .blocks import BlockPool
 from .errors import KVBudgetError
+from .paged import PagedLayerCache, is_paged
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30}
+TRASH = 0  # block 0: where the decode step's rows that do not decode write
 
 
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
@@ -53,52 +55,95 @@ def parse_budget(value: Union[str, int], model, dtype: torch.dtype) -> int:
     return tokens
 
 
-class KVBudget:
-    """Token-granular reservations against a fixed budget, over one pooled cache.
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
 
-    The pool (`self.cache`, from `model.new_cache`) has `rows` batch rows of `row_len` slots;
-    an admitted request gets the lowest free row and owns it until it finishes. The engine's
-    prefill writes a request's row through a batch-1 view (`row_cache`), and its decode step
-    runs every row in [0, bucket) at once (static shapes). Memory: rows x row_len slots.
-    """
 
-    def __init__(self, model, rows: int, budget_tokens: int, dtype: torch.dtype, device):
+class KVPool:
+    """Blocks (`self.blocks`, a BlockPool) and the tensors behind them, plus the row indices."""
+
+    def __init__(self, model, rows: int, budget_tokens: int, block_size: int, dtype: torch.dtype, device):
         if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
             raise ValueError(f"kv budget must be a positive number of tokens, got {budget_tokens!r}")
+        if budget_tokens < block_size:
+            raise ValueError(f"KV budget of {budget_tokens} tokens holds no block of block_size={block_size} tokens")
         cfg = model.cfg
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        self.capacity = budget_tokens
-        self.reserved = 0
-        self.rows = rows
-        self.row_len = min(cfg.max_seq_len, budget_tokens)
-        # one spare slot: every view of the first S <= row_len slots is then strided alike (not
-        # contiguous), so the compiled decode step never recompiles for the view's layout
-        self.cache = model.new_cache(rows, self.row_len + 1, dtype, self.device)
+        self.block_size, self.rows, self.device = block_size, rows, torch.device(device)
+        self.num_blocks = budget_tokens // block_size
+        self.capacity = self.num_blocks * block_size  # tokens
+        self.max_slots = min(cfg.max_seq_len, self.capacity)  # the longest a request can get
         self.bytes_per_token = kv_bytes_per_token(model, dtype)
+        self.blocks = BlockPool(self.num_blocks)
+        kinds = model.new_cache(1, 1, dtype, "meta").layers
+        self.paged = [is_paged(layer) for layer in kinds]
+        n_slots = (self.num_blocks + 1) * block_size
+        # per layer: the batch-1 block pool (paged) or the row pool (one spare slot: every view of the first
+        # S <= max_slots slots is then strided alike, so the compiled step never recompiles for its layout)
+        self.layers = [model.layers[i].attn.new_cache(1, n_slots, dtype, self.device) if paged else
+                       model.layers[i].attn.new_cache(rows, self.max_slots + 1, dtype, self.device)
+                       for i, paged in enumerate(self.paged)]
+        self.pools = [(layer.k[0], layer.v[0]) if paged else None for layer, paged in zip(self.layers, self.paged)]
+        self.max_blocks = blocks_for(self.max_slots, block_size)
+        self.table_RM = torch.full((rows, self.max_blocks), TRASH, dtype=torch.long, device=self.device)
+        self.offsets = torch.arange(block_size, device=self.device)
         self.free_rows = list(range(rows))
-        self._lock = threading.Lock()
+        self.views: Dict[Tuple[int, int], tuple] = {}
+
+    @property
+    def all_paged(self) -> bool:
+        return all(self.paged)
 
     def check_fits(self, tokens: int) -> None:
         """Raise KVBudgetError when `tokens` can never fit (larger than the whole budget)."""
-        if tokens > self.capacity:
+        if blocks_for(tokens, self.block_size) > self.num_blocks:
             raise KVBudgetError(
                 f"the request needs {tokens} tokens of KV cache (prompt + max_tokens) but the server's whole "
                 f"KV budget is {self.capacity} tokens; lower max_tokens or shorten the prompt", "max_tokens")
 
-    def try_reserve(self, tokens: int) -> Optional[int]:
-        """A pool row with `tokens` reserved, or None when the budget (or the pool) has no room now."""
-        with self._lock:
-            if self.reserved + tokens > self.capacity or not self.free_rows:
-                return None
-            self.reserved += tokens
-            self.free_rows.sort()
-            return self.free_rows.pop(0)
+    # ------------------------------------------------------------------ rows and block tables
+    def take_row(self) -> Optional[int]:
+        if not self.free_rows:
+            return None
+        self.free_rows.sort()
+        row = self.free_rows.pop(0)
+        for layer, paged in zip(self.layers, self.paged):
+            reset = getattr(layer, "reset_rows", None)
+            if not paged and reset is not None:
+                reset(row, row + 1)
+        return row
 
-    def row_cache(self, row: int):
-        return self.cache.rows(row, row + 1)
+    def release_row(self, row: int) -> None:
+        self.table_RM[row].fill_(TRASH)
+        self.free_rows.append(row)
 
-    def release(self, row: int, tokens: int) -> None:
-        with self._lock:
-            self.reserved -= tokens
-            self.free_rows.append(row)
-            assert self.reserved >= 0
+    def set_blocks(self, row: int, first: int, blocks: List[int]) -> None:
+        """Entries first.. of the row's block table."""
+        if blocks:
+            self.table_RM[row, first:first + len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+
+    def slot_table(self, rows: slice, slots: int) -> torch.Tensor:
+        """(rows, slots) pool slots of logical slots [0, slots) of the rows, from their block tables."""
+        m = blocks_for(slots, self.block_size)
+        table = self.table_RM[rows, :m, None] * self.block_size + self.offsets
+        return table.reshape(table.shape[0], -1)[:, :slots]
+
+    # ------------------------------------------------------------------ the forwards' views
+    def segment_cache(self, row: int, end: int) -> Cache:
+        """One request's cache for a prefill chunk ending at slot `end` (batch 1)."""
+        table_1E = self.slot_table(slice(row, row + 1), end)
+        return Cache([PagedLayerCache(*pool, table_1E) if pool is not None else layer.rows(row, row + 1)
+                      for layer, pool in zip(self.layers, self.pools)])
+
+    def decode_view(self, B: int, S: int):
+        """(valid (B, S), cache, slot table (B, S), write slots (B,)) of the decode bucket; the same
+        objects for each (B, S), refreshed in place (cheaper guards under torch.compile)."""
+        if (B, S) not in self.views:
+            table_BS = torch.zeros(B, S, dtype=torch.long, device=self.device)
+            write_B = torch.zeros(B, dtype=torch.long, device=self.device)
+            cache = Cache([PagedLayerCache(*pool, table_BS, write_B) if pool is not None else
+                           layer.rows(0, B).slots(S) for layer, pool in zip(self.layers, self.pools)])
+            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B)
+        valid_BS, cache, table_BS, write_B = self.views[(B, S)]
+        if any(self.paged):
+            table_BS.copy_(self.slot_table(slice(0, B), S))
+        return valid_BS, cache, write_B

@@ -9,10 +9,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _GAUGES = [
     ("moekit_queue_depth", "queue_depth", "Requests waiting for admission (submitted, not yet running)."),
     ("moekit_running_requests", "running", "Requests being prefilled or decoded."),
-    ("moekit_kv_cache_capacity_tokens", "kv_capacity_tokens", "KV-cache budget in tokens."),
-    ("moekit_kv_cache_reserved_tokens", "kv_reserved_tokens", "KV-cache tokens reserved by running requests."),
+    ("moekit_kv_cache_capacity_tokens", "kv_capacity_tokens", "KV-cache budget in tokens (blocks x block size)."),
+    ("moekit_kv_cache_reserved_tokens", "kv_reserved_tokens", "KV-cache tokens in blocks held by running requests."),
     ("moekit_kv_cache_used_tokens", "kv_used_tokens", "KV-cache tokens written by running requests."),
-    ("moekit_kv_cache_usage_ratio", "kv_usage", "Reserved / capacity of the KV-cache budget (0..1)."),
+    ("moekit_kv_cache_usage_ratio", "kv_usage", "Blocks in use / blocks total (0..1)."),
+    ("moekit_kv_cache_blocks_total", "kv_blocks_total", "KV-cache blocks in the budget."),
+    ("moekit_kv_cache_blocks_in_use", "kv_blocks_in_use", "KV-cache blocks held by running requests (shared once)."),
+    ("moekit_kv_cache_blocks_cached", "kv_blocks_cached", "KV-cache blocks registered for prefix hits (in use or not)."),
+    ("moekit_prefix_cache_enabled", "prefix_caching", "1 when prefix caching is on (off for models with unpaged layers)."),
+    ("moekit_prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "Prompt tokens served from the prefix cache / prompt tokens, since start."),
     ("moekit_generation_tokens_per_second", "generation_tokens_per_s",
      "Generated tokens per second over the last 10 s."),
     ("moekit_prompt_tokens_per_second", "prompt_tokens_per_s", "Prompt tokens prefilled per second over the last 10 s."),
@@ -22,11 +28,14 @@ _COUNTERS = [
     ("moekit_prompt_tokens_total", "prompt_tokens", "Prompt tokens prefilled since start."),
     ("moekit_engine_steps_total", "steps", "Engine steps (batched forwards) since start."),
     ("moekit_requests_submitted_total", "requests_submitted", "Requests (choices) accepted since start."),
+    ("moekit_preemptions_total", "preemptions", "Requests preempted (blocks freed, recomputed later) since start."),
+    ("moekit_prefix_cache_hit_tokens_total", "prefix_hit_tokens", "Prompt tokens served from the prefix cache."),
+    ("moekit_prefix_cache_query_tokens_total", "prefix_query_tokens", "Prompt tokens of admitted requests."),
 ]
 
 
 def _fmt(v) -> str:
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
+    return repr(float(v)) if isinstance(v, float) else str(int(v))  # bools as 0 / 1
 
 
 def render(metrics: dict, http_counts: Dict[Tuple[str, int], int]) -> str:
