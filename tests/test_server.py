@@ -396,6 +396,26 @@ def test_cli_errors(tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
 
 
+def test_block_size_and_prefix_caching_flags_reach_the_engine(checkpoint):
+    ids = list(range(5, 5 + 40))  # 40 prompt tokens: two full blocks of 16 (one hit), five of 8
+    for flags, enabled in ((["--block-size", "8", "--kv-budget", "512"], 1.0), (["--no-prefix-caching"], 0.0)):
+        srv = start_server(checkpoint[0], "--prefill-chunk", "8", *flags)
+        try:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            first = c.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0)
+            again = c.completions.create(model=NAME, prompt=ids, max_tokens=3, temperature=0)
+            assert again.choices[0].text == first.choices[0].text
+            m = metrics(srv)
+            assert m["moekit_prefix_cache_enabled"] == enabled
+            if enabled:  # 512 tokens in blocks of 8; the second request found the first one's 4 full blocks
+                assert m["moekit_kv_cache_blocks_total"] == 512 // 8
+                assert m["moekit_prefix_cache_hit_tokens_total"] == 32
+            else:
+                assert m["moekit_prefix_cache_hit_tokens_total"] == 0
+        finally:
+            srv.shutdown()
+
+
 def test_serve_with_quantized_weights(checkpoint):
     pytest.importorskip("moekit.quantize")
     srv = start_server(checkpoint[0], "--quantize", "int8")

@@ -29,6 +29,8 @@ from vLLM (`vllm serve MODEL ...`):
   --served-model-name NAME           --model-name NAME
   --max-num-seqs N                   --max-batch N
   --max-num-batched-tokens N         --max-step-tokens N
+  --block-size N                     --block-size N (paged KV cache, 16 by default)
+  --no-enable-prefix-caching         --no-prefix-caching (on by default, as in vLLM)
   --long-prefill-token-threshold N   --prefill-chunk N (chunked prefill is always on)
   --gpu-memory-utilization F         --kv-budget TOKENS|BYTES (an explicit KV-cache size)
   --max-model-len N                  none: the context is the model's max_seq_len
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most requests waiting for admission; beyond it requests get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step")
     p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (paged cache)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share full prompt blocks between requests (prefix caching is on by default)")
     p.add_argument("--chat-template", default=None,
                    help="Jinja chat template file, or 'default' (ChatML) (default: the checkpoint's, else ChatML)")
     p.add_argument("--threads", type=int, default=None,
@@ -138,7 +143,8 @@ def build_server(args):
     template = load_chat_template(path, args.chat_template)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
                     prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
-                    max_queue=args.max_queue, eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile)
+                    block_size=args.block_size, prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
+                    eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile)
     if args.compile:  # compile before the first client waits for it
         print("moekit serve: compiling the decode step ...", file=sys.stderr, flush=True)
         engine.start().warmup()
