@@ -79,6 +79,12 @@ def hybrid_layers(n: int, every: int = 4) -> tuple:
     return tuple("full" if (i + 1) % every == 0 else "linear" for i in range(n))
 
 
+# shared by the published Qwen3-Next / Qwen3.5 / Qwen3.6 configs
+QWEN_NEXT_ATTENTION = dict(head_dim=256, rotary_dim=64, qk_norm="head", attn_output_gate=True, zero_centred_norm=True,
+                           rope_theta=1e7, norm_eps=1e-6)
+QWEN_NEXT_LINEAR = dict(linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128)
+
+
 MODEL_PRESETS.update({  # hybrids: Gated DeltaNet ("linear") layers with gated full attention every 4th layer
     "hybrid-tiny": dict(  # trainable miniature of Qwen3.5-MoE's layout
         name="hybrid-tiny", vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -91,28 +97,24 @@ MODEL_PRESETS.update({  # hybrids: Gated DeltaNet ("linear") layers with gated f
     # config.json of Qwen/Qwen3-Next-80B-A3B-Instruct (the multi-token-prediction layer is not built)
     "qwen3-next-80b-a3b": dict(
         name="qwen3-next-80b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=16, n_kv_heads=2,
-        head_dim=256, rotary_dim=64, qk_norm="head", attn_output_gate=True, zero_centred_norm=True,
-        rope_theta=1e7, norm_eps=1e-6, d_ff=5120, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(48),
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
-        linear_fused_proj=True,
+        **QWEN_NEXT_ATTENTION, d_ff=5120, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(48),
+        linear_num_value_heads=32, linear_fused_proj=True, **QWEN_NEXT_LINEAR,
         moe=dict(d_model=2048, d_expert=512, num_experts=512, top_k=10, norm_topk_prob=True, num_shared_experts=1,
                  d_shared=512, shared_gate=True, aux_loss_coef=0.001),
     ),
     # text_config of Qwen/Qwen3.5-397B-A17B's config.json (vision tower and MTP layer not built)
     "qwen3.5-397b-a17b": dict(
         name="qwen3.5-397b-a17b", vocab_size=248320, d_model=4096, n_layers=60, n_heads=32, n_kv_heads=2,
-        head_dim=256, rotary_dim=64, qk_norm="head", attn_output_gate=True, zero_centred_norm=True,
-        rope_theta=1e7, norm_eps=1e-6, d_ff=1024, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(60),
-        linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
+        **QWEN_NEXT_ATTENTION, d_ff=1024, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(60),
+        linear_num_value_heads=64, **QWEN_NEXT_LINEAR,
         moe=dict(d_model=4096, d_expert=1024, num_experts=512, top_k=10, norm_topk_prob=True, num_shared_experts=1,
                  d_shared=1024, shared_gate=True, aux_loss_coef=0.001),
     ),
     # text_config of Qwen/Qwen3.6-35B-A3B's config.json (Qwen3.5-35B-A3B's shape; vision tower not built)
     "qwen3.6-35b-a3b": dict(
         name="qwen3.6-35b-a3b", vocab_size=248320, d_model=2048, n_layers=40, n_heads=16, n_kv_heads=2,
-        head_dim=256, rotary_dim=64, qk_norm="head", attn_output_gate=True, zero_centred_norm=True,
-        rope_theta=1e7, norm_eps=1e-6, d_ff=512, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(40),
-        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        **QWEN_NEXT_ATTENTION, d_ff=512, max_seq_len=262144, dtype="bfloat16", layer_types=hybrid_layers(40),
+        linear_num_value_heads=32, **QWEN_NEXT_LINEAR,
         moe=dict(d_model=2048, d_expert=512, num_experts=256, top_k=8, norm_topk_prob=True, num_shared_experts=1,
                  d_shared=512, shared_gate=True, aux_loss_coef=0.001),
     ),
