@@ -1,6 +1,7 @@
 """`lowp_linear(x, w, recipe)`: y = x Wᵀ whose forward, dgrad and wgrad GEMMs each quantise their
-operands as the recipe says (recipes.py), emulated: quantise, dequantise, multiply in float32, return
-in x's dtype.
+operands as the recipe says (recipes.py) and run as the recipe's execution says (`Recipe.product`):
+emulated (quantise, dequantise, multiply in float32) or, for FP8 recipes, the codes and scales into
+torch's scaled matmul (scaled.py); the result in x's dtype (dW in W's).
 
 Saved for backward: x and W as given (the compute dtype, exactly what F.linear saves); the quantised
 copies are temporaries, made again in backward along the dgrad and wgrad reduction dims.
@@ -18,10 +19,9 @@ from .recipes import Recipe
 class LowpMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_NK, recipe: Recipe):
-        a, b = recipe.operands("fwd", x_MK, w_NK)
         ctx.save_for_backward(x_MK, w_NK)
         ctx.recipe = recipe
-        return (a @ b.T).to(x_MK.dtype)
+        return recipe.product("fwd", x_MK, w_NK, x_MK.dtype)
 
     @staticmethod
     def backward(ctx, dy_MN):
@@ -29,11 +29,9 @@ class LowpMatmul(torch.autograd.Function):
         recipe = ctx.recipe
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            a, b = recipe.operands("dgrad", dy_MN, w_NK.T)
-            dx = (a @ b.T).to(x_MK.dtype)
+            dx = recipe.product("dgrad", dy_MN, w_NK.T, x_MK.dtype)
         if ctx.needs_input_grad[1]:
-            a, b = recipe.operands("wgrad", dy_MN.T, x_MK.T)
-            dw = (a @ b.T).to(w_NK.dtype)
+            dw = recipe.product("wgrad", dy_MN.T, x_MK.T, w_NK.dtype)
         return dx, dw, None
 
 

@@ -23,11 +23,17 @@ Recipes (a spec is NAME or NAME:opt=value,opt=value):
 Every recipe takes keep=PART+PART: the parts left in high precision (default head; parts: attention,
 ffn, experts, head). Embeddings, norms and the router are never quantised.
 
-The quantised operands are emulated: quantise, dequantise to float32, multiply in float32.
+Two executions of the same recipe, gemm=auto|emulate|scaled_mm (`Recipe.product`):
+    emulate     quantise, dequantise to float32, multiply in float32 (any device, any recipe)
+    scaled_mm   the FP8 codes and scales into torch's scaled matmul (scaled.py): fp8-tensorwise and
+                fp8-rowwise on CPU and CUDA, fp8-blockwise on CUDA sm90; a GEMM torch cannot run so
+                falls back to emulate, the reason in `Recipe.fallbacks` (and a warning when asked for)
+    auto        scaled_mm on CUDA, emulate elsewhere (default)
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Tuple
 
@@ -36,11 +42,13 @@ import torch
 from .formats import check_rounding, fp8_fake_quant
 from .hadamard import random_signs, rht
 from .mx import mx_fake_quant
+from .scaled import fp8_quantize, fp8_scaled_mm, unsupported
 
 ROLES = ("fwd", "dgrad", "wgrad")
 PARTS = ("attention", "ffn", "experts", "head")  # ffn: dense FFNs and shared experts
 DEFAULT_KEEP = ("head",)
 MX_BLOCK = 32
+EXECUTIONS = ("auto", "emulate", "scaled_mm")  # gemm=
 SR_PRESCALE = 0.75  # MX stochastic rounding: x * 3/4 before, / (3/4) after (the block max stays below the top)
 
 
@@ -90,6 +98,8 @@ class Recipe:
     keep: Tuple[str, ...] = DEFAULT_KEEP
     spec: str = ""  # how it was asked for (config.json keeps this string)
     options: Dict[str, int] = field(default_factory=dict)
+    execution: str = "auto"  # gemm= (EXECUTIONS)
+    fallbacks: Dict[str, str] = field(default_factory=dict, compare=False)  # role -> why it was emulated
 
     def gemm(self, role: str) -> Gemm:
         if role not in ROLES:
@@ -105,6 +115,46 @@ class Recipe:
             signs = random_signs(self.rht_block, generator, a.device)
             a, b = rht(a, signs, self.rht_block), rht(b, signs, self.rht_block)
         return g.a.quantize(a, generator), g.b.quantize(b, generator)
+
+    def runs_as(self, role: str, device: torch.device) -> str:
+        """'scaled_mm' or 'emulate': how GEMM `role` runs on `device` (a fallback's reason is recorded)."""
+        want = self.execution if self.execution != "auto" else ("scaled_mm" if device.type == "cuda" else "emulate")
+        if want == "emulate":
+            return want
+        g = self.gemm(role)
+        why = unsupported(g.a, g.b, g.rht, device)
+        if why is None:
+            return want
+        if role not in self.fallbacks and g.quantized:
+            self.fallbacks[role] = why
+            if self.execution == "scaled_mm":
+                warnings.warn(f"precision {self.spec!r}: {role} GEMM emulated: {why}", stacklevel=2)
+        return "emulate"
+
+    def product(self, role: str, a: torch.Tensor, b: torch.Tensor, out_dtype=None, generator=None) -> torch.Tensor:
+        """a_q @ b_qᵀ of GEMM `role` (a: (M, K), b: (N, K), 2-D) in out_dtype (default a's), run as
+        runs_as says: the same quantised numbers either way, up to fp32 accumulation order."""
+        out_dtype = out_dtype or a.dtype
+        if self.runs_as(role, a.device) == "scaled_mm":
+            g = self.gemm(role)
+            qa = fp8_quantize(a, g.a.elem, g.a.scaling, g.a.rounding, generator)
+            qb = fp8_quantize(b, g.b.elem, g.b.scaling, g.b.rounding, generator)
+            return fp8_scaled_mm(qa, qb, (g.a.scaling, g.b.scaling), b.shape[0], out_dtype)
+        a_q, b_q = self.operands(role, a, b, generator)
+        return (a_q @ b_q.T).to(out_dtype)
+
+    def grouped_product(self, role: str, a_RK: torch.Tensor, b_ENK: torch.Tensor, groups, out_dtype=None):
+        """The expert GEMM of `role` as scaled matmuls (runs_as(...) == 'scaled_mm'): out[start:end] =
+        a_q[start:end] @ b_q[e]ᵀ for each (e, start, end) in groups, a quantised once over all its rows
+        and b per expert, as `operands` quantises them; rows in no group are 0."""
+        g = self.gemm(role)
+        codes_RK, s_a = fp8_quantize(a_RK, g.a.elem, g.a.scaling, g.a.rounding)
+        out_RN = a_RK.new_zeros(a_RK.shape[0], b_ENK.shape[1], dtype=out_dtype or a_RK.dtype)
+        for e, start, end in groups:
+            qa = codes_RK[start:end], s_a if g.a.scaling == "tensor" else s_a[start:end]
+            qb = fp8_quantize(b_ENK[e], g.b.elem, g.b.scaling, g.b.rounding)
+            out_RN[start:end] = fp8_scaled_mm(qa, qb, (g.a.scaling, g.b.scaling), b_ENK.shape[1], out_RN.dtype)
+        return out_RN
 
 
 def fp8_recipe(act: str, weight: str, grad_elem: str) -> Callable[[dict], dict]:
@@ -154,14 +204,19 @@ def get_recipe(spec: str) -> Optional[Recipe]:
             raise ValueError(f"precision 'none' takes no options, got {spec!r}")
         return None
     build, defaults = RECIPES[name]
-    opts, keep = dict(defaults), DEFAULT_KEEP
+    opts, keep, execution = dict(defaults), DEFAULT_KEEP, "auto"
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if key == "keep" and eq:
             keep = parse_keep(value)
             continue
+        if key == "gemm" and eq:
+            if value not in EXECUTIONS:
+                raise ValueError(f"precision {spec!r}: gemm must be one of {', '.join(EXECUTIONS)}, got {value!r}")
+            execution = value
+            continue
         if key not in defaults or not eq:
-            valid = ", ".join([f"{k}={v}" for k, v in defaults.items()] + ["keep=head"])
+            valid = ", ".join([f"{k}={v}" for k, v in defaults.items()] + ["keep=head", "gemm=auto"])
             raise ValueError(f"precision {spec!r}: unknown option {item!r}; {name} takes {valid}")
         try:
             opts[key] = int(value)
@@ -175,14 +230,19 @@ def get_recipe(spec: str) -> Optional[Recipe]:
         if b < MX_BLOCK or b & (b - 1):
             raise ValueError(f"precision {spec!r}: rht_block must be a power of two >= {MX_BLOCK}, got {b}")
     fields = build(opts)
-    recipe = Recipe(name=name, keep=keep, spec=str(spec), options=opts, **fields)
-    for g in (recipe.fwd, recipe.dgrad, recipe.wgrad):
+    recipe = Recipe(name=name, keep=keep, spec=str(spec), options=opts, execution=execution, **fields)
+    gemms = (recipe.fwd, recipe.dgrad, recipe.wgrad)
+    for g in gemms:
         check_rounding(g.a.rounding)
+    if execution == "scaled_mm" and not any(g.a.kind == g.b.kind == "fp8" for g in gemms):
+        raise ValueError(f"precision {spec!r}: {name} has no FP8 GEMM for torch._scaled_mm (gemm=scaled_mm runs "
+                         f"fp8-tensorwise, fp8-rowwise, fp8-blockwise); use gemm=auto or gemm=emulate")
     return recipe
 
 
 def with_options(recipe: Recipe, **opts) -> Recipe:
-    """The same recipe with other options (e.g. sr=0), re-parsed from its spec."""
+    """The same recipe with other options (e.g. sr=0, gemm="emulate"), re-parsed from its spec."""
+    execution = opts.pop("gemm", recipe.execution)
     spec = recipe.name + ":" + ",".join([f"{k}={v}" for k, v in {**recipe.options, **opts}.items()]
-                                        + ["keep=" + "+".join(recipe.keep)])
+                                        + ["keep=" + "+".join(recipe.keep), "gemm=" + execution])
     return replace(get_recipe(spec), spec=spec)

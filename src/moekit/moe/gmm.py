@@ -13,8 +13,9 @@ with w_transposed) and wgrad (out[e] = a[rows_e].T @ b[rows_e]).
 
 `gemm`: a low-precision recipe (moekit.lowp.recipes.Recipe) or None. With one, mm is the recipe's
 forward GEMM (dgrad with w_transposed) and wgrad its wgrad GEMM: the operands are quantised along the
-reduction dim (K of a and w; for wgrad each expert's own rows, whatever the layout) and multiplied in
-float32, the result cast back to a's dtype. These are all the expert GEMMs of moe/grouped.py.
+reduction dim (K of a and w; for wgrad each expert's own rows, whatever the layout) and multiplied as
+the recipe's execution says (Recipe.runs_as: emulated in float32, or FP8 scaled matmuls, one per
+expert row range), the result in a's dtype. These are all the expert GEMMs of moe/grouped.py.
 
 Legend: T tokens, P pairs (sorted by expert), R rows of the layout, E experts, K/N dims,
 B candidate block sizes (choose_block).
@@ -87,6 +88,8 @@ class ExpertRows:
     def mm(self, a_RK: torch.Tensor, w_ENK: torch.Tensor, w_transposed: bool = False) -> torch.Tensor:
         if self.gemm is not None:  # quantised operands (float32, reduction dim possibly padded)
             role, b_ENK = ("dgrad", w_ENK.transpose(1, 2)) if w_transposed else ("fwd", w_ENK)
+            if self.gemm.runs_as(role, a_RK.device) == "scaled_mm":
+                return self.gemm.grouped_product(role, a_RK, b_ENK, self.row_ranges())
             a_q, w_q = self.gemm.operands(role, a_RK, b_ENK)
             return self.plain_mm(a_q, w_q.transpose(1, 2)).to(a_RK.dtype)
         return self.plain_mm(a_RK, w_ENK if w_transposed else w_ENK.transpose(1, 2))
@@ -98,6 +101,11 @@ class ExpertRows:
         for e, start, end in self.tail:
             torch.mm(a_RK[start:end], w_EKN[e], out=out_RN[start:end])
         return out_RN
+
+    def row_ranges(self) -> List[Tuple[int, int, int]]:
+        """(expert, start, end) of every block of rows one expert owns: its grid block, then its tail."""
+        grid = [(e, e * self.block, (e + 1) * self.block) for e in range(self.num_experts)] if self.block else []
+        return grid + self.tail
 
     def expert_rows(self, e: int) -> torch.Tensor:
         """Row indices of expert e's pairs in sorted order (grid part, then tail; no padding rows)."""
@@ -111,8 +119,7 @@ class ExpertRows:
             for e in range(self.num_experts):
                 if self.counts[e]:
                     rows = self.expert_rows(e).to(a_RK.device)
-                    a_q, b_q = self.gemm.operands("wgrad", a_RK[rows].t(), b_RN[rows].t())
-                    out_EKN[e] = a_q @ b_q.t()
+                    out_EKN[e] = self.gemm.product("wgrad", a_RK[rows].t(), b_RN[rows].t())
             return out_EKN
         if self.block:
             out_EKN = torch.bmm(self._grid(a_RK).transpose(1, 2), self._grid(b_RN))
