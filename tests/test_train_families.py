@@ -60,3 +60,21 @@ def test_family_trains_and_converts_to_transformers(model_type, corpus, tmp_path
     ids = torch.tensor([[5, 17, 30, 42, 7, 99, 3, 250]])
     with torch.no_grad():
         assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset, model_type", [("glm-tiny", "glm4_moe"), ("minimax-tiny", "minimax_m2"),
+                                                ("gpt-oss-tiny", "gpt_oss"), ("mla-tiny", "deepseek_v3"),
+                                                ("hybrid-tiny", "qwen3_5_moe_text")])
+def test_trainable_family_presets_are_what_transformers_computes(preset, model_type, tmp_path):
+    """Each family's trainable miniature is a real model of that family: saved with save_hf, transformers'
+    logits equal moekit's."""
+    from moekit import ModelConfig, Transformer
+    from moekit.hf import save_hf
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset)).eval()
+    save_hf(model, tmp_path, model_type=model_type)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 500, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, model(ids), atol=1e-4, rtol=0)

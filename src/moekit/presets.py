@@ -171,6 +171,18 @@ MODEL_PRESETS.update({  # frontier MoE families (hf/gpt_oss.py, glm4_moe.py, min
         dtype="bfloat16", notes="MiniMaxAI/MiniMax-M2 config.json",
         moe=dict(d_model=3072, d_expert=1536, num_experts=256, top_k=8, router="sigmoid_topk", norm_topk_prob=True),
     ),
+    "glm-tiny": dict(  # trainable miniature of GLM-4.5: partial rotary, q/k/v bias, dense first layer, sigmoid router
+        name="glm-tiny", vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, rotary_dim=8,
+        qk_norm="head", attention_bias=True, d_ff=128, first_k_dense=1, max_seq_len=256,
+        moe=dict(d_model=64, d_expert=32, num_experts=8, top_k=2, router="sigmoid_topk", norm_topk_prob=True,
+                 routed_scaling_factor=2.5, num_shared_experts=1, d_shared=32, bias_update_speed=0.001),
+    ),
+    "minimax-tiny": dict(  # trainable miniature of MiniMax-M2: full-width q/k norm, partial rotary, sigmoid router
+        name="minimax-tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        rotary_dim=8, qk_norm="full", d_ff=128, max_seq_len=256,
+        moe=dict(d_model=64, d_expert=32, num_experts=8, top_k=2, router="sigmoid_topk", norm_topk_prob=True,
+                 bias_update_speed=0.001),
+    ),
     "kimi-k2": dict(
         name="kimi-k2", vocab_size=163840, d_model=7168, n_layers=61, n_heads=64, attention="mla", q_lora_rank=1536,
         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True,

@@ -16,7 +16,7 @@ from ..presets import MODEL_PRESETS
 
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd")
-TRAINABLE_PRESETS = ("tiny", "small", "mla-tiny", "gpt-oss-tiny", "hybrid-tiny")  # the others are real models' shapes, for analysis
+TRAINABLE_PRESETS = ("tiny", "small", "mla-tiny", "glm-tiny", "minimax-tiny", "gpt-oss-tiny", "hybrid-tiny")  # the others are real models' shapes, for analysis
 
 # model fields a run may set ([model] table, flags); the rest come from the preset or from training
 # (vocab_size from the tokenizer, max_seq_len from seq_len, dtype: training runs in float32)
