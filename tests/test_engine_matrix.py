@@ -2,7 +2,9 @@
 routers (hash, topk_softmax, group-limited sigmoid_topk with a routed scaling factor,
 softmax_topk without renormalisation), qk-norm per head and full width, q/k/v bias, clip_qkv,
 plain and gated shared experts, dense layers (first_k_dense, sparse_step, dense_layers), tied
-embeddings, MQA, and int8 / int4 quantized weights.
+embeddings, MQA, int8 / int4 / mxfp4 quantized weights, and the frontier families' features: MLA,
+partial rotary, gpt-oss's sinks + sliding window (a ring shorter than the prompts) + biased clamped
+experts, and a Gated DeltaNet hybrid (recurrent per-request state).
 
 For each configuration:
   * greedy tokens of the continuous-batching engine (chunked ragged prefill + decode over the
@@ -47,6 +49,21 @@ CONFIGS = {
     "int4_g32_shared_sigmoid_dense": (dict(
         n_layers=3, first_k_dense=1,
         moe=MoEConfig(**MOE, router="sigmoid_topk", num_shared_experts=1, shared_gate=True)), "int4-g32"),
+    # the frontier families' features (each also has its own test file against transformers)
+    "mla_partial_groups": (dict(n_layers=3, first_k_dense=1, attention="mla", n_kv_heads=None, head_dim=None,
+                                qk_norm=None, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+                                qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True,
+                                moe=MoEConfig(**MOE, router="sigmoid_topk", num_groups=2, topk_groups=1)), None),
+    "partial_rotary_glm": (dict(rotary_dim=8, attention_bias=True), None),
+    "gpt_oss_sinks_window_biased_experts": (dict(
+        layer_types=("sliding", "full"), sliding_window=8, attention_sinks=True, attention_bias=True,
+        attention_out_bias=True, moe=MoEConfig(**MOE, router="topk_softmax", router_bias=True, expert_bias=True,
+                                               activation="swiglu_oai")), None),
+    "hybrid_gated_deltanet": (dict(
+        n_layers=3, layer_types=("linear", "linear", "full"), attn_output_gate=True, zero_centred_norm=True,
+        rotary_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, moe=MoEConfig(**MOE, num_shared_experts=1, shared_gate=True)), None),
+    "mxfp4": (dict(), "mxfp4"),
 }
 
 # configurations whose engine results are known to differ (a bug to fix, not a weaker test)
