@@ -6,6 +6,8 @@
     logits_BTV = model(tokens_BT, cache=cache, start=0)             # prefill, then decode
     logits_BV = model.decode_step(tokens_B1, positions_B1, row_slots_B, valid_BS, cache)  # static step
     logits_RV = model.forward_plan(tokens_1N, plan)                  # any ForwardPlan (engine)
+    logits_BTV = model(tokens_BT, routed_experts=ids_BTLK)           # replay routing (RL): L MoE layers
+    ids_BTLK = model.routed_experts(tokens_BT)                       # the experts a forward chooses
     model.moe_aux()   # summed MoE aux loss and per-layer tokens per expert of the last forward
 
 What differs between the paths is data, a `ForwardPlan` (plan.py). Each layer: norm, an
@@ -32,7 +34,7 @@ from .moe import MoE
 from .moe.ffn import SwiGLU
 from .norm import RMSNorm
 from .numerics import PLAIN, Numerics
-from .plan import ForwardPlan
+from .plan import ForwardPlan, stack_routed
 from .rope import rope_cos_sin, rope_inv_freq
 
 
@@ -43,6 +45,8 @@ class Block(nn.Module):
         self.attn = build_attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.zero_centred_norm)
         self.is_moe = not cfg.is_dense_layer(layer_idx)
+        # this layer's index among the MoE layers (routed_experts' L axis)
+        self.moe_index = sum(not cfg.is_dense_layer(i) for i in range(layer_idx)) if self.is_moe else None
         self.ffn = MoE(cfg.moe.replace(causal=True)) if self.is_moe else SwiGLU(cfg.d_model, cfg.d_ff)
         self.last_aux = None
 
@@ -50,7 +54,9 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), plan, rope_BT)
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
-            y_BTD, self.last_aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static, plan.active_rows)
+            forced = None if plan.forced_experts is None else plan.forced_experts[..., self.moe_index, :]
+            y_BTD, self.last_aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static, plan.active_rows,
+                                            forced_experts=forced, routed=plan.routed_experts)
         else:
             y_BTD = self.ffn(h_BTD, plan.numerics)
         return x_BTD + y_BTD
@@ -112,9 +118,18 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ the one forward
     def forward(self, tokens_BT: torch.Tensor, positions_BT: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None, start: int = 0,
-                key_mask_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask_BS: Optional[torch.Tensor] = None,
+                routed_experts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V). With a `cache`, the new tokens are written at slots start.. and attend
-        over the cache; `key_mask_BS` hides padding slots (left-padded batches)."""
+        over the cache; `key_mask_BS` hides padding slots (left-padded batches). `routed_experts`
+        (B, T, L, K) int: routing replay, token t goes to these experts in the l-th MoE layer (a row
+        of -1: the router's choice), the gates still the router's for them (gradients flow)."""
+        return self.forward_plan(tokens_BT, self.dense_plan(tokens_BT, positions_BT, cache, start, key_mask_BS,
+                                                            routed_experts))
+
+    def dense_plan(self, tokens_BT: torch.Tensor, positions_BT=None, cache=None, start: int = 0,
+                   key_mask_BS=None, routed_experts=None) -> ForwardPlan:
+        """`forward`'s plan, its arguments checked."""
         if tokens_BT.dim() != 2 or tokens_BT.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"Transformer expects integer tokens of shape (B, T), got {tuple(tokens_BT.shape)} "
                              f"{tokens_BT.dtype}")
@@ -126,7 +141,22 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} positions; writing up to {start + T}")
         plan = ForwardPlan.dense(tokens_BT, positions_BT, cache, start, key_mask_BS)
-        return self.forward_plan(tokens_BT, plan)
+        if routed_experts is not None:
+            L, K = len(self.moe_layers()), self.cfg.moe.top_k
+            if tuple(routed_experts.shape) != (B, T, L, K):
+                raise ValueError(f"routed_experts must have shape (B={B}, T={T}, MoE layers={L}, top_k={K}), got "
+                                 f"{tuple(routed_experts.shape)}")
+            plan.forced_experts = routed_experts
+        return plan
+
+    @torch.no_grad()
+    def routed_experts(self, tokens_BT: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, T, L, K) the experts each token goes to in each of the L MoE layers (the router's order)
+        in the forward `self(tokens_BT, **kwargs)` (which it runs)."""
+        plan = self.dense_plan(tokens_BT, **kwargs)
+        plan.routed_experts = []
+        self.forward_plan(tokens_BT, plan)
+        return stack_routed(plan.routed_experts, tokens_BT.shape, tokens_BT.device)
 
     def forward_plan(self, tokens_BT: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
         """The forward itself: logits (B, T, V), or (R, V) float of `plan.logits_rows` when set."""
@@ -148,7 +178,7 @@ class Transformer(nn.Module):
 
     def decode_step(self, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, row_slots_B: torch.Tensor,
                     valid_BS: torch.Tensor, cache: Cache, numerics: Numerics = PLAIN,
-                    rope_table=None, static: bool = True, active_rows=None) -> torch.Tensor:
+                    rope_table=None, static: bool = True, active_rows=None, routing: bool = False):
         """One decoding step with static shapes (for torch.compile): logits (B, V).
 
         Row b's new token (RoPE position positions_B1[b]) is written at cache slot row_slots_B[b]
@@ -157,12 +187,18 @@ class Transformer(nn.Module):
         static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
         (optional): the rows whose tokens are real; the others only pad the batch to its bucket,
         skip the routed experts and leave per-sequence state (recurrent layers) untouched.
+        routing=True: returns (logits_BV, routed_BLK), each row's experts in the L MoE layers (an
+        output of the step, so it works under torch.compile fullgraph).
         """
         S = cache.max_len
         visible_BS = (torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None]) & valid_BS
         plan = ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache, numerics, rope_table, static)
         plan.active_rows = active_rows
-        return self.forward_plan(tokens_B1, plan)[:, -1]
+        plan.routed_experts = [] if routing else None
+        logits_BV = self.forward_plan(tokens_B1, plan)[:, -1]
+        if not routing:
+            return logits_BV
+        return logits_BV, stack_routed(plan.routed_experts, tokens_B1.shape[:1], tokens_B1.device)
 
     # ------------------------------------------------------------------ MoE bookkeeping
     def moe_layers(self) -> List[MoE]:

@@ -8,6 +8,9 @@ step and the engine's ragged batches, as data for the one `Transformer.forward`.
 A plan holds the RoPE positions, the numerics policy (numerics.py), a `static` flag (no
 host syncs, input checks or aux: what torch.compile needs) and `Span`s: runs of rows of the
 token dim that attend together, each with its cache, write slots, read length and mask.
+Routing: `routed_experts` (a list) collects each MoE layer's chosen expert ids (rows of the
+flattened token dim, K) in layer order, padding rows included; `forced_experts` (B, T, L, K)
+replays given ids (L MoE layers; a row of -1 routes freely), the gates still from the router.
 Legend: B batch, T new tokens, S cache slots, Dh head dim.
 """
 
@@ -53,6 +56,13 @@ def attention_mask(B: int, T: int, start: int, key_mask_BS: Optional[torch.Tenso
     return allowed_BTS[:, None]
 
 
+def stack_routed(routed: list, shape, device=None) -> torch.Tensor:
+    """The MoE layers' (N, K) expert ids (N = the product of `shape`) as (*shape, L, K)."""
+    if not routed:  # no MoE layer
+        return torch.zeros(*shape, 0, 0, dtype=torch.long, device=device)
+    return torch.stack(routed, dim=1).view(*shape, len(routed), routed[0].shape[-1])
+
+
 @dataclass
 class ForwardPlan:
     positions_BT: torch.Tensor
@@ -62,6 +72,8 @@ class ForwardPlan:
     rope_table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (cos, sin) (S_max, Dh), or computed
     logits_rows: Optional[List[int]] = None  # rows of the token dim whose logits are returned (ragged)
     active_rows: Optional[torch.Tensor] = None  # static decode: batch rows that are real (the rest pad)
+    routed_experts: Optional[list] = None  # a list: each MoE layer appends its expert ids (rows, K)
+    forced_experts: Optional[torch.Tensor] = None  # (B, T, L, K) expert ids to replay (-1 rows: free)
 
     @property
     def padded_from(self) -> int:

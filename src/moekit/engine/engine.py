@@ -124,7 +124,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
                  eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False,
-                 batch_invariant: bool = True, block_size: int = 16, prefix_caching: bool = True):
+                 batch_invariant: bool = True, block_size: int = 16, prefix_caching: bool = True,
+                 return_routed_experts: bool = False):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
@@ -140,10 +141,12 @@ class Engine:
         weight = model.embed.weight
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        for name, v in (("batch_invariant", batch_invariant), ("compile", compile), ("prefix_caching", prefix_caching)):
+        for name, v in (("batch_invariant", batch_invariant), ("compile", compile), ("prefix_caching", prefix_caching),
+                        ("return_routed_experts", return_routed_experts)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name} must be True or False, got {v!r}")
         self._threads = torch.get_num_threads()
+        self.return_routed_experts = return_routed_experts  # every step records the sampled rows' experts
         self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
@@ -183,6 +186,9 @@ class Engine:
     def _make_seq(self, prompt: List[int], params: SamplingParams, on_event) -> Seq:
         cfg = self.model.cfg
         params.validate(cfg.vocab_size, self.tokenizer is not None)
+        if params.return_routed_experts and not self.return_routed_experts:
+            raise ParamError("return_routed_experts needs an engine built with return_routed_experts=True "
+                             "(moekit serve --enable-return-routed-experts)", "return_routed_experts")
         if len(prompt) >= cfg.max_seq_len:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the model's context window is "
                                      f"{cfg.max_seq_len} tokens, which leaves no room to generate", "prompt")
@@ -198,6 +204,7 @@ class Engine:
         handle = RequestHandle(self, seq_id, on_event)
         seq = Seq(seq_id, prompt, params, stops, new_generator(params.temperature, params.seed, self.device), text, handle)
         handle._seq = seq
+        seq.routed_experts, seq.routed_emitted = [], 0  # per fed generated token (params.py)
         return seq
 
     def submit(self, prompt, params: Optional[SamplingParams] = None,
@@ -308,15 +315,21 @@ class Engine:
             segments = [s.next_segment(self.scheduler.prefill_chunk, self.kv) for s in prefilling]
             prompt_tokens = sum(len(g.tokens) for g in segments)
             sampled_rows = [i for i, s in enumerate(decoding) if s.samples]  # not recomputed tokens
+            routing, routed = self.return_routed_experts, []
             try:
                 with torch.inference_mode():
                     logits = []
                     if decoding:  # first: its throw-away rows write above every row's computed slots
-                        logits_DV = self.decode_step(decoding, self.scheduler.running)
-                        logits.append(logits_DV if len(sampled_rows) == len(decoding) else logits_DV[sampled_rows])
+                        out = self.decode_step(decoding, self.scheduler.running, routing)
+                        keep = slice(None) if len(sampled_rows) == len(decoding) else sampled_rows
+                        logits.append((out[0] if routing else out)[keep])
+                        routed += [out[1][keep]] if routing else []
                     if segments:
-                        logits.append(prefill_forward(self.model, segments, self.numerics, self._rope))
+                        out = prefill_forward(self.model, segments, self.numerics, self._rope, routing)
+                        logits.append(out[0] if routing else out)
+                        routed += [out[1]] if routing else []
                     logits_RV = torch.cat(logits)
+                    routed_R = torch.cat(routed).tolist() if routing else None
             except Exception as err:  # fail this step's requests, keep serving the rest
                 traceback.print_exc()
                 for s in plan:
@@ -329,6 +342,10 @@ class Engine:
             for s in plan:
                 self.scheduler.register_computed(s)
             sampled = [decoding[i] for i in sampled_rows] + [s for s, g in zip(prefilling, segments) if g.want_logits]
+            for s, entry in zip(sampled, routed_R or ()):  # the routing of the token each row fed
+                wanted = s.params.return_routed_experts and s.computed - 1 - len(s.prompt) == len(s.routed_experts)
+                if wanted:  # (a recomputed token's entry is known already)
+                    s.routed_experts.append(entry)
             for s, choice in zip(sampled, self._choose(logits_RV, sampled)):
                 if isinstance(choice, Exception):  # only this request fails
                     self._finish(s, "error", f"{type(choice).__name__}: {choice}")
@@ -368,6 +385,7 @@ class Engine:
             del s.out[-n_stop:]
             del s.logprobs[len(s.out):]
             del s.top_logprobs[len(s.out):]
+            del s.routed_experts[len(s.out):]
             reason = "stop"
         if s.text is not None and s.text.update(s.out):
             reason = "stop"
@@ -393,6 +411,7 @@ class Engine:
             prompt_tokens=len(s.prompt), token_ids=list(s.out), text=text, finish_reason=reason,
             logprobs=list(s.logprobs) if s.params.logprobs else None,
             top_logprobs=list(s.top_logprobs) if s.params.top_logprobs else None, error=error,
+            routed_experts=list(s.routed_experts[:len(s.out)]) if s.params.return_routed_experts else None,
             time_to_first_token=None if s.first_token_at is None else s.first_token_at - s.arrival,
             latency=now - s.arrival, generated_tokens=s.generated)
         self.metrics_.count(f"finished_{reason}")
@@ -403,7 +422,9 @@ class Engine:
         """The tokens (with their logprobs) since the last event, and `text`."""
         a, b = s.emitted, len(s.out)
         s.emitted = b
-        return Event(s.out[a:b], text, reason, completion, s.logprobs[a:b], s.top_logprobs[a:b])
+        routed = s.routed_experts[s.routed_emitted:b]  # (they lag the tokens by one step)
+        s.routed_emitted += len(routed)
+        return Event(s.out[a:b], text, reason, completion, s.logprobs[a:b], s.top_logprobs[a:b], routed)
 
     def run_until_idle(self) -> None:
         while self.step():

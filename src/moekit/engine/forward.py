@@ -25,20 +25,25 @@ import torch
 import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
-from ..plan import ForwardPlan, Segment
+from ..plan import ForwardPlan, Segment, stack_routed
 from .kv import TRASH
 
 PAD_ID, MIN_SLOTS = 0, 64
 
 
-def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_table) -> torch.Tensor:
-    """(R, V) float logits of the segments with want_logits, in order."""
+def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_table, routing: bool = False):
+    """(R, V) float logits of the segments with want_logits, in order; routing=True: and (R, L, K),
+    the experts of those rows (the token each feeds) in the L MoE layers."""
     device = model.embed.weight.device
     tokens = [t for s in segments for t in s.tokens]
     rows = round_up(max(len(tokens), 1), numerics.row_quantum)
     tokens_1N = torch.tensor([tokens + [PAD_ID] * (rows - len(tokens))], dtype=torch.long, device=device)
     plan = ForwardPlan.ragged(segments, rows, numerics, rope_table, device)
-    return model.forward_plan(tokens_1N, plan)
+    plan.routed_experts = [] if routing else None
+    logits_RV = model.forward_plan(tokens_1N, plan)
+    if not routing:
+        return logits_RV
+    return logits_RV, stack_routed(plan.routed_experts, (rows,), device)[plan.logits_rows]
 
 
 def bucket_rows(n: int, quantum: int) -> int:
@@ -64,9 +69,10 @@ class DecodeStep:
                 model.__dict__[key] = fn
             self.fn = fn
 
-    def __call__(self, decoding: Sequence, running: Sequence) -> torch.Tensor:
+    def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
-        one being recomputed), `running` are all requests holding rows (for the bucket's cache length)."""
+        one being recomputed), `running` are all requests holding rows (for the bucket's cache length).
+        routing=True: and (len(decoding), L, K), each one's experts in the L MoE layers."""
         rows_used = max(s.row for s in running) + 1
         B = bucket_rows(rows_used, self.numerics.row_quantum)
         longest = max(s.computed for s in running) + 1
@@ -83,7 +89,13 @@ class DecodeStep:
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
         # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles
         with shape_config.patch(use_duck_shape=False):
-            logits_BV = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
-                                self.rope_table, self.compile, rows_R)
+            out = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
+                          self.rope_table, self.compile, rows_R, routing)
+        logits_BV, routed_BLK = out if routing else (out, None)
         logits_RV = logits_BV.index_select(0, rows_R).float()
-        return logits_RV if order == sorted(order) else logits_RV[torch.argsort(torch.tensor(order))]
+        if order != sorted(order):
+            logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
+        if not routing:
+            return logits_RV
+        routed_RLK = routed_BLK.index_select(0, torch.tensor([s.row for s in decoding], device=self.device))
+        return logits_RV, routed_RLK

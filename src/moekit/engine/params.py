@@ -10,6 +10,14 @@ greedy mode included, as in `generate`; min_p None or 0 = off; a seeded `torch.G
 request); a bad field raises ParamError naming it. Stopping: `stop` strings (need a tokenizer;
 the text is cut before the match), `stop_token_ids` (ids or id sequences; not returned), the
 engine's EOS ids unless `ignore_eos`, and `max_tokens`.
+
+Routed experts (`return_routed_experts`, on an engine built with `return_routed_experts=True`):
+`routed_experts[i]` is generated token i's routing, [MoE layer][k] expert ids in the router's
+order, from the forward that FED token i (the decode step at its position; vLLM's routing is
+per position in the same sense), i.e. what `model(prompt + tokens)` routes at position P + i.
+The last sampled token is never fed, so it has none: n tokens ending by length or a stop string
+carry n - 1 entries; a removed stop id was that unfed token, so then every returned token has
+one. Events carry the entries known since the last event (one step behind their tokens).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: Sequence[Tuple[int, float]] = ()  # (token id, value) pairs added to the logits
     min_tokens: int = 0  # EOS and single-token stops are masked until this many tokens are generated
+    return_routed_experts: bool = False  # record each generated token's experts (needs the engine's option)
 
     @property
     def plain_logits(self) -> bool:
@@ -68,6 +77,9 @@ class SamplingParams:
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ParamError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
                              "logprobs")
+        if not isinstance(self.return_routed_experts, bool):
+            raise ParamError(f"return_routed_experts must be True or False, got {self.return_routed_experts!r}",
+                             "return_routed_experts")
         if self.stop and not has_tokenizer:
             raise ParamError("stop strings need a tokenizer; this engine has none (use stop_token_ids)", "stop")
         stop_sequences(self.stop_token_ids, (), vocab_size)
@@ -95,6 +107,7 @@ class Completion:
     time_to_first_token: Optional[float] = None  # seconds from submission
     latency: Optional[float] = None  # seconds from submission to the end
     generated_tokens: int = 0  # tokens sampled, stop ids that were removed included (usage)
+    routed_experts: Optional[List[List[List[int]]]] = None  # per fed generated token: [MoE layer][k] expert ids
 
 
 @dataclass
@@ -107,3 +120,4 @@ class Event:
     completion: Optional[Completion] = None  # set on the last event
     logprobs: List[float] = field(default_factory=list)  # of token_ids, when the request asked for logprobs
     top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)  # per token, when top_logprobs > 0
+    routed_experts: List[List[List[int]]] = field(default_factory=list)  # entries known since the last event

@@ -1,11 +1,15 @@
 """MoE layer = router + routed experts (+ shared experts).
 
     y, aux = moe(x, token_ids=None, numerics=PLAIN, static=False, active_rows=None)   # (..., D)
+    y, aux = moe(x, forced_experts=ids, routed=sink)   # replay ids (..., K); sink.append(ids (rows, K))
 
 `token_ids`: for router='hash'. `static=True`: the compiled decode step (no host syncs, no
 input checks, aux is None). `active_rows`: routed experts for these rows only. In eval mode
 the balancing losses are skipped (`aux.loss` 0, the values None); in training mode the layer
 accumulates per-expert token counts for `update_expert_bias()`, called after the optimizer step.
+`forced_experts` (..., K): routing replay, these experts for each token (a row of -1: the router's
+choice), gates from the router; `routed` (a list): the layer appends its chosen ids (T, K), the
+padding rows of a static batch included (an output of the compiled step, no side effect outside).
 
 Data parallelism (moekit.dist.ep) sets `global_sum(t)`, a sum over the data-parallel ranks
 with autograd: the training-mode balancing losses and counts become those of the global batch.
@@ -28,7 +32,7 @@ from . import balancing
 from .config import MoEConfig
 from .experts import Experts
 from .ffn import SwiGLU
-from .router import Routing, build_router, topk_routing
+from .router import Routing, build_router, check_forced, topk_routing
 
 
 @dataclass
@@ -56,13 +60,25 @@ class MoE(nn.Module):
         self.global_sum = None  # moekit.dist.ep.apply_global_balancing
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, numerics: Numerics = PLAIN,
-                static: bool = False, active_rows: Optional[torch.Tensor] = None):
+                static: bool = False, active_rows: Optional[torch.Tensor] = None,
+                forced_experts: Optional[torch.Tensor] = None, routed: Optional[list] = None):
         cfg = self.cfg
         if not static:
             self.check_inputs(x, token_ids)
         x_TD = x.reshape(-1, cfg.d_model)
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.router(x_TD, token_ids_T, numerics)
+        if forced_experts is None:
+            routing = self.router(x_TD, token_ids_T, numerics)
+        else:
+            forced_TK = forced_experts.reshape(-1, forced_experts.shape[-1])
+            if not static:
+                check_forced(forced_TK, x_TD.shape[0], cfg.num_experts, cfg.top_k)
+            routing = self.router(x_TD, token_ids_T, numerics, forced_TK)
+        if routed is not None:
+            if routing.expert_idx_TK is None:
+                raise ValueError(f"recording routed experts needs K experts per token; router={cfg.router!r}"
+                                 f"{' with token_rounding' if cfg.token_rounding else ''} varies the count")
+            routed.append(routing.expert_idx_TK)
         if active_rows is None:
             y_TD = self.experts(x_TD, routing, numerics, static)
         else:  # only these rows need the routed experts (the others pad a static batch)

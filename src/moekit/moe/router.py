@@ -1,7 +1,10 @@
 """Routers as registered classes: which experts each token goes to, and with what gate.
 
     routing = build_router(cfg)(x_TD, token_ids_T, numerics)
+    routing = router(x_TD, token_ids_T, numerics, forced_TK)   # replay: these experts (rows of -1: free)
 
+Forced selection (routing replay, RL): the experts are the given ids, the gates are computed by
+the router for them as for its own choice (gradients flow to the router); top-k routers only.
 Every router returns a `Routing` (K experts per token, or a variable count for expert choice
 and token rounding: `expert_idx_TK` None). The interface and how to add a router:
 docs/architecture.md (Router interface), docs/extending.md; formulas: docs/formulas.md.
@@ -134,12 +137,18 @@ class TopKRouter(Router):
     def gates(self, logits_TE, logit_TK, valid_TK, numerics: Numerics) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN,
+                forced_TK: Optional[torch.Tensor] = None) -> Routing:
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         with torch.no_grad():
             select_TE = self.selection_scores(logits_TE, numerics)
             topk_idx_TK = torch.topk(select_TE, cfg.top_k, dim=-1).indices
+        if forced_TK is not None:
+            if cfg.token_rounding is not None:
+                raise ValueError("forced routing (routed_experts) needs K experts per token; token_rounding "
+                                 "varies the count")
+            topk_idx_TK = forced_selection(forced_TK, topk_idx_TK)
         if cfg.token_rounding is None:
             gates_TK = self.gates(logits_TE, pick(logits_TE, topk_idx_TK), None, numerics)
             return topk_routing(self, topk_idx_TK, gates_TK * cfg.routed_scaling_factor, logits_TE)
@@ -154,6 +163,28 @@ class TopKRouter(Router):
         expert_idx_P = idx_TM[token_idx_P, col_P]
         gates_P = gates_TM[token_idx_P, col_P] * cfg.routed_scaling_factor
         return Routing(token_idx_P, expert_idx_P, gates_P, topk_idx_TK[:, 0], logits_TE, logits_TE.shape[0], self)
+
+
+def check_forced(forced_TK: torch.Tensor, num_tokens: int, num_experts: int, top_k: int) -> None:
+    """ValueError unless forced_TK is (num_tokens, top_k) integer ids: per row K distinct experts in
+    [0, num_experts), or all -1 (that token routes freely). Host syncs: not in the static step."""
+    if forced_TK.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+        raise ValueError(f"routed_experts must hold integer expert ids, got dtype {forced_TK.dtype}")
+    if tuple(forced_TK.shape) != (num_tokens, top_k):
+        raise ValueError(f"routed_experts has {tuple(forced_TK.shape)} ids per layer; expected "
+                         f"({num_tokens} tokens, top_k={top_k})")
+    free_T = (forced_TK == -1).all(-1)
+    ids_TK = forced_TK[~free_T]
+    if ids_TK.numel() and (ids_TK.min() < 0 or ids_TK.max() >= num_experts):
+        raise ValueError(f"routed_experts ids must lie in [0, {num_experts}) (or a whole row of -1: route freely)")
+    if top_k > 1 and ids_TK.numel() and (ids_TK.sort(-1).values.diff(dim=-1) == 0).any():
+        raise ValueError("routed_experts repeats an expert within a token's row; a token's K experts are distinct")
+
+
+def forced_selection(forced_TK: torch.Tensor, free_TK: torch.Tensor) -> torch.Tensor:
+    """The forced ids, and the router's own choice in rows of -1."""
+    forced_TK = forced_TK.to(free_TK.device, free_TK.dtype)
+    return torch.where((forced_TK[:, :1] < 0), free_TK, forced_TK)
 
 
 def pick(logits_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
@@ -295,9 +326,12 @@ class HashRouter(Router):
         if token_ids_T.numel() and (token_ids_T.min() < 0 or token_ids_T.max() >= self.cfg.hash_vocab_size):
             raise ValueError(f"token_ids must lie in [0, hash_vocab_size={self.cfg.hash_vocab_size})")
 
-    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN,
+                forced_TK: Optional[torch.Tensor] = None) -> Routing:
         cfg = self.cfg
         expert_idx_TK = self.hash_table[token_ids_T.reshape(-1).long()]
+        if forced_TK is not None:
+            expert_idx_TK = forced_selection(forced_TK, expert_idx_TK)
         gates_TK = torch.full(expert_idx_TK.shape, cfg.routed_scaling_factor / cfg.top_k,
                               dtype=score_dtype(x_TD.dtype), device=x_TD.device)
         return topk_routing(self, expert_idx_TK, gates_TK, None)
@@ -309,7 +343,11 @@ class ExpertChoice(Router):
 
     causal = False
 
-    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN) -> Routing:
+    def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN,
+                forced_TK: Optional[torch.Tensor] = None) -> Routing:
+        if forced_TK is not None:
+            raise ValueError("forced routing (routed_experts) needs per-token top-k routing; with "
+                             "router='expert_choice' each expert picks its tokens")
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         T, E = logits_TE.shape

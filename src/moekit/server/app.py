@@ -64,6 +64,7 @@ class ServerContext:
     kv_capacity: int
     chat_template: ChatTemplate
     max_prompts: int = 64  # prompts x n per request
+    return_routed_experts: bool = False  # the engine records routed experts (--enable-return-routed-experts)
 
 
 def engine_error(err: Exception) -> ApiError:
@@ -92,7 +93,8 @@ class OpenAIServer:
         self.engine, self.log_requests, self.poll_s, self.api_key = engine, log_requests, poll_s, api_key
         self.request_timeout, self.max_connections = float(request_timeout), int(max_connections)
         self.ctx = ServerContext(tokenizer, [model_name], cfg.vocab_size, cfg.max_seq_len, engine.kv.capacity,
-                                 chat_template or default_template(), int(max_prompts))
+                                 chat_template or default_template(), int(max_prompts),
+                                 engine.return_routed_experts)
         self.created = now()
         self.http_counts = collections.Counter()
         self._count_lock = threading.Lock()
@@ -575,8 +577,9 @@ class _Handler(BaseHTTPRequestHandler):
             lp = None
             if req.logprobs is not None and event.token_ids:
                 lp, offsets[index] = self._event_logprobs(req, event, offsets[index])
-            if event.text or c is not None or lp is not None:
-                send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None, logprobs=lp))
+            if event.text or c is not None or lp is not None or event.routed_experts:
+                send(chunk_body(req, rid, created, index, event.text, c.finish_reason if c else None, logprobs=lp,
+                                routed_experts=event.routed_experts))
             if c is not None:
                 finished += 1
                 generated += c.generated_tokens

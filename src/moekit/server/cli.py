@@ -41,6 +41,7 @@ from vLLM (`vllm serve MODEL ...`):
   (uvicorn's --limit-concurrency)    --max-connections N (503 beyond it)
   (uvicorn's graceful shutdown)      --shutdown-grace S (SIGTERM: drain, then exit 0)
   (CUDA graphs, vLLM's default)      --compile (torch.compile of the decode step; eager without it)
+  --enable-return-routed-experts     --enable-return-routed-experts (requests: return_routed_experts)
 Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids."""
 
 
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM: stop accepting, let running requests finish for up to S seconds, end the rest "
                         "with an error (streams: an error event and [DONE]), exit 0 (default 30)")
+    p.add_argument("--enable-return-routed-experts", action="store_true",
+                   help="let requests ask for return_routed_experts: the experts each generated token went to "
+                        "in each MoE layer (for routing replay in RL training; off by default, as in vLLM)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's allocator settings alone")
     return p
@@ -144,7 +148,8 @@ def build_server(args):
     engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
                     prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
                     block_size=args.block_size, prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
-                    eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile)
+                    eos_token_ids=eos_ids(path, model, tokenizer), compile=args.compile,
+                    return_routed_experts=args.enable_return_routed_experts)
     if args.compile:  # compile before the first client waits for it
         print("moekit serve: compiling the decode step ...", file=sys.stderr, flush=True)
         engine.start().warmup()

@@ -12,7 +12,10 @@ stop_token_ids; completions' logprobs (top-n, up to 20, with tokens, token_logpr
 text_offset; also streamed, per chunk) and echo (the prompt first, scored by `Engine.score`; echo
 with max_tokens 0 scores without generating: lm-eval's log-likelihood request; not with stream);
 chat's logprobs (bool) + top_logprobs (0..20): `{"content": [{token, logprob, bytes, top_logprobs}]}`
-per choice, and per chunk when streamed. Accepted only at their neutral values: suffix, best_of,
+per choice, and per chunk when streamed. `return_routed_experts` (vLLM/SGLang's name; needs
+`--enable-return-routed-experts`, else 400): `choices[i].routed_experts`, per generated token that
+was fed, [MoE layer][k] expert ids (engine/params.py); on chunks, the entries known since the
+last one. Accepted only at their neutral values: suffix, best_of,
 tools, response_format other than text.
 Unknown fields are ignored. Completions `prompt`: a string, a list of strings, a list of
 token ids or a list of such lists; choice index = prompt_index * n + j.
@@ -177,6 +180,10 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
     frequency = float(_checked(body, "frequency_penalty", check_penalty, 0.0))
     logit_bias = _logit_bias(body, ctx.vocab_size)
     min_tokens = _checked(body, "min_tokens", check_max_tokens, 0, minimum=0)
+    routed = _bool(body, "return_routed_experts")
+    if routed and not ctx.return_routed_experts:
+        raise bad("return_routed_experts", "'return_routed_experts' needs the server started with "
+                                           "--enable-return-routed-experts", code="unsupported_parameter")
     n = 1 if body.get("n") is None else body["n"]
     if not _is_int(n):
         raise bad("n", f"'n' must be an integer, got {n!r}")
@@ -212,7 +219,7 @@ def _request(body: dict, ctx, chat: bool, model: str, prompts: List[List[int]],
                             stop=tuple(stop) + tuple(extra_stop), stop_token_ids=tuple(stop_ids),
                             ignore_eos=ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
                             presence_penalty=presence, frequency_penalty=frequency, logit_bias=logit_bias,
-                            min_tokens=min_tokens)
+                            min_tokens=min_tokens, return_routed_experts=routed)
     return GenerationRequest(chat, model, prompts, params, n, stream, include_usage, logprobs, echo)
 
 
@@ -398,15 +405,18 @@ def completion_body(req: GenerationRequest, rid: str, created: int, completions:
         choices = [{"index": i, "text": c.text if texts is None else texts[i],
                     "logprobs": None if logprobs is None else logprobs[i], "finish_reason": c.finish_reason}
                    for i, c in enumerate(completions)]
+    if req.params.return_routed_experts:
+        for choice, c in zip(choices, completions):
+            choice["routed_experts"] = c.routed_experts or []
     return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": created,
             "model": req.model, "choices": choices, "usage": use}
 
 
 def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[int], text: Optional[str],
                finish_reason: Optional[str] = None, role: bool = False, use: Optional[dict] = None,
-               logprobs: Optional[dict] = None) -> dict:
-    """One streaming chunk: a choice's delta (index given; `logprobs` of its tokens when asked) or the
-    final usage chunk (index None)."""
+               logprobs: Optional[dict] = None, routed_experts: Optional[list] = None) -> dict:
+    """One streaming chunk: a choice's delta (index given; `logprobs` of its tokens and the
+    `routed_experts` entries known since the last chunk, when asked) or the final usage chunk (index None)."""
     obj = "chat.completion.chunk" if req.chat else "text_completion"
     body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": []}
     if index is not None:
@@ -415,6 +425,8 @@ def chunk_body(req: GenerationRequest, rid: str, created: int, index: Optional[i
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        if req.params.return_routed_experts:
+            choice["routed_experts"] = routed_experts or []
         body["choices"].append(choice)
     if req.include_usage:
         body["usage"] = use  # null on the content chunks, filled on the last one (OpenAI's format)
