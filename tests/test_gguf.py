@@ -199,7 +199,7 @@ def test_llama_permutation_matches_interleaved_rope():
     (dict(qk_norm="full", n_kv_heads=4, moe=MOE), "olmoe never renormalises"),
     (dict(moe={**MOE, "router": "sigmoid_topk", "num_groups": 2, "topk_groups": 1}), "group-limited"),
     (dict(moe={**MOE, "router": "sigmoid_topk"}), "shared experts"),
-    (dict(qk_norm="head", moe={**MOE, "expert_bias": True, "activation": "swiglu_oai"}), "expert biases"),
+    (dict(qk_norm="head", moe={**MOE, "expert_bias": True, "activation": "swiglu_oai"}), "no attention sinks"),
     (dict(qk_norm="head", moe={**MOE, "router": "topk_softmax", "router_bias": True}), "a router bias"),
     (dict(qk_norm="head", attn_output_gate=True, moe=MOE), "attn_output_gate"),
     (dict(qk_norm="head", zero_centred_norm=True, moe=MOE), "zero_centred_norm"),
@@ -251,19 +251,29 @@ def test_cli_writes_a_gguf_and_errors_in_one_line(tmp_path, tokenizer):
 def test_llama_cpp_greedy_tokens_equal_moekit(tmp_path, tokenizer, arch):
     """llama.cpp (llama-cpp-python, built from source: no prebuilt wheel on PyPI) loads the f32 GGUF
     and its greedy continuation equals moekit's."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     model = Transformer(ModelConfig(**{**BASE, **CONFIGS[arch], "init_std": 0.3})).eval()
     model.tokenizer = tokenizer
     export_gguf(model, tmp_path / "m.gguf", "f32")
     prompt = tokenizer.encode("def f(x):\n").ids
-    ours = list(prompt)
+    assert llama_cpp_greedy(tmp_path / "m.gguf", prompt) == moekit_greedy(model, prompt)
+
+
+def moekit_greedy(model, prompt, n=12):
+    """moekit's greedy continuation: argmax of the full forward, one token at a time."""
+    ids = list(prompt)
     with torch.no_grad():
-        for _ in range(12):
-            ours.append(int(model(torch.tensor([ours]))[0, -1].argmax()))
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def llama_cpp_greedy(path, prompt, n=12):
+    """llama.cpp's greedy continuation of `prompt` from the GGUF at `path` (skips without llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
     theirs = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)
-        if len(theirs) == 12:
+        if len(theirs) == n:
             break
-    assert theirs == ours[len(prompt):]
+    return theirs
