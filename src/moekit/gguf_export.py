@@ -72,7 +72,7 @@ def export_gguf(model, out, file_type: str = "f16", chat_template: Optional[str]
 
 def cli(argv: List[str]) -> int:
     parser = cliargs.parser("moekit export", "Write a GGUF file llama.cpp runs (qwen3moe, olmoe, llama/Mixtral, "
-                            "glm4moe, gpt-oss, deepseek2).")
+                            "glm4moe, gpt-oss, deepseek2, qwen3next, qwen35moe, minimax-m2).")
     parser.add_argument("model", help="a moekit checkpoint, training run directory or HF checkpoint")
     parser.add_argument("out", help="the GGUF file to write")
     parser.add_argument("--type", default="f16", choices=TYPES, help="tensor type")

@@ -115,8 +115,6 @@ def glm4moe_check(model, dense: List[int]) -> GgufArch:
         raise ValueError(f"dense layers {dense}: llama.cpp's glm4moe has dense layers only first")
     if moe.num_shared_experts == 0 or moe.shared_gate or moe.shared_dim != moe.num_shared_experts * moe.d_expert:
         raise ValueError("llama.cpp's glm4moe needs ungated shared experts of num_shared_experts x d_expert")
-    if cfg.qk_norm == "full":
-        raise ValueError("qk_norm='full' with a sigmoid router: llama.cpp's glm4moe normalises q/k per head")
     return GLM4MOE
 
 
