@@ -108,7 +108,7 @@ def whole_head_rope(cfg, arch: GgufArch) -> GgufArch:
 
 
 def glm4moe_check(model, dense: List[int]) -> GgufArch:
-    cfg, moe = model.cfg, model.cfg.moe
+    moe = model.cfg.moe
     if moe.num_groups != 1:
         raise ValueError(f"num_groups={moe.num_groups}: llama.cpp's glm4moe has no group-limited routing")
     if dense != list(range(len(dense))):
