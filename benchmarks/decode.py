@@ -162,7 +162,8 @@ def hybrid_config():
 
 
 def run_hybrid(prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) -> List[dict]:
-    """Plain MoE vs hybrid (moekit eager generate, batch 1) and transformers' generate on the hybrid weights."""
+    """Plain MoE vs hybrid (moekit generate eager and compile=True, batch 1) and transformers' generate on the
+    same weights."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -183,31 +184,38 @@ def run_hybrid(prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) ->
             save_hf(model, path, model_type=model_type)
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             mk_out, *_ = time_moekit(model, prompts, new_tokens)  # warm-up and agreement
+            mc_out, *_ = time_moekit(model, prompts, new_tokens, compile=True)  # compiles
             hf_out, *_ = time_hf(hf, prompts, new_tokens)
-            mk, hfr = [], []
+            mk, mc, hfr = [], [], []
             for _ in range(repeats):
                 mk.append(time_moekit(model, prompts, new_tokens)[1:])
+                mc.append(time_moekit(model, prompts, new_tokens, compile=True)[1:])
                 hfr.append(time_hf(hf, prompts, new_tokens)[1:])
             decoded = new_tokens - 1
             rows.append(dict(model=cfg.name, active_params=model.num_params(active=True), prompt_len=prompt_len,
                              new_tokens=new_tokens, moekit_prefill_ms=1e3 * min(p for p, _ in mk),
                              moekit_decode_tok_s=decoded / min(d for _, d in mk),
+                             compiled_decode_tok_s=decoded / min(d for _, d in mc),
                              hf_prefill_ms=1e3 * min(p for p, _ in hfr), hf_decode_tok_s=decoded / min(d for _, d in hfr),
-                             greedy_token_mismatches=sum(a != b for a, b in zip(mk_out[0], hf_out[0]))))
+                             greedy_token_mismatches=sum(a != b for a, b in zip(mk_out[0], hf_out[0]))
+                             + sum(a != b for a, b in zip(mc_out[0], hf_out[0]))))
             print(f"  {cfg.name}: done", file=sys.stderr)
     return rows
 
 
 def format_hybrid_table(rows: List[dict]) -> str:
     head = ("model", "active params", "context", "moekit prefill tok/s", "moekit decode tok/s",
-            "HF prefill tok/s", "HF decode tok/s", "decode vs HF", "greedy == HF")
+            "moekit compile=True decode tok/s", "HF prefill tok/s", "HF decode tok/s", "decode vs HF",
+            "compiled vs HF", "greedy == HF")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         lines.append(" | ".join([
             r["model"], f"{r['active_params'] / 1e6:.2f}M", str(r["prompt_len"]),
             f"{r['prompt_len'] / r['moekit_prefill_ms'] * 1e3:.0f}", f"{r['moekit_decode_tok_s']:.1f}",
+            f"{r['compiled_decode_tok_s']:.1f}",
             f"{r['prompt_len'] / r['hf_prefill_ms'] * 1e3:.0f}", f"{r['hf_decode_tok_s']:.1f}",
             f"{r['moekit_decode_tok_s'] / r['hf_decode_tok_s']:.2f}x",
+            f"{r['compiled_decode_tok_s'] / r['hf_decode_tok_s']:.2f}x",
             "yes" if r["greedy_token_mismatches"] == 0 else f"NO ({r['greedy_token_mismatches']})"]))
     return "\n".join(lines)
 
