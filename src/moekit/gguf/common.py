@@ -118,6 +118,16 @@ def add_attention_hparams(writer, cfg, key_length: int, value_length: int, rope_
         writer.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings", 4096)))
 
 
+def add_expert_hparams(writer, moe, ffn_is_expert: bool = True) -> None:
+    """Expert count, experts used per token and the expert size (every MoE arch); `ffn_is_expert`: the
+    arch also reads feed_forward_length as the expert size."""
+    writer.add_expert_count(moe.num_experts)
+    writer.add_expert_used_count(moe.top_k)
+    writer.add_expert_feed_forward_length(moe.d_expert)
+    if ffn_is_expert:
+        writer.add_feed_forward_length(moe.d_expert)
+
+
 def refuse_rope_scaling(cfg, allowed: Tuple[str, ...], arch: str) -> None:
     kind = (cfg.rope_scaling or {}).get("type")
     if kind is not None and kind not in allowed:

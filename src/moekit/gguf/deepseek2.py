@@ -19,7 +19,8 @@ from typing import Iterator
 import torch
 
 from ..attention.mla import LORA_NORM_EPS
-from .common import Tensor, add_attention_hparams, float_state, permute_rotary, refuse_rope_scaling, swiglu
+from .common import (Tensor, add_attention_hparams, add_expert_hparams, float_state, permute_rotary,
+                     refuse_rope_scaling, swiglu)
 
 
 class DeepSeek2:
@@ -113,9 +114,7 @@ class DeepSeek2:
         writer.add_leading_dense_block_count(sum(cfg.is_dense_layer(i) for i in range(cfg.n_layers)))
         if moe is None:
             return
-        writer.add_expert_count(moe.num_experts)
-        writer.add_expert_used_count(moe.top_k)
-        writer.add_expert_feed_forward_length(moe.d_expert)
+        add_expert_hparams(writer, moe, ffn_is_expert=False)
         writer.add_expert_shared_count(moe.shared_dim // moe.d_expert if moe.num_shared_experts else 0)
         writer.add_expert_weights_scale(float(moe.routed_scaling_factor))
         writer.add_expert_weights_norm(bool(moe.norm_topk_prob))

@@ -20,7 +20,8 @@ from typing import Iterator
 
 import torch
 
-from .common import Tensor, add_attention_hparams, float_state, mxfp4_ggml_blocks, refuse_rope_scaling, swiglu
+from .common import (Tensor, add_attention_hparams, add_expert_hparams, float_state, mxfp4_ggml_blocks,
+                     refuse_rope_scaling, swiglu)
 
 ALPHA, LIMIT = 1.702, 7.0  # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants
 
@@ -97,10 +98,7 @@ class GptOss:
     def hparams(self, writer, gguf, model) -> None:
         cfg, moe = model.cfg, model.cfg.moe
         add_attention_hparams(writer, cfg, cfg.head_dim, cfg.head_dim, cfg.head_dim)
-        writer.add_feed_forward_length(moe.d_expert)
-        writer.add_expert_count(moe.num_experts)
-        writer.add_expert_used_count(moe.top_k)
-        writer.add_expert_feed_forward_length(moe.d_expert)
+        add_expert_hparams(writer, moe)
         writer.add_sliding_window(cfg.sliding_window)
         scaling = cfg.rope_scaling
         if scaling is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .common import Tensor, add_attention_hparams, float_state, refuse_rope_scaling, swiglu
+from .common import Tensor, add_attention_hparams, add_expert_hparams, float_state, refuse_rope_scaling, swiglu
 
 
 class MiniMaxM2:
@@ -62,8 +62,5 @@ class MiniMaxM2:
     def hparams(self, writer, gguf, model) -> None:
         cfg, moe = model.cfg, model.cfg.moe
         add_attention_hparams(writer, cfg, cfg.head_dim, cfg.head_dim, cfg.rope_dim)
-        writer.add_feed_forward_length(moe.d_expert)
-        writer.add_expert_count(moe.num_experts)
-        writer.add_expert_used_count(moe.top_k)
-        writer.add_expert_feed_forward_length(moe.d_expert)
+        add_expert_hparams(writer, moe)
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)

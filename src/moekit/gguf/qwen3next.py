@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 
 from ..hf.spec import gates_renormalised
-from .common import Tensor, add_attention_hparams, float_state, refuse_rope_scaling, swiglu
+from .common import Tensor, add_attention_hparams, add_expert_hparams, float_state, refuse_rope_scaling, swiglu
 
 
 class Qwen3Next:
@@ -146,10 +146,7 @@ class Qwen3Next:
     def hparams(self, writer, gguf, model) -> None:
         cfg, moe = model.cfg, model.cfg.moe
         add_attention_hparams(writer, cfg, cfg.head_dim, cfg.head_dim, cfg.rope_dim)
-        writer.add_feed_forward_length(moe.d_expert)
-        writer.add_expert_count(moe.num_experts)
-        writer.add_expert_used_count(moe.top_k)
-        writer.add_expert_feed_forward_length(moe.d_expert)
+        add_expert_hparams(writer, moe)
         writer.add_expert_shared_feed_forward_length(moe.shared_dim)
         writer.add_expert_weights_scale(1.0)
         Hk, Hv = cfg.linear_num_key_heads or 0, cfg.linear_num_value_heads or 0  # 0: no linear layers

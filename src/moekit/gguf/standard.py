@@ -23,7 +23,8 @@ from typing import Iterator, List, Tuple
 import torch
 
 from ..hf.spec import gates_renormalised
-from .common import Tensor, add_attention_hparams, float_state, permute_rotary, refuse_rope_scaling, swiglu
+from .common import (Tensor, add_attention_hparams, add_expert_hparams, float_state, permute_rotary,
+                     refuse_rope_scaling, swiglu)
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,9 @@ def add_hparams(writer, gguf, model, arch: GgufArch) -> None:
     if moe is None:
         writer.add_feed_forward_length(cfg.d_ff)
         return
-    writer.add_expert_count(moe.num_experts)
-    writer.add_expert_used_count(moe.top_k)
-    writer.add_expert_feed_forward_length(moe.d_expert)
-    # llama and olmoe size their experts with feed_forward_length
-    writer.add_feed_forward_length(moe.d_expert if arch.expert_sized_ffn else cfg.d_ff)
+    add_expert_hparams(writer, moe, ffn_is_expert=arch.expert_sized_ffn)  # llama and olmoe: experts sized by it
+    if not arch.expert_sized_ffn:
+        writer.add_feed_forward_length(cfg.d_ff)
     if arch.router_bias_and_shared:
         writer.add_expert_shared_count(moe.num_shared_experts)
         writer.add_leading_dense_block_count(sum(cfg.is_dense_layer(i) for i in range(cfg.n_layers)))
