@@ -612,6 +612,8 @@ def test_a_partial_utf8_token_is_written_as_its_bytes(checkpoint):
     text = token_text(tok, partial)
     first = tok.encode("def").ids[0]
     assert text.startswith("bytes:") and token_text(tok, first) == tok.decode([first])
+    eot = tok.token_to_id("<|endoftext|>")  # a special token is named, not the empty string decode() gives
+    assert token_text(tok, eot) == "<|endoftext|>" and tok.decode([eot]) == ""
     raw_bytes_ = bytes(int(h, 16) for h in text[len("bytes:"):].split("\\x")[1:])
     assert tok.decode([partial]) == raw_bytes_.decode("utf-8", errors="replace")
 

@@ -350,7 +350,7 @@ BYTE_LEVEL = byte_level_alphabet()
 def token_text(tokenizer, token_id: int) -> str:
     """A token's text, or for a token that is part of a multi-byte character its bytes written as
     OpenAI does ("bytes:\\xe2\\x80"), so that distinct tokens never share a text."""
-    text = tokenizer.decode([token_id])
+    text = tokenizer.decode([token_id], skip_special_tokens=False)  # a special token shows as itself
     if "\ufffd" not in text:
         return text
     piece = tokenizer.id_to_token(token_id) or ""
@@ -378,7 +378,7 @@ def token_bytes(tokenizer, token_id: int) -> List[int]:
     piece = tokenizer.id_to_token(token_id) or ""
     if piece and all(ch in BYTE_LEVEL for ch in piece):
         return [BYTE_LEVEL[ch] for ch in piece]
-    return list(tokenizer.decode([token_id]).encode("utf-8"))
+    return list(tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8"))
 
 
 def chat_logprobs_body(tokenizer, ids: List[int], logprobs: List[float], tops: Optional[List[list]]) -> dict:
