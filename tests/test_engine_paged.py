@@ -5,25 +5,15 @@ MLA through the paged pool, and a layer cache that is not paged (row pool, no pr
 import random
 
 import pytest
-import torch
 
-from moekit import ModelConfig, Transformer
 from moekit.cache import KVLayerCache
 from moekit.engine import Engine, SamplingParams
 from moekit.generate import generate
 from moekit.server.metrics import render
+from test_engine import tiny_model  # the same seeded, scaled tiny model
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1], [8, 3], [250, 251, 252, 253], [11] * 70, list(range(1, 40)), [400]]
 KW = dict(prefill_chunk=16, max_step_tokens=48)
-
-
-def tiny_model(scaled: bool = True, preset: str = "tiny") -> Transformer:
-    torch.manual_seed(1234)
-    model = Transformer(ModelConfig.preset(preset))
-    if scaled:  # well-separated logits: greedy tokens agree with generate (other GEMMs, last bits)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(50.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
