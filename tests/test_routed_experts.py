@@ -6,11 +6,7 @@ The reference is independent of the recording: the model run token by token thro
 each MoE layer's routing read by a forward hook on its router."""
 
 import inspect
-import os
-import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -256,16 +252,10 @@ def test_openai_client_gets_routed_experts_that_replay_to_the_same_logits(checkp
 
 def test_without_the_server_flag_a_request_asking_gets_400_naming_it(checkpoint):
     """The real `moekit serve` command, started without --enable-return-routed-experts."""
-    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", str(checkpoint[0]), "--port", "0",
-                             "--model-name", NAME, "--quiet", "--no-malloc-tune", "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    from test_server_abuse import serve_process
+
+    proc, port = serve_process(checkpoint[0], name=NAME)
     try:
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"on http://127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-                break
-        assert port, "the server did not start"
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         for call in (lambda: c.completions.create(model=NAME, prompt="import sys", max_tokens=2,
                                                   extra_body={"return_routed_experts": True}),

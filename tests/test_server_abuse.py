@@ -248,21 +248,23 @@ def sse_reader(port: int, body: dict, log: list) -> threading.Thread:
     return t
 
 
+def serve_process(checkpoint, *flags, name=NAME):
+    """The real `moekit serve` in a subprocess on a free port: (process, port)."""
+    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", str(checkpoint), "--port", "0",
+                             "--model-name", name, "--quiet", "--no-malloc-tune", "--threads", "1", *flags],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stderr:
+        if m := re.search(r"on http://127\.0\.0\.1:(\d+)", line):
+            return proc, int(m.group(1))
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
 def test_sigterm_finishes_running_streams_refuses_new_connections_and_exits_0(tmp_path):
     grace = 5.0
     checkpoint = save_tiny(tmp_path / "ckpt", max_seq_len=16384)  # room for a stream far longer than the grace
-    proc = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", str(checkpoint), "--port", "0",
-                             "--kv-budget", "20000",
-                             "--model-name", NAME, "--quiet", "--no-malloc-tune", "--threads", "1",
-                             "--shutdown-grace", str(grace)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = serve_process(checkpoint, "--kv-budget", "20000", "--shutdown-grace", str(grace))
     try:
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"on http://127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-                break
-        assert port, "the server did not start"
         base = {"model": NAME, "prompt": "import sys", "temperature": 0, "ignore_eos": True}
         short, long_ = [], []
         readers = [sse_reader(port, {**base, "max_tokens": 150}, short),  # finishes within the grace period
