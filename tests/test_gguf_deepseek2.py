@@ -2,9 +2,14 @@
 selection bias, routed scaling, a shared expert) exports as llama.cpp's "deepseek2": kv_b_proj split
 per head into attn_k_b (the key half transposed) and attn_v_b, absorbed-MLA metadata (one KV head of
 latent + rope), the metadata of the router; llama.cpp's greedy tokens equal moekit's (slow tier),
-also with q_proj and rotate-half RoPE (rows permuted to llama.cpp's pairs)."""
+also with q_proj and rotate-half RoPE (rows permuted to llama.cpp's pairs). YaRN (DeepSeek-V3 / Kimi
+K2): the rope.scaling keys and yarn_log_multiplier = 0.1 * mscale_all_dim read back, the cos/sin
+attention_factor folded into the rotary weight rows, and llama.cpp's logits over a prompt past the
+original context equal moekit's (slow tier, f32 KV cache), with mscale == mscale_all_dim and without."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +24,8 @@ from moekit.presets import MODEL_PRESETS  # noqa: E402
 from test_gguf import field, llama_cpp_greedy, moekit_greedy, read, tokenizer  # noqa: E402,F401
 
 MLA = {**MODEL_PRESETS["mla-tiny"], "vocab_size": 320}
+V3_YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+           "beta_slow": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.0}  # DeepSeek-V3's config.json
 
 
 def mla_model(tokenizer, **changes):
@@ -68,9 +75,36 @@ def test_mla_tensors_and_metadata_read_back(tmp_path, tokenizer):
     assert field(reader, f"{d}.expert_weights_scale") == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("attention_factor", [1.0, 1.25])
+def test_yarn_keys_and_folded_rope_rows_read_back(tmp_path, tokenizer, attention_factor):
+    model = mla_model(tokenizer, rope_scaling={**V3_YARN, "attention_factor": attention_factor})
+    export_gguf(model, tmp_path / "m.gguf", "f32")
+    reader, tensors = read(tmp_path / "m.gguf")
+    d = "deepseek2"
+    assert field(reader, f"{d}.rope.scaling.type") == "yarn"
+    assert field(reader, f"{d}.rope.scaling.original_context_length") == 4096
+    assert field(reader, f"{d}.rope.scaling.factor") == pytest.approx(40.0)
+    assert field(reader, f"{d}.rope.scaling.yarn_log_multiplier") == pytest.approx(0.1)  # 0.1 * mscale_all_dim
+    cfg, sd = model.cfg, model.state_dict()
+    H, N, R, C = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    # moekit multiplies the rotated q / k parts by attention_factor; llama.cpp's cos/sin have magnitude 1
+    q_b = sd["layers.0.attn.q_b_proj.weight"].view(H, N + R, -1)
+    want_q = torch.cat([q_b[:, :N], q_b[:, N:] * attention_factor], dim=1).reshape(H * (N + R), -1)
+    kv_a = sd["layers.0.attn.kv_a_proj_with_mqa.weight"]
+    want_kv = torch.cat([kv_a[:C], kv_a[C:] * attention_factor])
+    got_q, got_kv = (np.asarray(tensors[f"blk.0.{n}.weight"].data) for n in ("attn_q_b", "attn_kv_a_mqa"))
+    np.testing.assert_allclose(got_q.reshape(want_q.shape), want_q.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got_kv.reshape(want_kv.shape), want_kv.numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(norm_eps=1e-5), "norm_eps=1e-05"),
-    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling 'yarn'"),
+    (dict(rope_scaling={"type": "linear", "factor": 4.0}), "rope_scaling 'linear'"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "without mscale_all_dim"),
+    (dict(rope_scaling={**V3_YARN, "beta_fast": 16.0}), "beta_fast=16"),
+    (dict(rope_scaling={**V3_YARN, "truncate": False}), "truncate=False"),
+    (dict(rope_scaling={**V3_YARN, "factor": 0.5}), "factor=0.5 < 1"),
+    (dict(attention_bias=True), "attention_bias"),
     (dict(dense_layers=(2,)), r"dense layers \[0, 2\]"),
 ])
 def test_unexportable_mla_refused(tmp_path, tokenizer, changes, message):
@@ -86,3 +120,42 @@ def test_llama_cpp_greedy_equals_moekit(tmp_path, tokenizer, changes):
     export_gguf(model, tmp_path / "m.gguf", "f32")
     prompt = tokenizer.encode("def f(x):\n").ids
     assert llama_cpp_greedy(tmp_path / "m.gguf", prompt) == moekit_greedy(model, prompt)
+
+
+def llama_cpp_logits_and_greedy(path, prompt, n=12):
+    """llama.cpp's logits over `prompt` and its greedy continuation, with an f32 KV cache and room past
+    the 64 tokens test_gguf.llama_cpp_greedy allows."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, type_k=f32, type_v=f32, verbose=False)
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == n:
+            break
+    return np.array(llm.scores[:len(prompt)]), tokens
+
+
+def mscale(factor, m):  # YaRN's magnitude (DeepSeek's yarn_get_mscale), worked by hand
+    return 0.1 * m * math.log(factor) + 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mscale_all_dim, attention_factor, changes", [
+    (1.0, 1.0, {}),  # DeepSeek-V3 / Kimi K2: mscale == mscale_all_dim == 1
+    (0.707, 1.0, {}),  # DeepSeek-V2: mscale == mscale_all_dim == 0.707
+    (0.707, mscale(4.0, 1.0) / mscale(4.0, 0.707), {"q_lora_rank": None, "rope_interleave": False}),
+], ids=["v3", "v2", "mscale_differs_q_proj"])
+def test_llama_cpp_yarn_equals_moekit_past_the_original_context(tmp_path, tokenizer, mscale_all_dim,
+                                                                 attention_factor, changes):
+    scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+               "mscale_all_dim": mscale_all_dim, "attention_factor": attention_factor}
+    model = mla_model(tokenizer, init_std=0.3, rope_scaling=scaling, **changes)
+    export_gguf(model, tmp_path / "m.gguf", "f32")
+    prompt = tokenizer.encode("the quick brown fox jumps over the lazy dog\n" * 8).ids[:100]
+    assert len(prompt) == 100  # past original_max_position_embeddings=64: the YaRN ramp matters
+    logits, tokens = llama_cpp_logits_and_greedy(tmp_path / "m.gguf", prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()
+    np.testing.assert_allclose(logits, ours, atol=2e-3)
+    assert tokens == moekit_greedy(model, prompt)

@@ -1,7 +1,7 @@
 """GGUF export, one module per llama.cpp architecture family (the file itself: moekit.gguf_export):
 
   standard.py   qwen3moe, olmoe, llama (Mixtral / dense), glm4moe (partial rotary included)
-  deepseek2.py  deepseek2 (MLA with kv_b split into k_b / v_b, groups, shared experts, dense first)
+  deepseek2.py  deepseek2 (MLA with kv_b split into k_b / v_b, groups, shared experts, dense first, YaRN)
   gpt_oss.py    gpt-oss (sinks, sliding window, biases, clamped SwiGLU, YaRN, MXFP4 experts)
   qwen3next.py  qwen3next / qwen35moe (Gated DeltaNet hybrids: gated attention, zero-centred norms)
   minimax.py    minimax-m2 (full-width q/k norm, sigmoid router with a selection bias)

@@ -8,8 +8,14 @@ shared experts and leading dense layers.
 RoPE: llama.cpp's deepseek2 rotates interleaved pairs (DeepSeek's own layout, rope_interleave=True),
 so the rotary rows are written as they are; rotate-half models (rope_interleave=False) get those rows
 permuted to pairs. The q_a / kv_a norms use llama.cpp's one RMS eps: the model's norm_eps must equal
-moekit's fixed 1e-6 for them. YaRN is refused (llama.cpp derives its softmax and cos/sin factors
-from its own keys; not mapped here).
+moekit's fixed 1e-6 for them.
+
+YaRN (DeepSeek-V3 / Kimi K2): rope.scaling.{type, factor, original_context_length} and
+yarn_log_multiplier = 0.1 * mscale_all_dim, from which llama.cpp's deepseek2 forms the softmax scale
+mscale(factor, mscale_all_dim)^2 / sqrt(N + R) (moekit's `softmax_scale`) and cos/sin of magnitude 1.
+moekit's cos/sin factor (attention_factor, 1 when mscale == mscale_all_dim) scales only the rotary
+q / k parts, so it is folded into their weight rows (RoPE is linear). Refused: YaRN without
+mscale_all_dim, factor < 1, beta_fast / beta_slow other than llama.cpp's runtime 32 / 1, truncate=False.
 """
 
 from __future__ import annotations
@@ -49,28 +55,48 @@ class DeepSeek2:
                 problems.append("gated shared experts, or a shared size not a multiple of d_expert")
             if moe.router_bias or not model.moe_layers()[0].experts.plain or moe.token_rounding is not None:
                 problems.append("a router bias, expert biases / swiglu_oai, or token_rounding")
+        if cfg.attention_bias:
+            problems.append("attention_bias (q_a / kv_a / o biases)")
         if problems:
             raise ValueError(f"{'; '.join(problems)}: llama.cpp's deepseek2 cannot hold this model")
-        refuse_rope_scaling(cfg, (), "deepseek2")
+        refuse_rope_scaling(cfg, ("yarn",), "deepseek2")
+        if cfg.rope_scaling is not None:
+            self.check_yarn(cfg.rope_scaling)
         return self
+
+    @staticmethod
+    def check_yarn(scaling: dict) -> None:
+        """The YaRN settings llama.cpp's deepseek2 computes as moekit does; ValueError naming the rest."""
+        if not scaling.get("mscale_all_dim"):
+            raise ValueError("rope_scaling yarn without mscale_all_dim: llama.cpp's deepseek2 would scale the "
+                             "softmax and cos/sin by YaRN's mscale, which moekit then does not")
+        if float(scaling["factor"]) < 1:
+            raise ValueError(f"rope_scaling factor={scaling['factor']:g} < 1: llama.cpp's deepseek2 YaRN needs >= 1")
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+            if float(scaling.get(key, default)) != default:
+                raise ValueError(f"rope_scaling {key}={scaling[key]:g}: the deepseek2 export needs {default:g} "
+                                 f"(llama.cpp runners such as llama-cpp-python pass {default:g} themselves)")
+        if scaling.get("truncate", True) is False:
+            raise ValueError("rope_scaling truncate=False: llama.cpp's YaRN rounds the correction dims")
 
     def tensors(self, model) -> Iterator[Tensor]:
         cfg = model.cfg
         H, N, V, C = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         sd = float_state(model)
+        rope_factor = float((cfg.rope_scaling or {}).get("attention_factor", 1.0))  # moekit's cos/sin scale
         yield "token_embd.weight", sd["embed.weight"], "embed"
         for i, layer in enumerate(model.layers):
             p, b = f"layers.{i}.attn.", f"blk.{i}."
             yield b + "attn_norm.weight", sd[f"layers.{i}.attn_norm.weight"], "f32"
             if cfg.q_lora_rank is None:
-                yield b + "attn_q.weight", self.pairs_q(sd[p + "q_proj.weight"], cfg), "matrix"
+                yield b + "attn_q.weight", self.pairs_q(sd[p + "q_proj.weight"], cfg, rope_factor), "matrix"
             else:
                 yield b + "attn_q_a.weight", sd[p + "q_a_proj.weight"], "matrix"
                 yield b + "attn_q_a_norm.weight", sd[p + "q_a_layernorm.weight"], "f32"
-                yield b + "attn_q_b.weight", self.pairs_q(sd[p + "q_b_proj.weight"], cfg), "matrix"
+                yield b + "attn_q_b.weight", self.pairs_q(sd[p + "q_b_proj.weight"], cfg, rope_factor), "matrix"
             kv_a = sd[p + "kv_a_proj_with_mqa.weight"]
-            if not cfg.rope_interleave:
-                kv_a = torch.cat([kv_a[:C], permute_rotary(kv_a[C:], 1)])
+            k_rope = kv_a[C:] if cfg.rope_interleave else permute_rotary(kv_a[C:], 1)
+            kv_a = torch.cat([kv_a[:C], k_rope * rope_factor])
             yield b + "attn_kv_a_mqa.weight", kv_a, "matrix"
             yield b + "attn_kv_a_norm.weight", sd[p + "kv_a_layernorm.weight"], "f32"
             kv_b = sd[p + "kv_b_proj.weight"].view(H, N + V, C)
@@ -92,14 +118,17 @@ class DeepSeek2:
         yield "output.weight", sd.get("lm_head.weight", sd["embed.weight"]), "output"
 
     @staticmethod
-    def pairs_q(w: torch.Tensor, cfg) -> torch.Tensor:
-        """q rows per head [nope | rope], the rope rows permuted to pairs unless already interleaved."""
-        if cfg.rope_interleave:
+    def pairs_q(w: torch.Tensor, cfg, rope_factor: float = 1.0) -> torch.Tensor:
+        """q rows per head [nope | rope], the rope rows permuted to pairs unless already interleaved and
+        times `rope_factor` (YaRN's cos/sin scale, folded)."""
+        if cfg.rope_interleave and rope_factor == 1.0:
             return w
         H, N, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         w_HKQ = w.view(H, N + R, -1)
-        rope = permute_rotary(w_HKQ[:, N:].reshape(H * R, -1), H).view(H, R, -1)
-        return torch.cat([w_HKQ[:, :N], rope], dim=1).reshape(w.shape)
+        rope_HRQ = w_HKQ[:, N:]
+        if not cfg.rope_interleave:
+            rope_HRQ = permute_rotary(rope_HRQ.reshape(H * R, -1), H).view(H, R, -1)
+        return torch.cat([w_HKQ[:, :N], rope_HRQ * rope_factor], dim=1).reshape(w.shape)
 
     def hparams(self, writer, gguf, model) -> None:
         cfg, moe = model.cfg, model.cfg.moe
@@ -112,6 +141,8 @@ class DeepSeek2:
         writer.add_q_lora_rank(cfg.q_lora_rank or 0)  # required; 0 with attn_q
         writer.add_feed_forward_length(cfg.d_ff)
         writer.add_leading_dense_block_count(sum(cfg.is_dense_layer(i) for i in range(cfg.n_layers)))
+        if cfg.rope_scaling is not None:  # yarn (check); type, factor, original context: add_attention_hparams
+            writer.add_rope_scaling_yarn_log_mul(0.1 * float(cfg.rope_scaling["mscale_all_dim"]))
         if moe is None:
             return
         add_expert_hparams(writer, moe, ffn_is_expert=False)
