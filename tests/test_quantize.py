@@ -160,6 +160,32 @@ def test_fused_matvec_equals_dequantize_then_matmul(method):
         x = torch.randn(x_shape)
         ref = x @ formats.dequantize(method, packed, w_shape[-1]).transpose(-1, -2)
         torch.testing.assert_close(formats.fused_matvec(method, packed, x), ref.squeeze(-2), rtol=1e-5, atol=1e-5)
+        # as QuantizedWeight runs it: with the float32 mirrors of the fp16 group tensors
+        inputs = QuantizedWeight.from_float(w, method).fused_inputs()
+        assert set(inputs) == set(packed) | {name + "_f32" for name in formats.get_format(method).float_copies}
+        torch.testing.assert_close(formats.fused_matvec(method, inputs, x), ref.squeeze(-2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["q8_0", "q4_0", "int4-g32"])
+def test_float_mirrors_follow_the_stored_bits(method):
+    """The float32 scale/offset mirrors are not saved, stay float32 under model.to(dtype) and are rebuilt
+    by load_state_dict (a stale mirror would silently give another weight's outputs)."""
+    qw = QuantizedWeight.from_float(torch.randn(8, 64), method)
+    names = formats.get_format(method).float_copies
+    assert not any(key.endswith("_f32") for key in qw.state_dict())
+
+    def mirrors_match(w):
+        return all(getattr(w, n + "_f32").dtype == torch.float32 and
+                   torch.equal(getattr(w, n + "_f32"), getattr(w, n).view(torch.float16).float()) for n in names)
+
+    qw.to(torch.bfloat16)
+    assert mirrors_match(qw)
+    other = QuantizedWeight.from_float(torch.randn(8, 64) * 3, method)
+    qw.load_state_dict(other.state_dict())
+    assert mirrors_match(qw) and torch.equal(qw.scale_f32, other.scale_f32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(formats.fused_matvec(method, qw.fused_inputs(), x[:, None]),
+                               x @ other.dense(dtype=torch.float32).t(), rtol=1e-5, atol=1e-5)
 
 
 def test_scales_keep_their_bits_under_model_to():

@@ -72,6 +72,7 @@ class Format:
 
     bits, scale_bits = 0, 0
     group_tensors: Tuple[str, ...] = ("scale",)
+    float_copies: Tuple[str, ...] = ()  # fp16-bit tensors a QuantizedWeight mirrors in float32 (GroupFormat)
     layout_text: str = ""
 
     def __init__(self, name: str, group: int):
@@ -159,9 +160,8 @@ class RowInt8(Format):
 class GroupFormat(Format):
     """A fp16 scale (as raw int16 bits) per group of G consecutive values of a row. Subclasses give
     `encode_groups(x_BG)` -> (float codes q_BG, the per-group tensors), `values(q_BG, s_B, packed)`
-    (codes -> floats) and `group_matvec(packed, dot_NB, s_NB, x_1BG)` (`fused_matvec` from dot_NB,
-    each group's codes dotted with x). Codes are int8 bytes here; NibbleFormat overrides
-    `pack_codes` / `unpack_codes` / `code_dot` for 4-bit codes.
+    (codes -> floats) and `group_terms(packed, x_1BG, s_NB1)` (the (..., N, B, G) products whose sum is
+    `fused_matvec`). Codes are int8 bytes here; NibbleFormat overrides `pack_codes` / `unpack_codes`.
     """
 
     def encode(self, x_Kp: torch.Tensor) -> Packed:
@@ -175,11 +175,22 @@ class GroupFormat(Format):
         q_BG = self.unpack_codes(packed["qweight"], lead, NB).float()
         return self.values(q_BG, s_B, packed).reshape(*lead, NB * self.group)
 
+    float_copies = ("scale",)
+
     def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
+        """One reduction over (B, G) per output: each code times x times its group's float32 scale. Read
+        from `<name>_f32` when `packed` has it (QuantizedWeight keeps float32 copies: inductor vectorises
+        that loop over G, while an in-loop fp16 bit-cast runs scalar, about 10x slower on CPU)."""
         G = self.group
-        s_NB = packed["scale"].view(torch.float16).to(x_1Kp.dtype)
         x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // G, G)
-        return self.group_matvec(packed, self.code_dot(packed["qweight"], x_1BG), s_NB, x_1BG)
+        terms_NBG = self.group_terms(packed, x_1BG, self.float_group(packed, "scale")[..., None])
+        return terms_NBG.sum((-2, -1)).to(x_1Kp.dtype)
+
+    @staticmethod
+    def float_group(packed: Packed, name: str) -> torch.Tensor:
+        """A per-group fp16 tensor (stored as int16 bits) in float32."""
+        copy = packed.get(name + "_f32")
+        return copy if copy is not None else packed[name].view(torch.float16).float()
 
     def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
         return q_BG.to(torch.int8)
@@ -187,9 +198,6 @@ class GroupFormat(Format):
     def unpack_codes(self, qweight: torch.Tensor, lead: torch.Size, NB: int) -> torch.Tensor:
         return qweight.reshape(*lead, NB, self.group)
 
-    def code_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        """sum over each group of code * x -> (..., N, NB)."""
-        return (qweight.reshape(*qweight.shape[:-1], x_1BG.shape[-2], self.group) * x_1BG).sum(-1)
 
 
 class Q8_0(GroupFormat):
@@ -208,9 +216,9 @@ class Q8_0(GroupFormat):
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return q_BG * s_B[..., None]
 
-    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
-                     x_1BG: torch.Tensor) -> torch.Tensor:
-        return (dot_NB * s_NB).sum(-1)
+    def group_terms(self, packed: Packed, x_1BG: torch.Tensor, s_NB1: torch.Tensor) -> torch.Tensor:
+        q_NBG = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group)
+        return q_NBG * x_1BG * s_NB1
 
 
 class NibbleFormat(GroupFormat):
@@ -227,11 +235,10 @@ class NibbleFormat(GroupFormat):
         b_BH = qweight.reshape(*lead, NB, self.group // 2)
         return torch.cat([b_BH & 15, b_BH >> 4], dim=-1)
 
-    def code_dot(self, qweight: torch.Tensor, x_1BG: torch.Tensor) -> torch.Tensor:
-        """sum over a group of code * x -> (..., N, NB), each nibble half as a unit-stride sum."""
-        H = self.group // 2
-        b_NBH = qweight.reshape(*qweight.shape[:-1], x_1BG.shape[-2], H)
-        return ((b_NBH & 15) * x_1BG[..., :H] + (b_NBH >> 4) * x_1BG[..., H:]).sum(-1)
+    def nibbles(self, packed: Packed, x_1BG: torch.Tensor):
+        """(low codes, high codes) (..., N, B, G/2) of the packed bytes: elements j and j + G/2 of a group."""
+        b_NBH = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group // 2)
+        return b_NBH & 15, b_NBH >> 4
 
 
 class Q4_0(NibbleFormat):
@@ -253,9 +260,10 @@ class Q4_0(NibbleFormat):
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return (q_BG - 8.0) * s_B[..., None]
 
-    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
-                     x_1BG: torch.Tensor) -> torch.Tensor:
-        return ((dot_NB - 8.0 * x_1BG.sum(-1)) * s_NB).sum(-1)
+    def group_terms(self, packed: Packed, x_1BG: torch.Tensor, s_NB1: torch.Tensor) -> torch.Tensor:
+        lo_NBH, hi_NBH = self.nibbles(packed, x_1BG)
+        H = self.group // 2
+        return ((lo_NBH - 8.0) * x_1BG[..., :H] + (hi_NBH - 8.0) * x_1BG[..., H:]) * s_NB1
 
 
 class AffineInt4(NibbleFormat):
@@ -281,10 +289,14 @@ class AffineInt4(NibbleFormat):
     def values(self, q_BG: torch.Tensor, s_B: torch.Tensor, packed: Packed) -> torch.Tensor:
         return q_BG * s_B[..., None] + packed["offset"].view(torch.float16).float()[..., None]
 
-    def group_matvec(self, packed: Packed, dot_NB: torch.Tensor, s_NB: torch.Tensor,
-                     x_1BG: torch.Tensor) -> torch.Tensor:
-        m_NB = packed["offset"].view(torch.float16).to(x_1BG.dtype)
-        return (dot_NB * s_NB + m_NB * x_1BG.sum(-1)).sum(-1)
+    float_copies = ("scale", "offset")
+
+    def group_terms(self, packed: Packed, x_1BG: torch.Tensor, s_NB1: torch.Tensor) -> torch.Tensor:
+        lo_NBH, hi_NBH = self.nibbles(packed, x_1BG)
+        H = self.group // 2
+        x_lo, x_hi = x_1BG[..., :H], x_1BG[..., H:]
+        m_NB1 = self.float_group(packed, "offset")[..., None]
+        return (lo_NBH * x_lo + hi_NBH * x_hi) * s_NB1 + m_NB1 * (x_lo + x_hi)
 
 
 class MXFP4(Format):

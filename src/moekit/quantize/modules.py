@@ -4,7 +4,10 @@
 and implements the weight accessor of moe/weights.py (`dense`, `linear`, `gathered_matvec`: see
 docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager ops
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
-straight from the packed bytes. It quacks like a tensor for read-only uses (`.shape`, `.device`,
+straight from the packed bytes. Formats with fp16 group scales (q8_0, q4_0, int4-gG) also keep
+float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
+run time, not saved, rebuilt from the stored bits after every move, cast or load) for the fused
+loop, which inductor vectorises only over float32 scales. It quacks like a tensor for read-only uses (`.shape`, `.device`,
 `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
 moves it, while the quantized buffers never change dtype).
 
@@ -43,6 +46,21 @@ class QuantizedWeight(nn.Module):
             self.register_buffer(name, tensor)
         self.dtype_anchor = nn.Parameter(torch.empty(0, dtype=dtype, device=packed["qweight"].device),
                                          requires_grad=False)
+        self.refresh_float_copies()
+
+    def refresh_float_copies(self) -> None:
+        """(Re)build the float32 mirrors of the format's fp16-bit group tensors (see the module docstring)."""
+        for name in formats.get_format(self.method).float_copies:
+            self.register_buffer(name + "_f32", getattr(self, name).view(torch.float16).float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the mirrors follow the stored bits
+        super()._apply(fn, recurse)
+        self.refresh_float_copies()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict (also assign=True)
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_float_copies()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, method: str) -> "QuantizedWeight":
@@ -113,13 +131,21 @@ class QuantizedWeight(nn.Module):
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if torch.compiler.is_compiling() and rows <= FUSED_MAX_ROWS:
-            y_MN = formats.fused_matvec(self.method, self.packed(), x.reshape(rows, 1, x.shape[-1]))
+            y_MN = formats.fused_matvec(self.method, self.fused_inputs(), x.reshape(rows, 1, x.shape[-1]))
             y = y_MN.reshape(*x.shape[:-1], self.shape[0])
             return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
     def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
-        return formats.fused_matvec(self.method, self.packed(index_P), x_P1K)
+        return formats.fused_matvec(self.method, self.fused_inputs(index_P), x_P1K)
+
+    def fused_inputs(self, index=None) -> formats.Packed:
+        """`packed(index)` plus the float32 mirrors the fused matvec reads."""
+        tensors = self.packed(index)
+        for name in formats.get_format(self.method).float_copies:
+            copy = getattr(self, name + "_f32")
+            tensors[name + "_f32"] = copy if index is None else copy[index]
+        return tensors
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight():.3f}"
