@@ -28,6 +28,7 @@ from typing import Callable, List, Optional
 import torch
 
 from . import cliargs
+from .runtime import compile_step
 from .sampling import (StopSpec, apply_repetition_penalty, check_sampling, ends_with_stop, new_generator,
                        normalise_prompts, normalise_stops, sample_next)
 from .speculative import speculative_generate
@@ -142,7 +143,7 @@ def compiled_decode_step(model):
     """`model.decode_step` under torch.compile, cached on the model (compiled lazily on first call)."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
-        step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+        step = compile_step(model.decode_step, dynamic=False)
         model.__dict__["_compiled_decode_step"] = step
     return step
 

@@ -5,6 +5,13 @@ on free, so each CPU MoE training step re-faults hundreds of MiB of pages, which
 machines can cost more than the arithmetic (benchmarks/results/moe_layer_cpu.md). Keeping
 freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost, at the
 price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
+
+`compile_step(fn, ...)`: torch.compile for moekit's decode steps (`generate(compile=True)`, the
+engine). Dynamo keeps one cache per code object, and every model instance's `decode_step` shares
+one: each model, batch size and cache-length bucket is one more entry. Past dynamo's default of 8
+entries a `fullgraph=True` step stops compiling (generate silently falls back to eager speed; the
+engine's requests fail), which a process with a few models or batch sizes reaches quickly. So
+moekit raises that per-code limit to DECODE_RECOMPILE_LIMIT (never lowers it) where it compiles.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ import ctypes
 import ctypes.util
 import sys
 
+import torch
+
+DECODE_RECOMPILE_LIMIT = 256
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
@@ -29,3 +39,11 @@ def tune_cpu_allocator(trim_threshold: int = 1 << 30) -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def compile_step(fn, dynamic):
+    """torch.compile(fn, fullgraph=True, dynamic=dynamic) with room for many cache entries (see above)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)

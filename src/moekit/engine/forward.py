@@ -26,6 +26,7 @@ import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
 from ..plan import ForwardPlan, Segment, stack_routed
+from ..runtime import compile_step
 from .kv import TRASH
 
 PAD_ID, MIN_SLOTS = 0, 64
@@ -65,7 +66,7 @@ class DecodeStep:
             key = "_compiled_engine_step" + ("_invariant" if numerics.batch_invariant else "")
             fn = model.__dict__.get(key)
             if fn is None:
-                fn = torch.compile(model.decode_step, fullgraph=True, dynamic=True if numerics.batch_invariant else None)
+                fn = compile_step(model.decode_step, dynamic=True if numerics.batch_invariant else None)
                 model.__dict__[key] = fn
             self.fn = fn
 

@@ -1,0 +1,47 @@
+"""Many compiled decode steps in one process: every model instance's `decode_step` shares one code
+object, so each model, batch size and cache bucket is one more dynamo cache entry; past dynamo's
+default of 8, a fullgraph step stopped compiling (the engine's requests then failed with
+FailOnRecompileLimitHit). moekit.runtime.compile_step gives moekit's steps room for more."""
+
+import pytest
+import torch
+
+from moekit import ModelConfig, Transformer
+from moekit.engine import Engine, SamplingParams
+from moekit.generate import generate
+
+
+def tiny(seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_many_compiled_batch_sizes_then_a_compiled_engine_still_answers():
+    model = tiny(0)
+    prompts = [[5, 17, 300, 42], [8, 3], [11], [400, 2, 9]] * 3
+    for B in range(1, 11):  # ten batch sizes: ten cache entries of the one decode_step code object
+        assert generate(model, prompts[:B], max_new_tokens=3, compile=True) == generate(model, prompts[:B], 3)
+    done = Engine(model, max_batch=4, compile=True).generate([prompts[0]], SamplingParams(max_tokens=4,
+                                                                                          ignore_eos=True))[0]
+    assert done.finish_reason == "length", f"{done.finish_reason}: {done.error}"
+    assert done.token_ids == generate(model, [prompts[0]], max_new_tokens=4)[0]
+
+
+def test_compiling_a_step_raises_the_recompile_limit_only_upwards():
+    from moekit.runtime import DECODE_RECOMPILE_LIMIT, compile_step
+
+    config = torch._dynamo.config
+    saved = config.recompile_limit
+    try:
+        config.recompile_limit = 8
+        compile_step(tiny(0).decode_step, dynamic=False)
+        assert config.recompile_limit == DECODE_RECOMPILE_LIMIT
+        config.recompile_limit = 10 * DECODE_RECOMPILE_LIMIT
+        compile_step(tiny(0).decode_step, dynamic=False)
+        assert config.recompile_limit == 10 * DECODE_RECOMPILE_LIMIT
+    finally:
+        config.recompile_limit = saved
