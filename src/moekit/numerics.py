@@ -55,11 +55,18 @@ class Numerics:
             return fn(x)
         flat = x.reshape(-1)
         n = flat.numel()
-        n_pad = round_up(max(n, 1), EW_QUANTUM * max(1, torch.get_num_threads()))
+        n_pad = round_up(max(n, 1), EW_QUANTUM * max(1, thread_count()))
         return fn(F.pad(flat, (0, n_pad - n)))[:n].view(x.shape)
 
     def pad_rows(self, x_ND: torch.Tensor) -> torch.Tensor:
         return pad_rows(x_ND, self.row_quantum)
+
+
+@torch.compiler.assume_constant_result
+def thread_count() -> int:
+    """torch's intra-op threads; a compiled step reads it once, when traced (dynamo cannot trace
+    torch.get_num_threads: the batch-invariant step with a dense FFN failed to compile)."""
+    return torch.get_num_threads()
 
 
 def pad_rows(x_ND: torch.Tensor, q: int) -> torch.Tensor:
