@@ -38,10 +38,10 @@ def test_compiling_a_step_raises_the_recompile_limit_only_upwards():
     saved = config.recompile_limit
     try:
         config.recompile_limit = 8
-        compile_step(tiny(0).decode_step, dynamic=False)
+        compile_step(tiny(0).decode_step, dynamic=False, device="cpu")
         assert config.recompile_limit == DECODE_RECOMPILE_LIMIT
         config.recompile_limit = 10 * DECODE_RECOMPILE_LIMIT
-        compile_step(tiny(0).decode_step, dynamic=False)
+        compile_step(tiny(0).decode_step, dynamic=False, device="cpu")
         assert config.recompile_limit == 10 * DECODE_RECOMPILE_LIMIT
     finally:
         config.recompile_limit = saved

@@ -143,7 +143,7 @@ def compiled_decode_step(model):
     """`model.decode_step` under torch.compile, cached on the model (compiled lazily on first call)."""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
-        step = compile_step(model.decode_step, dynamic=False)
+        step = compile_step(model.decode_step, dynamic=False, device=model.embed.weight.device)
         model.__dict__["_compiled_decode_step"] = step
     return step
 

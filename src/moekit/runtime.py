@@ -41,9 +41,21 @@ def tune_cpu_allocator(trim_threshold: int = 1 << 30) -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-def compile_step(fn, dynamic):
-    """torch.compile(fn, fullgraph=True, dynamic=dynamic) with room for many cache entries (see above)."""
+def compile_step(fn, dynamic, device):
+    """torch.compile(fn, fullgraph=True, dynamic=dynamic) with room for many cache entries (see above).
+    On CPU, a one-row matmul (batch-1 decode, static shapes) becomes a multiply-and-sum that inductor
+    generates (its `decompose_mm_pass`, off by default; here for any width): a memory-bound GEMV that
+    reads the weight at a higher bandwidth than MKL's (benchmarks/results/llama_cpp_decode_cpu.md)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    options = None
+    if torch.device(device).type == "cpu":
+        # the pass reads its CPU size limits (default: both weight dims <= 2048, so no lm_head) from module
+        # globals set when it is first imported; widen them (only passes enabled as here use them)
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
+
+        decompose.cpu_max_other_dimension_decomposition = max(decompose.cpu_max_other_dimension_decomposition,
+                                                              1 << 30)
+        options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)

@@ -66,7 +66,8 @@ class DecodeStep:
             key = "_compiled_engine_step" + ("_invariant" if numerics.batch_invariant else "")
             fn = model.__dict__.get(key)
             if fn is None:
-                fn = compile_step(model.decode_step, dynamic=True if numerics.batch_invariant else None)
+                fn = compile_step(model.decode_step, dynamic=True if numerics.batch_invariant else None,
+                                  device=self.device)
                 model.__dict__[key] = fn
             self.fn = fn
 
