@@ -236,8 +236,10 @@ class NibbleFormat(GroupFormat):
         return torch.cat([b_BH & 15, b_BH >> 4], dim=-1)
 
     def nibbles(self, packed: Packed, x_1BG: torch.Tensor):
-        """(low codes, high codes) (..., N, B, G/2) of the packed bytes: elements j and j + G/2 of a group."""
+        """(low codes, high codes) (..., N, B, G/2) of the packed bytes: elements j and j + G/2 of a group
+        (unpacked as int32: inductor's CPU vectors shift 32-bit lanes natively, bytes 1.4x slower)."""
         b_NBH = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group // 2)
+        b_NBH = b_NBH.to(torch.int32)
         return b_NBH & 15, b_NBH >> 4
 
 
@@ -323,6 +325,7 @@ class MXFP4(Format):
         """Each group's codes dotted with x (even elements: low nibbles, odd: high), times 2**(s - 127)."""
         x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // self.group, self.group)
         b_NBH = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group // 2)
+        b_NBH = b_NBH.to(torch.int32)  # (as NibbleFormat.nibbles)
         lo_NBH, hi_NBH = decode_e2m1(b_NBH & 15, E2M1, x_1Kp.dtype), decode_e2m1(b_NBH >> 4, E2M1, x_1Kp.dtype)
         dot_NB = (lo_NBH * x_1BG[..., 0::2] + hi_NBH * x_1BG[..., 1::2]).sum(-1)
         s_NB = torch.exp2(packed["scale"].float() - SCALE_BIAS).to(x_1Kp.dtype)
