@@ -50,12 +50,21 @@ def compile_step(fn, dynamic, device):
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
     options = None
-    if torch.device(device).type == "cpu":
-        # the pass reads its CPU size limits (default: both weight dims <= 2048, so no lm_head) from module
-        # globals set when it is first imported; widen them (only passes enabled as here use them)
-        from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
-
-        decompose.cpu_max_other_dimension_decomposition = max(decompose.cpu_max_other_dimension_decomposition,
-                                                              1 << 30)
+    if torch.device(device).type == "cpu" and widen_cpu_mm_decomposition():
         options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+
+
+def widen_cpu_mm_decomposition() -> bool:
+    """Let inductor's decompose_mm_pass take one-row CPU matmuls of any width. It reads its CPU size limits
+    (default: both weight dims <= 2048, so never an lm_head) from module globals fixed when it is first
+    imported; they only matter to compiles that enable the pass, as compile_step does. False where this
+    torch has no such pass (then the step compiles without it)."""
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
+    except ImportError:
+        return False
+    if not hasattr(decompose, "cpu_max_other_dimension_decomposition"):
+        return False
+    decompose.cpu_max_other_dimension_decomposition = max(decompose.cpu_max_other_dimension_decomposition, 1 << 30)
+    return True
