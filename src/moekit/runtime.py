@@ -22,6 +22,8 @@ import sys
 
 import torch
 
+from .numerics import thread_count
+
 DECODE_RECOMPILE_LIMIT = 256
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -46,6 +48,7 @@ def compile_step(fn, dynamic, device):
     On CPU, a one-row matmul (batch-1 decode, static shapes) becomes a multiply-and-sum that inductor
     generates (its `decompose_mm_pass`, off by default; here for any width): a memory-bound GEMV that
     reads the weight at a higher bandwidth than MKL's (benchmarks/results/llama_cpp_decode_cpu.md)."""
+    torch.compiler.assume_constant_result(thread_count)  # marks it in place (numerics.thread_count)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
