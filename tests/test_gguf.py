@@ -267,13 +267,17 @@ def moekit_greedy(model, prompt, n=12):
     return ids[len(prompt):]
 
 
-def llama_cpp_greedy(path, prompt, n=12):
-    """llama.cpp's greedy continuation of `prompt` from the GGUF at `path` (skips without llama-cpp-python)."""
+def llama_cpp_greedy(path, prompt, n=12, **llama_kwargs):
+    """llama.cpp's greedy continuation of `prompt` from the GGUF at `path` (skips without llama-cpp-python);
+    `llama_kwargs` go to `llama_cpp.Llama` (default n_ctx=64). With logits_all=True: (its logits over the
+    prompt, the tokens)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), **{"n_ctx": 64, **llama_kwargs}, verbose=False)
     theirs = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)
         if len(theirs) == n:
             break
+    if llama_kwargs.get("logits_all"):
+        return np.array(llm.scores[:len(prompt)]), theirs
     return theirs

@@ -122,20 +122,6 @@ def test_llama_cpp_greedy_equals_moekit(tmp_path, tokenizer, changes):
     assert llama_cpp_greedy(tmp_path / "m.gguf", prompt) == moekit_greedy(model, prompt)
 
 
-def llama_cpp_logits_and_greedy(path, prompt, n=12):
-    """llama.cpp's logits over `prompt` and its greedy continuation, with an f32 KV cache and room past
-    the 64 tokens test_gguf.llama_cpp_greedy allows."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    f32 = llama_cpp.GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, type_k=f32, type_v=f32, verbose=False)
-    tokens = []
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        tokens.append(token)
-        if len(tokens) == n:
-            break
-    return np.array(llm.scores[:len(prompt)]), tokens
-
-
 def mscale(factor, m):  # YaRN's magnitude (DeepSeek's yarn_get_mscale), worked by hand
     return 0.1 * m * math.log(factor) + 1.0
 
@@ -154,7 +140,9 @@ def test_llama_cpp_yarn_equals_moekit_past_the_original_context(tmp_path, tokeni
     export_gguf(model, tmp_path / "m.gguf", "f32")
     prompt = tokenizer.encode("the quick brown fox jumps over the lazy dog\n" * 8).ids[:100]
     assert len(prompt) == 100  # past original_max_position_embeddings=64: the YaRN ramp matters
-    logits, tokens = llama_cpp_logits_and_greedy(tmp_path / "m.gguf", prompt)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = llama_cpp.GGML_TYPE_F32  # an f32 KV cache: llama.cpp's default f16 one alone moves logits by ~0.03
+    logits, tokens = llama_cpp_greedy(tmp_path / "m.gguf", prompt, n_ctx=256, logits_all=True, type_k=f32, type_v=f32)
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0].numpy()
     np.testing.assert_allclose(logits, ours, atol=2e-3)
