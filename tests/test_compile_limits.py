@@ -45,3 +45,32 @@ def test_compiling_a_step_raises_the_recompile_limit_only_upwards():
         assert config.recompile_limit == 10 * DECODE_RECOMPILE_LIMIT
     finally:
         config.recompile_limit = saved
+
+
+def test_materialized_is_the_identity_in_eager_and_keeps_values_compiled():
+    """runtime.materialized: x itself in eager; compiled, the same values for a norm output and for an
+    expanded (stride-0) input, which it lays out row-major (a stride-0 buffer cannot be written)."""
+    from moekit.norm import RMSNorm
+    from moekit.runtime import materialized
+
+    x = torch.randn(3, 64)
+    assert materialized(x) is x
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    w = torch.randn(48, 64)
+
+    def f(x_MK):
+        x_P1K = x_MK[:1, None, :].expand(4, 1, 64)
+        return (materialized(x_P1K) * w).sum(-1), norm(x_MK) @ w.t()
+
+    eager = f(x)
+    with torch.no_grad():
+        compiled = torch.compile(f, fullgraph=True)(x)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    x.requires_grad_(True)  # with autograd the step leaves x alone (the realizing op has no backward)
+    y = torch.compile(f, fullgraph=True)(x)[1]
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.func.grad(lambda x: f(x)[1].sum())(x.detach()), rtol=1e-4, atol=1e-4)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import materialized
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, zero_centred: bool = False):
@@ -27,8 +29,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_norm = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.zero_centred:
-            return (x_norm * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x_norm.to(x.dtype)
+            return materialized((x_norm * (1.0 + self.weight.float())).to(x.dtype))
+        return materialized(self.weight * x_norm.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}" + (", zero_centred" if self.zero_centred else "")

@@ -12,6 +12,13 @@ one: each model, batch size and cache-length bucket is one more entry. Past dyna
 entries a `fullgraph=True` step stops compiling (generate silently falls back to eager speed; the
 engine's requests fail), which a process with a few models or batch sizes reaches quickly. So
 moekit raises that per-code limit to DECODE_RECOMPILE_LIMIT (never lowers it) where it compiles.
+
+`materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
+eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
+consumers' loops; when the consumer is a one-row matmul that inductor turns into a reduction (CPU
+decode, a quantized weight's fused matvec), the producer, a square root and a division included, is
+then recomputed for every output row: a 32000x1024 q8_0 head after the final norm took 3.1 ms
+instead of 1.2 ms per token on 2 CPU cores. Norm outputs and fused-matvec inputs pass through it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ def tune_cpu_allocator(trim_threshold: int = 1 << 30) -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def materialized(x: torch.Tensor) -> torch.Tensor:
+    """x realized as its own buffer when traced by torch.compile (see the module docstring); x itself in eager
+    and where x needs a gradient (the realizing op has no backward; training's matmuls realize x anyway)."""
+    if not torch.compiler.is_compiling() or x.requires_grad:
+        return x
+    from torch._inductor import inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+    stride, step = [], 1  # row-major: also for an expanded x (a 0 stride cannot be written to)
+    for size in reversed(x.shape):
+        stride.insert(0, step)
+        step = step * size
+    return torch.ops.prims.inductor_force_stride_order(x, stride)
 
 
 def compile_step(fn, dynamic, device):

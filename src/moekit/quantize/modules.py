@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import materialized
 from . import formats
 
 # rows of x up to which a compiled linear uses the fused multiply-and-reduce (it reads the packed weight once
@@ -136,13 +137,14 @@ class QuantizedWeight(nn.Module):
         for every bucket) always takes the GEMM, so the kernel never depends on the batch."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if torch.compiler.is_compiling() and isinstance(rows, int) and rows <= FUSED_MAX_ROWS:
-            y_MN = formats.fused_matvec(self.method, self.fused_inputs(), x.reshape(rows, 1, x.shape[-1]))
+            x_M1K = materialized(x.reshape(rows, 1, x.shape[-1]))
+            y_MN = formats.fused_matvec(self.method, self.fused_inputs(), x_M1K)
             y = y_MN.reshape(*x.shape[:-1], self.shape[0])
             return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
     def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
-        return formats.fused_matvec(self.method, self.fused_inputs(index_P), x_P1K)
+        return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
     def fused_inputs(self, index=None) -> formats.Packed:
         """`packed(index)` plus the float32 mirrors the fused matvec reads."""
