@@ -1,0 +1,165 @@
+"""A C kernel for the q8_0 / q4_0 matvec on CPU (cpu_kernel.c), built on first use, and the torch op
+`torch.ops.moekit.qmatvec` that calls it (so it runs inside a compiled graph as one opaque call).
+
+Why: the matvec torch.compile generates from `Format.fused_matvec` decodes every code again for every
+row of x and spends ~15 vector instructions per 32 q4_0 weights; the C kernel decodes a block once for
+up to 8 rows (a 16-entry permute for 4-bit codes) and keeps x in float32, so it stays memory-bound
+where inductor's loop is compute-bound (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp goes
+further and quantizes x to int8; moekit does not, so the kernel equals x @ dequantize(W)ᵀ up to the
+(fixed, per-row) order of the additions.
+
+Build: the system C compiler (`$CC`, else cc / gcc: the one torch.compile needs on CPU) with
+-O3 -march=native -fopenmp; the library lands in $MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed
+by the source, the compiler and the CPU's flags, so machines that share a home directory never load
+each other's build. It binds to the OpenMP runtime torch already loaded (one thread pool). Where
+building fails (no compiler, not Linux/x86) or MOEKIT_CPU_KERNEL=0, `available()` is False and callers
+keep the torch path. The AVX-512 path and the portable C path of the same file are both checked
+against `Format.dequantize` in tests/test_quantize_cpu_kernel.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+METHODS = {"q8_0": 0, "q4_0": 1}  # the formats the kernel reads (value: its q4 flag)
+MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+
+_state = {"lib": None, "tried": False, "error": None}
+_ready = False  # the kernel is loaded: a plain bool, read (as a constant) by code torch.compile traces
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build(extra_flags=(), cache_dir: Optional[Path] = None) -> Path:
+    """Compile cpu_kernel.c into a shared library (or return the cached one); raises RuntimeError on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
+    root = cache_dir or Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "kernels"
+    target = root / f"qmatvec-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        os.replace(out, target)  # atomic: concurrent builders each publish a complete file
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    fn = lib.moekit_qmatvec
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+    fn.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel, built on first call; None where it cannot be built (see `error()`)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        if os.environ.get("MOEKIT_CPU_KERNEL", "1") == "0":
+            _state["error"] = "disabled by MOEKIT_CPU_KERNEL=0"
+        elif platform.system() != "Linux":
+            _state["error"] = f"built on Linux only (this is {platform.system()})"
+        else:
+            try:
+                _state["lib"] = load(build())
+                global _ready
+                _ready = True
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["error"] = str(exc)
+                warnings.warn(f"moekit: the quantized CPU kernel is unavailable ({exc}); using the torch path")
+    return _state["lib"]
+
+
+def error() -> Optional[str]:
+    return _state["error"]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: torch.Tensor,
+         index_R: Optional[torch.Tensor]) -> torch.Tensor:
+    """y (R, N): the C kernel on contiguous CPU tensors (x float32 (R, K); qweight (E, N, bytes) or (N, bytes),
+    scale_f32 (..., N, B); index_R int64 (R,) into E, or None: every row against the one weight)."""
+    N, B = scale_f32.shape[-2], scale_f32.shape[-1]
+    R = x_RK.shape[0]
+    x_RK, qweight, scale_f32 = x_RK.contiguous(), qweight.contiguous(), scale_f32.contiguous()
+    y_RN = torch.empty(R, N, dtype=torch.float32)
+    if index_R is not None:
+        index_R = index_R.to(torch.int64).contiguous()
+    lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
+                       None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
+    return y_RN
+
+
+_lib = torch.library.Library("moekit", "DEF")
+_lib.define("qmatvec(str method, Tensor x, Tensor qweight, Tensor scale_f32, Tensor? index) -> Tensor")
+
+
+def _qmatvec_cpu(method, x, qweight, scale_f32, index):
+    return call(library(), method, x, qweight, scale_f32, index)
+
+
+def _qmatvec_meta(method, x, qweight, scale_f32, index):
+    return x.new_empty(x.shape[0], scale_f32.shape[-2])
+
+
+_lib.impl("qmatvec", _qmatvec_cpu, "CPU")
+_lib.impl("qmatvec", _qmatvec_meta, "Meta")
+
+
+def prepare(method: str, device: torch.device) -> None:
+    """Build and load the kernel now if a `method` weight on `device` could use it (outside any compiled
+    region: QuantizedWeight calls it when it is made or moved)."""
+    if method in METHODS and torch.device(device).type == "cpu":
+        library()
+
+
+def usable(method: str, x: torch.Tensor) -> bool:
+    """Whether `qmatvec` takes this call: a q8_0/q4_0 weight, float32 x on the CPU, the kernel loaded
+    (by `prepare`; never built here, so that compiled code can call this)."""
+    return _ready and method in METHODS and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: torch.Tensor,
+            index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (R, N) = each row of x against its weight (see cpu_kernel.c); check `usable` first."""
+    return torch.ops.moekit.qmatvec(method, x_RK, qweight, scale_f32, index_R)

@@ -1,0 +1,100 @@
+"""The C matvec over q8_0 / q4_0 blocks (moekit/quantize/cpu_kernel.c) against the float reference
+x @ Format.dequantize(W)ᵀ: its AVX-512 path (where the CPU has it) and its portable C path (built with
+AVX-512 disabled), a Linear's rows and gathered experts' pairs, batch invariance, and the compiled
+decode that calls it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moekit import ModelConfig, Transformer
+from moekit.generate import generate
+from moekit.quantize import cpu_kernel, quantize_model
+from moekit.quantize.modules import QuantizedWeight
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no CPU kernel: {cpu_kernel.error()}")
+
+METHODS = ("q8_0", "q4_0")
+
+
+def reference(qw: QuantizedWeight, x_RK, index_R=None):
+    if index_R is None:
+        return x_RK.double() @ qw.dense().double().t()
+    return torch.stack([x_RK[r].double() @ qw.dense(int(e)).double().t() for r, e in enumerate(index_R)])
+
+
+def portable_library(tmp_path):
+    return cpu_kernel.load(cpu_kernel.build(["-mno-avx512f"], cache_dir=tmp_path))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("K", [32, 96, 100])  # 100: rows padded to whole blocks of 32
+def test_linear_rows_match_the_dequantized_reference(method, K, tmp_path):
+    torch.manual_seed(0)
+    qw = QuantizedWeight.from_float(torch.randn(70, K), method)
+    libs = {"native": cpu_kernel.library(), "portable": portable_library(tmp_path)}
+    for R in (1, 3, 8, 11):  # 11: one full tile of 8 rows and one of 3
+        x_RK = torch.randn(R, K)
+        ref = reference(qw, x_RK).float()
+        for name, lib in libs.items():
+            x_pad = qw_format_pad(qw, x_RK)
+            y = cpu_kernel.call(lib, method, x_pad, qw.qweight, qw.scale_f32, None)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=f"{name} R={R}")
+        torch.testing.assert_close(qw.kernel_matvec(x_RK, None), ref, rtol=1e-5, atol=1e-4)
+
+
+def qw_format_pad(qw, x_RK):
+    from moekit.quantize import formats
+    return formats.get_format(qw.method).pad(x_RK)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, tmp_path):
+    torch.manual_seed(1)
+    qw = QuantizedWeight.from_float(torch.randn(6, 40, 64), method)  # 6 experts (N=40, K=64)
+    index_P = torch.tensor([3, 0, 3, 5, 3, 3, 1, 3, 3, 3, 3, 3])  # expert 3: 9 pairs, more than one tile
+    x_PK = torch.randn(len(index_P), 64)
+    ref = reference(qw, x_PK, index_P).float()
+    for lib in (cpu_kernel.library(), portable_library(tmp_path)):
+        y_PN = cpu_kernel.call(lib, method, x_PK, qw.qweight, qw.scale_f32, index_P)
+        torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-4)
+        for p in range(len(index_P)):  # a pair alone gives the same bits as among the others
+            alone = cpu_kernel.call(lib, method, x_PK[p:p + 1], qw.qweight, qw.scale_f32, index_P[p:p + 1])
+            assert torch.equal(alone[0], y_PN[p])
+    via_weight = qw.gathered_matvec(index_P, x_PK[:, None, :])  # 12 pairs > MAX_ROWS_SHARED: the kernel
+    assert torch.equal(via_weight, cpu_kernel.call(cpu_kernel.library(), method, x_PK, qw.qweight,
+                                                   qw.scale_f32, index_P))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_row_is_bitwise_the_same_alone_or_in_a_tile(method):
+    torch.manual_seed(2)
+    qw = QuantizedWeight.from_float(torch.randn(50, 128), method)
+    x_RK = torch.randn(8, 128)
+    together = qw.kernel_matvec(x_RK, None)
+    for r in range(8):
+        assert torch.equal(qw.kernel_matvec(x_RK[r:r + 1], None)[0], together[r])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_batched_decode_through_the_kernel_equals_eager(method):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # no near-ties between the top two logits
+    model = quantize_model(model.eval(), method, quantize_head=True)
+    prompts = [[5, 17, 300, 42], [8, 3], [11, 12, 13]]  # 3 rows: the compiled Linears call the kernel
+    eager = generate(model, prompts, max_new_tokens=6)
+    assert generate(model, prompts, max_new_tokens=6, compile=True) == eager
+
+
+def test_disabled_by_the_environment_variable():
+    code = ("import torch; from moekit.quantize import cpu_kernel; from moekit.quantize.modules import "
+            "QuantizedWeight; QuantizedWeight.from_float(torch.randn(4, 32), 'q8_0'); "
+            "print(cpu_kernel.available(), cpu_kernel.error())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MOEKIT_CPU_KERNEL": "0"}).stdout
+    assert out.strip() == "False disabled by MOEKIT_CPU_KERNEL=0"
