@@ -2,7 +2,7 @@
 routers (hash, topk_softmax, group-limited sigmoid_topk with a routed scaling factor,
 softmax_topk without renormalisation), qk-norm per head and full width, q/k/v bias, clip_qkv,
 plain and gated shared experts, dense layers (first_k_dense, sparse_step, dense_layers), tied
-embeddings, MQA, int8 / int4 / mxfp4 quantized weights, and the frontier families' features: MLA,
+embeddings, MQA, int8 / int4 / mxfp4 / q4_0 quantized weights, and the frontier families' features: MLA,
 partial rotary, gpt-oss's sinks + sliding window (a ring shorter than the prompts) + biased clamped
 experts, and a Gated DeltaNet hybrid (recurrent per-request state).
 
@@ -64,6 +64,7 @@ CONFIGS = {
         rotary_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
         linear_value_head_dim=8, moe=MoEConfig(**MOE, num_shared_experts=1, shared_gate=True)), None),
     "mxfp4": (dict(), "mxfp4"),
+    "q4_0": (dict(), "q4_0"),  # compiled on CPU: moekit's C kernel (cpu_matvec.c) for every bucket
 }
 
 # configurations whose engine results are known to differ (a bug to fix, not a weaker test)
@@ -155,7 +156,7 @@ def test_compiled_engine_equals_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["int8", "int4_g32_shared_sigmoid_dense"])
+@pytest.mark.parametrize("name", ["int8", "int4_g32_shared_sigmoid_dense", "q4_0"])
 def test_compiled_engine_quantized_logprobs_bitwise_across_buckets(name):
     """Quantized weights, compiled step: a request alone (bucket of 4 rows) and co-batched with 7 others
     (bucket of 8) gets bitwise the same logprobs. (The compiled quantized linear once took the fused

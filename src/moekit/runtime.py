@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from . import cpu_matvec
 from .numerics import thread_count
 
 DECODE_RECOMPILE_LIMIT = 256
@@ -69,6 +70,7 @@ def compile_step(fn, dynamic, device):
     generates (its `decompose_mm_pass`, off by default; here for any width): a memory-bound GEMV that
     reads the weight at a higher bandwidth than MKL's (benchmarks/results/llama_cpp_decode_cpu.md)."""
     torch.compiler.assume_constant_result(thread_count)  # marks it in place (numerics.thread_count)
+    cpu_matvec.prepare("f32", device)  # build the C matvec now, outside the traced step
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)

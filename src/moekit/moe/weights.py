@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_matvec
+
 
 def dense(w, index: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
@@ -28,8 +30,14 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
 
 
 def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
-    """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries (under
-    torch.compile the gather fuses into the reduction)."""
+    """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
+    the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (or a symbolic
+    count) runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read
+    once per group of up to 8 pairs; every pair computed alone, so batch invariant)."""
     if isinstance(w, torch.Tensor):
+        P = x_P1K.shape[0]
+        if (w.dtype == torch.float32 and (not isinstance(P, int) or P > cpu_matvec.MAX_ROWS_SHARED)
+                and cpu_matvec.usable("f32", x_P1K) and not w.requires_grad):
+            return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
     return w.gathered_matvec(index_P, x_P1K)

@@ -5,8 +5,8 @@ and implements the weight accessor of moe/weights.py (`dense`, `linear`, `gather
 docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager ops
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
 straight from the packed bytes: torch.compile's fused loop for one row (and for few expert pairs), the C
-kernel of cpu_kernel.py for 2-8 rows of a q8_0/q4_0 Linear and for more than 8 pairs on CPU (it decodes
-each block once for all the rows that share a weight, where inductor's loop decodes it again per row). Formats with fp16 group scales (q8_0, q4_0, int4-gG) also keep
+kernel of cpu_matvec.py for more rows of a q8_0/q4_0 weight on CPU (it decodes each block once for all
+the rows that share a weight, where inductor's loop decodes it again per row). Formats with fp16 group scales (q8_0, q4_0, int4-gG) also keep
 float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
 run time, not saved, rebuilt from the stored bits after every move, cast or load) for the fused
 loop, which inductor vectorises only over float32 scales. It quacks like a tensor for read-only uses (`.shape`, `.device`,
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import materialized
-from . import cpu_kernel, formats
+from .. import cpu_matvec
+from . import formats
 
 # rows of x up to which a compiled linear uses the fused multiply-and-reduce (it reads the packed weight once
 # per row: at 2048x2048 on 2 CPU cores it beats dequantize + GEMM up to ~16 rows for q8_0, ~8 for q4_0)
@@ -57,7 +58,7 @@ class QuantizedWeight(nn.Module):
         """(Re)build the float32 mirrors of the format's fp16-bit group tensors (see the module docstring)."""
         for name in formats.get_format(self.method).float_copies:
             self.register_buffer(name + "_f32", getattr(self, name).view(torch.float16).float(), persistent=False)
-        cpu_kernel.prepare(self.method, self.qweight.device)
+        cpu_matvec.prepare(self.method, self.qweight.device)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the mirrors follow the stored bits
         super()._apply(fn, recurse)
@@ -135,36 +136,37 @@ class QuantizedWeight(nn.Module):
         return formats.dequantize(self.method, self.packed(index), self.shape[-1], dtype or self.dtype)
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x @ Wᵀ (+ bias). Compiled with a static row count <= FUSED_MAX_ROWS: the fused reduction (one row)
-                or the C kernel (2 or more rows, where `cpu_kernel.usable`); else dequantize + GEMM. A symbolic
-        row count (dynamic shapes: the batch-invariant engine's one step for every bucket) always takes the
-        GEMM, so the kernel never depends on the batch."""
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if torch.compiler.is_compiling() and isinstance(rows, int) and rows <= FUSED_MAX_ROWS:
-            if rows > 1 and cpu_kernel.usable(self.method, x):
-                y_MN = self.kernel_matvec(x.reshape(rows, x.shape[-1]), None)
-                y = y_MN.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        """x @ Wᵀ (+ bias). Under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0, float32 x
+        on CPU) for 2 or more rows or a symbolic row count; the fused reduction for one row or, in other
+        formats, a static count <= FUSED_MAX_ROWS; else dequantize + GEMM. The choice never depends on the
+        batch under dynamic shapes (the batch-invariant engine's one step for every bucket): a symbolic
+        count takes the kernel (every row computed alone, in a fixed order) or, without it, the GEMM."""
+        K = x.shape[-1]
+        rows = x.numel() // K if K else 0
+        if torch.compiler.is_compiling():
+            static = isinstance(rows, int)
+            if (not static or rows > 1) and cpu_matvec.usable(self.method, x):
+                y = self.kernel_matvec(x.reshape(rows, K), None).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
                 return y if bias is None else y + bias
-            x_M1K = materialized(x.reshape(rows, 1, x.shape[-1]))
-            y_MN = formats.fused_matvec(self.method, self.fused_inputs(), x_M1K)
-            y = y_MN.reshape(*x.shape[:-1], self.shape[0])
-            return y if bias is None else y + bias
+            if static and rows <= FUSED_MAX_ROWS:
+                y_MN = formats.fused_matvec(self.method, self.fused_inputs(), materialized(x.reshape(rows, 1, K)))
+                y = y_MN.reshape(*x.shape[:-1], self.shape[0])
+                return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
     def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
-        """Row p of x against expert index_P[p]: the C kernel for more than MAX_ROWS_SHARED pairs (a static
-        count: under the invariant engine's dynamic shapes the kernel must not depend on the batch), else
-        the fused reduction."""
+        """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
+        pairs or a symbolic count (pairs grouped by expert), else the fused reduction."""
         P = x_P1K.shape[0]
-        if isinstance(P, int) and P > cpu_kernel.MAX_ROWS_SHARED and cpu_kernel.usable(self.method, x_P1K):
-            return self.kernel_matvec(x_P1K.reshape(x_P1K.shape[0], x_P1K.shape[-1]), index_P)
+        if (not isinstance(P, int) or P > cpu_matvec.MAX_ROWS_SHARED) and cpu_matvec.usable(self.method, x_P1K):
+            return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
     def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
-        """y (R, N) by the C kernel (cpu_kernel.py): row r against this weight, or against weight index_R[r]
+        """y (R, N) by the C kernel (cpu_matvec.py): row r against this weight, or against weight index_R[r]
         of a stack (..., N, K); x is padded to whole blocks here."""
         x_RK = formats.get_format(self.method).pad(x_RK)
-        return cpu_kernel.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
+        return cpu_matvec.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
 
     def fused_inputs(self, index=None) -> formats.Packed:
         """`packed(index)` plus the float32 mirrors the fused matvec reads."""

@@ -1,10 +1,12 @@
-"""A C kernel for the q8_0 / q4_0 matvec on CPU (cpu_kernel.c), built on first use, and the torch op
-`torch.ops.moekit.qmatvec` that calls it (so it runs inside a compiled graph as one opaque call).
+"""A C kernel for the matvec of few rows on CPU over q8_0 / q4_0 blocks or float32 weights (cpu_matvec.c),
+built on first use, and the torch op `torch.ops.moekit.qmatvec` that calls it (so it runs inside a
+compiled graph as one opaque call). Its callers: `QuantizedWeight.linear` / `.gathered_matvec`
+(quantize/modules.py) and `moe.weights.gathered_matvec` for float32 experts.
 
 Why: the matvec torch.compile generates from `Format.fused_matvec` decodes every code again for every
 row of x and spends ~15 vector instructions per 32 q4_0 weights; the C kernel decodes a block once for
-up to 8 rows (a 16-entry permute for 4-bit codes) and keeps x in float32, so it stays memory-bound
-where inductor's loop is compute-bound (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp goes
+up to 8 rows that share a weight (a 16-entry permute for 4-bit codes), groups expert pairs by expert,
+and keeps x in float32 (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp goes
 further and quantizes x to int8; moekit does not, so the kernel equals x @ dequantize(W)ᵀ up to the
 (fixed, per-row) order of the additions.
 
@@ -14,7 +16,7 @@ by the source, the compiler and the CPU's flags, so machines that share a home d
 each other's build. It binds to the OpenMP runtime torch already loaded (one thread pool). Where
 building fails (no compiler, not Linux/x86) or MOEKIT_CPU_KERNEL=0, `available()` is False and callers
 keep the torch path. The AVX-512 path and the portable C path of the same file are both checked
-against `Format.dequantize` in tests/test_quantize_cpu_kernel.py.
+against `Format.dequantize` in tests/test_cpu_matvec.py.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from typing import Optional
 
 import torch
 
-METHODS = {"q8_0": 0, "q4_0": 1}  # the formats the kernel reads (value: its q4 flag)
+METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2}  # what the kernel reads (value: its `fmt` code); f32: float32 weights
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
-SOURCE = Path(__file__).with_name("cpu_kernel.c")
+SOURCE = Path(__file__).with_name("cpu_matvec.c")
 
 _state = {"lib": None, "tried": False, "error": None}
 _ready = False  # the kernel is loaded: a plain bool, read (as a constant) by code torch.compile traces
@@ -58,7 +60,7 @@ def _compiler() -> Optional[str]:
 
 
 def build(extra_flags=(), cache_dir: Optional[Path] = None) -> Path:
-    """Compile cpu_kernel.c into a shared library (or return the cached one); raises RuntimeError on failure."""
+    """Compile cpu_matvec.c into a shared library (or return the cached one); raises RuntimeError on failure."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -115,13 +117,15 @@ def available() -> bool:
     return library() is not None
 
 
-def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: torch.Tensor,
+def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: Optional[torch.Tensor],
          index_R: Optional[torch.Tensor]) -> torch.Tensor:
     """y (R, N): the C kernel on contiguous CPU tensors (x float32 (R, K); qweight (E, N, bytes) or (N, bytes),
-    scale_f32 (..., N, B); index_R int64 (R,) into E, or None: every row against the one weight)."""
-    N, B = scale_f32.shape[-2], scale_f32.shape[-1]
-    R = x_RK.shape[0]
-    x_RK, qweight, scale_f32 = x_RK.contiguous(), qweight.contiguous(), scale_f32.contiguous()
+    or for f32 the float32 weight (E, N, K) / (N, K) with K a multiple of 32 and scale_f32 None; scale_f32
+    (..., N, B); index_R int64 (R,) into E, or None: every row against the one weight)."""
+    R, K = x_RK.shape
+    N, B = qweight.shape[-2], K // 32
+    x_RK, qweight = x_RK.contiguous(), qweight.contiguous()
+    scale_f32 = qweight if scale_f32 is None else scale_f32.contiguous()  # (f32: unread)
     y_RN = torch.empty(R, N, dtype=torch.float32)
     if index_R is not None:
         index_R = index_R.to(torch.int64).contiguous()
@@ -131,7 +135,7 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
 
 
 _lib = torch.library.Library("moekit", "DEF")
-_lib.define("qmatvec(str method, Tensor x, Tensor qweight, Tensor scale_f32, Tensor? index) -> Tensor")
+_lib.define("qmatvec(str method, Tensor x, Tensor qweight, Tensor? scale_f32, Tensor? index) -> Tensor")
 
 
 def _qmatvec_cpu(method, x, qweight, scale_f32, index):
@@ -139,7 +143,7 @@ def _qmatvec_cpu(method, x, qweight, scale_f32, index):
 
 
 def _qmatvec_meta(method, x, qweight, scale_f32, index):
-    return x.new_empty(x.shape[0], scale_f32.shape[-2])
+    return x.new_empty(x.shape[0], qweight.shape[-2])
 
 
 _lib.impl("qmatvec", _qmatvec_cpu, "CPU")
@@ -148,18 +152,19 @@ _lib.impl("qmatvec", _qmatvec_meta, "Meta")
 
 def prepare(method: str, device: torch.device) -> None:
     """Build and load the kernel now if a `method` weight on `device` could use it (outside any compiled
-    region: QuantizedWeight calls it when it is made or moved)."""
+    region: QuantizedWeight calls it when it is made or moved, runtime.compile_step before compiling)."""
     if method in METHODS and torch.device(device).type == "cpu":
         library()
 
 
 def usable(method: str, x: torch.Tensor) -> bool:
-    """Whether `qmatvec` takes this call: a q8_0/q4_0 weight, float32 x on the CPU, the kernel loaded
-    (by `prepare`; never built here, so that compiled code can call this)."""
-    return _ready and method in METHODS and x.device.type == "cpu" and x.dtype == torch.float32
+    """Whether `qmatvec` takes this call: a q8_0/q4_0 weight (or f32 with x's last dim a multiple of 32),
+    float32 x on the CPU, the kernel loaded (by `prepare`; never built here, so compiled code can call this)."""
+    return (_ready and method in METHODS and x.device.type == "cpu" and x.dtype == torch.float32
+            and not x.requires_grad and (method != "f32" or x.shape[-1] % 32 == 0))
 
 
-def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: torch.Tensor,
+def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: Optional[torch.Tensor],
             index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y (R, N) = each row of x against its weight (see cpu_kernel.c); check `usable` first."""
+    """y (R, N) = each row of x against its weight (see cpu_matvec.c); check `usable` first."""
     return torch.ops.moekit.qmatvec(method, x_RK, qweight, scale_f32, index_R)

@@ -1,7 +1,7 @@
-"""The C matvec over q8_0 / q4_0 blocks (moekit/quantize/cpu_kernel.c) against the float reference
-x @ Format.dequantize(W)ᵀ: its AVX-512 path (where the CPU has it) and its portable C path (built with
-AVX-512 disabled), a Linear's rows and gathered experts' pairs, batch invariance, and the compiled
-decode that calls it."""
+"""The C matvec over q8_0 / q4_0 blocks and float32 weights (moekit/cpu_matvec.c) against the float
+reference x @ Format.dequantize(W)ᵀ: its AVX-512 path (where the CPU has it) and its portable C path
+(built with AVX-512 disabled), a Linear's rows, gathered experts' pairs (quantized and float32), batch
+invariance, the compiled decode that calls it, and the switch that turns it off."""
 
 import os
 import subprocess
@@ -12,10 +12,11 @@ import torch
 
 from moekit import ModelConfig, Transformer
 from moekit.generate import generate
-from moekit.quantize import cpu_kernel, quantize_model
+from moekit import cpu_matvec
+from moekit.quantize import quantize_model
 from moekit.quantize.modules import QuantizedWeight
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no CPU kernel: {cpu_kernel.error()}")
+pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason=f"no CPU kernel: {cpu_matvec.error()}")
 
 METHODS = ("q8_0", "q4_0")
 
@@ -27,7 +28,7 @@ def reference(qw: QuantizedWeight, x_RK, index_R=None):
 
 
 def portable_library(tmp_path):
-    return cpu_kernel.load(cpu_kernel.build(["-mno-avx512f"], cache_dir=tmp_path))
+    return cpu_matvec.load(cpu_matvec.build(["-mno-avx512f"], cache_dir=tmp_path))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -35,19 +36,20 @@ def portable_library(tmp_path):
 def test_linear_rows_match_the_dequantized_reference(method, K, tmp_path):
     torch.manual_seed(0)
     qw = QuantizedWeight.from_float(torch.randn(70, K), method)
-    libs = {"native": cpu_kernel.library(), "portable": portable_library(tmp_path)}
+    libs = {"native": cpu_matvec.library(), "portable": portable_library(tmp_path)}
     for R in (1, 3, 8, 11):  # 11: one full tile of 8 rows and one of 3
         x_RK = torch.randn(R, K)
         ref = reference(qw, x_RK).float()
         for name, lib in libs.items():
             x_pad = qw_format_pad(qw, x_RK)
-            y = cpu_kernel.call(lib, method, x_pad, qw.qweight, qw.scale_f32, None)
+            y = cpu_matvec.call(lib, method, x_pad, qw.qweight, qw.scale_f32, None)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=f"{name} R={R}")
         torch.testing.assert_close(qw.kernel_matvec(x_RK, None), ref, rtol=1e-5, atol=1e-4)
 
 
 def qw_format_pad(qw, x_RK):
     from moekit.quantize import formats
+
     return formats.get_format(qw.method).pad(x_RK)
 
 
@@ -58,14 +60,14 @@ def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, 
     index_P = torch.tensor([3, 0, 3, 5, 3, 3, 1, 3, 3, 3, 3, 3])  # expert 3: 9 pairs, more than one tile
     x_PK = torch.randn(len(index_P), 64)
     ref = reference(qw, x_PK, index_P).float()
-    for lib in (cpu_kernel.library(), portable_library(tmp_path)):
-        y_PN = cpu_kernel.call(lib, method, x_PK, qw.qweight, qw.scale_f32, index_P)
+    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+        y_PN = cpu_matvec.call(lib, method, x_PK, qw.qweight, qw.scale_f32, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-4)
         for p in range(len(index_P)):  # a pair alone gives the same bits as among the others
-            alone = cpu_kernel.call(lib, method, x_PK[p:p + 1], qw.qweight, qw.scale_f32, index_P[p:p + 1])
+            alone = cpu_matvec.call(lib, method, x_PK[p:p + 1], qw.qweight, qw.scale_f32, index_P[p:p + 1])
             assert torch.equal(alone[0], y_PN[p])
     via_weight = qw.gathered_matvec(index_P, x_PK[:, None, :])  # 12 pairs > MAX_ROWS_SHARED: the kernel
-    assert torch.equal(via_weight, cpu_kernel.call(cpu_kernel.library(), method, x_PK, qw.qweight,
+    assert torch.equal(via_weight, cpu_matvec.call(cpu_matvec.library(), method, x_PK, qw.qweight,
                                                    qw.scale_f32, index_P))
 
 
@@ -92,9 +94,30 @@ def test_compiled_batched_decode_through_the_kernel_equals_eager(method):
 
 
 def test_disabled_by_the_environment_variable():
-    code = ("import torch; from moekit.quantize import cpu_kernel; from moekit.quantize.modules import "
+    code = ("import torch; from moekit import cpu_matvec; from moekit.quantize.modules import "
             "QuantizedWeight; QuantizedWeight.from_float(torch.randn(4, 32), 'q8_0'); "
-            "print(cpu_kernel.available(), cpu_kernel.error())")
+            "print(cpu_matvec.available(), cpu_matvec.error())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MOEKIT_CPU_KERNEL": "0"}).stdout
     assert out.strip() == "False disabled by MOEKIT_CPU_KERNEL=0"
+
+
+def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path):
+    """f32: the expert weights as they are (no scales); moe.weights.gathered_matvec takes the kernel for
+    more than MAX_ROWS_SHARED pairs and keeps the torch reduction for fewer."""
+    from moekit.moe.weights import gathered_matvec
+
+    torch.manual_seed(3)
+    w_ENK = torch.randn(5, 24, 96)
+    index_P = torch.tensor([1, 4, 1, 1, 0, 1, 1, 1, 1, 1, 2])
+    x_PK = torch.randn(len(index_P), 96)
+    ref = torch.stack([w_ENK[e].double() @ x_PK[p].double() for p, e in enumerate(index_P)]).float()
+    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+        y_PN = cpu_matvec.call(lib, "f32", x_PK, w_ENK, None, index_P)
+        torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-5)
+        for p in range(len(index_P)):
+            assert torch.equal(cpu_matvec.call(lib, "f32", x_PK[p:p + 1], w_ENK, None, index_P[p:p + 1])[0], y_PN[p])
+    assert torch.equal(gathered_matvec(w_ENK, index_P, x_PK[:, None]),
+                       cpu_matvec.call(cpu_matvec.library(), "f32", x_PK, w_ENK, None, index_P))
+    few = gathered_matvec(w_ENK, index_P[:4], x_PK[:4, None])  # 4 pairs: the torch reduction
+    torch.testing.assert_close(few, ref[:4], rtol=1e-5, atol=1e-5)
