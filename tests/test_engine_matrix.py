@@ -156,12 +156,14 @@ def test_compiled_engine_equals_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["int8", "int4_g32_shared_sigmoid_dense", "q4_0"])
-def test_compiled_engine_quantized_logprobs_bitwise_across_buckets(name):
-    """Quantized weights, compiled step: a request alone (bucket of 4 rows) and co-batched with 7 others
-    (bucket of 8) gets bitwise the same logprobs. (The compiled quantized linear once took the fused
-    reduction at 4 rows and dequantize + GEMM at 8, so the bits followed the batch; and the step of a model
-    with a dense FFN failed to compile: torch.get_num_threads in the invariant elementwise padding.)"""
+@pytest.mark.parametrize("name", ["tiny_qk_norm_head", "int8", "int4_g32_shared_sigmoid_dense", "q4_0"])
+def test_compiled_engine_logprobs_bitwise_across_buckets(name):
+    """Compiled step, float and quantized weights: a request alone (bucket of 4 rows, 1 active row) and
+    co-batched with 7 others (bucket of 8) gets bitwise the same logprobs. (The compiled quantized linear
+    once took the fused reduction at 4 rows and dequantize + GEMM at 8, so the bits followed the batch;
+    the step of a model with a dense FFN failed to compile: torch.get_num_threads in the invariant
+    elementwise padding; and a kernel choice written `isinstance(P, int) and P > 8`, which dynamo
+    evaluates on a symbolic P as a guard, gave the float experts the C matvec co-batched only.)"""
     model = build(name, False)
     prompts = prompts_for(model, seed=3) + prompts_for(model, seed=4)[:2]
     params = SamplingParams(max_tokens=NEW, logprobs=True, ignore_eos=True)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import cpu_matvec
 
@@ -34,10 +35,12 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tens
     the gather fuses into the reduction; float32 on CPU with a static count of more than MAX_ROWS_SHARED
     pairs runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once
     per group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). Not for a
-    symbolic count (the engine's invariant step): there it measured +5% at 64 rows and -12% at one request."""
+    symbolic count (the engine's invariant step: `statically_known_true` is False there and adds no guard,
+    where `isinstance(P, int)` is True under dynamo and `P > 8` would specialise the step, giving a row
+    different bits alone and co-batched); there it measured +5% at 64 rows and -12% at one request."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if (w.dtype == torch.float32 and isinstance(P, int) and P > cpu_matvec.MAX_ROWS_SHARED
+        if (w.dtype == torch.float32 and statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
                 and cpu_matvec.usable("f32", x_P1K) and not (w.requires_grad and torch.is_grad_enabled())):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..runtime import materialized
 from .. import cpu_matvec
@@ -143,12 +144,11 @@ class QuantizedWeight(nn.Module):
         count takes the kernel (every row computed alone, in a fixed order) or, without it, the GEMM."""
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
-        if torch.compiler.is_compiling():
-            static = isinstance(rows, int)
-            if (not static or rows > 1) and cpu_matvec.usable(self.method, x):
+        if torch.compiler.is_compiling():  # (statically_known_true: False for a symbolic count, and no guard)
+            if not statically_known_true(rows <= 1) and cpu_matvec.usable(self.method, x):
                 y = self.kernel_matvec(x.reshape(rows, K), None).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
                 return y if bias is None else y + bias
-            if static and rows <= FUSED_MAX_ROWS:
+            if statically_known_true(rows <= FUSED_MAX_ROWS):
                 y_MN = formats.fused_matvec(self.method, self.fused_inputs(), materialized(x.reshape(rows, 1, K)))
                 y = y_MN.reshape(*x.shape[:-1], self.shape[0])
                 return y if bias is None else y + bias
@@ -158,7 +158,7 @@ class QuantizedWeight(nn.Module):
         """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
         pairs or a symbolic count (pairs grouped by expert), else the fused reduction."""
         P = x_P1K.shape[0]
-        if (not isinstance(P, int) or P > cpu_matvec.MAX_ROWS_SHARED) and cpu_matvec.usable(self.method, x_P1K):
+        if not statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and cpu_matvec.usable(self.method, x_P1K):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
