@@ -6,8 +6,8 @@ docs/architecture.md), so the modules and every expert kernel run on it unchange
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
 straight from the packed bytes: torch.compile's fused loop for one row (and for few expert pairs), the C
 kernel of cpu_matvec.py for more rows of a q8_0/q4_0 weight on CPU (it decodes each block once for all
-the rows that share a weight, where inductor's loop decodes it again per row). Formats with fp16 group scales (q8_0, q4_0, int4-gG) also keep
-float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
+the rows that share a weight, where inductor's loop decodes it again per row). Formats with fp16 group
+scales (q8_0, q4_0, int4-gG) also keep float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
 run time, not saved, rebuilt from the stored bits after every move, cast or load) for the fused
 loop, which inductor vectorises only over float32 scales. It quacks like a tensor for read-only uses (`.shape`, `.device`,
 `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
