@@ -121,3 +121,19 @@ def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path):
                        cpu_matvec.call(cpu_matvec.library(), "f32", x_PK, w_ENK, None, index_P))
     few = gathered_matvec(w_ENK, index_P[:4], x_PK[:4, None])  # 4 pairs: the torch reduction
     torch.testing.assert_close(few, ref[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_sizes_and_indices_that_do_not_fit_are_refused():
+    """The C code trusts its sizes; `call` refuses what would make it read out of bounds."""
+    lib = cpu_matvec.library()
+    qw = QuantizedWeight.from_float(torch.randn(3, 16, 64), "q4_0")  # 3 experts (N=16, K=64)
+    x_RK = torch.randn(2, 64)
+    with pytest.raises(IndexError, match="outside"):
+        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.scale_f32, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_matvec.call(lib, "q4_0", torch.randn(2, 96), qw.qweight, qw.scale_f32, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index"):
+        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.scale_f32, None)
+    with pytest.raises(ValueError, match="scales"):
+        cpu_matvec.call(lib, "q8_0", x_RK, QuantizedWeight.from_float(torch.randn(16, 64), "q8_0").qweight, None,
+                        None)

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2}  # what the kernel reads (value: its `fmt` code); f32: float32 weights
+BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 weights
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
 
@@ -124,11 +125,22 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     (..., N, B); index_R int64 (R,) into E, or None: every row against the one weight)."""
     R, K = x_RK.shape
     N, B = qweight.shape[-2], K // 32
+    E = qweight.shape[0] if qweight.dim() == 3 else 1
+    # the C code trusts its sizes: a mismatch would read out of bounds, so it is refused here
+    if x_RK.dtype != torch.float32 or K % 32 or qweight.shape[-1] * qweight.element_size() != B * BLOCK_BYTES[method]:
+        raise ValueError(f"qmatvec({method}): x {tuple(x_RK.shape)} {x_RK.dtype} does not fit weight "
+                         f"{tuple(qweight.shape)} {qweight.dtype} (float32 x, K a multiple of 32)")
+    if method != "f32" and (scale_f32 is None or tuple(scale_f32.shape[-2:]) != (N, B)):
+        raise ValueError(f"qmatvec({method}): needs float32 scales (..., {N}, {B})")
+    if (index_R is None) != (qweight.dim() == 2) or (index_R is not None and index_R.shape != (R,)):
+        raise ValueError(f"qmatvec({method}): an index (R,) goes with a stack of weights (E, N, ...), none with one")
     x_RK, qweight = x_RK.contiguous(), qweight.contiguous()
     scale_f32 = qweight if scale_f32 is None else scale_f32.contiguous()  # (f32: unread)
     y_RN = torch.empty(R, N, dtype=torch.float32)
     if index_R is not None:
         index_R = index_R.to(torch.int64).contiguous()
+        if R and not bool(((index_R >= 0) & (index_R < E)).all()):
+            raise IndexError(f"qmatvec({method}): an expert index is outside [0, {E})")
     lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
                        None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
     return y_RN
