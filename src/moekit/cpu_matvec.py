@@ -44,13 +44,12 @@ _ready = False  # the kernel is loaded: a plain bool, read (as a constant) by co
 
 
 def _cpu_flags() -> str:
+    """The CPU's feature flags (part of the build's cache key); the processor name where /proc is absent."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        lines = []
+    return next((line for line in lines if line.startswith("flags")), platform.processor())
 
 
 def _compiler() -> Optional[str]:
