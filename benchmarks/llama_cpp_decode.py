@@ -20,6 +20,8 @@ Rows, per batch size B (`--batch 1,8`) and weight type; every request: PROMPT_LE
   * moekit eager (f32, batch 1 only) and moekit `generate(prompts, compile=True)` (a static batch);
   * moekit `Engine(compile=True)` (continuous batching, in process, no HTTP), B requests submitted
     at once (B > 1 only);
+  * for q8_0 / q4_0, both moekit rows again with 8-bit activations (", x8": `set_activations(model,
+    "q8_0")`, llama.cpp's own scheme for these types; its "same tokens" compare with moekit eager x8);
   * llama.cpp batched (B > 1): the B sequences decoded together, one `llama_decode` per step (a
     context with n_seq_max = B, what llama.cpp's server does with B parallel slots), greedy argmax
     per sequence; llama.cpp at B = 1 and "llama.cpp one by one" (B > 1): llama-cpp-python's
@@ -32,7 +34,7 @@ after one warm-up. `bound` = `moekit.analyze.analyze_model(cfg, weights=<type>, 
 (one untimed eager run); `equal prefix`: the shortest run of equal leading tokens over the prompts.
 
     python benchmarks/llama_cpp_decode.py [--model small|medium] [--batch 1,8] [--new-tokens 128]
-                                          [--repeats 3] [--json]
+                                          [--repeats 3] [--weights f32,q8_0,q4_0] [--json]
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from moekit.engine import Engine, SamplingParams
 from moekit.generate import generate
 from moekit.gguf_export import export_gguf
 from moekit.gguf.common import tensor_type
-from moekit.quantize import quantize_model
+from moekit.quantize import quantize_model, set_activations
 from moekit.quantize.modules import QuantizedLinear
 
 PROMPT_LEN = 16
@@ -191,27 +193,32 @@ def measure(fn, repeats: int, new: int):
     return outs, best
 
 
-def rows_for_batch(llama_cpp, models, llms, prompts, new, repeats, threads):
-    """The timed rows of one batch size; models/llms: per weight type."""
+def rows_for_batch(llama_cpp, models, llms, prompts, new, repeats, threads, weight_types):
+    """The timed rows of one batch size; models: per (weight type, activations), llms: per weight type."""
     B, rows = len(prompts), []
     context = PROMPT_LEN + new // 2
-    for gtype in WEIGHT_TYPES:
-        model, llm = models[gtype], llms[gtype]
-        ref = run_generate(model, prompts, new, False)[0]  # moekit eager: the reference tokens
-        runs = []
-        if gtype == "f32" and B == 1:
-            runs.append(("moekit eager", lambda: run_generate(model, prompts, new, False)))
-        runs.append(("moekit generate compile", lambda: run_generate(model, prompts, new, True)))
+    for gtype in weight_types:
+        llm, runs = llms[gtype], []
+        for acts in ("float", "q8_0") if (gtype, "q8_0") in models else ("float",):
+            model = models[(gtype, acts)]
+            ref = run_generate(model, prompts, new, False)[0]  # moekit eager: the reference tokens
+            tag = "" if acts == "float" else ", x8"
+            if gtype == "f32" and B == 1:
+                runs.append(("moekit eager", model, ref, lambda m=model: run_generate(m, prompts, new, False)))
+            runs.append(("moekit generate compile" + tag, model, ref,
+                         lambda m=model: run_generate(m, prompts, new, True)))
+            if B > 1:
+                runs.append(("moekit Engine compile" + tag, model, ref, lambda m=model: run_engine(m, prompts, new)))
+        ref = runs[0][2]  # llama.cpp's rows: against moekit eager with float activations
         if B > 1:
-            runs.append(("moekit Engine compile", lambda: run_engine(model, prompts, new)))
             batched = LlamaBatched(llama_cpp, llm, B, PROMPT_LEN + new + 8, threads)
-            runs += [("llama.cpp batched", lambda: batched.run(prompts, new)),
-                     ("llama.cpp one by one", lambda: run_llama_one_by_one(llm, prompts, new))]
+            runs += [("llama.cpp batched", None, ref, lambda: batched.run(prompts, new)),
+                     ("llama.cpp one by one", None, ref, lambda: run_llama_one_by_one(llm, prompts, new))]
         else:
-            runs.append(("llama.cpp", lambda: run_llama_one_by_one(llm, prompts, new)))
-        a = analyze_model(model.cfg, hardware=local_hardware(), weights=ANALYZER_NAME[gtype], batch=B,
-                          context=context)
-        for name, fn in runs:
+            runs.append(("llama.cpp", None, ref, lambda: run_llama_one_by_one(llm, prompts, new)))
+        a = analyze_model(models[(gtype, "float")].cfg, hardware=local_hardware(), weights=ANALYZER_NAME[gtype],
+                          batch=B, context=context)
+        for name, _, ref, fn in runs:
             print(f"  batch {B} {gtype} {name} ...", file=sys.stderr, flush=True)
             outs, tps = measure(fn, repeats, new)
             rows.append({"batch": B, "impl": name, "weights": gtype, "threads": threads, "new_tokens": new,
@@ -224,20 +231,24 @@ def rows_for_batch(llama_cpp, models, llms, prompts, new, repeats, threads):
 
 
 def goals(rows) -> list:
-    """The issue's goals, from the rows: batch-1 >= 0.8x llama.cpp on q8_0/q4_0; batch-8 aggregate > llama.cpp's."""
+    """The issue's goals, from the rows: batch-1 >= 0.8x llama.cpp on q8_0/q4_0; batch-8 aggregate > llama.cpp's
+    (for moekit with float activations, and with 8-bit ones: ", x8")."""
     lines = []
     tps = {(r["batch"], r["impl"], r["weights"]): r["tok_s"] for r in rows}
     for gtype in ("f32", "q8_0", "q4_0"):
-        if (1, "llama.cpp", gtype) in tps:
-            ratio = tps[(1, "moekit generate compile", gtype)] / tps[(1, "llama.cpp", gtype)]
-            goal = f" (goal >= 0.8x: {'met' if ratio >= 0.8 else 'not met'})" if gtype != "f32" else ""
-            lines.append(f"batch 1 {gtype}: moekit compile / llama.cpp = {ratio:.2f}x{goal}")
-        for B in sorted({r["batch"] for r in rows if r["batch"] > 1}):
-            best = max(tps[(B, "moekit generate compile", gtype)], tps[(B, "moekit Engine compile", gtype)])
-            peer = tps[(B, "llama.cpp batched", gtype)]
-            lines.append(f"batch {B} {gtype}: best moekit / llama.cpp batched = {best / peer:.2f}x, Engine / llama.cpp "
-                         f"batched = {tps[(B, 'moekit Engine compile', gtype)] / peer:.2f}x "
-                         f"(goal > 1x: {'met' if best > peer else 'not met'})")
+        for tag in ("", ", x8"):
+            if (1, "llama.cpp", gtype) in tps and (1, "moekit generate compile" + tag, gtype) in tps:
+                ratio = tps[(1, "moekit generate compile" + tag, gtype)] / tps[(1, "llama.cpp", gtype)]
+                goal = f" (goal >= 0.8x: {'met' if ratio >= 0.8 else 'not met'})" if gtype != "f32" else ""
+                lines.append(f"batch 1 {gtype}{tag}: moekit compile / llama.cpp = {ratio:.2f}x{goal}")
+            for B in sorted({r["batch"] for r in rows if r["batch"] > 1}):
+                if (B, "moekit Engine compile" + tag, gtype) not in tps:
+                    continue
+                engine = tps[(B, "moekit Engine compile" + tag, gtype)]
+                best = max(tps[(B, "moekit generate compile" + tag, gtype)], engine)
+                peer = tps[(B, "llama.cpp batched", gtype)]
+                lines.append(f"batch {B} {gtype}{tag}: best moekit / llama.cpp batched = {best / peer:.2f}x, Engine / "
+                             f"llama.cpp batched = {engine / peer:.2f}x (goal > 1x: {'met' if best > peer else 'not met'})")
     return lines
 
 
@@ -248,8 +259,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default=",".join(WEIGHT_TYPES),
+                    help=f"comma-separated weight types (default {','.join(WEIGHT_TYPES)})")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    weight_types = args.weights.split(",")
+    if not weight_types or any(w not in WEIGHT_TYPES for w in weight_types):
+        ap.error(f"--weights takes a comma-separated subset of {','.join(WEIGHT_TYPES)}, got {args.weights!r}")
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -271,23 +287,26 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         print(f"building {cfg.name} ...", file=sys.stderr, flush=True)
-        models = {"f32": build_model(cfg, args.seed)}
+        base = build_model(cfg, args.seed)
+        models = {("f32", "float"): base}
         llms = {}
-        for gtype in WEIGHT_TYPES:
+        for gtype in weight_types:
             path = Path(tmp) / f"m-{gtype}.gguf"
-            export_gguf(models["f32"], path, gtype)
+            export_gguf(base, path, gtype)
             llms[gtype] = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new + 8, n_threads=threads,
                                           n_threads_batch=threads, n_batch=PROMPT_LEN, verbose=False)
             if gtype != "f32":
-                models[gtype] = same_weights_as_gguf(models["f32"], gtype)
+                models[(gtype, "float")] = same_weights_as_gguf(base, gtype)
+                models[(gtype, "q8_0")] = same_weights_as_gguf(base, gtype)
+                set_activations(models[(gtype, "q8_0")], "q8_0")
         for B in batches:
-            rows += rows_for_batch(llama_cpp, models, llms, all_prompts[:B], new, args.repeats, threads)
+            rows += rows_for_batch(llama_cpp, models, llms, all_prompts[:B], new, args.repeats, threads, weight_types)
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return 0
     hw = local_hardware()
-    print(f"commit {git_commit()}  model {cfg.name} ({models['f32'].num_params() / 1e6:.0f} M params)  prompt "
+    print(f"commit {git_commit()}  model {cfg.name} ({base.num_params() / 1e6:.0f} M params)  prompt "
           f"{PROMPT_LEN}  new {new}  threads {threads}  read bandwidth {hw.bw / 1e9:.1f} GB/s")
     print("| batch | impl | weights | aggregate tok/s | MB/token | GB/s read | bound tok/s | share of bound "
           "| same tokens | equal prefix |\n|---:|---|---|---:|---:|---:|---:|---:|---|---:|")

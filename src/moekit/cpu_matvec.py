@@ -34,8 +34,11 @@ from typing import Optional
 
 import torch
 
-METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2}  # what the kernel reads (value: its `fmt` code); f32: float32 weights
-BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 weights
+# what the kernel reads (value: its `fmt` code): q8_0 / q4_0 blocks or float32 weights, against float32 x;
+# "q8_0.x8" / "q4_0.x8": x quantized to 8 bits per 32-block first (llama.cpp's scheme: QuantizedWeight's
+# activations="q8_0"; moekit.quantize.activations holds the torch reference)
+METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "q8_0.x8": 8, "q4_0.x8": 9}
+BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128, "q8_0.x8": 32, "q4_0.x8": 16}  # bytes of a block of 32 weights
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
 
@@ -86,7 +89,7 @@ def load(path: Path) -> ctypes.CDLL:
     fn = lib.moekit_qmatvec
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
-    fn.restype = None
+    fn.restype = ctypes.c_int
     return lib
 
 
@@ -140,8 +143,10 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
         index_R = index_R.to(torch.int64).contiguous()
         if R and not bool(((index_R >= 0) & (index_R < E)).all()):
             raise IndexError(f"qmatvec({method}): an expert index is outside [0, {E})")
-    lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
-                       None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
+    status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
+                                None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
+    if status != 0:
+        raise MemoryError(f"qmatvec({method}): out of memory for the {R} x {K} activations")
     return y_RN
 
 

@@ -23,7 +23,7 @@ from .gathered import experts_gathered, experts_static, use_gathered
 from .grouped import experts_grouped
 from .invariant import experts_invariant
 from .reference import experts_reference
-from .weights import dense
+from .weights import dense, rowwise_only
 
 
 def triton_backend():
@@ -112,6 +112,12 @@ class Experts(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(device_type))
         dtype = x_TD.dtype
         extra = self.kernel_args(dtype)
+        if rowwise_only(w13) or rowwise_only(w2):  # every pair through the weights' own matvec, any T
+            if routing.expert_idx_TK is None:
+                raise ValueError("8-bit activations need top-k routing (K experts per token); this router gives "
+                                 "a variable number per token")
+            return experts_static(x_TD, w13, w2, routing.gates_TK, routing.expert_idx_TK, allow_dense=False,
+                                  numerics=numerics, **extra)
         if static:
             return experts_static(x_TD, w13, w2, routing.gates_TK, routing.expert_idx_TK,
                                   allow_dense=not numerics.batch_invariant, **extra)

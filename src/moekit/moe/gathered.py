@@ -7,7 +7,9 @@ a multiply-and-reduce over the gathered weights that torch.compile fuses. With T
 `allow_dense`, every expert runs on every token, weighted by a (T, E) gate matrix; the engine
 passes allow_dense=False, since that choice depends on the batch size.
 
-Both take the optional expert biases b13 (E, 2F), b2 (E, D) and an activation (moe/activation.py).
+Both take the optional expert biases b13 (E, 2F), b2 (E, D) and an activation (moe/activation.py);
+`experts_static` also the numerics policy of its activation (numerics.py). `experts_static` with
+allow_dense=False is also the path of weights that are `rowwise_only` (8-bit activations), for any T.
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import PLAIN, Numerics
 from .activation import SWIGLU
 from .weights import dense, gathered_matvec
 
@@ -41,7 +44,7 @@ def experts_gathered(x_TD, w13, w2, gates_P, token_idx_P, expert_idx_P, b13_E2F=
 
 
 def experts_static(x_TD, w13, w2, gates_TK, expert_idx_TK, allow_dense: bool = True, b13_E2F=None, b2_ED=None,
-                   act=SWIGLU) -> torch.Tensor:
+                   act=SWIGLU, numerics: Numerics = PLAIN) -> torch.Tensor:
     T, K = expert_idx_TK.shape
     E = w13.shape[0]
     dtype = x_TD.dtype
@@ -53,7 +56,7 @@ def experts_static(x_TD, w13, w2, gates_TK, expert_idx_TK, allow_dense: bool = T
         h_P2F = gathered_matvec(w13, expert_idx_P, x_P1D)
         if b13_E2F is not None:
             h_P2F = h_P2F + b13_E2F.to(dtype)[expert_idx_P]
-        a_P1F = (act(h_P2F) * gates_P1).unsqueeze(1)
+        a_P1F = (act(h_P2F, numerics) * gates_P1).unsqueeze(1)
         y_PD = gathered_matvec(w2, expert_idx_P, a_P1F)
         if b2_ED is not None:
             y_PD = y_PD + b2_ED.to(dtype)[expert_idx_P] * gates_P1

@@ -1,6 +1,6 @@
 """The weight accessor: how every kernel reads a weight, a tensor or an object standing in for
 one (moekit.quantize's `QuantizedWeight`) with the methods `dense(index, dtype)`,
-`linear(x, bias)` and `gathered_matvec(index_P, x_P1K)`. Kernels call the three functions
+`linear(x, bias)` and `gathered_matvec(index_P, x_P1K)` and the property `rowwise_only`. Kernels call the three functions
 below, so a transform replaces the weights, not the modules (docs/architecture.md).
 
 Legend: P pairs, N output dim, K reduction dim.
@@ -22,6 +22,12 @@ def dense(w, index: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] 
         out = w if index is None else w[index]
         return out if dtype is None or out.dtype == dtype else out.to(dtype)
     return w.dense(index, dtype)
+
+
+def rowwise_only(w) -> bool:
+    """Whether `w` must be multiplied through `linear` / `gathered_matvec` only, never as `dense()` in a
+    kernel's own GEMM (a QuantizedWeight with 8-bit activations; plain tensors: never)."""
+    return not isinstance(w, torch.Tensor) and w.rowwise_only
 
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..runtime import materialized
 from .. import cpu_matvec
-from . import formats
+from . import activations, formats
 
 # rows of x up to which a compiled linear uses the fused multiply-and-reduce (it reads the packed weight once
 # per row: at 2048x2048 on 2 CPU cores it beats dequantize + GEMM up to ~16 rows for q8_0, ~8 for q4_0)
@@ -48,6 +48,7 @@ class QuantizedWeight(nn.Module):
         formats.get_format(method)
         self.method = method
         self.shape = torch.Size(shape)
+        self.activations = "float"  # or "q8_0" (q8_0/q4_0 weights; transform.set_activations, activations.py)
         self.buffer_names = tuple(packed)
         for name, tensor in packed.items():
             self.register_buffer(name, tensor)
@@ -136,14 +137,24 @@ class QuantizedWeight(nn.Module):
         """The float weight (or its entries `index` of dim 0) in `dtype` (default: the compute dtype)."""
         return formats.dequantize(self.method, self.packed(index), self.shape[-1], dtype or self.dtype)
 
+    @property
+    def rowwise_only(self) -> bool:
+        """Every product must go through `linear` / `gathered_matvec` (8-bit activations): kernels must not
+        multiply `dense()` themselves (moe/experts.py takes the per-pair path)."""
+        return self.activations != "float"
+
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x @ Wᵀ (+ bias). Under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0, float32 x
+        """x @ Wᵀ (+ bias). 8-bit activations: `x8_matvec`, eager and compiled, any row count. Otherwise,
+        under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0, float32 x
         on CPU) for 2 or more rows or a symbolic row count; the fused reduction for one row or, in other
         formats, a static count <= FUSED_MAX_ROWS; else dequantize + GEMM. The choice never depends on the
         batch under dynamic shapes (the batch-invariant engine's one step for every bucket): a symbolic
         count takes the kernel (every row computed alone, in a fixed order) or, without it, the GEMM."""
         K = x.shape[-1]
         rows = x.numel() // K if K else 0
+        if self.rowwise_only:
+            y = self.x8_matvec(x.reshape(rows, K), None).reshape(*x.shape[:-1], self.shape[0])
+            return y if bias is None else y + bias
         if torch.compiler.is_compiling():  # (statically_known_true: False for a symbolic count, and no guard)
             if not statically_known_true(rows <= 1) and cpu_matvec.usable(self.method, x):
                 y = self.kernel_matvec(x.reshape(rows, K), None).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
@@ -158,15 +169,29 @@ class QuantizedWeight(nn.Module):
         """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
         pairs or a symbolic count (pairs grouped by expert), else the fused reduction."""
         P = x_P1K.shape[0]
+        if self.rowwise_only:
+            return self.x8_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         if not statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and cpu_matvec.usable(self.method, x_P1K):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
-    def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
-        """y (R, N) by the C kernel (cpu_matvec.py): row r against this weight, or against weight index_R[r]
-        of a stack (..., N, K); x is padded to whole blocks here."""
+    def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor], method: Optional[str] = None):
+        """y (R, N) float32 by the C kernel (cpu_matvec.py): row r against this weight, or against weight
+        index_R[r] of a stack (..., N, K); x is padded to whole blocks here. `method`: the kernel's
+        method, by default the weight's (float x)."""
         x_RK = formats.get_format(self.method).pad(x_RK)
-        return cpu_matvec.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
+        return cpu_matvec.qmatvec(method or self.method, x_RK, self.qweight, self.scale_f32, index_R)
+
+    def x8_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
+        """y (R, N) in x's dtype with x quantized to 8 bits per block (activations.py): the C kernel where
+        usable, else the same math in torch (`fake_quantize_x8`, then a float product)."""
+        method = self.method + ".x8"
+        if cpu_matvec.usable(method, x_RK):
+            return self.kernel_matvec(x_RK, index_R, method).to(x_RK.dtype)
+        xq_RK = activations.fake_quantize_x8(x_RK)
+        if index_R is None:
+            return F.linear(xq_RK, self.dense(dtype=x_RK.dtype))
+        return (self.dense(index_R, x_RK.dtype) * xq_RK[:, None]).sum(-1)
 
     def fused_inputs(self, index=None) -> formats.Packed:
         """`packed(index)` plus the float32 mirrors the fused matvec reads."""
@@ -177,7 +202,8 @@ class QuantizedWeight(nn.Module):
         return tensors
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight():.3f}"
+        x8 = f", activations={self.activations!r}" if self.rowwise_only else ""
+        return f"method={self.method!r}, shape={tuple(self.shape)}, bits_per_weight={self.bits_per_weight():.3f}{x8}"
 
 
 class QuantizedLinear(nn.Module):

@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from . import formats
+from . import activations, formats
 from ..model import Transformer
 from .modules import QuantizedLinear, QuantizedWeight
 
@@ -87,3 +87,21 @@ def size_report(model: nn.Module) -> Dict[str, object]:
         "quantized_weights": qcount,
         "bits_per_quantized_weight": 8.0 * qbytes / qcount if qcount else None,
     }
+
+
+def set_activations(model: nn.Module, kind: str) -> int:
+    """Make every q8_0 / q4_0 weight of `model` multiply `kind` activations ("q8_0": 8-bit, see
+    activations.py; "float": the default). Returns how many weights it set; a model with no such
+    weight is refused for "q8_0" (the setting would do nothing)."""
+    if kind not in activations.KINDS:
+        raise ValueError(f"activations must be one of {', '.join(activations.KINDS)}; got {kind!r}")
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight) and m.method in activations.WEIGHT_METHODS]
+    if kind != "float" and not weights:
+        methods = sorted({m.method for m in model.modules() if isinstance(m, QuantizedWeight)})
+        raise ValueError(f"activations={kind!r} needs q8_0 or q4_0 weights; this model has "
+                         f"{', '.join(methods) if methods else 'no quantized weights'} (quantize it with q8_0 or q4_0)")
+    for w in weights:
+        w.activations = kind
+    for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for the old numerics
+        del model.__dict__[key]
+    return len(weights)
