@@ -2,7 +2,7 @@
 routers (hash, topk_softmax, group-limited sigmoid_topk with a routed scaling factor,
 softmax_topk without renormalisation), qk-norm per head and full width, q/k/v bias, clip_qkv,
 plain and gated shared experts, dense layers (first_k_dense, sparse_step, dense_layers), tied
-embeddings, MQA, int8 / int4 / mxfp4 / q4_0 quantized weights, and the frontier families' features: MLA,
+embeddings, MQA, int8 / int4 / mxfp4 / q4_0 quantized weights (q4_0 / q8_0 also with 8-bit activations), and the frontier families' features: MLA,
 partial rotary, gpt-oss's sinks + sliding window (a ring shorter than the prompts) + biased clamped
 experts, and a Gated DeltaNet hybrid (recurrent per-request state).
 
@@ -23,7 +23,7 @@ import torch
 from moekit import ModelConfig, MoEConfig, Transformer
 from moekit.engine import Engine, SamplingParams
 from moekit.generate import generate
-from moekit.quantize import quantize_model
+from moekit.quantize import quantize_model, set_activations
 
 KW = dict(prefill_chunk=16, max_step_tokens=48)  # small chunks: prompts of up to 40 tokens take 3 steps
 NEW = 8
@@ -65,6 +65,10 @@ CONFIGS = {
         linear_value_head_dim=8, moe=MoEConfig(**MOE, num_shared_experts=1, shared_gate=True)), None),
     "mxfp4": (dict(), "mxfp4"),
     "q4_0": (dict(), "q4_0"),  # compiled on CPU: moekit's C kernel (cpu_matvec.c) for every bucket
+    # 8-bit activations (llama.cpp's scheme): every matmul of these weights row by row, experts per pair
+    "q4_0_x8": (dict(), ("q4_0", "q8_0")),
+    "q8_0_x8_shared_dense": (dict(n_layers=3, first_k_dense=1, moe=MoEConfig(**MOE, num_shared_experts=1)),
+                             ("q8_0", "q8_0")),
 }
 
 # configurations whose engine results are known to differ (a bug to fix, not a weaker test)
@@ -91,7 +95,9 @@ def build(name: str, scaled: bool) -> Transformer:
         if scaled:
             model.lm_head.weight.mul_(50.0)  # tied: scales the embedding too, which is fine
     if method is not None:
+        method, activations = (method, "float") if isinstance(method, str) else method
         quantize_model(model, method)
+        set_activations(model, activations)
     return model.eval()
 
 
@@ -156,7 +162,7 @@ def test_compiled_engine_equals_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_qk_norm_head", "int8", "int4_g32_shared_sigmoid_dense", "q4_0"])
+@pytest.mark.parametrize("name", ["tiny_qk_norm_head", "int8", "int4_g32_shared_sigmoid_dense", "q4_0", "q4_0_x8"])
 def test_compiled_engine_logprobs_bitwise_across_buckets(name):
     """Compiled step, float and quantized weights: a request alone (bucket of 4 rows, 1 active row) and
     co-batched with 7 others (bucket of 8) gets bitwise the same logprobs. (The compiled quantized linear

@@ -7,17 +7,15 @@
    scale, w(r) the weight of row r: one weight
    (N, K) shared by all rows (a Linear), or weight index[r] of a stack (E, N, K) (gathered experts).
 
-   x stays float32 by default: the result equals x @ dequantize(W)^T up to the order of the float
-   additions, which is fixed per row (the same for any number of rows: batch invariant).
-   With 8-bit activations (fmt | X8, llama.cpp's scheme for these formats) each 32-block of a row of x
-   is first quantized like a q8_0 weight, d_x = max|x| / 127, q_x = round-half-even(x * (1 / d_x))
-   (float32 d_x, where GGML stores it in fp16), and
-   y[r, n] = sum_b d[w(r), n, b] * d_x[r, b] * sum_j v(w(r), n, b, j) * q_x[r, 32 b + j],
-   the inner sum in exact integers (AVX-512 VNNI: 64 products per instruction).
+   x stays float32 (no activation quantization): the result equals x @ dequantize(W)^T up to the order
+   of the float additions, which is fixed per row (the same for any number of rows: batch invariant).
    Rows that share a weight are taken up to 8 at a time, so each block is decoded once for all of them.
    Output rows n are split across OpenMP threads (the process's OpenMP runtime: torch's).
 
-   Legend: R rows of x, N output rows of a weight, B blocks of 32 per row (K = 32 B). */
+   8-bit activations (moekit_x8_pack / moekit_x8_matvec below): llama.cpp's scheme for these formats.
+
+   Legend: R rows of x, N output rows of a weight, B blocks of 32 per row (K = 32 B), G groups of 16
+   output rows, E weights of a stack. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,31 +28,9 @@
 #define QK 32
 #define MAX_TILE 8
 
-enum { Q8_0 = 0, Q4_0 = 1, F32 = 2, X8 = 8 }; /* the `fmt` argument: a weight format, | X8 for 8-bit x */
+enum { Q8_0 = 0, Q4_0 = 1, F32 = 2 }; /* the `fmt` argument */
 
-static inline int64_t block_bytes(int fmt) { return (fmt & 7) == Q4_0 ? 16 : (fmt & 7) == Q8_0 ? 32 : 128; }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define X8_VNNI 1
-#else
-#define X8_VNNI 0
-#endif
-
-/* one row of x (K = 32 B floats) quantized per 32-block (d = max|x| / 127, q = round(x / d)), laid out
-   for tile_x8: q + 128 as bytes (Bp, 32) and d repeated 8 times (Bp, 8), Bp = B rounded up to even
-   (a last odd block is followed by one of x = 0, d = 0) */
-static void prepare_x8(const float *x, int64_t B, uint8_t *q, float *d) {
-    for (int64_t b = 0; b < B + (B & 1); b++) {
-        const float *xb = x + b * QK;
-        float amax = 0.0f;
-        if (b < B)
-            for (int j = 0; j < QK; j++) /* NaN sticks (and then reaches y through d) */
-                amax = fabsf(xb[j]) > amax || xb[j] != xb[j] ? fabsf(xb[j]) : amax;
-        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        for (int j = 0; j < QK; j++) q[b * QK + j] = (uint8_t)(128 + (b < B ? (int)nearbyintf(xb[j] * id) : 0));
-        for (int j = 0; j < 8; j++) d[b * 8 + j] = db;
-    }
-}
+static inline int64_t block_bytes(int fmt) { return fmt == Q4_0 ? 16 : fmt == Q8_0 ? 32 : 128; }
 
 /* the 32 weight values of block b of row n, unscaled, as floats */
 static inline void decode_block(int fmt, const uint8_t *blk, float *v) {
@@ -130,142 +106,261 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
     }
 }
 
-/* 8-bit x (prepare_x8): rows q_T[t] (B, 32) of q + 128 with scales dx_T[t] (B, 8) against weight rows [n0, n1) */
-static void tile_x8(int fmt, const uint8_t *const *q_T, const float *const *dx_T, int T, const uint8_t *q,
-                    const float *d, int64_t n0, int64_t n1, int64_t B, float *const *y_T) {
-    const int64_t row_bytes = B * block_bytes(fmt);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *qn = q + n * row_bytes;
-        const float *dn = d + n * B;
-#if X8_VNNI
-        /* two blocks (64 codes) per step. VNNI multiplies unsigned by signed bytes: x comes as x + 128
-           (unsigned, prepared by prepare_x8) and 128 * sum(w) is subtracted, computed once per weight
-           block for all rows. Two float chains per row (even and odd steps), summed at the end: a fixed
-           order per row. */
-        __m512 acc_a[MAX_TILE], acc_b[MAX_TILE];
-        for (int t = 0; t < T; t++) acc_a[t] = acc_b[t] = _mm512_setzero_ps();
-        const __m512i ones = _mm512_set1_epi8(1);
-        for (int64_t b = 0; b < B; b += 2) {
-            const int two = b + 1 < B;
-            const __mmask64 keep = two ? ~(__mmask64)0 : 0xffffffffULL;
-            __m512i w;
-            if ((fmt & 7) == Q4_0) {
-                const __m256i c = two ? _mm256_loadu_si256((const __m256i *)(qn + b * 16))
-                                      : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(qn + b * 16)));
-                const __m256i m4 = _mm256_set1_epi8(15);
-                const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
-                /* 128-bit lanes (lo0 lo1 hi0 hi1) -> (lo0 hi0 lo1 hi1): block b, then block b + 1 */
-                const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                w = _mm512_maskz_sub_epi8(keep, _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)),
-                                          _mm512_set1_epi8(8));
-            } else {
-                w = _mm512_maskz_loadu_epi8(keep, qn + b * 32);
-            }
-            const __m512i start = _mm512_sub_epi32(
-                _mm512_setzero_si512(), _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w), 7));
-            const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(dn[b]), _mm256_set1_ps(two ? dn[b + 1] : 0.0f), 1);
-            if ((b >> 1) & 1)
-                for (int t = 0; t < T; t++) {
-                    const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(q_T[t] + b * QK), w);
-                    const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(dx_T[t] + b * 8));
-                    acc_b[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc_b[t]);
-                }
-            else
-                for (int t = 0; t < T; t++) {
-                    const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(q_T[t] + b * QK), w);
-                    const __m512 s = _mm512_mul_ps(dw, _mm512_loadu_ps(dx_T[t] + b * 8));
-                    acc_a[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc_a[t]);
-                }
-        }
-        for (int t = 0; t < T; t++) y_T[t][n] = _mm512_reduce_add_ps(_mm512_add_ps(acc_a[t], acc_b[t]));
-#else
-        float acc[MAX_TILE];
-        for (int t = 0; t < T; t++) acc[t] = 0.0f;
-        float v[QK];
-        for (int64_t b = 0; b < B; b++) {
-            decode_block(fmt & 7, qn + b * block_bytes(fmt & 7), v); /* small integers, exact as floats */
-            for (int t = 0; t < T; t++) {
-                int32_t dot = 0;
-                for (int j = 0; j < QK; j++) dot += (int32_t)v[j] * ((int32_t)q_T[t][b * QK + j] - 128);
-                acc[t] += (float)dot * (dn[b] * dx_T[t][b * 8]);
-            }
-        }
-        for (int t = 0; t < T; t++) y_T[t][n] = acc[t];
-#endif
+/* rows in weight order (a stable sort by index), cut into groups
+   of rows with the same weight, at most MAX_TILE each: group g is order[group_start[g] .. group_start[g+1]).
+   Returns the number of groups, or -1 when out of memory. */
+static int64_t group_rows(int64_t R, const int64_t *index, int64_t *order, int64_t *group_start) {
+    if (!index) {
+        for (int64_t r = 0; r < R; r++) order[r] = r;
+    } else { /* counting sort by weight index, stable */
+        int64_t top = 0;
+        for (int64_t r = 0; r < R; r++) top = index[r] > top ? index[r] : top;
+        int64_t *start = calloc((size_t)top + 2, sizeof(int64_t));
+        if (!start) return -1;
+        for (int64_t r = 0; r < R; r++) start[index[r] + 1]++;
+        for (int64_t e = 0; e <= top; e++) start[e + 1] += start[e];
+        for (int64_t r = 0; r < R; r++) order[start[index[r]]++] = r;
+        free(start);
     }
-}
-
-/* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (d unused for
-   F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0 or F32, or Q8_0 | X8, Q4_0 | X8 (x
-   quantized to 8 bits first). Rows with the same weight are grouped (up to MAX_TILE per group), so a
-   weight is read once per group rather than once per row. Returns 0, or -1 when out of memory. */
-int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t N, int64_t B,
-                   const int64_t *index, float *y) {
-    const int64_t K = B * QK, chunk = 16;
-    const int64_t n_chunks = (N + chunk - 1) / chunk;
-    const int64_t weight_bytes = N * B * block_bytes(fmt);
-    const int x8 = (fmt & X8) != 0;
-    /* rows in weight order (a stable sort by index: R is small, the experts of a few tokens) */
-    int64_t *order = malloc(sizeof(int64_t) * (R > 0 ? R : 1));
-    int64_t *group_start = malloc(sizeof(int64_t) * (R + 1));
-    const int64_t Bp = B + (B & 1); /* blocks per row of the prepared x */
-    uint8_t *xq = x8 ? malloc((size_t)(R > 0 ? R : 1) * Bp * QK) : NULL;
-    float *xd = x8 ? malloc(sizeof(float) * (R > 0 ? R : 1) * Bp * 8) : NULL;
-    if (!order || !group_start || (x8 && (!xq || !xd))) {
-        free(order);
-        free(group_start);
-        free(xq);
-        free(xd);
-        return -1;
-    }
-    if (x8) {
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < R; r++) prepare_x8(x + r * K, B, xq + r * Bp * QK, xd + r * Bp * 8);
-    }
-    for (int64_t r = 0; r < R; r++) order[r] = r;
-    if (index)
-        for (int64_t i = 1; i < R; i++) { /* insertion sort, stable */
-            const int64_t r = order[i];
-            int64_t j = i;
-            while (j > 0 && index[order[j - 1]] > index[r]) {
-                order[j] = order[j - 1];
-                j--;
-            }
-            order[j] = r;
-        }
     int64_t groups = 0;
     for (int64_t i = 0; i < R; i++) {
         const int same = i > 0 && (!index || index[order[i]] == index[order[i - 1]]);
         if (!same || i - group_start[groups - 1] == MAX_TILE) group_start[groups++] = i;
     }
     group_start[groups] = R;
+    return groups;
+}
+
+/* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (d unused for
+   F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0 or F32. Rows with the same weight are grouped (up to
+   MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, or -1
+   when out of memory. */
+int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t N, int64_t B,
+                    const int64_t *index, float *y) {
+    const int64_t K = B * QK, chunk = 16;
+    const int64_t n_chunks = (N + chunk - 1) / chunk;
+    const int64_t weight_bytes = N * B * block_bytes(fmt);
+    /* rows in weight order (a stable sort by index: R is small, the experts of a few tokens) */
+    int64_t *order = malloc(sizeof(int64_t) * (R > 0 ? R : 1));
+    int64_t *group_start = malloc(sizeof(int64_t) * (R + 1));
+    if (!order || !group_start) {
+        free(order);
+        free(group_start);
+        return -1;
+    }
+    const int64_t groups = group_rows(R, index, order, group_start);
+    if (groups < 0) {
+        free(order);
+        free(group_start);
+        return -1;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < groups * n_chunks; task++) {
         const int64_t g = task / n_chunks, c = task % n_chunks;
         const int64_t i0 = group_start[g];
         const int T = (int)(group_start[g + 1] - i0);
         const int64_t e = index ? index[order[i0]] : 0;
-        const float *x_T[MAX_TILE], *xd_T[MAX_TILE];
-        const uint8_t *xq_T[MAX_TILE];
+        const float *x_T[MAX_TILE];
         float *y_T[MAX_TILE];
         for (int t = 0; t < T; t++) {
-            const int64_t r = order[i0 + t];
-            x_T[t] = x + r * K;
-            y_T[t] = y + r * N;
-            if (x8) {
-                xq_T[t] = xq + r * Bp * QK;
-                xd_T[t] = xd + r * Bp * 8;
-            }
+            x_T[t] = x + order[i0 + t] * K;
+            y_T[t] = y + order[i0 + t] * N;
         }
         const int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        if (x8)
-            tile_x8(fmt, xq_T, xd_T, T, q + e * weight_bytes, d + e * N * B, n0, n1, B, y_T);
-        else
-            tile(fmt, x_T, T, q + e * weight_bytes, fmt == F32 ? NULL : d + e * N * B, n0, n1, B, y_T);
+        tile(fmt, x_T, T, q + e * weight_bytes, fmt == F32 ? NULL : d + e * N * B, n0, n1, B, y_T);
     }
     free(order);
     free(group_start);
-    free(xq);
-    free(xd);
+    return 0;
+}
+
+/* ---- 8-bit activations ---------------------------------------------------------------------------------
+
+   Each 32-block of a row of x is quantized like a q8_0 weight: d_x = max|x| / 127 (float32, where GGML
+   stores fp16), q_x = round-half-even(x * (1 / d_x)), and
+       y[r, n] = sum_b d[n, b] * d_x[r, b] * sum_j v(n, b, j) * q_x[r, 32 b + j]
+   with the inner sum in exact integers. The weight is first repacked (moekit_x8_pack) into panels of
+   16 output rows: for block b of group g, 8 vectors of 64 bytes, vector s holding for each of the 16
+   rows the 4 unsigned codes of positions 4s..4s+3 (q4_0: the code itself, 0..15, two vectors per 64
+   bytes in low and high nibbles; q8_0: the int8 value + 128), and the 16 rows' float32 block scales.
+   One AVX-512 VNNI instruction then multiplies the 4 codes of 16 rows by 4 broadcast bytes of x, so a
+   block of 16 rows costs 8 integer instructions and one float multiply-add; the codes' offset (8 or
+   128) times the block's sum of q_x is subtracted once per block. Each output's float sum runs over
+   blocks in order, the same for any number of rows (batch invariant). */
+
+#define PANEL 16 /* output rows per panel */
+
+static inline int64_t panel_bytes(int fmt) { return fmt == Q4_0 ? 256 : 512; } /* one block of a panel */
+static inline int32_t code_offset(int fmt) { return fmt == Q4_0 ? 8 : 128; }
+
+/* the unsigned code of weight row n (< N), position k, of q (N, B*bytes) */
+static inline uint8_t unsigned_code(int fmt, const uint8_t *q, int64_t n, int64_t B, int64_t k) {
+    const uint8_t *blk = q + (n * B + k / QK) * block_bytes(fmt);
+    const int j = (int)(k % QK);
+    if (fmt == Q4_0) return j < 16 ? blk[j] & 15 : blk[j - 16] >> 4;
+    return (uint8_t)((int)(int8_t)blk[j] + 128);
+}
+
+/* panels (E, G, B, panel_bytes) and pscale (E, G, B, 16) from q (E, N, B*bytes) and d (E, N, B);
+   rows past N (the last panel's padding) get code offset (value 0) and scale 0 */
+void moekit_x8_pack(int fmt, const uint8_t *q, const float *d, int64_t E, int64_t N, int64_t B, uint8_t *panels,
+                    float *pscale) {
+    const int64_t G = (N + PANEL - 1) / PANEL, pb = panel_bytes(fmt);
+#pragma omp parallel for schedule(static)
+    for (int64_t eg = 0; eg < E * G; eg++) {
+        const int64_t e = eg / G, g = eg % G;
+        const uint8_t *qe = q + e * N * B * block_bytes(fmt);
+        for (int64_t b = 0; b < B; b++) {
+            uint8_t *out = panels + (eg * B + b) * pb;
+            float *sc = pscale + (eg * B + b) * PANEL;
+            for (int j = 0; j < PANEL; j++) {
+                const int64_t n = g * PANEL + j;
+                sc[j] = n < N ? d[(e * N + n) * B + b] : 0.0f;
+                for (int s = 0; s < 8; s++)
+                    for (int i = 0; i < 4; i++) {
+                        const int64_t k = b * QK + 4 * s + i;
+                        const uint8_t c = n < N ? unsigned_code(fmt, qe, n, B, k) : (uint8_t)code_offset(fmt);
+                        if (fmt == Q4_0) /* vectors s and s + 4 share 64 bytes: low and high nibbles */
+                            out[(s % 4) * 64 + j * 4 + i] |= (uint8_t)(s < 4 ? c : c << 4);
+                        else
+                            out[s * 64 + j * 4 + i] = c;
+                    }
+            }
+        }
+    }
+}
+
+/* one row of x quantized: q (B, 32) int8, d (B) float32, sums (B) int32 of each block's q */
+static void quantize_row_x8(const float *x, int64_t B, int8_t *q, float *d, int32_t *sums) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) /* NaN sticks (and then reaches y through d) */
+            amax = fabsf(xb[j]) > amax || xb[j] != xb[j] ? fabsf(xb[j]) : amax;
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < QK; j++) {
+            q[b * QK + j] = (int8_t)nearbyintf(xb[j] * id);
+            sum += q[b * QK + j];
+        }
+        d[b] = db;
+        sums[b] = sum;
+    }
+}
+
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int32_t *sums;
+} XRow;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* panel (B blocks of one group) against T rows; T is a constant where this is inlined (a switch below) */
+static inline __attribute__((always_inline)) void panel_x8(int fmt, const int T, const XRow *x_T, const uint8_t *pan,
+                                                          const float *ps, int64_t B, float *const *y_T, int64_t n0,
+                                                          int64_t N) {
+    const int S = T <= 2 ? 4 : 2; /* independent integer chains per row (integer sums: any split is exact) */
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const int32_t off = code_offset(fmt);
+    __m512 acc[MAX_TILE];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        __m512i w[8];
+        if (fmt == Q4_0) {
+            for (int s = 0; s < 4; s++) {
+                const __m512i p = _mm512_loadu_si512(pan + b * 256 + s * 64);
+                w[s] = _mm512_and_si512(p, m4);
+                w[s + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+            }
+        } else {
+            for (int s = 0; s < 8; s++) w[s] = _mm512_loadu_si512(pan + b * 512 + s * 64);
+        }
+        const __m512 dw = _mm512_loadu_ps(ps + b * PANEL);
+        for (int t = 0; t < T; t++) {
+            const int32_t *x4 = (const int32_t *)(x_T[t].q + b * QK);
+            __m512i dot[4];
+            dot[0] = _mm512_set1_epi32(-off * x_T[t].sums[b]);
+            for (int c = 1; c < S; c++) dot[c] = _mm512_setzero_si512();
+            for (int s = 0; s < 8; s++) dot[s % S] = _mm512_dpbusd_epi32(dot[s % S], w[s], _mm512_set1_epi32(x4[s]));
+            for (int c = 1; c < S; c++) dot[0] = _mm512_add_epi32(dot[0], dot[c]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0]), _mm512_mul_ps(dw, _mm512_set1_ps(x_T[t].d[b])), acc[t]);
+        }
+    }
+    const __mmask16 keep = N - n0 >= PANEL ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y_T[t] + n0, keep, acc[t]);
+}
+
+static void panel_rows(int fmt, int T, const XRow *x_T, const uint8_t *pan, const float *ps, int64_t B,
+                       float *const *y_T, int64_t n0, int64_t N) {
+    switch (T) { /* a constant T per case: the accumulators stay in registers */
+    case 1: panel_x8(fmt, 1, x_T, pan, ps, B, y_T, n0, N); break;
+    case 2: panel_x8(fmt, 2, x_T, pan, ps, B, y_T, n0, N); break;
+    case 3: panel_x8(fmt, 3, x_T, pan, ps, B, y_T, n0, N); break;
+    case 4: panel_x8(fmt, 4, x_T, pan, ps, B, y_T, n0, N); break;
+    case 5: panel_x8(fmt, 5, x_T, pan, ps, B, y_T, n0, N); break;
+    case 6: panel_x8(fmt, 6, x_T, pan, ps, B, y_T, n0, N); break;
+    case 7: panel_x8(fmt, 7, x_T, pan, ps, B, y_T, n0, N); break;
+    default: panel_x8(fmt, 8, x_T, pan, ps, B, y_T, n0, N); break;
+    }
+}
+#else
+static void panel_rows(int fmt, int T, const XRow *x_T, const uint8_t *pan, const float *ps, int64_t B,
+                       float *const *y_T, int64_t n0, int64_t N) {
+    const int32_t off = code_offset(fmt);
+    for (int j = 0; j < PANEL && n0 + j < N; j++)
+        for (int t = 0; t < T; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < B; b++) {
+                int32_t dot = -off * x_T[t].sums[b];
+                for (int s = 0; s < 8; s++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t byte = pan[b * panel_bytes(fmt) + (fmt == Q4_0 ? s % 4 : s) * 64 + j * 4 + i];
+                        const int32_t code = fmt == Q4_0 ? (s < 4 ? byte & 15 : byte >> 4) : byte;
+                        dot += code * x_T[t].q[b * QK + 4 * s + i];
+                    }
+                acc += (float)dot * (ps[b * PANEL + j] * x_T[t].d[b]);
+            }
+            y_T[t][n0 + j] = acc;
+        }
+}
+#endif
+
+/* y (R, N) = rows of x (R, K) with 8-bit activations against weight `index[r]` of the panels (E, G, B, ...)
+   of moekit_x8_pack (index NULL: every row against weight 0). fmt: Q8_0 or Q4_0. Returns 0, or -1 when
+   out of memory. */
+int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, const float *pscale, int64_t N,
+                     int64_t B, const int64_t *index, float *y) {
+    const int64_t K = B * QK, G = (N + PANEL - 1) / PANEL, chunk = 4; /* panels per task */
+    const int64_t n_chunks = (G + chunk - 1) / chunk;
+    const int64_t n1 = R > 0 ? R : 1;
+    int64_t *order = malloc(sizeof(int64_t) * n1), *group_start = malloc(sizeof(int64_t) * (R + 1));
+    int8_t *xq = malloc((size_t)n1 * K);
+    float *xd = malloc(sizeof(float) * n1 * B);
+    int32_t *xs = malloc(sizeof(int32_t) * n1 * B);
+    const int64_t groups = order && group_start ? group_rows(R, index, order, group_start) : -1;
+    if (groups < 0 || !xq || !xd || !xs) {
+        free(order), free(group_start), free(xq), free(xd), free(xs);
+        return -1;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; r++) quantize_row_x8(x + r * K, B, xq + r * K, xd + r * B, xs + r * B);
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < groups * n_chunks; task++) {
+        const int64_t grp = task / n_chunks, c = task % n_chunks;
+        const int64_t i0 = group_start[grp];
+        const int T = (int)(group_start[grp + 1] - i0);
+        const int64_t e = index ? index[order[i0]] : 0;
+        XRow x_T[MAX_TILE];
+        float *y_T[MAX_TILE];
+        for (int t = 0; t < T; t++) {
+            const int64_t r = order[i0 + t];
+            x_T[t] = (XRow){xq + r * K, xd + r * B, xs + r * B};
+            y_T[t] = y + r * N;
+        }
+        for (int64_t g = c * chunk; g < G && g < (c + 1) * chunk; g++)
+            panel_rows(fmt, T, x_T, panels + (e * G + g) * B * panel_bytes(fmt), pscale + (e * G + g) * B * PANEL, B,
+                       y_T, g * PANEL, N);
+    }
+    free(order), free(group_start), free(xq), free(xd), free(xs);
     return 0;
 }

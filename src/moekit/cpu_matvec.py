@@ -34,11 +34,11 @@ from typing import Optional
 
 import torch
 
-# what the kernel reads (value: its `fmt` code): q8_0 / q4_0 blocks or float32 weights, against float32 x;
-# "q8_0.x8" / "q4_0.x8": x quantized to 8 bits per 32-block first (llama.cpp's scheme: QuantizedWeight's
-# activations="q8_0"; moekit.quantize.activations holds the torch reference)
-METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "q8_0.x8": 8, "q4_0.x8": 9}
-BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128, "q8_0.x8": 32, "q4_0.x8": 16}  # bytes of a block of 32 weights
+METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2}  # what the kernel reads (value: its `fmt` code); f32: float32 weights
+BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 weights
+# 8-bit activations (QuantizedWeight's activations="q8_0"; moekit/quantize/activations.py): the weight
+# repacked into panels of PANEL output rows (`x8_pack`), PANEL_BYTES per block of a panel
+PANEL, PANEL_BYTES = 16, {"q8_0": 512, "q4_0": 256}
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
 SOURCE = Path(__file__).with_name("cpu_matvec.c")
 
@@ -90,6 +90,10 @@ def load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
     fn.restype = ctypes.c_int
+    lib.moekit_x8_matvec.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+    lib.moekit_x8_matvec.restype = ctypes.c_int
+    lib.moekit_x8_pack.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
+    lib.moekit_x8_pack.restype = None
     return lib
 
 
@@ -146,7 +150,47 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
                                 None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
     if status != 0:
-        raise MemoryError(f"qmatvec({method}): out of memory for the {R} x {K} activations")
+        raise MemoryError(f"qmatvec({method}): out of memory")
+    return y_RN
+
+
+def x8_pack(lib: ctypes.CDLL, method: str, qweight: torch.Tensor, scale_f32: torch.Tensor):
+    """(panels uint8 (..., G, B, PANEL_BYTES), pscale float32 (..., G, B, PANEL)) of a q8_0/q4_0 weight
+    (qweight (..., N, bytes), scale_f32 (..., N, B)): the layout of cpu_matvec.c's 8-bit-activation kernel."""
+    lead, (N, B) = qweight.shape[:-2], scale_f32.shape[-2:]
+    G = -(-N // PANEL)
+    panels = torch.zeros(*lead, G, B, PANEL_BYTES[method], dtype=torch.uint8)
+    pscale = torch.empty(*lead, G, B, PANEL, dtype=torch.float32)
+    qweight, scale_f32 = qweight.contiguous(), scale_f32.contiguous()
+    lib.moekit_x8_pack(METHODS[method], qweight.data_ptr(), scale_f32.data_ptr(), lead.numel(), N, B,
+                       panels.data_ptr(), pscale.data_ptr())
+    return panels, pscale
+
+
+def x8_call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, panels: torch.Tensor, pscale: torch.Tensor, N: int,
+            index_R: Optional[torch.Tensor]) -> torch.Tensor:
+    """y (R, N): x (R, K) float32 with 8-bit activations against the panels of `x8_pack` (one weight, or
+    weight index_R[r] of a stack)."""
+    R, K = x_RK.shape
+    B, G = K // 32, -(-N // PANEL)
+    E = panels[..., 0, 0, 0].numel()
+    if (method not in PANEL_BYTES or x_RK.dtype != torch.float32 or K % 32
+            or tuple(panels.shape[-3:]) != (G, B, PANEL_BYTES[method]) or tuple(pscale.shape[-3:]) != (G, B, PANEL)
+            or pscale[..., 0, 0, 0].numel() != E):
+        raise ValueError(f"x8matvec({method}): x {tuple(x_RK.shape)} {x_RK.dtype} does not fit panels "
+                         f"{tuple(panels.shape)} for N={N} (float32 x, K a multiple of 32)")
+    if (index_R is None) != (panels.dim() == 3) or (index_R is not None and index_R.shape != (R,)):
+        raise ValueError(f"x8matvec({method}): an index (R,) goes with a stack of weights, none with one")
+    x_RK = x_RK.contiguous()
+    y_RN = torch.empty(R, N, dtype=torch.float32)
+    if index_R is not None:
+        index_R = index_R.to(torch.int64).contiguous()
+        if R and not bool(((index_R >= 0) & (index_R < E)).all()):
+            raise IndexError(f"x8matvec({method}): an expert index is outside [0, {E})")
+    status = lib.moekit_x8_matvec(METHODS[method], x_RK.data_ptr(), R, panels.data_ptr(), pscale.data_ptr(), N, B,
+                                  None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
+    if status != 0:
+        raise MemoryError(f"x8matvec({method}): out of memory for the {R} x {K} activations")
     return y_RN
 
 
@@ -164,6 +208,19 @@ def _qmatvec_meta(method, x, qweight, scale_f32, index):
 
 _lib.impl("qmatvec", _qmatvec_cpu, "CPU")
 _lib.impl("qmatvec", _qmatvec_meta, "Meta")
+_lib.define("x8matvec(str method, Tensor x, Tensor panels, Tensor pscale, int N, Tensor? index) -> Tensor")
+
+
+def _x8matvec_cpu(method, x, panels, pscale, N, index):
+    return x8_call(library(), method, x, panels, pscale, N, index)
+
+
+def _x8matvec_meta(method, x, panels, pscale, N, index):
+    return x.new_empty(x.shape[0], N)
+
+
+_lib.impl("x8matvec", _x8matvec_cpu, "CPU")
+_lib.impl("x8matvec", _x8matvec_meta, "Meta")
 
 
 def prepare(method: str, device: torch.device) -> None:
@@ -178,6 +235,12 @@ def usable(method: str, x: torch.Tensor) -> bool:
     float32 x on the CPU, the kernel loaded (by `prepare`; never built here, so compiled code can call this)."""
     return (_ready and method in METHODS and x.device.type == "cpu" and x.dtype == torch.float32
             and not x.requires_grad and (method != "f32" or x.shape[-1] % 32 == 0))
+
+
+def x8matvec(method: str, x_RK: torch.Tensor, panels: torch.Tensor, pscale: torch.Tensor, N: int,
+             index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (R, N) with 8-bit activations (see cpu_matvec.c) over the panels of `x8_pack`; check `usable` first."""
+    return torch.ops.moekit.x8matvec(method, x_RK, panels, pscale, N, index_R)
 
 
 def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: Optional[torch.Tensor],

@@ -156,7 +156,7 @@ def _parse_ids(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quantize.cli import CHOICES as QUANT_CHOICES, METHOD_HELP as QUANT_HELP
+    from .quantize.cli import add_runtime_arguments
 
     p = cliargs.parser("moekit generate", "Generate text from a moekit checkpoint, a training run directory or "
                        "an HF checkpoint.", "examples:\n  moekit generate runs/default --prompt 'def main('\n"
@@ -177,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=cliargs.dtype_name, default=None, metavar="DTYPE",
                    help=cliargs.DTYPE_HELP + " (default: as stored)")
     p.add_argument("--device", type=cliargs.device_name, default="cpu", help=cliargs.DEVICE_HELP)
-    p.add_argument("--quantize", default=None, choices=QUANT_CHOICES, metavar="METHOD",
-                   help="weight-only quantize the model after loading: " + QUANT_HELP)
+    add_runtime_arguments(p)  # --quantize, --activations
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="speculative decoding with this draft checkpoint (same tokenizer/vocab; batch 1)")
     p.add_argument("--speculative", default=None, choices=["ngram"],
@@ -239,13 +238,10 @@ def cli(argv: Optional[List[str]] = None) -> int:
     if speculative and (args.repetition_penalty != 1.0 or args.min_p is not None):
         raise ValueError("--repetition-penalty and --min-p are not supported with speculative decoding")
     from .loading import load_model
-    from .quantize.cli import method_name
+    from .quantize.cli import apply_runtime_arguments
 
     model = load_model(checkpoint, dtype=args.dtype, device=device)
-    if args.quantize is not None:
-        from .quantize import quantize_model
-
-        quantize_model(model, method_name(args.quantize))
+    apply_runtime_arguments(model, args)
     draft = None
     if args.draft is not None:
         if not os.path.isdir(args.draft):

@@ -61,6 +61,20 @@ class QuantizedWeight(nn.Module):
         for name in formats.get_format(self.method).float_copies:
             self.register_buffer(name + "_f32", getattr(self, name).view(torch.float16).float(), persistent=False)
         cpu_matvec.prepare(self.method, self.qweight.device)
+        panels = (None, None)  # 8-bit activations: the C kernel's repacked copy (activations.py), where it runs
+        if self.rowwise_only and self.qweight.device.type == "cpu" and cpu_matvec.available():
+            panels = cpu_matvec.x8_pack(cpu_matvec.library(), self.method, self.qweight, self.scale_f32)
+        self.register_buffer("x8_panels", panels[0], persistent=False)
+        self.register_buffer("x8_scale", panels[1], persistent=False)
+
+    def set_activations(self, kind: str) -> None:
+        """"float" (default) or "q8_0": 8-bit activations, for q8_0/q4_0 weights (activations.py)."""
+        if kind not in activations.KINDS:
+            raise ValueError(f"activations must be one of {', '.join(activations.KINDS)}; got {kind!r}")
+        if kind != "float" and self.method not in activations.WEIGHT_METHODS:
+            raise ValueError(f"activations={kind!r} needs a q8_0 or q4_0 weight; this one is {self.method}")
+        self.activations = kind
+        self.refresh_float_copies()
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the mirrors follow the stored bits
         super()._apply(fn, recurse)
@@ -175,19 +189,19 @@ class QuantizedWeight(nn.Module):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
-    def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor], method: Optional[str] = None):
-        """y (R, N) float32 by the C kernel (cpu_matvec.py): row r against this weight, or against weight
-        index_R[r] of a stack (..., N, K); x is padded to whole blocks here. `method`: the kernel's
-        method, by default the weight's (float x)."""
+    def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
+        """y (R, N) by the C kernel (cpu_matvec.py): row r against this weight, or against weight index_R[r]
+        of a stack (..., N, K); x is padded to whole blocks here."""
         x_RK = formats.get_format(self.method).pad(x_RK)
-        return cpu_matvec.qmatvec(method or self.method, x_RK, self.qweight, self.scale_f32, index_R)
+        return cpu_matvec.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
 
     def x8_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
-        """y (R, N) in x's dtype with x quantized to 8 bits per block (activations.py): the C kernel where
-        usable, else the same math in torch (`fake_quantize_x8`, then a float product)."""
-        method = self.method + ".x8"
-        if cpu_matvec.usable(method, x_RK):
-            return self.kernel_matvec(x_RK, index_R, method).to(x_RK.dtype)
+        """y (R, N) with x quantized to 8 bits per block (activations.py): the C kernel over the repacked
+        panels where usable (float32 x on CPU), else the same math in torch (`fake_quantize_x8`, then a
+        float product)."""
+        if self.x8_panels is not None and cpu_matvec.usable(self.method, x_RK):
+            x_RK = formats.get_format(self.method).pad(x_RK)
+            return cpu_matvec.x8matvec(self.method, x_RK, self.x8_panels, self.x8_scale, self.shape[-2], index_R)
         xq_RK = activations.fake_quantize_x8(x_RK)
         if index_R is None:
             return F.linear(xq_RK, self.dense(dtype=x_RK.dtype))

@@ -101,7 +101,7 @@ def set_activations(model: nn.Module, kind: str) -> int:
         raise ValueError(f"activations={kind!r} needs q8_0 or q4_0 weights; this model has "
                          f"{', '.join(methods) if methods else 'no quantized weights'} (quantize it with q8_0 or q4_0)")
     for w in weights:
-        w.activations = kind
+        w.set_activations(kind)
     for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for the old numerics
         del model.__dict__[key]
     return len(weights)

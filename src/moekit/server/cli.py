@@ -46,7 +46,7 @@ Requests take vLLM's extra fields top_k, min_p, repetition_penalty, ignore_eos, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..quantize.cli import CHOICES as QUANT_CHOICES, METHOD_HELP as QUANT_HELP
+    from ..quantize.cli import add_runtime_arguments
 
     p = cliargs.parser("moekit serve", "OpenAI-compatible HTTP server for a checkpoint (continuous batching; see "
                        "moekit.server and moekit.engine).", EPILOG)
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=cliargs.port, default=8000, help="TCP port 0..65535 (0 = any free port)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the directory name)")
-    p.add_argument("--quantize", default=None, choices=QUANT_CHOICES, metavar="METHOD",
-                   help="weight-only quantization after loading: " + QUANT_HELP)
+    add_runtime_arguments(p)  # --quantize, --activations
     p.add_argument("--max-batch", type=int, default=32, help="most requests running at once")
     p.add_argument("--kv-budget", default=None,
                    help="KV-cache budget: tokens (e.g. 16384) or bytes (e.g. 512MiB) (default: max-batch x context)")
@@ -139,11 +138,9 @@ def build_server(args):
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer.json; the server needs one")
-    if args.quantize:
-        from ..quantize import quantize_model
-        from ..quantize.cli import method_name
+    from ..quantize.cli import apply_runtime_arguments
 
-        quantize_model(model, method_name(args.quantize))  # in place
+    apply_runtime_arguments(model, args)  # --quantize, --activations (in place)
     template = load_chat_template(path, args.chat_template)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, kv_budget=args.kv_budget,
                     prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
