@@ -6,6 +6,8 @@ compiled generation, and the refusals of `set_activations` and `--activations`. 
 models in tests/test_engine_matrix.py (q4_0_x8, q8_0_x8_shared_dense)."""
 
 import math
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -166,3 +168,28 @@ def test_cli_refuses_activations_without_a_block_format(tmp_path):
                          "--max-new-tokens", "2", "--quantize", "q4_0", "--activations", "q8_0", "--print-ids"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+@needs_kernel
+def test_panels_and_indices_that_do_not_fit_are_refused():
+    lib = cpu_matvec.library()
+    qw = QuantizedWeight.from_float(torch.randn(3, 20, 64), "q4_0")  # 3 experts, N = 20, K = 64
+    panels = cpu_matvec.x8_pack(lib, "q4_0", qw.qweight, qw.scale_f32)
+    x = torch.randn(2, 64)
+    with pytest.raises(IndexError, match=r"outside \[0, 3\)"):
+        cpu_matvec.x8_call(lib, "q4_0", x, *panels, 20, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="does not fit"):  # K
+        cpu_matvec.x8_call(lib, "q4_0", torch.randn(2, 96), *panels, 20, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not fit"):  # N beyond the panels
+        cpu_matvec.x8_call(lib, "q4_0", x, *panels, 40, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not fit"):  # the other format's panel size
+        cpu_matvec.x8_call(lib, "q8_0", x, *panels, 20, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index"):
+        cpu_matvec.x8_call(lib, "q4_0", x, *panels, 20, None)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64" or not shutil.which("cc"),
+                    reason="the kernel is built on x86-64 Linux with a C compiler")
+def test_the_kernel_builds_here():
+    """Where it can be built it must be: a source that fails to compile would otherwise only skip the tests."""
+    assert cpu_matvec.available(), cpu_matvec.error()

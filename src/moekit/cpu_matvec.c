@@ -108,17 +108,17 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
 
 /* rows in weight order (a stable sort by index), cut into groups
    of rows with the same weight, at most MAX_TILE each: group g is order[group_start[g] .. group_start[g+1]).
-   Returns the number of groups, or -1 when out of memory. */
-static int64_t group_rows(int64_t R, const int64_t *index, int64_t *order, int64_t *group_start) {
+   Returns the number of groups, -1 when out of memory, -2 when an index is outside [0, E). */
+static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, int64_t *order, int64_t *group_start) {
     if (!index) {
         for (int64_t r = 0; r < R; r++) order[r] = r;
     } else { /* counting sort by weight index, stable */
-        int64_t top = 0;
-        for (int64_t r = 0; r < R; r++) top = index[r] > top ? index[r] : top;
-        int64_t *start = calloc((size_t)top + 2, sizeof(int64_t));
+        for (int64_t r = 0; r < R; r++)
+            if (index[r] < 0 || index[r] >= E) return -2;
+        int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
         if (!start) return -1;
         for (int64_t r = 0; r < R; r++) start[index[r] + 1]++;
-        for (int64_t e = 0; e <= top; e++) start[e + 1] += start[e];
+        for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
         for (int64_t r = 0; r < R; r++) order[start[index[r]]++] = r;
         free(start);
     }
@@ -133,10 +133,10 @@ static int64_t group_rows(int64_t R, const int64_t *index, int64_t *order, int64
 
 /* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (d unused for
    F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0 or F32. Rows with the same weight are grouped (up to
-   MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, or -1
-   when out of memory. */
-int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t N, int64_t B,
-                    const int64_t *index, float *y) {
+   MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, -1 when
+   out of memory, -2 when an index is outside [0, E). */
+int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t E, int64_t N,
+                   int64_t B, const int64_t *index, float *y) {
     const int64_t K = B * QK, chunk = 16;
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     const int64_t weight_bytes = N * B * block_bytes(fmt);
@@ -148,11 +148,11 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const f
         free(group_start);
         return -1;
     }
-    const int64_t groups = group_rows(R, index, order, group_start);
+    const int64_t groups = group_rows(R, index, E, order, group_start);
     if (groups < 0) {
         free(order);
         free(group_start);
-        return -1;
+        return (int)groups;
     }
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < groups * n_chunks; task++) {
@@ -326,10 +326,10 @@ static void panel_rows(int fmt, int T, const XRow *x_T, const uint8_t *pan, cons
 #endif
 
 /* y (R, N) = rows of x (R, K) with 8-bit activations against weight `index[r]` of the panels (E, G, B, ...)
-   of moekit_x8_pack (index NULL: every row against weight 0). fmt: Q8_0 or Q4_0. Returns 0, or -1 when
-   out of memory. */
-int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, const float *pscale, int64_t N,
-                     int64_t B, const int64_t *index, float *y) {
+   of moekit_x8_pack (index NULL: every row against weight 0). fmt: Q8_0 or Q4_0. Returns 0, -1 when out
+   of memory, -2 when an index is outside [0, E). */
+int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, const float *pscale, int64_t E,
+                     int64_t N, int64_t B, const int64_t *index, float *y) {
     const int64_t K = B * QK, G = (N + PANEL - 1) / PANEL, chunk = 4; /* panels per task */
     const int64_t n_chunks = (G + chunk - 1) / chunk;
     const int64_t n1 = R > 0 ? R : 1;
@@ -337,10 +337,10 @@ int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, 
     int8_t *xq = malloc((size_t)n1 * K);
     float *xd = malloc(sizeof(float) * n1 * B);
     int32_t *xs = malloc(sizeof(int32_t) * n1 * B);
-    const int64_t groups = order && group_start ? group_rows(R, index, order, group_start) : -1;
+    const int64_t groups = order && group_start ? group_rows(R, index, E, order, group_start) : -1;
     if (groups < 0 || !xq || !xd || !xs) {
         free(order), free(group_start), free(xq), free(xd), free(xs);
-        return -1;
+        return groups < 0 ? (int)groups : -1;
     }
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; r++) quantize_row_x8(x + r * K, B, xq + r * K, xd + r * B, xs + r * B);

@@ -88,9 +88,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.moekit_qmatvec
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     fn.restype = ctypes.c_int
-    lib.moekit_x8_matvec.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+    lib.moekit_x8_matvec.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.moekit_x8_matvec.restype = ctypes.c_int
     lib.moekit_x8_pack.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.moekit_x8_pack.restype = None
@@ -143,15 +143,20 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     x_RK, qweight = x_RK.contiguous(), qweight.contiguous()
     scale_f32 = qweight if scale_f32 is None else scale_f32.contiguous()  # (f32: unread)
     y_RN = torch.empty(R, N, dtype=torch.float32)
-    if index_R is not None:
-        index_R = index_R.to(torch.int64).contiguous()
-        if R and not bool(((index_R >= 0) & (index_R < E)).all()):
-            raise IndexError(f"qmatvec({method}): an expert index is outside [0, {E})")
-    status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), N, B,
-                                None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
-    if status != 0:
-        raise MemoryError(f"qmatvec({method}): out of memory")
+    index_R = None if index_R is None else index_R.to(torch.int64).contiguous()
+    status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), E, N,
+                                B, None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
+    check(status, f"qmatvec({method})", E)
     return y_RN
+
+
+def check(status: int, what: str, E: int) -> None:
+    """The C entry points' status: 0 fine, -1 out of memory, -2 an index outside the stack (checked in C,
+    before any read: no tensor op per call)."""
+    if status == -2:
+        raise IndexError(f"{what}: an expert index is outside [0, {E})")
+    if status != 0:
+        raise MemoryError(f"{what}: out of memory")
 
 
 def x8_pack(lib: ctypes.CDLL, method: str, qweight: torch.Tensor, scale_f32: torch.Tensor):
@@ -173,24 +178,20 @@ def x8_call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, panels: torch.Ten
     weight index_R[r] of a stack)."""
     R, K = x_RK.shape
     B, G = K // 32, -(-N // PANEL)
-    E = panels[..., 0, 0, 0].numel()
+    E = panels.shape[:-3].numel()
     if (method not in PANEL_BYTES or x_RK.dtype != torch.float32 or K % 32
             or tuple(panels.shape[-3:]) != (G, B, PANEL_BYTES[method]) or tuple(pscale.shape[-3:]) != (G, B, PANEL)
-            or pscale[..., 0, 0, 0].numel() != E):
+            or pscale.shape[:-3] != panels.shape[:-3]):
         raise ValueError(f"x8matvec({method}): x {tuple(x_RK.shape)} {x_RK.dtype} does not fit panels "
                          f"{tuple(panels.shape)} for N={N} (float32 x, K a multiple of 32)")
     if (index_R is None) != (panels.dim() == 3) or (index_R is not None and index_R.shape != (R,)):
         raise ValueError(f"x8matvec({method}): an index (R,) goes with a stack of weights, none with one")
     x_RK = x_RK.contiguous()
     y_RN = torch.empty(R, N, dtype=torch.float32)
-    if index_R is not None:
-        index_R = index_R.to(torch.int64).contiguous()
-        if R and not bool(((index_R >= 0) & (index_R < E)).all()):
-            raise IndexError(f"x8matvec({method}): an expert index is outside [0, {E})")
-    status = lib.moekit_x8_matvec(METHODS[method], x_RK.data_ptr(), R, panels.data_ptr(), pscale.data_ptr(), N, B,
+    index_R = None if index_R is None else index_R.to(torch.int64).contiguous()
+    status = lib.moekit_x8_matvec(METHODS[method], x_RK.data_ptr(), R, panels.data_ptr(), pscale.data_ptr(), E, N, B,
                                   None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
-    if status != 0:
-        raise MemoryError(f"x8matvec({method}): out of memory for the {R} x {K} activations")
+    check(status, f"x8matvec({method})", E)
     return y_RN
 
 
