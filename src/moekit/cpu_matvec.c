@@ -188,7 +188,8 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const f
    128) times the block's sum of q_x is subtracted once per block. Each output's float sum runs over
    blocks in order, the same for any number of rows (batch invariant). */
 
-#define PANEL 16 /* output rows per panel */
+#define PANEL 16              /* output rows per panel */
+#define SERIAL_BELOW (1 << 18) /* multiply-adds below which one thread does the whole product */
 
 static inline int64_t panel_bytes(int fmt) { return fmt == Q4_0 ? 256 : 512; } /* one block of a panel */
 static inline int32_t code_offset(int fmt) { return fmt == Q4_0 ? 8 : 128; }
@@ -342,9 +343,13 @@ int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, 
         free(order), free(group_start), free(xq), free(xd), free(xs);
         return groups < 0 ? (int)groups : -1;
     }
-#pragma omp parallel for schedule(static)
+    /* one parallel region (quantize, then the panels); small products run on one thread: waking the
+       others costs more than they save */
+#pragma omp parallel if (R * N * K >= SERIAL_BELOW)
+    {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < R; r++) quantize_row_x8(x + r * K, B, xq + r * K, xd + r * B, xs + r * B);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t task = 0; task < groups * n_chunks; task++) {
         const int64_t grp = task / n_chunks, c = task % n_chunks;
         const int64_t i0 = group_start[grp];
@@ -360,6 +365,7 @@ int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, 
         for (int64_t g = c * chunk; g < G && g < (c + 1) * chunk; g++)
             panel_rows(fmt, T, x_T, panels + (e * G + g) * B * panel_bytes(fmt), pscale + (e * G + g) * B * PANEL, B,
                        y_T, g * PANEL, N);
+    }
     }
     free(order), free(group_start), free(xq), free(xd), free(xs);
     return 0;

@@ -226,7 +226,7 @@ _lib.impl("x8matvec", _x8matvec_meta, "Meta")
 
 def prepare(method: str, device: torch.device) -> None:
     """Build and load the kernel now if a `method` weight on `device` could use it (outside any compiled
-    region: QuantizedWeight calls it when it is made or moved, runtime.compile_step before compiling)."""
+    region: QuantizedWeight calls it when it is made or moved, runtime.compile_fn before compiling)."""
     if method in METHODS and torch.device(device).type == "cpu":
         library()
 

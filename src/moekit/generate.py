@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 import torch
 
 from . import cliargs
-from .runtime import compile_step
+from .runtime import compiled_step
 from .sampling import (StopSpec, apply_repetition_penalty, check_sampling, ends_with_stop, new_generator,
                        normalise_prompts, normalise_stops, sample_next)
 from .speculative import speculative_generate
@@ -141,11 +141,7 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
 
 def compiled_decode_step(model):
     """`model.decode_step` under torch.compile, cached on the model (compiled lazily on first call)."""
-    step = model.__dict__.get("_compiled_decode_step")
-    if step is None:
-        step = compile_step(model.decode_step, dynamic=False, device=model.embed.weight.device)
-        model.__dict__["_compiled_decode_step"] = step
-    return step
+    return compiled_step(model, "decode_step", dynamic=False)
 
 
 def _parse_ids(text: str) -> List[int]:

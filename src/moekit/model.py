@@ -36,6 +36,7 @@ from .norm import RMSNorm
 from .numerics import PLAIN, Numerics
 from .plan import ForwardPlan, stack_routed
 from .rope import rope_cos_sin, rope_inv_freq
+from .runtime import forget_compiled
 
 
 class Block(nn.Module):
@@ -221,6 +222,7 @@ class Transformer(nn.Module):
         """Switch every MoE layer's expert backend (a runtime setting, never saved)."""
         for moe in self.moe_layers():
             moe.experts.set_impl(name, layout)
+        forget_compiled(self)  # steps compiled with the old backend
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count (tied weights once); active=True counts K of E routed experts."""

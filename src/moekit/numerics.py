@@ -64,7 +64,7 @@ class Numerics:
 
 def thread_count() -> int:
     """torch's intra-op threads. Dynamo cannot trace torch.get_num_threads (the batch-invariant step of a
-    model with a dense FFN failed to compile), so `runtime.compile_step` marks this function with
+    model with a dense FFN failed to compile), so `runtime.compile_fn` marks this function with
     `torch.compiler.assume_constant_result`: a compiled step reads it once, when traced. (Marked there, not
     here, so that importing moekit does not import dynamo.)"""
     return torch.get_num_threads()

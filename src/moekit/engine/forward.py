@@ -26,7 +26,7 @@ import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
 from ..plan import ForwardPlan, Segment, stack_routed
-from ..runtime import compile_step
+from ..runtime import compiled_step
 from .kv import TRASH
 
 PAD_ID, MIN_SLOTS = 0, 64
@@ -63,13 +63,8 @@ class DecodeStep:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
             # otherwise torch's automatic dynamic shapes (the first bucket, batch 1 alone, is
             # compiled for its exact shape: the fastest code for it)
-            key = "_compiled_engine_step" + ("_invariant" if numerics.batch_invariant else "")
-            fn = model.__dict__.get(key)
-            if fn is None:
-                fn = compile_step(model.decode_step, dynamic=True if numerics.batch_invariant else None,
-                                  device=self.device)
-                model.__dict__[key] = fn
-            self.fn = fn
+            name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
+            self.fn = compiled_step(model, name, dynamic=True if numerics.batch_invariant else None)
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or

@@ -25,6 +25,7 @@ from torch import nn
 from ..moe.experts import Experts
 from ..moe.ffn import SwiGLU, swiglu
 from ..numerics import PLAIN, Numerics
+from ..runtime import forget_compiled
 from .matmul import lowp_linear
 from .recipes import PARTS, Recipe, get_recipe, parse_keep
 
@@ -93,8 +94,7 @@ def apply_precision(model: nn.Module, recipe: Union[str, Recipe, None],
     if "head" in parts and type(model.lm_head) is nn.Linear:
         swap(model.lm_head, LowpLinear, recipe)
     model.precision = recipe.spec
-    for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for the plain modules
-        del model.__dict__[key]
+    forget_compiled(model)  # steps compiled for the plain modules
     return model
 
 

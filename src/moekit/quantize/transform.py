@@ -18,6 +18,7 @@ from torch import nn
 
 from . import activations, formats
 from ..model import Transformer
+from ..runtime import forget_compiled
 from .modules import QuantizedLinear, QuantizedWeight
 
 def quantize_model(model: nn.Module, method: str, quantize_head: bool = False, experts_only: bool = False) -> nn.Module:
@@ -54,8 +55,7 @@ def quantize_model(model: nn.Module, method: str, quantize_head: bool = False, e
     model.quantization = {"method": method, "quantize_head": bool(quantize_head)}
     if experts_only:  # (recorded only when set: older checkpoints' quantization.json stays the same)
         model.quantization["experts_only"] = True
-    for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for float modules
-        del model.__dict__[key]
+    forget_compiled(model)  # steps compiled for float modules
     return model
 
 
@@ -102,6 +102,5 @@ def set_activations(model: nn.Module, kind: str) -> int:
                          f"{', '.join(methods) if methods else 'no quantized weights'} (quantize it with q8_0 or q4_0)")
     for w in weights:
         w.set_activations(kind)
-    for key in [k for k in model.__dict__ if k.startswith("_compiled_")]:  # steps compiled for the old numerics
-        del model.__dict__[key]
+    forget_compiled(model)  # steps compiled for the old numerics
     return len(weights)
