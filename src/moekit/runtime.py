@@ -146,7 +146,7 @@ def compile_fn(fn, dynamic, device):
 def widen_cpu_mm_decomposition() -> bool:
     """Let inductor's decompose_mm_pass take one-row CPU matmuls of any width. It reads its CPU size limits
     (default: both weight dims <= 2048, so never an lm_head) from module globals fixed when it is first
-    imported; they only matter to compiles that enable the pass, as compile_step does. False where this
+    imported; they only matter to compiles that enable the pass, as compile_fn does. False where this
     torch has no such pass (then the step compiles without it)."""
     try:
         from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
