@@ -40,7 +40,8 @@ BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 wei
 # repacked into panels of PANEL output rows (`x8_pack`), PANEL_BYTES per block of a panel
 PANEL, PANEL_BYTES = 16, {"q8_0": 512, "q4_0": 256}
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
-SOURCE = Path(__file__).with_name("cpu_matvec.c")
+# the library's C sources: the matvec (this module) and the paged decode attention (attention/paged_cpu.py)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matvec.c", "cpu_attention.c"))
 
 _state = {"lib": None, "tried": False, "error": None}
 _ready = False  # the kernel is loaded: a plain bool, read (as a constant) by code torch.compile traces
@@ -63,13 +64,14 @@ def _compiler() -> Optional[str]:
 
 
 def build(extra_flags=(), cache_dir: Optional[Path] = None) -> Path:
-    """Compile cpu_matvec.c into a shared library (or return the cached one); raises RuntimeError on failure."""
+    """Compile the C sources into one shared library (or return the cached one); raises RuntimeError on failure."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, cc, version, " ".join(flags), _cpu_flags()]).encode())
     root = cache_dir or Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "kernels"
     target = root / f"qmatvec-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -77,7 +79,7 @@ def build(extra_flags=(), cache_dir: Optional[Path] = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
         os.replace(out, target)  # atomic: concurrent builders each publish a complete file
@@ -94,6 +96,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moekit_x8_matvec.restype = ctypes.c_int
     lib.moekit_x8_pack.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.moekit_x8_pack.restype = None
+    lib.moekit_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64,
+                                                  ctypes.c_float, ptr]
+    lib.moekit_paged_decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -114,6 +119,11 @@ def library() -> Optional[ctypes.CDLL]:
                 _state["error"] = str(exc)
                 warnings.warn(f"moekit: the quantized CPU kernel is unavailable ({exc}); using the torch path")
     return _state["lib"]
+
+
+def available_now() -> bool:
+    """Whether the library is loaded, without building it (compiled code may call this; `prepare` builds)."""
+    return _ready
 
 
 def error() -> Optional[str]:

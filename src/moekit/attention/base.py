@@ -45,9 +45,11 @@ def take_rows(t: torch.Tensor, a: int, b: int, whole: bool) -> torch.Tensor:
     return t if whole else t[:, :, a:b].contiguous()
 
 
-def attend_spans(plan, layer_idx: int, q_BHTDh: torch.Tensor, new_state, attend) -> torch.Tensor:
+def attend_spans(plan, layer_idx: int, q_BHTDh: torch.Tensor, new_state, attend, in_place: bool = False):
     """Run `attend(q, state, span, plan.numerics)` for each span; `new_state` is a tuple of (B, *, T, *) tensors
-    written to the span's layer cache first. Returns the (B, H, T, Dh) outputs in row order."""
+    written to the span's layer cache first. Returns the (B, H, T, Dh) outputs in row order.
+    in_place=True: a cache that can (a paged pool in a decode step on CPU) hands `attend` a `PagedKV`
+    (attention/paged_cpu.py) instead of the gathered state; the kind's `attend` must take it."""
     T = q_BHTDh.shape[2]
     whole = len(plan.spans) == 1 and plan.spans[0].a == 0 and plan.spans[0].b == T
     outs: List[torch.Tensor] = []
@@ -55,7 +57,9 @@ def attend_spans(plan, layer_idx: int, q_BHTDh: torch.Tensor, new_state, attend)
         q = take_rows(q_BHTDh, span.a, span.b, whole)
         state = tuple(take_rows(t, span.a, span.b, whole) for t in new_state)
         if span.cache is not None:
-            state = span.cache[layer_idx].update(*state, span)
+            layer = span.cache[layer_idx]
+            paged = layer.read_in_place(*state, span) if in_place and hasattr(layer, "read_in_place") else None
+            state = paged if paged is not None else layer.update(*state, span)
         outs.append(attend(q, state, span, plan.numerics))
     if whole:
         return outs[0]

@@ -19,6 +19,7 @@ from ..cache import KVLayerCache, WindowKVCache, window_visible
 from ..norm import RMSNorm
 from ..rope import apply_rope
 from .base import MLA_FIELDS, attend_spans, math_attention, refuse_fields, register_attention
+from .paged_cpu import PagedKV
 
 
 @register_attention("gqa")
@@ -87,6 +88,8 @@ class GQAttention(nn.Module):
         return q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE
 
     def attend(self, q_BHTDh, kv, span, numerics) -> torch.Tensor:
+        if isinstance(kv, PagedKV):  # a decode step over the engine's pool, read in place (CPU kernel)
+            return kv.attend(q_BHTDh, span.mask_B1TS, self.sinks)
         # a window cache returns its own mask; without a cache a sliding layer masks the new tokens here
         k_BGSDh, v_BGSDh, mask_B1TS = kv if len(kv) == 3 else (*kv, span.mask_B1TS)
         if self.window is not None and len(kv) == 2:
@@ -104,7 +107,7 @@ class GQAttention(nn.Module):
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE = self.project(x_BTD, *rope_BT)
-        out_BHTDh = attend_spans(plan, self.layer_idx, q_BHTDh, (k_BGTDh, v_BGTDh), self.attend)
+        out_BHTDh = attend_spans(plan, self.layer_idx, q_BHTDh, (k_BGTDh, v_BGTDh), self.attend, in_place=True)
         out_BTE = out_BHTDh.transpose(1, 2).reshape(B, T, -1)
         if gate_BTE is not None:
             out_BTE = out_BTE * torch.sigmoid(gate_BTE)

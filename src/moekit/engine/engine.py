@@ -44,6 +44,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import cpu_matvec
 from ..numerics import PLAIN, Numerics
 from ..rope import rope_table
 from ..sampling import choose_tokens, ends_with_stop, new_generator, top_logprobs
@@ -148,6 +149,7 @@ class Engine:
         self._threads = torch.get_num_threads()
         self.return_routed_experts = return_routed_experts  # every step records the sampled rows' experts
         self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
+        cpu_matvec.prepare("f32", self.device)  # the C kernels (paged decode attention) from the first step on
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
         self.eos_token_ids = [int(i) for i in eos_token_ids]

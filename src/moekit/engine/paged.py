@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import paged_cpu
+from ..attention.paged_cpu import PagedKV
 from ..cache import KVLayerCache
 
 
@@ -38,7 +40,9 @@ class PagedLayerCache:
 
     Writes: prefill spans (batch 1) write their tokens at `table_BS[0, span.slots_T]`; decode
     steps (one token per row) write at `write_B`, the engine's per-row target (a trash slot for
-    rows that do not decode). Reads gather slots [0, span.end) (or every slot) of every row.
+    rows that do not decode). Reads gather slots [0, span.end) (or every slot) of every row
+    (`update`), or, for a decode step on CPU, hand the pools and table to the in-place kernel
+    (`read_in_place`, for the attention kinds that ask: attention/paged_cpu.py).
     """
 
     paged = True
@@ -53,6 +57,22 @@ class PagedLayerCache:
         return self.table_BS.shape[1]
 
     def update(self, k_BXTY: torch.Tensor, v_BXTY: torch.Tensor, span):
+        """Write the new tokens, return (k, v) (B, X, S, Y): every row's slots gathered."""
+        table_BS = self.write(k_BXTY, v_BXTY, span)
+        B, S = table_BS.shape
+        flat_N = table_BS.reshape(-1)
+        return tuple(pool_XNY.index_select(1, flat_N).view(pool_XNY.shape[0], B, S, -1).transpose(0, 1)
+                     for pool_XNY in self.pools)
+
+    def read_in_place(self, k_BXTY: torch.Tensor, v_BXTY: torch.Tensor, span):
+        """Write the new tokens, return a `PagedKV` (attention/paged_cpu.py): the pools and the slot table,
+        read in place by the decode kernel, or None where it cannot run (then call `update`)."""
+        if span.row_slots_B is None or not paged_cpu.usable(k_BXTY, self.pools[0]):
+            return None
+        return PagedKV(*self.pools, self.write(k_BXTY, v_BXTY, span))
+
+    def write(self, k_BXTY: torch.Tensor, v_BXTY: torch.Tensor, span) -> torch.Tensor:
+        """Store the new tokens' state; returns the slot table (B, S) the span reads."""
         if span.row_slots_B is not None:  # one new token per row
             for pool_XNY, new_BXTY in zip(self.pools, (k_BXTY, v_BXTY)):
                 pool_XNY.index_copy_(1, self.write_B, new_BXTY[:, :, 0].transpose(0, 1))
@@ -60,8 +80,4 @@ class PagedLayerCache:
             flat_T = self.table_BS[0].index_select(0, span.slots_T)
             for pool_XNY, new_BXTY in zip(self.pools, (k_BXTY, v_BXTY)):
                 pool_XNY.index_copy_(1, flat_T, new_BXTY[0])
-        table_BS = self.table_BS if span.end is None else self.table_BS[:, :span.end]
-        B, S = table_BS.shape
-        flat_N = table_BS.reshape(-1)
-        return tuple(pool_XNY.index_select(1, flat_N).view(pool_XNY.shape[0], B, S, -1).transpose(0, 1)
-                     for pool_XNY in self.pools)
+        return self.table_BS if span.end is None else self.table_BS[:, :span.end]

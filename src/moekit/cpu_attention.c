@@ -1,0 +1,94 @@
+/* moekit's CPU decode attention over a paged KV pool (moekit/attention/paged_cpu.py calls it; built into
+   the same library as cpu_matvec.c by moekit/cpu_matvec.py).
+
+   One new token per row b: for each query head h (KV head g = h / R),
+       s_j = (q[b, h] . k[g, table[b, j]]) * scale             for the slots j < S with valid[b, j]
+       out[b, h] = sum_j softmax(s)_j v[g, table[b, j]]
+   reading the keys and values in place in the pool (G, N, Dh) through the row's slot table, where the
+   torch path first gathers every row's S slots into a (B, G, S, Dh) copy. gpt-oss's sinks: a learned
+   logit per head joins the softmax as one more term of the denominator.
+
+   Every (row, head) is computed alone, in a fixed order (slots ascending; the exponentials by one
+   branch-free formula, `exp_nonpositive`), so a row's result never depends on the other rows: the
+   engine's batch-invariant numerics.
+
+   Legend: B rows, H query heads, G KV heads, R = H / G, S slots, N pool slots, Dh head dim. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight chains, summed in a fixed order */
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] = fmaf(a[i + j], b[i + j], acc[j]);
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) sum = fmaf(a[i], b[i], sum);
+    return sum;
+}
+
+/* e^x for the softmax's x <= 0: Cephes' expf (range reduction by ln 2, a degree-5 polynomial; relative
+   error ~1e-7), 0 below -87 (and for -inf: masked slots), NaN kept. Written with explicit fmaf and no
+   branches, so the vectorized loop and its scalar tail give the same bits (whatever S is). */
+static inline float exp_nonpositive(float x) {
+    const float xc = x < -87.0f ? -87.0f : x;
+    const float n = nearbyintf(xc * 1.44269504088896341f);
+    float r = fmaf(-n, 0.693359375f, xc);
+    r = fmaf(-n, -2.12194440e-4f, r);
+    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    const float y = fmaf(p, r * r, r) + 1.0f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    const float e = y * two_n.f;
+    return x != x ? x : (x < -87.0f ? 0.0f : e);
+}
+
+/* q (B, H, Dh), pool_k / pool_v (G, N, Dh), table (B, S) int64 pool slots, valid (B, S) bytes (0/1),
+   sinks (H) or NULL, out (B, H, Dh). Returns 0, -1 when out of memory, -2 when a valid slot's pool index
+   is outside [0, N). A row with no valid slot gets zeros. */
+int moekit_paged_decode_attention(const float *q, const float *pool_k, const float *pool_v, const int64_t *table,
+                                  const uint8_t *valid, const float *sinks, int64_t B, int64_t H, int64_t G,
+                                  int64_t S, int64_t N, int64_t Dh, float scale, float *out) {
+    for (int64_t i = 0; i < B * S; i++)
+        if (valid[i] && (table[i] < 0 || table[i] >= N)) return -2;
+    const int64_t R = H / G;
+    int failed = 0;
+#pragma omp parallel if (B * H * S * Dh >= (1 << 16))
+    {
+        float *p = malloc(sizeof(float) * (S > 0 ? S : 1));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H, g = h / R;
+            const float *qv = q + bh * Dh;
+            float *o = out + bh * Dh;
+            for (int64_t d = 0; d < Dh; d++) o[d] = 0.0f;
+            if (!p) continue;
+            float m = sinks ? sinks[h] : -INFINITY;
+            for (int64_t j = 0; j < S; j++) {
+                p[j] = valid[b * S + j] ? dot(qv, pool_k + (g * N + table[b * S + j]) * Dh, Dh) * scale : -INFINITY;
+                m = p[j] > m ? p[j] : m;
+            }
+            if (m == -INFINITY) continue; /* nothing to attend to */
+            for (int64_t j = 0; j < S; j++) p[j] = exp_nonpositive(p[j] - m); /* masked: exactly 0 */
+            float denom = sinks ? exp_nonpositive(sinks[h] - m) : 0.0f;
+            for (int64_t j = 0; j < S; j++) denom += p[j]; /* in slot order */
+            const float inv = 1.0f / denom;
+            for (int64_t j = 0; j < S; j++) {
+                if (!valid[b * S + j]) continue;
+                const float w = p[j] * inv;
+                const float *vv = pool_v + (g * N + table[b * S + j]) * Dh;
+                for (int64_t d = 0; d < Dh; d++) o[d] = fmaf(w, vv[d], o[d]);
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
