@@ -17,8 +17,18 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static float dot(const float *a, const float *b, int64_t n) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) { /* one 16-lane chain, then the lanes' sum: a fixed order for every row */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight chains, summed in a fixed order */
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -59,33 +69,49 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
     int failed = 0;
 #pragma omp parallel if (B * H * S * Dh >= (1 << 16))
     {
-        float *p = malloc(sizeof(float) * (S > 0 ? S : 1));
+        /* per (row, KV head): the scores of its R query heads, each key and value read once for all R */
+        float *p = malloc(sizeof(float) * (R * S > 0 ? R * S : 1));
         if (!p) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, h = bh % H, g = h / R;
-            const float *qv = q + bh * Dh;
-            float *o = out + bh * Dh;
-            for (int64_t d = 0; d < Dh; d++) o[d] = 0.0f;
+        for (int64_t bg = 0; bg < B * G; bg++) {
+            const int64_t b = bg / G, g = bg % G;
+            const int64_t *slots = table + b * S;
+            const uint8_t *ok = valid + b * S;
+            for (int64_t d = 0; d < R * Dh; d++) out[bg * R * Dh + d] = 0.0f;
             if (!p) continue;
-            float m = sinks ? sinks[h] : -INFINITY;
-            for (int64_t j = 0; j < S; j++) {
-                p[j] = valid[b * S + j] ? dot(qv, pool_k + (g * N + table[b * S + j]) * Dh, Dh) * scale : -INFINITY;
-                m = p[j] > m ? p[j] : m;
-            }
-            if (m == -INFINITY) continue; /* nothing to attend to */
-            for (int64_t j = 0; j < S; j++) p[j] = exp_nonpositive(p[j] - m); /* masked: exactly 0 */
-            float denom = sinks ? exp_nonpositive(sinks[h] - m) : 0.0f;
-            for (int64_t j = 0; j < S; j++) denom += p[j]; /* in slot order */
-            const float inv = 1.0f / denom;
-            for (int64_t j = 0; j < S; j++) {
-                if (!valid[b * S + j]) continue;
-                const float w = p[j] * inv;
-                const float *vv = pool_v + (g * N + table[b * S + j]) * Dh;
-                for (int64_t d = 0; d < Dh; d++) o[d] = fmaf(w, vv[d], o[d]);
+            float m[64], inv[64];
+            for (int64_t r0 = 0; r0 < R; r0 += 64) { /* heads in groups of 64 (the stack arrays) */
+                const int64_t nr = R - r0 < 64 ? R - r0 : 64;
+                for (int64_t r = 0; r < nr; r++) m[r] = sinks ? sinks[g * R + r0 + r] : -INFINITY;
+                for (int64_t j = 0; j < S; j++) {
+                    const float *k = ok[j] ? pool_k + (g * N + slots[j]) * Dh : NULL;
+                    for (int64_t r = 0; r < nr; r++) {
+                        const float sc = k ? dot(q + (bg * R + r0 + r) * Dh, k, Dh) * scale : -INFINITY;
+                        p[r * S + j] = sc;
+                        m[r] = sc > m[r] ? sc : m[r];
+                    }
+                }
+                for (int64_t r = 0; r < nr; r++) {
+                    inv[r] = 0.0f;
+                    if (m[r] == -INFINITY) continue; /* nothing to attend to: zeros */
+                    float *pr = p + r * S;
+                    for (int64_t j = 0; j < S; j++) pr[j] = exp_nonpositive(pr[j] - m[r]); /* masked: exactly 0 */
+                    float denom = sinks ? exp_nonpositive(sinks[g * R + r0 + r] - m[r]) : 0.0f;
+                    for (int64_t j = 0; j < S; j++) denom += pr[j]; /* in slot order */
+                    inv[r] = 1.0f / denom;
+                }
+                for (int64_t j = 0; j < S; j++) {
+                    if (!ok[j]) continue;
+                    const float *vv = pool_v + (g * N + slots[j]) * Dh;
+                    for (int64_t r = 0; r < nr; r++) {
+                        const float w = p[r * S + j] * inv[r];
+                        float *o = out + (bg * R + r0 + r) * Dh;
+                        for (int64_t d = 0; d < Dh; d++) o[d] = fmaf(w, vv[d], o[d]);
+                    }
+                }
             }
         }
         free(p);
