@@ -1,7 +1,7 @@
 """The weight accessor: how every kernel reads a weight, a tensor or an object standing in for
 one (moekit.quantize's `QuantizedWeight`) with the methods `dense(index, dtype)`,
-`linear(x, bias)` and `gathered_matvec(index_P, x_P1K)` and the property `rowwise_only`. Kernels call the three functions
-below, so a transform replaces the weights, not the modules (docs/architecture.md).
+`linear(x, bias)` and `gathered_matvec(index_P, x_P1K)` and the property `rowwise_only`. Kernels
+call the functions below, so a transform replaces the weights, not the modules (docs/architecture.md).
 
 Legend: P pairs, N output dim, K reduction dim.
 """

@@ -1,14 +1,16 @@
 """8-bit activations for q8_0 / q4_0 weights: llama.cpp's scheme, opt-in.
 
 By default a quantized weight multiplies float activations (x @ dequantize(W)ᵀ). With
-`moekit.quantize.set_activations(model, "q8_0")` (transform.py; `--activations q8_0` in the CLI), every row of x is first quantized per 32-block like a q8_0 weight,
+`moekit.quantize.set_activations(model, "q8_0")` (transform.py; `--activations q8_0` in the CLI),
+every row of x is first quantized per 32-block like a q8_0 weight,
 
     d_x = max|x_block| / 127,   q_x = round-half-even(x * (1 / d_x))      (d_x float32; GGML stores fp16)
 
 and each block's dot product runs in exact integers, scaled by d_w * d_x. This is what llama.cpp does
-for these formats on CPU; the C kernel (moekit/cpu_matvec.c, methods "q8_0.x8" / "q4_0.x8") runs it
-with AVX-512 VNNI (64 int8 products per instruction), which is what makes q4_0 cheaper than q8_0 to
-compute, not only to store. It changes the numbers (a relative error of ~1% per dot product,
+for these formats on CPU; the C kernel (`moekit_x8_matvec` in moekit/cpu_matvec.c, the op
+`torch.ops.moekit.x8matvec`) runs it over a copy of the weight repacked into panels of 16 output rows
+(`QuantizedWeight.x8_panels`), one AVX-512 VNNI instruction multiplying 4 codes of 16 rows by 4 bytes
+of x, which is what makes q4_0 cheaper than q8_0 to compute, not only to store. It changes the numbers (a relative error of ~1% per dot product,
 as llama.cpp's), so it is a runtime choice, never saved in a checkpoint, and only for inference.
 
 Every matmul of such a weight goes row by row through `QuantizedWeight.linear` / `.gathered_matvec`
@@ -27,6 +29,12 @@ import torch.nn.functional as F
 
 KINDS = ("float", "q8_0")  # what `set_activations` takes
 WEIGHT_METHODS = ("q8_0", "q4_0")  # the weight formats 8-bit activations apply to
+
+
+def check_kind(kind: str) -> None:
+    """ValueError naming `kind` unless it is one of KINDS."""
+    if kind not in KINDS:
+        raise ValueError(f"activations must be one of {', '.join(KINDS)}; got {kind!r}")
 
 
 def quantize_x8(x_RK: torch.Tensor):

@@ -69,8 +69,7 @@ class QuantizedWeight(nn.Module):
 
     def set_activations(self, kind: str) -> None:
         """"float" (default) or "q8_0": 8-bit activations, for q8_0/q4_0 weights (activations.py)."""
-        if kind not in activations.KINDS:
-            raise ValueError(f"activations must be one of {', '.join(activations.KINDS)}; got {kind!r}")
+        activations.check_kind(kind)
         if kind != "float" and self.method not in activations.WEIGHT_METHODS:
             raise ValueError(f"activations={kind!r} needs a q8_0 or q4_0 weight; this one is {self.method}")
         self.activations = kind

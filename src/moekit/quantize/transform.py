@@ -93,8 +93,7 @@ def set_activations(model: nn.Module, kind: str) -> int:
     """Make every q8_0 / q4_0 weight of `model` multiply `kind` activations ("q8_0": 8-bit, see
     activations.py; "float": the default). Returns how many weights it set; a model with no such
     weight is refused for "q8_0" (the setting would do nothing)."""
-    if kind not in activations.KINDS:
-        raise ValueError(f"activations must be one of {', '.join(activations.KINDS)}; got {kind!r}")
+    activations.check_kind(kind)
     weights = [m for m in model.modules() if isinstance(m, QuantizedWeight) and m.method in activations.WEIGHT_METHODS]
     if kind != "float" and not weights:
         methods = sorted({m.method for m in model.modules() if isinstance(m, QuantizedWeight)})

@@ -173,7 +173,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
     engine, kv = server.engine, server.engine.kv
     cfg = engine.model.cfg
     print(f"moekit serve: {server.ctx.model_names[0]!r} ({cfg.name}, {engine.dtype}"
-          f"{', quantized ' + args.quantize if args.quantize else ''}) on {server.url}\n"
+          f"{', quantized ' + args.quantize if args.quantize else ''}"
+          f"{', 8-bit activations' if args.activations != 'float' else ''}) on {server.url}\n"
           f"  {torch.get_num_threads()} torch threads, max batch {args.max_batch}, KV budget {kv.capacity} tokens "
           f"({kv.capacity * kv.bytes_per_token / 2**20:.1f} MiB), context {cfg.max_seq_len}, "
           f"chat template: {template.source}, eos ids {engine.eos_token_ids}", file=sys.stderr, flush=True)
