@@ -74,8 +74,8 @@ def test_the_engine_decodes_through_it(monkeypatch):
     with torch.no_grad():
         model.lm_head.weight.mul_(50.0)
     calls = []
-    real = paged_cpu.call
-    monkeypatch.setattr(paged_cpu, "call", lambda *a: calls.append(a[1].shape) or real(*a))
+    real = paged_cpu.PagedKV.attend
+    monkeypatch.setattr(paged_cpu.PagedKV, "attend", lambda self, *a: calls.append(a[0].shape) or real(self, *a))
     prompts = [[5, 17, 300, 42], [8, 3], [11, 12, 13, 14, 15]]
     out = Engine(model).generate(prompts, SamplingParams(max_tokens=6))
     assert [o.token_ids for o in out] == [generate(model, [p], max_new_tokens=6)[0] for p in prompts]

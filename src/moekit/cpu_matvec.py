@@ -10,13 +10,17 @@ and keeps x in float32 (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp g
 further and quantizes x to int8; moekit does not, so the kernel equals x @ dequantize(W)ᵀ up to the
 (fixed, per-row) order of the additions.
 
-Build: the system C compiler (`$CC`, else cc / gcc: the one torch.compile needs on CPU) with
--O3 -march=native -fopenmp; the library lands in $MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed
-by the source, the compiler and the CPU's flags, so machines that share a home directory never load
-each other's build. It binds to the OpenMP runtime torch already loaded (one thread pool). Where
-building fails (no compiler, not Linux/x86) or MOEKIT_CPU_KERNEL=0, `available()` is False and callers
-keep the torch path. The AVX-512 path and the portable C path of the same file are both checked
-against `Format.dequantize` in tests/test_cpu_matvec.py.
+Build: the C sources with the system C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on
+CPU) as C, -O3 -march=native -fopenmp, together with cpu_ops.cpp, which registers the ops' CPU kernels
+with torch's dispatcher in C++ (~3 us a call, where the Python kernels below, ctypes over the same C
+functions, cost ~10: they stay the fallback, registered under CompositeExplicitAutograd, which a CPU
+kernel overrides). Where the C++ part cannot be built (no torch headers), the C sources alone are built
+with the C compiler (`$CC`, else cc / gcc) and the Python kernels run. The library lands in
+$MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed by the sources, the compiler, torch's version and
+the CPU's flags, so machines that share a home directory never load each other's build. It binds to the
+OpenMP runtime torch already loaded (one thread pool). Where building fails (no compiler, not Linux/x86)
+or MOEKIT_CPU_KERNEL=0, `available()` is False and callers keep the torch path. The AVX-512 path and the
+portable C path of the same file are both checked against `Format.dequantize` in tests/test_cpu_matvec.py.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 wei
 # repacked into panels of PANEL output rows (`x8_pack`), PANEL_BYTES per block of a panel
 PANEL, PANEL_BYTES = 16, {"q8_0": 512, "q4_0": 256}
 MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE in the C source)
-# the library's C sources: the matvec (this module) and the paged decode attention (attention/paged_cpu.py)
+# the library's C sources: the matvec (this module) and the paged decode attention (attention/paged_cpu.py),
+# and the C++ file that registers them as torch ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matvec.c", "cpu_attention.c"))
+OPS_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
-_state = {"lib": None, "tried": False, "error": None}
+_state = {"lib": None, "tried": False, "error": None, "ops": False}
 _ready = False  # the kernel is loaded: a plain bool, read (as a constant) by code torch.compile traces
 
 
@@ -56,32 +62,51 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith("flags")), platform.processor())
 
 
-def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def _compiler(cxx: bool = False) -> Optional[str]:
+    names = (os.environ.get("CXX"), "c++", "g++", "clang++") if cxx else (os.environ.get("CC"), "cc", "gcc", "clang")
+    for name in names:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
 
 
-def build(extra_flags=(), cache_dir: Optional[Path] = None) -> Path:
-    """Compile the C sources into one shared library (or return the cached one); raises RuntimeError on failure."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\n".join([*texts, cc, version, " ".join(flags), _cpu_flags()]).encode())
+def _ops_flags() -> list:
+    """How cpu_ops.cpp compiles and links against the running torch (its headers, ABI and libraries)."""
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    return ["-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(f"-I{path}" for path in include_paths()), str(OPS_SOURCE),
+            f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+
+
+def build(extra_flags=(), cache_dir: Optional[Path] = None, ops: bool = False) -> Path:
+    """Compile the C sources (ops=True: with cpu_ops.cpp, registering the torch ops when loaded) into one shared
+    library (or return the cached one); raises RuntimeError on failure."""
+    cc, cxx = _compiler(), _compiler(cxx=True) if ops else None
+    if cc is None or (ops and cxx is None):
+        raise RuntimeError(f"no {'C' if cc is None else 'C++'} compiler found (set {'CC' if cc is None else 'CXX'})")
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", *extra_flags]
+    tail = _ops_flags() if ops else []
+    versions = [subprocess.run([c, "--version"], capture_output=True, text=True).stdout for c in (cc, cxx) if c]
+    texts = [source.read_text() for source in (*SOURCES, *([OPS_SOURCE] if ops else []))]
+    key = hashlib.sha256("\n".join([*texts, cc, str(cxx), *versions, " ".join(flags + tail), torch.__version__,
+                                     _cpu_flags()]).encode())
     root = cache_dir or Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "kernels"
-    target = root / f"qmatvec-{key.hexdigest()[:16]}.so"
+    target = root / f"{'ops' if ops else 'qmatvec'}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        steps = [[cc, *flags, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        steps.append([cxx or cc, *flags, "-shared", *objects, *tail, "-o", str(out)])  # (the C++ file, linked)
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                errors = [line for line in done.stderr.splitlines() if "error" in line] or [done.stderr.strip()]
+                raise RuntimeError(f"{Path(step[0]).name} failed: {errors[0][:300]}")
         os.replace(out, target)  # atomic: concurrent builders each publish a complete file
     return target
 
@@ -112,7 +137,10 @@ def library() -> Optional[ctypes.CDLL]:
             _state["error"] = f"built on Linux only (this is {platform.system()})"
         else:
             try:
-                _state["lib"] = load(build())
+                try:  # with the ops' C++ kernels (loading registers them), else the C sources alone
+                    _state["lib"], _state["ops"] = load(build(ops=True)), True
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    _state["lib"], _state["ops_error"] = load(build()), str(exc)
                 global _ready
                 _ready = True
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -128,6 +156,18 @@ def available_now() -> bool:
 
 def error() -> Optional[str]:
     return _state["error"]
+
+
+def ops_in_cpp() -> bool:
+    """Whether the ops' CPU kernels are cpu_ops.cpp's (else the Python ones below, over ctypes)."""
+    library()
+    return _state["ops"]
+
+
+def ops_error() -> Optional[str]:
+    """Why cpu_ops.cpp was not built (the Python kernels run), or None."""
+    library()
+    return _state.get("ops_error")
 
 
 def available() -> bool:
@@ -217,7 +257,7 @@ def _qmatvec_meta(method, x, qweight, scale_f32, index):
     return x.new_empty(x.shape[0], qweight.shape[-2])
 
 
-_lib.impl("qmatvec", _qmatvec_cpu, "CPU")
+_lib.impl("qmatvec", _qmatvec_cpu, "CompositeExplicitAutograd")  # cpu_ops.cpp's CPU kernel overrides it
 _lib.impl("qmatvec", _qmatvec_meta, "Meta")
 _lib.define("x8matvec(str method, Tensor x, Tensor panels, Tensor pscale, int N, Tensor? index) -> Tensor")
 
@@ -230,8 +270,11 @@ def _x8matvec_meta(method, x, panels, pscale, N, index):
     return x.new_empty(x.shape[0], N)
 
 
-_lib.impl("x8matvec", _x8matvec_cpu, "CPU")
+_lib.impl("x8matvec", _x8matvec_cpu, "CompositeExplicitAutograd")
 _lib.impl("x8matvec", _x8matvec_meta, "Meta")
+# the paged attention's op (its kernels: attention/paged_cpu.py, cpu_ops.cpp), defined here with the others
+_lib.define("paged_decode_attention(Tensor q, Tensor pool_k, Tensor pool_v, Tensor table, Tensor valid, "
+            "Tensor? sinks, float scale) -> Tensor")
 
 
 def prepare(method: str, device: torch.device) -> None:

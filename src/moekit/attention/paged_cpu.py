@@ -1,5 +1,6 @@
 """Decode attention read in place from a paged KV pool on CPU: the C kernel of cpu_attention.c (built
-with cpu_matvec.c, by moekit/cpu_matvec.py) as the op `torch.ops.moekit.paged_decode_attention`.
+with cpu_matvec.c, by moekit/cpu_matvec.py) as the op `torch.ops.moekit.paged_decode_attention` (its CPU
+kernel in C++, cpu_ops.cpp; `call` below is the Python one, the fallback).
 
 The engine's decode step keeps keys and values in a block pool (engine/paged.py). The torch path
 gathers every row's slots into a (B, G, S, Dh) copy before attending (8 MiB per layer at 64 rows of
@@ -75,9 +76,7 @@ def call(lib, q_BHDh, pool_k_GNDh, pool_v_GNDh, table_BS, valid_BS, sinks_H, sca
     return out_BHDh
 
 
-_lib = torch.library.Library("moekit", "FRAGMENT")
-_lib.define("paged_decode_attention(Tensor q, Tensor pool_k, Tensor pool_v, Tensor table, Tensor valid, "
-            "Tensor? sinks, float scale) -> Tensor")
+_lib = torch.library.Library("moekit", "FRAGMENT")  # the op is defined in cpu_matvec.py; its kernels:
 
 
 def _paged_cpu(q, pool_k, pool_v, table, valid, sinks, scale):
@@ -88,5 +87,5 @@ def _paged_meta(q, pool_k, pool_v, table, valid, sinks, scale):
     return q.new_empty(q.shape)
 
 
-_lib.impl("paged_decode_attention", _paged_cpu, "CPU")
+_lib.impl("paged_decode_attention", _paged_cpu, "CompositeExplicitAutograd")  # cpu_ops.cpp's CPU kernel overrides it
 _lib.impl("paged_decode_attention", _paged_meta, "Meta")
