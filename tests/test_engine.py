@@ -396,3 +396,18 @@ def test_presence_and_frequency_penalties_follow_a_per_token_loop():
         sp = SamplingParams(max_tokens=n, presence_penalty=presence, frequency_penalty=frequency, ignore_eos=True)
         got = Engine(model, **KW).generate([prompt], sp)[0].token_ids
         assert got == reference(presence, frequency) and got != plain
+
+
+def test_warmup_moves_the_compiled_heap_out_of_the_collectors_reach(model):
+    """After warmup every object then alive is frozen (gc.freeze): a full collection no longer scans the model
+    and its compiled code, so it cannot pause the running requests for a fraction of a second."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        engine = Engine(model)
+        engine.warmup()
+        assert gc.get_freeze_count() > 0
+        assert engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids  # still serving
+    finally:
+        gc.unfreeze()
