@@ -33,6 +33,7 @@ requests wait for admission, `submit` raises QueueFullError. Design: docs/archit
 
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import logging
@@ -252,6 +253,8 @@ class Engine:
         for n in (1, 2):
             self.generate([[0]] * n, SamplingParams(max_tokens=2, ignore_eos=True))
         gc.collect()
+        if not gc.get_freeze_count():  # the first freeze: thawed at exit, so the final collection still runs
+            atexit.register(gc.unfreeze)  # (frozen extension objects are otherwise reported as leaked)
         gc.freeze()
 
     def check_prompt(self, prompt) -> List[int]:

@@ -65,6 +65,9 @@ class DecodeStep:
             # compiled for its exact shape: the fastest code for it)
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
             self.fn = compiled_step(model, name, dynamic=True if numerics.batch_invariant else None)
+        # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles (the
+        # patch is made once: making one builds a class, ~20 us a step; entered on the engine's one step thread)
+        self.no_duck_shapes = shape_config.patch(use_duck_shape=False)
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
@@ -84,8 +87,7 @@ class DecodeStep:
         write_B.copy_(ids_3B[2])
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
-        # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles
-        with shape_config.patch(use_duck_shape=False):
+        with self.no_duck_shapes:
             out = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
                           self.rope_table, self.compile, rows_R, routing)
         logits_BV, routed_BLK = out if routing else (out, None)
