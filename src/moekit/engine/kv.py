@@ -88,6 +88,7 @@ class KVPool:
         self.offsets = torch.arange(block_size, device=self.device)
         self.free_rows = list(range(rows))
         self.views: Dict[Tuple[int, int], tuple] = {}
+        self.tables_changed = 0  # counts changes to table_RM: a view's slot table is rebuilt only after one
 
     @property
     def all_paged(self) -> bool:
@@ -114,12 +115,14 @@ class KVPool:
 
     def release_row(self, row: int) -> None:
         self.table_RM[row].fill_(TRASH)
+        self.tables_changed += 1
         self.free_rows.append(row)
 
     def set_blocks(self, row: int, first: int, blocks: List[int]) -> None:
         """Entries first.. of the row's block table."""
         if blocks:
             self.table_RM[row, first:first + len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            self.tables_changed += 1
 
     def slot_table(self, rows: slice, slots: int) -> torch.Tensor:
         """(rows, slots) pool slots of logical slots [0, slots) of the rows, from their block tables."""
@@ -136,14 +139,18 @@ class KVPool:
 
     def decode_view(self, B: int, S: int):
         """(valid (B, S), cache, slot table (B, S), write slots (B,)) of the decode bucket; the same
-        objects for each (B, S), refreshed in place (cheaper guards under torch.compile)."""
+        objects for each (B, S), refreshed in place (cheaper guards under torch.compile), the slot table only
+        after the block tables changed (a request grows by a block every block_size tokens)."""
         if (B, S) not in self.views:
             table_BS = torch.zeros(B, S, dtype=torch.long, device=self.device)
             write_B = torch.zeros(B, dtype=torch.long, device=self.device)
             cache = Cache([PagedLayerCache(*pool, table_BS, write_B) if pool is not None else
                            layer.rows(0, B).slots(S) for layer, pool in zip(self.layers, self.pools)])
-            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B)
-        valid_BS, cache, table_BS, write_B = self.views[(B, S)]
-        if any(self.paged):
+            self.views[(B, S)] = [torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B,
+                                  -1]
+        view = self.views[(B, S)]
+        valid_BS, cache, table_BS, write_B, built_at = view
+        if any(self.paged) and built_at != self.tables_changed:
             table_BS.copy_(self.slot_table(slice(0, B), S))
+            view[4] = self.tables_changed
         return valid_BS, cache, write_B
