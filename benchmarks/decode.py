@@ -28,6 +28,7 @@ compiled) are compared with HF's token by token on the same prompts.
     python benchmarks/decode.py                   # table
     python benchmarks/decode.py --json            # one JSON object per row
     python benchmarks/decode.py --batch 1 --new-tokens 32 --repeats 2
+    python benchmarks/decode.py --llama-cpp medium --new-tokens 64   # moekit vs llama.cpp, same GGUF weights
 """
 
 from __future__ import annotations
@@ -244,7 +245,6 @@ def format_table(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    print_machine_header(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -255,8 +255,18 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object per row instead of the table")
     p.add_argument("--hybrid", action="store_true", help="instead: the plain MoE vs a Qwen3-Next-style hybrid "
                    "(Gated DeltaNet) of the same MoE layers at batch 1, context --prompt-len, and HF on the hybrid")
+    p.add_argument("--llama-cpp", choices=("small", "medium"), default=None,
+                   help="instead: moekit vs llama.cpp on the same GGUF weights (f32, q8_0, q4_0; float and 8-bit "
+                   "activations) at --batch sizes for this model size: benchmarks/llama_cpp_decode.py")
     p.add_argument("--no-malloc-tune", action="store_true", help="skip moekit.runtime.tune_cpu_allocator()")
     args = p.parse_args(argv)
+    if args.llama_cpp:  # (it prints its own machine header and needs llama-cpp-python: pip install '.[llama]')
+        import llama_cpp_decode
+
+        return llama_cpp_decode.main(["--model", args.llama_cpp, "--batch", ",".join(map(str, args.batch)),
+                                      "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                                      "--seed", str(args.seed), *(["--json"] if args.json else [])])
+    print_machine_header(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode time is measured between the first and last new token)")
     if not args.no_malloc_tune:
