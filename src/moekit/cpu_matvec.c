@@ -156,7 +156,9 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const f
     }
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < groups * n_chunks; task++) {
-        const int64_t g = task / n_chunks, c = task % n_chunks;
+        /* chunk-major: a chunk of the weight is read from memory once and stays in cache for every group of rows
+           (group-major read a wide weight once per group: 32000x1024, 64 rows, 89 -> 43 ms) */
+        const int64_t g = task % groups, c = task / groups;
         const int64_t i0 = group_start[g];
         const int T = (int)(group_start[g + 1] - i0);
         const int64_t e = index ? index[order[i0]] : 0;
@@ -351,7 +353,7 @@ int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, 
     for (int64_t r = 0; r < R; r++) quantize_row_x8(x + r * K, B, xq + r * K, xd + r * B, xs + r * B);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < groups * n_chunks; task++) {
-        const int64_t grp = task / n_chunks, c = task % n_chunks;
+        const int64_t grp = task % groups, c = task / groups; /* chunk-major, as in moekit_qmatvec */
         const int64_t i0 = group_start[grp];
         const int T = (int)(group_start[grp + 1] - i0);
         const int64_t e = index ? index[order[i0]] : 0;
