@@ -102,15 +102,17 @@ def test_disabled_by_the_environment_variable():
     assert out.strip() == "False disabled by MOEKIT_CPU_KERNEL=0"
 
 
-def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path):
+@pytest.mark.parametrize("K", [96, 1024])  # 1024: rows 4 KiB apart, where tiles of several rows read a copy
+def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path, K):
     """f32: the expert weights as they are (no scales); moe.weights.gathered_matvec takes the kernel for
-    more than MAX_ROWS_SHARED pairs and keeps the torch reduction for fewer."""
+    more than MAX_ROWS_SHARED pairs and keeps the torch reduction for fewer. A pair alone (one row, read in
+    place) gets the bits it gets in a tile of 8 (K=1024: through the copied weight block)."""
     from moekit.moe.weights import gathered_matvec
 
     torch.manual_seed(3)
-    w_ENK = torch.randn(5, 24, 96)
+    w_ENK = torch.randn(5, 24, K)
     index_P = torch.tensor([1, 4, 1, 1, 0, 1, 1, 1, 1, 1, 2])
-    x_PK = torch.randn(len(index_P), 96)
+    x_PK = torch.randn(len(index_P), K)
     ref = torch.stack([w_ENK[e].double() @ x_PK[p].double() for p, e in enumerate(index_P)]).float()
     for lib in (cpu_matvec.library(), portable_library(tmp_path)):
         y_PN = cpu_matvec.call(lib, "f32", x_PK, w_ENK, None, index_P)

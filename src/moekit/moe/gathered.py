@@ -53,11 +53,11 @@ def experts_static(x_TD, w13, w2, gates_TK, expert_idx_TK, allow_dense: bool = T
         expert_idx_P = expert_idx_TK.reshape(-1)
         gates_P1 = gates_TK.reshape(-1, 1)
         x_P1D = x_TD[:, None].expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
-        h_P2F = gathered_matvec(w13, expert_idx_P, x_P1D)
+        h_P2F = gathered_matvec(w13, expert_idx_P, x_P1D, numerics.batch_invariant)
         if b13_E2F is not None:
             h_P2F = h_P2F + b13_E2F.to(dtype)[expert_idx_P]
         a_P1F = (act(h_P2F, numerics) * gates_P1).unsqueeze(1)
-        y_PD = gathered_matvec(w2, expert_idx_P, a_P1F)
+        y_PD = gathered_matvec(w2, expert_idx_P, a_P1F, numerics.batch_invariant)
         if b2_ED is not None:
             y_PD = y_PD + b2_ED.to(dtype)[expert_idx_P] * gates_P1
         y_TKD = y_PD.view(T, K, -1)

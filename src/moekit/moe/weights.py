@@ -36,17 +36,18 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Ten
     return w.linear(x, bias)
 
 
-def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
+def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
     """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
-    the gather fuses into the reduction; float32 on CPU with a static count of more than MAX_ROWS_SHARED
-    pairs runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once
-    per group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). Not for a
-    symbolic count (the engine's invariant step: `statically_known_true` is False there and adds no guard,
-    where `isinstance(P, int)` is True under dynamo and `P > 8` would specialise the step, giving a row
-    different bits alone and co-batched); there it measured +5% at 64 rows and -12% at one request."""
+    the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
+    runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once per
+    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). rowwise=True (the
+    batch-invariant numerics: experts_static passes it) takes the kernel for any count where usable: the
+    engine's invariant step sees a static count alone (dynamo specialises a dimension of size 1) and a
+    symbolic one co-batched, so a choice that follows the count gave a row other bits alone (64 requests
+    at once: +12% with the kernel, batch 1 within noise)."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if (w.dtype == torch.float32 and statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
+        if (w.dtype == torch.float32 and (rowwise or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED))
                 and cpu_matvec.usable("f32", x_P1K) and not (w.requires_grad and torch.is_grad_enabled())):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
