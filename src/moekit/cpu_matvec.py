@@ -10,12 +10,12 @@ and keeps x in float32 (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp g
 further and quantizes x to int8; moekit does not, so the kernel equals x @ dequantize(W)ᵀ up to the
 (fixed, per-row) order of the additions.
 
-Build: the C sources with the system C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on
-CPU) as C, -O3 -march=native -fopenmp, together with cpu_ops.cpp, which registers the ops' CPU kernels
-with torch's dispatcher in C++ (~3 us a call, where the Python kernels below, ctypes over the same C
+Build: the C sources with the system C compiler (`$CC`, else cc / gcc), -O3 -march=native -fopenmp, linked
+by the C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on CPU) together with cpu_ops.cpp,
+which registers the ops' CPU kernels with torch's dispatcher in C++ (~3 us a call, where the Python kernels below, ctypes over the same C
 functions, cost ~10: they stay the fallback, registered under CompositeExplicitAutograd, which a CPU
-kernel overrides). Where the C++ part cannot be built (no torch headers), the C sources alone are built
-with the C compiler (`$CC`, else cc / gcc) and the Python kernels run. The library lands in
+kernel overrides). Where the C++ part cannot be built (no C++ compiler, no torch headers), the C sources
+alone are built and the Python kernels run. The library lands in
 $MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed by the sources, the compiler, torch's version and
 the CPU's flags, so machines that share a home directory never load each other's build. It binds to the
 OpenMP runtime torch already loaded (one thread pool). Where building fails (no compiler, not Linux/x86)
@@ -49,7 +49,7 @@ MAX_ROWS_SHARED = 8  # rows of x decoded together against one weight (MAX_TILE i
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_matvec.c", "cpu_attention.c"))
 OPS_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
-_state = {"lib": None, "tried": False, "error": None, "ops": False}
+_state = {"lib": None, "tried": False, "error": None, "ops": False, "ops_error": None}
 _ready = False  # the kernel is loaded: a plain bool, read (as a constant) by code torch.compile traces
 
 
@@ -167,7 +167,7 @@ def ops_in_cpp() -> bool:
 def ops_error() -> Optional[str]:
     """Why cpu_ops.cpp was not built (the Python kernels run), or None."""
     library()
-    return _state.get("ops_error")
+    return _state["ops_error"]
 
 
 def available() -> bool:

@@ -89,6 +89,7 @@ class KVPool:
         self.free_rows = list(range(rows))
         self.views: Dict[Tuple[int, int], tuple] = {}
         self.tables_changed = 0  # counts changes to table_RM: a view's slot table is rebuilt only after one
+        self.view_built_at: Dict[Tuple[int, int], int] = {}  # (B, S) -> tables_changed when its table was built
 
     @property
     def all_paged(self) -> bool:
@@ -146,11 +147,9 @@ class KVPool:
             write_B = torch.zeros(B, dtype=torch.long, device=self.device)
             cache = Cache([PagedLayerCache(*pool, table_BS, write_B) if pool is not None else
                            layer.rows(0, B).slots(S) for layer, pool in zip(self.layers, self.pools)])
-            self.views[(B, S)] = [torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B,
-                                  -1]
-        view = self.views[(B, S)]
-        valid_BS, cache, table_BS, write_B, built_at = view
-        if any(self.paged) and built_at != self.tables_changed:
+            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B)
+        valid_BS, cache, table_BS, write_B = self.views[(B, S)]
+        if any(self.paged) and self.view_built_at.get((B, S)) != self.tables_changed:
             table_BS.copy_(self.slot_table(slice(0, B), S))
-            view[4] = self.tables_changed
+            self.view_built_at[(B, S)] = self.tables_changed
         return valid_BS, cache, write_B
