@@ -125,6 +125,31 @@ def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path, K):
     torch.testing.assert_close(few, ref[:4], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("K", [96, 1024])
+def test_rowwise_projection_takes_the_kernel_a_row_alone_or_in_a_batch(K):
+    """`Numerics.rowwise_linears` (the engine's decode step): a plain float32 nn.Linear multiplies through
+    the f32 kernel, so a row gets the same bits alone and among 7 others (a GEMM's order follows the row
+    count); plain numerics keep the module's forward; a training forward (grad) keeps F.linear."""
+    from moekit.moe.weights import project
+    from moekit.numerics import PLAIN, Numerics
+
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(K, 40)
+    rowwise = Numerics(rowwise_linears=True)
+    x_BTK = torch.randn(8, 1, K)
+    ref = (x_BTK.double() @ layer.weight.double().t() + layer.bias.double()).float()
+    with torch.no_grad():
+        y_BTN = project(layer, x_BTK, rowwise)
+        torch.testing.assert_close(y_BTN, ref, rtol=1e-5, atol=1e-5)
+        kernel_BN = cpu_matvec.call(cpu_matvec.library(), "f32", x_BTK[:, 0], layer.weight, None, None)
+        assert torch.equal(y_BTN[:, 0], kernel_BN + layer.bias)
+        for b in range(8):
+            assert torch.equal(project(layer, x_BTK[b:b + 1], rowwise), y_BTN[b:b + 1])
+        assert torch.equal(project(layer, x_BTK, PLAIN), layer(x_BTK))
+    y = project(layer, x_BTK, rowwise)
+    assert y.requires_grad and torch.equal(y, layer(x_BTK))
+
+
 def test_sizes_and_indices_that_do_not_fit_are_refused():
     """The C code trusts its sizes; `call` refuses what would make it read out of bounds."""
     lib = cpu_matvec.library()

@@ -32,6 +32,7 @@ from .cache import Cache
 from .config import ModelConfig
 from .moe import MoE
 from .moe.ffn import SwiGLU
+from .moe.weights import project
 from .norm import RMSNorm
 from .numerics import PLAIN, Numerics
 from .plan import ForwardPlan, stack_routed
@@ -171,11 +172,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             x_BTD = block(x_BTD, plan, (cos_BTDh, sin_BTDh), tokens_BT)
         if plan.logits_rows is None:
-            return self.lm_head(self.norm(x_BTD))
+            return project(self.lm_head, self.norm(x_BTD), plan.numerics)
         if not plan.logits_rows:
             return x_BTD.new_zeros(0, self.cfg.vocab_size, dtype=torch.float32)
         h_RD = plan.numerics.pad_rows(x_BTD[0, plan.logits_rows])
-        return self.lm_head(self.norm(h_RD))[: len(plan.logits_rows)].float()
+        return project(self.lm_head, self.norm(h_RD), plan.numerics)[: len(plan.logits_rows)].float()
 
     def decode_step(self, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, row_slots_B: torch.Tensor,
                     valid_BS: torch.Tensor, cache: Cache, numerics: Numerics = PLAIN,

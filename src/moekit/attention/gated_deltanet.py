@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import RecurrentLayerCache
+from ..moe.weights import project
 from ..norm import RMSNorm
+from ..numerics import PLAIN
 from .delta_rule import delta_rule_chunked, delta_rule_step, work_dtype, zero_state
 from .base import register_attention
 
@@ -95,19 +97,20 @@ class GatedDeltaNet(nn.Module):
         return RecurrentLayerCache.allocate(batch, self.conv_dim, self.K, self.Hv, self.Dk, self.Dv, max_len,
                                             dtype, device)
 
-    def project(self, x_BTD):
+    def project(self, x_BTD, numerics=PLAIN):
         """(conv input (B, T, C) as [q, k, v], z (B, T, Hv, Dv), b and a (B, T, Hv))."""
         B, T, _ = x_BTD.shape
+        proj = lambda module: project(module, x_BTD, numerics)  # noqa: E731
         Hk, Hv, Dk, Dv = self.Hk, self.Hv, self.Dk, self.Dv
         if self.cfg.linear_fused_proj:
             R = Hv // Hk
-            qkvz = self.in_proj_qkvz(x_BTD).view(B, T, Hk, 2 * Dk + 2 * R * Dv)
+            qkvz = proj(self.in_proj_qkvz).view(B, T, Hk, 2 * Dk + 2 * R * Dv)
             q, k, v, z = qkvz.split([Dk, Dk, R * Dv, R * Dv], dim=-1)
-            b, a = self.in_proj_ba(x_BTD).view(B, T, Hk, 2 * R).split([R, R], dim=-1)
+            b, a = proj(self.in_proj_ba).view(B, T, Hk, 2 * R).split([R, R], dim=-1)
             mixed_BTC = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
             return mixed_BTC, z.reshape(B, T, Hv, Dv), b.reshape(B, T, Hv), a.reshape(B, T, Hv)
-        z = self.in_proj_z(x_BTD).view(B, T, Hv, Dv)
-        return self.in_proj_qkv(x_BTD), z, self.in_proj_b(x_BTD), self.in_proj_a(x_BTD)
+        z = proj(self.in_proj_z).view(B, T, Hv, Dv)
+        return proj(self.in_proj_qkv), z, proj(self.in_proj_b), proj(self.in_proj_a)
 
     def mix(self, mixed_BTC, b_BTHv, a_BTHv, span, plan) -> torch.Tensor:
         """The conv and the delta rule over one span, from and into its cache: o (B, T, Hv, Dv)."""
@@ -157,7 +160,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        mixed_BTC, z_BTHvDv, b_BTHv, a_BTHv = self.project(x_BTD)
+        mixed_BTC, z_BTHvDv, b_BTHv, a_BTHv = self.project(x_BTD, plan.numerics)
         outs = []
         for span in plan.spans:
             a, b = span.a, span.b
@@ -166,4 +169,4 @@ class GatedDeltaNet(nn.Module):
             outs.append(x_BTD.new_zeros(B, T - plan.padded_from, self.Hv, self.Dv))
         o_BTHvDv = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         gated = self.norm(o_BTHvDv).float() * plan.numerics.ew(F.silu, z_BTHvDv.float())
-        return self.out_proj(gated.to(x_BTD.dtype).reshape(B, T, -1))
+        return project(self.out_proj, gated.to(x_BTD.dtype).reshape(B, T, -1), plan.numerics)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVLayerCache, WindowKVCache, window_visible
+from ..moe.weights import project
 from ..norm import RMSNorm
+from ..numerics import PLAIN
 from ..rope import apply_rope
 from .base import MLA_FIELDS, attend_spans, math_attention, refuse_fields, register_attention
 from .paged_cpu import PagedKV
@@ -64,12 +66,12 @@ class GQAttention(nn.Module):
             return WindowKVCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, self.window, dtype, device)
         return KVLayerCache.allocate(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
-    def project(self, x_BTD, cos_BTR, sin_BTR):
+    def project(self, x_BTD, cos_BTR, sin_BTR, numerics=PLAIN):
         """Projections, qk-norm, clipping and RoPE (on the first R dims): q (B, H, T, Dh), k and v (B, G, T, Dh),
         and the output gate (B, T, H * Dh) or None."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q, k, v = (project(p, x_BTD, numerics) for p in (self.q_proj, self.k_proj, self.v_proj))
         gate_BTE = None
         if cfg.attn_output_gate:
             q_BTH2Dh = q.view(B, T, cfg.n_heads, 2 * cfg.head_dim)
@@ -106,9 +108,9 @@ class GQAttention(nn.Module):
 
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE = self.project(x_BTD, *rope_BT)
+        q_BHTDh, k_BGTDh, v_BGTDh, gate_BTE = self.project(x_BTD, *rope_BT, plan.numerics)
         out_BHTDh = attend_spans(plan, self.layer_idx, q_BHTDh, (k_BGTDh, v_BGTDh), self.attend, in_place=True)
         out_BTE = out_BHTDh.transpose(1, 2).reshape(B, T, -1)
         if gate_BTE is not None:
             out_BTE = out_BTE * torch.sigmoid(gate_BTE)
-        return self.o_proj(out_BTE)
+        return project(self.o_proj, out_BTE, plan.numerics)

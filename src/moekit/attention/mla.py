@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import LatentLayerCache
+from ..moe.weights import project
 from ..norm import RMSNorm
+from ..numerics import PLAIN
 from ..rope import apply_rope
 from .base import attend_spans, refuse_fields, register_attention
 
@@ -104,16 +106,19 @@ class MLAttention(nn.Module):
         out = apply_rope(x_BHTR, cos_BTR, sin_BTR)
         return out if self.rope_factor == 1.0 else out * self.rope_factor
 
-    def project(self, x_BTD, cos_BTR, sin_BTR):
+    def project(self, x_BTD, cos_BTR, sin_BTR, numerics=PLAIN):
         """q (B, H, T, N + R) with RoPE on its last R dims; the normed latent (B, 1, T, C) and the
         rotated shared key (B, 1, T, R): what the cache keeps."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         N, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        q = self.q_proj(x_BTD) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        if cfg.q_lora_rank is None:
+            q = project(self.q_proj, x_BTD, numerics)
+        else:
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x_BTD, numerics)), numerics)
         q_BHTK = q.view(B, T, cfg.n_heads, N + R).transpose(1, 2)
         q_nope_BHTN, q_rot_BHTR = q_BHTK.split([N, R], dim=-1)
-        latent_BTC, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
+        latent_BTC, k_rot_BTR = project(self.kv_a_proj_with_mqa, x_BTD, numerics).split([C, R], dim=-1)
         latent_B1TC = self.kv_a_layernorm(latent_BTC)[:, None]
         k_rot_B1TR = self.rope(k_rot_BTR[:, None], cos_BTR, sin_BTR)
         q_BHTK = torch.cat([q_nope_BHTN, self.rope(q_rot_BHTR, cos_BTR, sin_BTR)], dim=-1)
@@ -163,6 +168,6 @@ class MLAttention(nn.Module):
 
     def forward(self, x_BTD, plan, rope_BT) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTK, latent_B1TC, k_rot_B1TR = self.project(x_BTD, *rope_BT)
+        q_BHTK, latent_B1TC, k_rot_B1TR = self.project(x_BTD, *rope_BT, plan.numerics)
         out_BHTV = attend_spans(plan, self.layer_idx, q_BHTK, (latent_B1TC, k_rot_B1TR), self.attend)
-        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, out_BHTV.transpose(1, 2).reshape(B, T, -1), plan.numerics)

@@ -19,6 +19,7 @@ Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Sequence
 
 import torch
@@ -56,6 +57,9 @@ class DecodeStep:
     """One token for each decoding request, over the KV pool (see the module docstring)."""
 
     def __init__(self, model, kv, numerics: Numerics, rope_table, compile: bool):
+        # invariant: the float projections through the per-row C matvec (a GEMM's order follows the row count,
+        # so they ran padded to the row quantum through MKL: ~3x slower at a few rows). Prefill keeps the GEMM.
+        numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device, self.compile = model.embed.weight.device, compile
         self.fn = model.decode_step

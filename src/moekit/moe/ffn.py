@@ -30,7 +30,8 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w2, std=self.w2.shape[-1] ** -0.5)
 
     def forward(self, x_TD: torch.Tensor, numerics: Numerics = PLAIN) -> torch.Tensor:
-        return linear(swiglu(linear(x_TD, self.w13), numerics), self.w2)
+        rowwise = numerics.rowwise_linears
+        return linear(swiglu(linear(x_TD, self.w13, rowwise=rowwise), numerics), self.w2, rowwise=rowwise)
 
     def extra_repr(self) -> str:
         return f"d_model={self.w13.shape[-1]}, d_ff={self.w2.shape[-1]}"

@@ -33,6 +33,7 @@ from .config import MoEConfig
 from .experts import Experts
 from .ffn import SwiGLU
 from .router import Routing, build_router, check_forced, topk_routing
+from .weights import project
 
 
 @dataclass
@@ -89,7 +90,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             shared_TD = self.shared(x_TD, numerics)
             if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x @ g) * shared(x)
-                shared_TD = numerics.ew(torch.sigmoid, self.shared_gate(x_TD)) * shared_TD
+                shared_TD = numerics.ew(torch.sigmoid, project(self.shared_gate, x_TD, numerics)) * shared_TD
             y_TD = y_TD + shared_TD
         if static:
             return y_TD.view(x.shape), None

@@ -28,6 +28,7 @@ from torch import nn
 from ..numerics import PLAIN, Numerics
 from ..registry import Registry
 from .rounding import round_selection
+from .weights import linear
 
 ROUTERS = Registry("router")
 register_router = ROUTERS.register
@@ -105,8 +106,8 @@ class Router(nn.Module):
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD, self.weight, self.bias).to(score_dtype(x_TD.dtype))
+    def logits(self, x_TD: torch.Tensor, numerics: Numerics = PLAIN) -> torch.Tensor:
+        logits_TE = linear(x_TD, self.weight, self.bias, numerics.rowwise_linears).to(score_dtype(x_TD.dtype))
         if self.noise_weight is not None and self.training:
             noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight).to(logits_TE.dtype))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
@@ -140,7 +141,7 @@ class TopKRouter(Router):
     def forward(self, x_TD, token_ids_T=None, numerics: Numerics = PLAIN,
                 forced_TK: Optional[torch.Tensor] = None) -> Routing:
         cfg = self.cfg
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.logits(x_TD, numerics)
         with torch.no_grad():
             select_TE = self.selection_scores(logits_TE, numerics)
             topk_idx_TK = torch.topk(select_TE, cfg.top_k, dim=-1).indices
@@ -349,7 +350,7 @@ class ExpertChoice(Router):
             raise ValueError("forced routing (routed_experts) needs per-token top-k routing; with "
                              "router='expert_choice' each expert picks its tokens")
         cfg = self.cfg
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.logits(x_TD, numerics)
         T, E = logits_TE.shape
         capacity = min(T, max(1, math.ceil(cfg.capacity_factor * T * cfg.top_k / E)))
         probs_TE = torch.softmax(logits_TE.detach(), dim=-1)

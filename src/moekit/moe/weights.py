@@ -12,9 +12,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import cpu_matvec
+from ..numerics import Numerics
 
 
 def dense(w, index: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -30,10 +32,28 @@ def rowwise_only(w) -> bool:
     return not isinstance(w, torch.Tensor) and w.rowwise_only
 
 
-def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: bool = False) -> torch.Tensor:
+    """x @ wᵀ (+ bias). rowwise=True (`Numerics.rowwise_linears`): a float32 weight on the CPU multiplies
+    through moekit's C matvec where usable, every row alone in a fixed order (a GEMM's order for a row
+    follows the row count); a QuantizedWeight chooses its own kernel."""
     if isinstance(w, torch.Tensor):
+        if (rowwise and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
+                and not (w.requires_grad and torch.is_grad_enabled())):
+            K = x.shape[-1]
+            y_RN = cpu_matvec.qmatvec("f32", x.reshape(-1, K), w, None, None)
+            y = y_RN.view(*x.shape[:-1], w.shape[0])
+            return y if bias is None else y + bias
         return F.linear(x, w, bias)
     return w.linear(x, bias)
+
+
+def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+    """`module(x)` for a projection (an nn.Linear, or what a transform made of it) under `numerics`: a plain
+    nn.Linear follows `linear(..., rowwise=numerics.rowwise_linears)`; any other module runs its own
+    forward (quantize's QuantizedLinear, lowp's LowpLinear)."""
+    if numerics.rowwise_linears and type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias, rowwise=True)
+    return module(x)
 
 
 def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
