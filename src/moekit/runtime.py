@@ -10,11 +10,9 @@ price of holding on to the peak heap. Entry points call it unless given --no-mal
 steps (`generate(compile=True)`, the engine), cached on the model. Two costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
-    (0.5 ms of a 5 ms step on the medium model, 0.1 of 0.6 ms on the small one). A static-shape step
-    (generate, the engine without batch invariance) is compiled without guards on the model's modules
-    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`; the invariant engine's dynamic-shape step
-    keeps them: measured faster there) and
-    checks instead, per call, what can change a model in place without moekit knowing: train/eval
+    (0.5 ms of a 5 ms step on the medium model, 0.1 of 0.6 ms on the small one; 0.27 ms of the invariant
+    engine's 1 ms dynamic-shape step). Every step is compiled without guards on the model's modules
+    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and checks instead, per call, what can change a model in place without moekit knowing: train/eval
     mode, the dtype and device of its weights (`model_state`); a change compiles the step again.
     moekit's own transforms (quantize_model, set_activations, lowp's apply_precision,
     set_experts_impl) call `forget_compiled(model)`. What stays unseen: modules or parameters
@@ -139,9 +137,9 @@ def compile_fn(fn, dynamic, device):
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
-    # module guards off, except for steps with dynamic shapes from the start (the invariant engine): there
-    # the filter measured slower (64 requests at once: 3232-3821 tok/s with it, 3896-4070 without)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if dynamic is not True else {}
+    # module guards off (the invariant engine's step with dynamic shapes: dynamo's cache lookup 273 -> 76 us
+    # a batch-1 step of the small model; 64 requests at once within noise)
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     # no size/stride/alignment checks of every buffer in the generated code (76 per small-model step, ~50 us
     # of a 0.6 ms batch-1 step): they check inductor's own bookkeeping, which the tests compare with eager
     options.update(size_asserts=False, alignment_asserts=False)
