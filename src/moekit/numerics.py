@@ -10,7 +10,8 @@ checks the end result, so a platform where they do not hold fails loudly):
     multiple of 4 every row goes through the same full-panel kernel. So the policy pads
     rows (`pad_rows`) to a multiple of `row_quantum` before each GEMM whose row count
     depends on the batch: the engine pads the whole ragged batch once, and the expert
-    kernel pads each expert's rows.
+    kernel pads each expert's rows. The engine's decode step goes further (`rowwise_linears`):
+    its float32 projections skip the GEMM for moekit's C matvec, whose order per row is fixed.
   * Elementwise transcendentals (sigmoid, silu, exp): the vectorized loop computes blocks
     of SIMD vectors with a SLEEF-style approximation and the leftover tail with scalar
     libm, which rounds differently; so an element's bits depend on its offset in the
