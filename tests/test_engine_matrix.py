@@ -55,6 +55,8 @@ CONFIGS = {
                                 qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True,
                                 moe=MoEConfig(**MOE, router="sigmoid_topk", num_groups=2, topk_groups=1)), None),
     "partial_rotary_glm": (dict(rotary_dim=8, attention_bias=True), None),
+    # top-10 of 16 (Qwen3-Next, Qwen3.5): a lone request's 10 expert pairs exceed the C matvec's tile of 8
+    "top8_of_16": (dict(moe=MoEConfig(d_model=64, d_expert=32, num_experts=16, top_k=8)), None),
     "gpt_oss_sinks_window_biased_experts": (dict(
         layer_types=("sliding", "full"), sliding_window=8, attention_sinks=True, attention_bias=True,
         attention_out_bias=True, moe=MoEConfig(**MOE, router="topk_softmax", router_bias=True, expert_bias=True,
@@ -162,7 +164,8 @@ def test_compiled_engine_equals_generate():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_qk_norm_head", "int8", "int4_g32_shared_sigmoid_dense", "q4_0", "q4_0_x8"])
+@pytest.mark.parametrize("name", ["tiny_qk_norm_head", "top8_of_16", "int8", "int4_g32_shared_sigmoid_dense", "q4_0",
+                                  "q4_0_x8"])
 def test_compiled_engine_logprobs_bitwise_across_buckets(name):
     """Compiled step, float and quantized weights: a request alone (bucket of 4 rows, 1 active row) and
     co-batched with 7 others (bucket of 8) gets bitwise the same logprobs. (The compiled quantized linear

@@ -120,7 +120,7 @@ class Experts(nn.Module):
                                   numerics=numerics, **extra)
         if static:
             return experts_static(x_TD, w13, w2, routing.gates_TK, routing.expert_idx_TK,
-                                  allow_dense=not numerics.batch_invariant, **extra)
+                                  allow_dense=not numerics.batch_invariant, numerics=numerics, **extra)
         if numerics.batch_invariant:
             return experts_invariant(x_TD, w13, w2, routing.expert_idx_TK, routing.gates_TK, numerics, **extra)
         pairs = (routing.gates_P, routing.token_idx_P, routing.expert_idx_P)

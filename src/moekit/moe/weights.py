@@ -56,18 +56,20 @@ def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Ten
     return module(x)
 
 
-def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
     the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
     runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once per
-    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). rowwise=True (the
-    batch-invariant numerics: experts_static passes it) takes the kernel for any count where usable: the
-    engine's invariant step sees a static count alone (dynamo specialises a dimension of size 1) and a
-    symbolic one co-batched, so a choice that follows the count gave a row other bits alone (64 requests
-    at once: +12% with the kernel, batch 1 within noise)."""
+    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). batch_invariant=True
+    (experts_static under the engine's invariant numerics) keeps the reduction for every count: the
+    invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row) and
+    a symbolic one co-batched, and both must run the same code (top-8: 8 pairs alone, 8 x rows co-batched,
+    which a rule on the count sent to two kernels). The reduction, not the kernel: at a lone request's few
+    pairs the kernel measured slower (medium model, batch 1: 0.51x vs 0.57x of compiled generate), at 64
+    requests the same."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if (w.dtype == torch.float32 and (rowwise or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED))
+        if (not batch_invariant and w.dtype == torch.float32 and statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
                 and cpu_matvec.usable("f32", x_P1K) and not (w.requires_grad and torch.is_grad_enabled())):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
