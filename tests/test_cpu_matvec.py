@@ -150,6 +150,40 @@ def test_rowwise_projection_takes_the_kernel_a_row_alone_or_in_a_batch(K):
     assert y.requires_grad and torch.equal(y, layer(x_BTK))
 
 
+def test_decode_step_multiplies_the_head_for_the_active_rows_only():
+    """Under the engine's decode numerics the head computes rows alone (moe/weights.rows_alone), so the static
+    step multiplies only the active rows: a row's logits are bitwise those it gets among all rows active;
+    plain numerics (a GEMM) multiply every row, then pick."""
+    from dataclasses import replace
+
+    from moekit.moe.weights import rows_alone
+    from moekit.numerics import BATCH_INVARIANT, PLAIN
+
+    decode = replace(BATCH_INVARIANT, rowwise_linears=True)
+    torch.manual_seed(5)
+    model = Transformer(ModelConfig.preset("tiny", d_model=64)).eval()
+    h_BD = torch.randn(4, 64)
+    cpu_matvec.prepare("f32", "cpu")
+    with torch.no_grad():  # (a training forward keeps F.linear)
+        assert rows_alone(model.lm_head, h_BD, decode) and not rows_alone(model.lm_head, h_BD, PLAIN)
+    assert not rows_alone(model.lm_head, h_BD, decode)
+    ids = torch.randint(5, 200, (4, 6))
+    step = torch.tensor([[7], [8], [9], [10]])
+    slots = torch.full((4,), 6)
+
+    def logits(rows, numerics):
+        cache = model.new_cache(4, 16)
+        with torch.no_grad():
+            model(ids, cache=cache, start=0)
+            return model.decode_step(step, slots[:, None], slots, torch.ones(4, 16, dtype=torch.bool), cache,
+                                     numerics, static=True, active_rows=torch.tensor(rows))
+
+    every = logits([0, 1, 2, 3], decode)
+    assert every.shape == (4, model.cfg.vocab_size)
+    assert torch.equal(logits([2], decode)[0], every[2]) and torch.equal(logits([1, 3], decode), every[[1, 3]])
+    torch.testing.assert_close(logits([1, 3], PLAIN), every[[1, 3]], rtol=1e-4, atol=1e-4)
+
+
 def test_sizes_and_indices_that_do_not_fit_are_refused():
     """The C code trusts its sizes; `call` refuses what would make it read out of bounds."""
     lib = cpu_matvec.library()

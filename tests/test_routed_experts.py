@@ -131,10 +131,10 @@ def test_static_decode_step_returns_the_routing_of_real_and_padding_rows():
     cache = model.new_cache(4, 8)
     with torch.no_grad():
         model(torch.tensor([[t[0]] for t in tokens]), cache=cache, start=0)
-        logits_BV, routed_BLK = model.decode_step(
+        logits_RV, routed_BLK = model.decode_step(
             torch.tensor([[t[1]] for t in tokens]), torch.ones(4, 1, dtype=torch.long), torch.ones(4, dtype=torch.long),
             torch.ones(4, 8, dtype=torch.bool), cache, static=False, active_rows=torch.tensor([0, 1, 2]), routing=True)
-    assert logits_BV.shape == (4, model.cfg.vocab_size)
+    assert logits_RV.shape == (3, model.cfg.vocab_size)  # the logits of the active rows, the routing of all
     for b, t in enumerate(tokens):
         assert torch.equal(routed_BLK[b], reference_routing(model, t)[1])
 

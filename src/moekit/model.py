@@ -32,7 +32,7 @@ from .cache import Cache
 from .config import ModelConfig
 from .moe import MoE
 from .moe.ffn import SwiGLU
-from .moe.weights import project
+from .moe.weights import project, rows_alone
 from .norm import RMSNorm
 from .numerics import PLAIN, Numerics
 from .plan import ForwardPlan, stack_routed
@@ -161,7 +161,8 @@ class Transformer(nn.Module):
         return stack_routed(plan.routed_experts, tokens_BT.shape, tokens_BT.device)
 
     def forward_plan(self, tokens_BT: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
-        """The forward itself: logits (B, T, V), or (R, V) float of `plan.logits_rows` when set."""
+        """The forward itself: logits (B, T, V); (R, 1, V) of `plan.active_rows` when set (static decode);
+        (R, V) float of `plan.logits_rows` when set (ragged prefill)."""
         x_BTD = self.embed(tokens_BT)
         if plan.rope_table is not None:
             positions_N = plan.positions_BT.reshape(-1)
@@ -171,6 +172,8 @@ class Transformer(nn.Module):
             cos_BTDh, sin_BTDh = rope_cos_sin(self.inv_freq, plan.positions_BT, x_BTD.dtype)
         for block in self.layers:
             x_BTD = block(x_BTD, plan, (cos_BTDh, sin_BTDh), tokens_BT)
+        if plan.logits_rows is None and plan.active_rows is not None:
+            return self.active_logits(x_BTD[:, -1], plan)[:, None]
         if plan.logits_rows is None:
             return project(self.lm_head, self.norm(x_BTD), plan.numerics)
         if not plan.logits_rows:
@@ -178,18 +181,28 @@ class Transformer(nn.Module):
         h_RD = plan.numerics.pad_rows(x_BTD[0, plan.logits_rows])
         return project(self.lm_head, self.norm(h_RD), plan.numerics)[: len(plan.logits_rows)].float()
 
+    def active_logits(self, x_BD: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+        """(R, V) the logits of `plan.active_rows` (the static decode step's real rows). Where the head
+        computes each row alone (moe/weights.rows_alone) it multiplies those R rows only; otherwise every row
+        of the bucket, then picks them (a GEMM's result for a row follows the row count: batch invariance)."""
+        h_BD = self.norm(x_BD)  # every row: the bucket's symbolic count (a lone row's would be a static 1)
+        if rows_alone(self.lm_head, h_BD, plan.numerics):
+            return project(self.lm_head, h_BD.index_select(0, plan.active_rows), plan.numerics)
+        return project(self.lm_head, h_BD, plan.numerics).index_select(0, plan.active_rows)
+
     def decode_step(self, tokens_B1: torch.Tensor, positions_B1: torch.Tensor, row_slots_B: torch.Tensor,
                     valid_BS: torch.Tensor, cache: Cache, numerics: Numerics = PLAIN,
                     rope_table=None, static: bool = True, active_rows=None, routing: bool = False):
-        """One decoding step with static shapes (for torch.compile): logits (B, V).
+        """One decoding step with static shapes (for torch.compile): logits (B, V), or (R, V) of the R
+        `active_rows` when given.
 
         Row b's new token (RoPE position positions_B1[b]) is written at cache slot row_slots_B[b]
         and attends over every slot s <= row_slots_B[b] with valid_BS[b, s] (False: padding).
         No input checks and no host syncs (the caller validates the tokens); no MoE aux.
         static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
         (optional): the rows whose tokens are real; the others only pad the batch to its bucket,
-        skip the routed experts and leave per-sequence state (recurrent layers) untouched.
-        routing=True: returns (logits_BV, routed_BLK), each row's experts in the L MoE layers (an
+        skip the routed experts and leave per-sequence state (recurrent layers) untouched, and only
+        their logits are returned. routing=True: returns (logits, routed_BLK), each row's experts in the L MoE layers (an
         output of the step, so it works under torch.compile fullgraph).
         """
         S = cache.max_len
@@ -197,10 +210,10 @@ class Transformer(nn.Module):
         plan = ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache, numerics, rope_table, static)
         plan.active_rows = active_rows
         plan.routed_experts = [] if routing else None
-        logits_BV = self.forward_plan(tokens_B1, plan)[:, -1]
+        logits = self.forward_plan(tokens_B1, plan)[:, -1]
         if not routing:
-            return logits_BV
-        return logits_BV, stack_routed(plan.routed_experts, tokens_B1.shape[:1], tokens_B1.device)
+            return logits
+        return logits, stack_routed(plan.routed_experts, tokens_B1.shape[:1], tokens_B1.device)
 
     # ------------------------------------------------------------------ MoE bookkeeping
     def moe_layers(self) -> List[MoE]:

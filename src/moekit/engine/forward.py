@@ -94,8 +94,8 @@ class DecodeStep:
         with self.no_duck_shapes:
             out = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
                           self.rope_table, self.compile, rows_R, routing)
-        logits_BV, routed_BLK = out if routing else (out, None)
-        logits_RV = logits_BV.index_select(0, rows_R).float()
+        logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
+        logits_RV = logits_RV.float()
         if order != sorted(order):
             logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
         if not routing:

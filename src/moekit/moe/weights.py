@@ -37,14 +37,25 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: boo
     through moekit's C matvec where usable, every row alone in a fixed order (a GEMM's order for a row
     follows the row count); a QuantizedWeight chooses its own kernel."""
     if isinstance(w, torch.Tensor):
-        if (rowwise and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
-                and not (w.requires_grad and torch.is_grad_enabled())):
+        if f32_rowwise(x, w, rowwise):
             K = x.shape[-1]
             y_RN = cpu_matvec.qmatvec("f32", x.reshape(-1, K), w, None, None)
             y = y_RN.view(*x.shape[:-1], w.shape[0])
             return y if bias is None else y + bias
         return F.linear(x, w, bias)
     return w.linear(x, bias)
+
+
+def f32_rowwise(x: torch.Tensor, w, rowwise: bool) -> bool:
+    """Whether `linear(x, w, rowwise=rowwise)` takes the f32 C matvec."""
+    return (rowwise and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
+            and not (w.requires_grad and torch.is_grad_enabled()))
+
+
+def rows_alone(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> bool:
+    """Whether `project(module, x, numerics)` computes each row alone, in an order that does not depend on
+    the row count (so a caller may multiply fewer rows without changing a row's bits)."""
+    return type(module) is nn.Linear and f32_rowwise(x, module.weight, numerics.rowwise_linears)
 
 
 def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
