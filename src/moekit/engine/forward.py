@@ -12,7 +12,8 @@ batch-invariant by default, so a request's logits are bitwise the same whatever 
     shapes from the start, so every bucket runs the same generated code. Rows that are not
     decoding (empty, or still in their prefill) skip the routed experts (`active_rows`), write
     throw-away state to the trash block (paged layers) or at slot S_bucket - 1 of their row
-    (row-pool layers: no request has written it yet) and their logits are dropped.
+    (row-pool layers: no request has written it yet); the step returns the decoding rows' logits only
+    (`Transformer.active_logits`: where the head computes rows alone it multiplies those rows only).
 
 Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 """
