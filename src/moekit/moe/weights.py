@@ -72,15 +72,15 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
     runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once per
     group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). batch_invariant=True
-    (experts_static under the engine's invariant numerics) keeps the reduction for every count: the
-    invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row) and
-    a symbolic one co-batched, and both must run the same code (top-8: 8 pairs alone, 8 x rows co-batched,
-    which a rule on the count sent to two kernels). The reduction, not the kernel: at a lone request's few
-    pairs the kernel measured slower (medium model, batch 1: 0.51x vs 0.57x of compiled generate), at 64
-    requests the same."""
+    (experts_static under the engine's invariant numerics) takes the kernel for every count where usable:
+    the invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row)
+    and a symbolic one co-batched, and both must run the same code (a rule on the count sent a top-8
+    model's 8 pairs alone and 8 x rows co-batched to two kernels). The kernel, not the reduction: 64
+    requests at once +9-13% (isolated, 256 pairs of a 256x256 expert: 231 vs 721 us); a lone request on
+    the medium model loses ~7% (K=1024: 16 weight rows streamed at once)."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if (not batch_invariant and w.dtype == torch.float32 and statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
+        if ((batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)) and w.dtype == torch.float32
                 and cpu_matvec.usable("f32", x_P1K) and not (w.requires_grad and torch.is_grad_enabled())):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
