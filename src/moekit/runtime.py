@@ -12,8 +12,9 @@ torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
     (0.5 ms of a 5 ms step on the medium model, 0.1 of 0.6 ms on the small one; 0.27 ms of the invariant
     engine's 1 ms dynamic-shape step). Every step is compiled without guards on the model's modules
-    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and checks instead, per call, what can change a model in place without moekit knowing: train/eval
-    mode, the dtype and device of its weights (`model_state`); a change compiles the step again.
+    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and checks instead, per call, what can change
+    a model in place without moekit knowing: train/eval mode, the dtype and device of its weights
+    (`model_state`); a change compiles the step again.
     moekit's own transforms (quantize_model, set_activations, lowp's apply_precision,
     set_experts_impl) call `forget_compiled(model)`. What stays unseen: modules or parameters
     replaced by hand, hooks added after the first call; call `forget_compiled(model)` after those.
