@@ -37,7 +37,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: boo
     through moekit's C matvec where usable, every row alone in a fixed order (a GEMM's order for a row
     follows the row count); a QuantizedWeight chooses its own kernel."""
     if isinstance(w, torch.Tensor):
-        if f32_rowwise(x, w, rowwise):
+        if f32_kernel(x, w, rowwise):
             K = x.shape[-1]
             y_RN = cpu_matvec.qmatvec("f32", x.reshape(-1, K), w, None, None)
             y = y_RN.view(*x.shape[:-1], w.shape[0])
@@ -46,16 +46,17 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: boo
     return w.linear(x, bias)
 
 
-def f32_rowwise(x: torch.Tensor, w, rowwise: bool) -> bool:
-    """Whether `linear(x, w, rowwise=rowwise)` takes the f32 C matvec."""
-    return (rowwise and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
+def f32_kernel(x: torch.Tensor, w, wanted: bool) -> bool:
+    """Whether a product of x with the float weight w takes the f32 C matvec: `wanted` (the caller's rule),
+    and the kernel can take it (float32 on the CPU, no autograd through the weight)."""
+    return (wanted and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
             and not (w.requires_grad and torch.is_grad_enabled()))
 
 
 def rows_alone(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> bool:
     """Whether `project(module, x, numerics)` computes each row alone, in an order that does not depend on
     the row count (so a caller may multiply fewer rows without changing a row's bits)."""
-    return type(module) is nn.Linear and f32_rowwise(x, module.weight, numerics.rowwise_linears)
+    return type(module) is nn.Linear and f32_kernel(x, module.weight, numerics.rowwise_linears)
 
 
 def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
@@ -80,8 +81,7 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     the medium model loses ~7% (K=1024: 16 weight rows streamed at once)."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if ((batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)) and w.dtype == torch.float32
-                and cpu_matvec.usable("f32", x_P1K) and not (w.requires_grad and torch.is_grad_enabled())):
+        if f32_kernel(x_P1K, w, batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
     return w.gathered_matvec(index_P, x_P1K)
