@@ -66,14 +66,6 @@ class Numerics:
     def pad_rows(self, x_ND: torch.Tensor) -> torch.Tensor:
         return pad_rows(x_ND, self.row_quantum)
 
-    def matmul_attention(self, q_BHTDh: torch.Tensor, mask) -> bool:
-        """Whether attention over a cache (`mask` not None) runs as plain batched matmuls (`math_attention`)
-        rather than the fused kernel: under batch invariance, for several rows or one decoding token (the
-        engine's decode step alone runs the same form as co-batched); a lone prefill segment keeps the
-        fused kernel (its rows never share a batch)."""
-        return (self.batch_invariant and mask is not None
-                and (q_BHTDh.shape[0] > 1 or q_BHTDh.shape[2] == 1))
-
 
 def thread_count() -> int:
     """torch's intra-op threads. Dynamo cannot trace torch.get_num_threads (the batch-invariant step of a

@@ -28,7 +28,6 @@ import torch.fx.experimental._config as shape_config
 
 from ..numerics import Numerics, round_up
 from ..plan import ForwardPlan, Segment, stack_routed
-from ..moe.weights import rowwise_everywhere
 from ..runtime import compiled_step
 from .kv import TRASH
 
@@ -63,9 +62,6 @@ class DecodeStep:
         # so they ran padded to the row quantum through MKL: ~3x slower at a few rows). Prefill keeps the GEMM.
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
-        # buckets padded to the row quantum only where a product's order could follow the row count: with every
-        # row alone a lone request runs one row (the small model's batch-1 step: 4 rows cost 1.3x one row)
-        self.row_quantum = 1 if numerics.batch_invariant and rowwise_everywhere(model) else numerics.row_quantum
         self.device, self.compile = model.embed.weight.device, compile
         self.fn = model.decode_step
         if compile:
@@ -83,7 +79,7 @@ class DecodeStep:
         one being recomputed), `running` are all requests holding rows (for the bucket's cache length).
         routing=True: and (len(decoding), L, K), each one's experts in the L MoE layers."""
         rows_used = max(s.row for s in running) + 1
-        B = bucket_rows(rows_used, self.row_quantum)
+        B = bucket_rows(rows_used, self.numerics.row_quantum)
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
         bs = self.kv.block_size

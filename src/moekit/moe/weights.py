@@ -34,27 +34,16 @@ def rowwise_only(w) -> bool:
 
 def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: bool = False) -> torch.Tensor:
     """x @ wᵀ (+ bias). rowwise=True (`Numerics.rowwise_linears`): a float32 weight on the CPU multiplies
-    every row alone in a fixed order (a GEMM's order for a row follows the row count): in eager through
-    moekit's C matvec, under torch.compile as a multiply-and-sum over K that inductor generates (one
-    vectorized reduction per output, fused with its neighbours, for any row count: `rowwise_product`);
-    a QuantizedWeight chooses its own kernel."""
+    through moekit's C matvec where usable, every row alone in a fixed order (a GEMM's order for a row
+    follows the row count); a QuantizedWeight chooses its own kernel."""
     if isinstance(w, torch.Tensor):
         if f32_kernel(x, w, rowwise):
-            y = rowwise_product(x, w)
+            K = x.shape[-1]
+            y_RN = cpu_matvec.qmatvec("f32", x.reshape(-1, K), w, None, None)
+            y = y_RN.view(*x.shape[:-1], w.shape[0])
             return y if bias is None else y + bias
         return F.linear(x, w, bias)
     return w.linear(x, bias)
-
-
-def rowwise_product(x: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x @ w_NKᵀ with each row alone (float32, CPU: see `linear`). Compiled: inductor's reduction, not the
-    C kernel: its own loop fuses the producer (a norm) and the consumers (RoPE, SwiGLU) and runs no
-    extern call (29 per step of the small model at batch 1); the invariant engine's batch-1 step
-    0.52 -> 0.62x of compiled generate (benchmarks/results/serve_cpu.md)."""
-    if torch.compiler.is_compiling():
-        return (x.unsqueeze(-2) * w_NK).sum(-1)
-    y_RN = cpu_matvec.qmatvec("f32", x.reshape(-1, x.shape[-1]), w_NK, None, None)
-    return y_RN.view(*x.shape[:-1], w_NK.shape[0])
 
 
 def f32_kernel(x: torch.Tensor, w, wanted: bool) -> bool:
@@ -70,25 +59,6 @@ def rows_alone(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> bool:
     return type(module) is nn.Linear and f32_kernel(x, module.weight, numerics.rowwise_linears)
 
 
-def rowwise_everywhere(model: nn.Module) -> bool:
-    """Whether rowwise numerics (`Numerics.rowwise_linears`, the invariant expert kernels) compute every row of
-    `model`'s decode step alone, so its row count needs no padding: the C matvec loaded (eager's kernel, and
-    `f32_kernel`'s condition), no transform's module (a QuantizedWeight or a lowp precision: their kernels
-    choose their own order), every parameter float32 on the CPU and every matrix's reduction dim a multiple of
-    32 (the C kernel's; embeddings and convolutions excepted: they multiply nothing row by row)."""
-    if not cpu_matvec.available_now() or getattr(model, "precision", None) is not None:
-        return False
-    for module in model.modules():
-        if hasattr(module, "rowwise_only") or (isinstance(module, nn.Linear) and type(module) is not nn.Linear):
-            return False
-        for p in module.parameters(recurse=False):
-            if p.dtype != torch.float32 or p.device.type != "cpu":
-                return False
-            if p.dim() >= 2 and p.shape[-1] % 32 and not isinstance(module, (nn.Embedding, nn.Conv1d)):
-                return False
-    return True
-
-
 def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
     """`module(x)` for a projection (an nn.Linear, or what a transform made of it) under `numerics`: a plain
     nn.Linear follows `linear(..., rowwise=numerics.rowwise_linears)`; any other module runs its own
@@ -102,20 +72,16 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
     the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
     runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once per
-    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s).
-    batch_invariant=True (experts_static under the engine's invariant numerics) chooses by mode, never by
-    count: the invariant step sees a static count alone (one active row is a size-1 dimension, which dynamo
-    specialises) and a symbolic one co-batched, and both must run the same code (a rule on the count sent a
-    top-8 model's 8 pairs alone and 8 x rows co-batched to two kernels). Compiled: the reduction, as
-    `rowwise_product` (batch 1 gains more than 64 requests at once lose: the kernel was +9-13% there); eager:
-    the C kernel."""
+    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). batch_invariant=True
+    (experts_static under the engine's invariant numerics) takes the kernel for every count where usable:
+    the invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row)
+    and a symbolic one co-batched, and both must run the same code (a rule on the count sent a top-8
+    model's 8 pairs alone and 8 x rows co-batched to two kernels). The kernel, not the reduction: 64
+    requests at once +9-13% (isolated, 256 pairs of a 256x256 expert: 231 vs 721 us); a lone request on
+    the medium model loses ~7% (K=1024: 16 weight rows streamed at once)."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if batch_invariant:
-            wanted = not torch.compiler.is_compiling()
-        else:
-            wanted = statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
-        if f32_kernel(x_P1K, w, wanted):
+        if f32_kernel(x_P1K, w, batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
     return w.gathered_matvec(index_P, x_P1K)
