@@ -84,4 +84,4 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
         if f32_kernel(x_P1K, w, batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
         return (w[index_P] * x_P1K).sum(-1)
-    return w.gathered_matvec(index_P, x_P1K)
+    return w.gathered_matvec(index_P, x_P1K, batch_invariant)

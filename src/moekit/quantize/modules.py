@@ -6,7 +6,8 @@ docs/architecture.md), so the modules and every expert kernel run on it unchange
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
 straight from the packed bytes: torch.compile's fused loop for one row (and for few expert pairs), the C
 kernel of cpu_matvec.py for more rows of a q8_0/q4_0 weight on CPU (it decodes each block once for all
-the rows that share a weight, where inductor's loop decodes it again per row). Formats with fp16 group
+the rows that share a weight, where inductor's loop decodes it again per row; under the engine's batch
+invariance, expert pairs take that kernel for any count). Formats with fp16 group
 scales (q8_0, q4_0, int4-gG) also keep float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
 run time, not saved, rebuilt from the stored bits after every move, cast or load) for the fused
 loop, which inductor vectorises only over float32 scales. It quacks like a tensor for read-only uses (`.shape`, `.device`,
@@ -178,13 +179,16 @@ class QuantizedWeight(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
-    def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
+    def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
         """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
-        pairs or a symbolic count (pairs grouped by expert), else the fused reduction."""
+        pairs or a symbolic count (pairs grouped by expert), else the fused reduction. batch_invariant=True:
+        the kernel for any count where usable (a lone request's pairs are a static count, co-batched ones a
+        symbolic one: two kernels gave a q4_0 request other bits alone over 40 tokens)."""
         P = x_P1K.shape[0]
         if self.rowwise_only:
             return self.x8_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
-        if not statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and cpu_matvec.usable(self.method, x_P1K):
+        few = statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and not batch_invariant
+        if not few and cpu_matvec.usable(self.method, x_P1K):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
