@@ -340,7 +340,7 @@ class Engine:
                         out = prefill_forward(self.model, segments, self.numerics, self._rope, routing)
                         logits.append(out[0] if routing else out)
                         routed += [out[1]] if routing else []
-                    logits_RV = torch.cat(logits)
+                    logits_RV = logits[0] if len(logits) == 1 else torch.cat(logits)
                     routed_R = torch.cat(routed).tolist() if routing else None
             except Exception as err:  # fail this step's requests, keep serving the rest
                 traceback.print_exc()
