@@ -7,7 +7,7 @@ freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cos
 price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
 
 `compiled_step(model, name, dynamic)`: `model.decode_step` under torch.compile, for moekit's decode
-steps (`generate(compile=True)`, the engine), cached on the model. Two costs of a plain
+steps (`generate(compile=True)`, the engine), cached on the model. Three costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
     (0.5 ms of a 5 ms step on the medium model, 0.1 of 0.6 ms on the small one; 0.27 ms of the invariant
@@ -24,6 +24,10 @@ torch.compile of a method are avoided:
     bucket is still one entry; past dynamo's default of 8 a `fullgraph=True` step stops compiling
     (generate would fall back to eager speed, the engine's requests would fail), so moekit raises the
     per-code limit to DECODE_RECOMPILE_LIMIT (never lowers it) where it compiles.
+  * float inputs: dynamo passes float attributes (a norm's eps, a scaling factor) into the graph as
+    inputs and checks each in Python before every call; they never change in a decode step, so each step
+    is traced with `specialize_float=True` (constants in the graph; measured in
+    benchmarks/results/serve_cpu.md).
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
@@ -106,13 +110,15 @@ class CompiledStep:
     def __init__(self, model, dynamic):
         self.model, self.dynamic = model, dynamic
         self.state, self.fn = None, None
+        self.constant_floats = torch._dynamo.config.patch(specialize_float=True)  # made once (a class each)
 
     def __call__(self, *args):
         state = model_state(self.model)
         if state != self.state:
             self.state, self.fn = state, compile_fn(private_method(self.model.decode_step), self.dynamic,
                                                     self.model.embed.weight.device)
-        return self.fn(*args)
+        with self.constant_floats:  # read when dynamo traces (see the module docstring)
+            return self.fn(*args)
 
 
 def private_method(method):
