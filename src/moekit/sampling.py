@@ -151,7 +151,7 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
     greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0 and seqs[r].params.plain_logits]
-    if greedy_rows:  # (every row: no gather, the common case, ~10 us a step of a lone request)
+    if greedy_rows:  # (every row greedy, the common case: no gather)
         idx = torch.tensor(greedy_rows, device=logits_RV.device) if len(greedy_rows) < R else None
         for r, t in zip(greedy_rows, greedy(logits_RV if idx is None else logits_RV.index_select(0, idx)).tolist()):
             out[r] = t

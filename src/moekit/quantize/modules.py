@@ -179,7 +179,8 @@ class QuantizedWeight(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
-    def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
+    def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor,
+                        batch_invariant: bool = False) -> torch.Tensor:
         """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
         pairs or a symbolic count (pairs grouped by expert), else the fused reduction. batch_invariant=True:
         the kernel for any count where usable (a lone request's pairs are a static count, co-batched ones a
