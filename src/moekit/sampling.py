@@ -152,8 +152,9 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     out: List[Optional[int]] = [None] * R
     greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0 and seqs[r].params.plain_logits]
     if greedy_rows:  # (every row greedy, the common case: no gather)
-        idx = torch.tensor(greedy_rows, device=logits_RV.device) if len(greedy_rows) < R else None
-        for r, t in zip(greedy_rows, greedy(logits_RV if idx is None else logits_RV.index_select(0, idx)).tolist()):
+        rows_GV = logits_RV if len(greedy_rows) == R else logits_RV.index_select(
+            0, torch.tensor(greedy_rows, device=logits_RV.device))
+        for r, t in zip(greedy_rows, greedy(rows_GV).tolist()):
             out[r] = t
     for r in range(R):
         if out[r] is None:

@@ -49,7 +49,7 @@ def linear(x: torch.Tensor, w, bias: Optional[torch.Tensor] = None, rowwise: boo
 def f32_kernel(x: torch.Tensor, w, wanted: bool) -> bool:
     """Whether a product of x with the float weight w takes the f32 C matvec: `wanted` (the caller's rule),
     and the kernel can take it (float32 on the CPU, no autograd through the weight)."""
-    return (wanted and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
+    return (wanted and w.dtype == torch.float32 and cpu_matvec.usable("f32", x)
             and not (w.requires_grad and torch.is_grad_enabled()))
 
 
@@ -76,9 +76,9 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     (experts_static under the engine's invariant numerics) takes the kernel for every count where usable:
     the invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row)
     and a symbolic one co-batched, and both must run the same code (a rule on the count sent a top-8
-    model's 8 pairs alone and 8 x rows co-batched to two kernels). The kernel, not the reduction: 64
-    requests at once +9-13% (isolated, 256 pairs of a 256x256 expert: 231 vs 721 us); a lone request on
-    the medium model loses ~7% (K=1024: 16 weight rows streamed at once)."""
+    model's 8 pairs alone and 8 x rows co-batched to two kernels). The kernel rather than the reduction:
+    faster at 64 requests at once, a little slower for a lone request on the medium model (K=1024: 16
+    weight rows streamed at once); measured in benchmarks/results/serve_cpu.md."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
         if f32_kernel(x_P1K, w, batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)):
