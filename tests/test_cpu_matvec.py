@@ -1,4 +1,4 @@
-"""The C matvec over q8_0 / q4_0 blocks and float32 weights (moekit/cpu_matvec.c) against the float
+"""The C matvec over q8_0 / q4_0 / mxfp4 blocks and float32 weights (moekit/cpu_matvec.c) against the float
 reference x @ Format.dequantize(W)ᵀ: its AVX-512 path (where the CPU has it) and its portable C path
 (built with AVX-512 disabled), a Linear's rows, gathered experts' pairs (quantized and float32), batch
 invariance, the compiled decode that calls it, and the switch that turns it off."""
@@ -18,7 +18,7 @@ from moekit.quantize.modules import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason=f"no CPU kernel: {cpu_matvec.error()}")
 
-METHODS = ("q8_0", "q4_0")
+METHODS = ("q8_0", "q4_0", "mxfp4")
 
 
 def reference(qw: QuantizedWeight, x_RK, index_R=None):
@@ -198,3 +198,6 @@ def test_sizes_and_indices_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="scales"):
         cpu_matvec.call(lib, "q8_0", x_RK, QuantizedWeight.from_float(torch.randn(16, 64), "q8_0").qweight, None,
                         None)
+    mx = QuantizedWeight.from_float(torch.randn(16, 64), "mxfp4")
+    with pytest.raises(ValueError, match="scales"):  # the stored E8M0 bytes, not their float32 mirror
+        cpu_matvec.call(lib, "mxfp4", x_RK, mx.qweight, mx.scale, None)

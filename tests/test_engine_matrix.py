@@ -183,19 +183,14 @@ def test_compiled_engine_logprobs_bitwise_across_buckets(name):
     assert alone.logprobs == together.logprobs
 
 
-LONG_XFAIL = ("the compiled mxfp4 step gives a request other logprob bits alone than co-batched over 40 new "
-              "tokens (8 agree): its experts' fused reduction, generated for a static pair count alone and a "
-              "symbolic one co-batched (no C kernel for mxfp4); found 2026-11-30, not yet fixed")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_qk_norm_head", "hybrid_gated_deltanet", "softmax_unnormalised_gated_shared",
-                                  "q4_0", pytest.param("mxfp4", marks=pytest.mark.xfail(strict=True,
-                                                                                        reason=LONG_XFAIL))])
+                                  "q4_0", "mxfp4"])
 def test_compiled_engine_logprobs_bitwise_long(name):
     """As above over 40 new tokens, for two of the requests (more steps: more chances for a last bit to
-    differ). q4_0 failed here until its experts took the C kernel for any pair count under invariance (a lone
-    request's 2 pairs, a static count, took inductor's reduction and co-batched pairs the kernel)."""
+    differ). q4_0, then mxfp4, failed here until their experts took the C kernel for any pair count under
+    invariance (a lone request's 2 pairs, a static count, took inductor's reduction and co-batched pairs the
+    kernel; mxfp4 had no kernel and took two differently generated reductions)."""
     model = build(name, False)
     prompts = prompts_for(model, seed=3) + prompts_for(model, seed=4)[:2]
     params = SamplingParams(max_tokens=40, logprobs=True, ignore_eos=True)

@@ -166,7 +166,16 @@ def test_fused_matvec_equals_dequantize_then_matmul(method):
         torch.testing.assert_close(formats.fused_matvec(method, inputs, x), ref.squeeze(-2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["q8_0", "q4_0", "int4-g32"])
+def stored_values(w, name):
+    """A per-group tensor's value from its stored bits, worked independently: fp16 bits, or mxfp4's E8M0
+    exponent s as 2**(s - 127) in float64 (exact in float32, subnormal at s = 0)."""
+    raw = getattr(w, name)
+    if w.method == "mxfp4":
+        return torch.pow(2.0, raw.double() - 127).float()
+    return raw.view(torch.float16).float()
+
+
+@pytest.mark.parametrize("method", ["q8_0", "q4_0", "int4-g32", "mxfp4"])
 def test_float_mirrors_follow_the_stored_bits(method):
     """The float32 scale/offset mirrors are not saved, stay float32 under model.to(dtype) and are rebuilt
     by load_state_dict (a stale mirror would silently give another weight's outputs)."""
@@ -176,7 +185,7 @@ def test_float_mirrors_follow_the_stored_bits(method):
 
     def mirrors_match(w):
         return all(getattr(w, n + "_f32").dtype == torch.float32 and
-                   torch.equal(getattr(w, n + "_f32"), getattr(w, n).view(torch.float16).float()) for n in names)
+                   torch.equal(getattr(w, n + "_f32"), stored_values(w, n)) for n in names)
 
     qw.to(torch.bfloat16)
     assert mirrors_match(qw)
@@ -186,6 +195,13 @@ def test_float_mirrors_follow_the_stored_bits(method):
     x = torch.randn(2, 64)
     torch.testing.assert_close(formats.fused_matvec(method, qw.fused_inputs(), x[:, None]),
                                x @ other.dense(dtype=torch.float32).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_scale_mirror_at_the_ends_of_the_exponent_range():
+    s = torch.tensor([0, 1, 2, 126, 127, 128, 254, 255], dtype=torch.uint8)
+    mirror = formats.get_format("mxfp4").float_copy("scale", s)
+    expected = [2.0 ** (int(e) - 127) for e in s[:-1]]  # 2**-127 (subnormal in float32) .. 2**127
+    assert mirror[:-1].tolist() == expected and torch.isnan(mirror[-1])  # 255: NaN, as mx_dequantize
 
 
 def test_scales_keep_their_bits_under_model_to():

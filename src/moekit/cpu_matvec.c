@@ -1,10 +1,11 @@
-/* moekit's CPU matvec over GGML q8_0 / q4_0 blocks, or float32 weights (moekit/cpu_matvec.py
-   builds and loads it).
+/* moekit's CPU matvec over GGML q8_0 / q4_0 blocks, OCP MXFP4 blocks, or float32 weights
+   (moekit/cpu_matvec.py builds and loads it).
 
    y[r, n] = sum_b d[w(r), n, b] * sum_j v(w(r), n, b, j) * x[r, 32 b + j]
    with v = q (q8_0, int8 codes) or q - 8 (q4_0: byte j of a block holds element j in its low nibble
-   and element j + 16 in its high one) or the float itself (f32, d = 1: no scales), d the float32 block
-   scale, w(r) the weight of row r: one weight
+   and element j + 16 in its high one) or e2m1(q) (mxfp4: byte j holds element 2j in its low nibble and
+   2j + 1 in its high one, gpt-oss's order) or the float itself (f32, d = 1: no scales), d the float32
+   block scale (mxfp4: 2**(s - 127) of its E8M0 exponent s), w(r) the weight of row r: one weight
    (N, K) shared by all rows (a Linear), or weight index[r] of a stack (E, N, K) (gathered experts).
 
    x stays float32 (no activation quantization): the result equals x @ dequantize(W)^T up to the order
@@ -28,9 +29,12 @@
 #define QK 32
 #define MAX_TILE 8
 
-enum { Q8_0 = 0, Q4_0 = 1, F32 = 2 }; /* the `fmt` argument */
+enum { Q8_0 = 0, Q4_0 = 1, F32 = 2, MXFP4 = 3 }; /* the `fmt` argument */
 
-static inline int64_t block_bytes(int fmt) { return fmt == Q4_0 ? 16 : fmt == Q8_0 ? 32 : 128; }
+/* the E2M1 value of each 4-bit code (sign bit 8, then exponent and mantissa: OCP MX v1.0) */
+static const float E2M1_VALUES[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+
+static inline int64_t block_bytes(int fmt) { return fmt == Q4_0 || fmt == MXFP4 ? 16 : fmt == Q8_0 ? 32 : 128; }
 
 /* the 32 weight values of block b of row n, unscaled, as floats */
 static inline void decode_block(int fmt, const uint8_t *blk, float *v) {
@@ -40,6 +44,11 @@ static inline void decode_block(int fmt, const uint8_t *blk, float *v) {
         for (int j = 0; j < 16; j++) {
             v[j] = (float)(blk[j] & 15) - 8.0f;
             v[j + 16] = (float)(blk[j] >> 4) - 8.0f;
+        }
+    } else if (fmt == MXFP4) {
+        for (int j = 0; j < 16; j++) {
+            v[2 * j] = E2M1_VALUES[blk[j] & 15];
+            v[2 * j + 1] = E2M1_VALUES[blk[j] >> 4];
         }
     } else {
         const int8_t *q = (const int8_t *)blk;
@@ -132,16 +141,25 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
 #ifdef __AVX512F__
         __m512 acc_lo[MAX_TILE], acc_hi[MAX_TILE]; /* two chains per row: half the FMA latency per block */
         for (int t = 0; t < T; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
-        const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        const __m512 lut = fmt == MXFP4 ? _mm512_loadu_ps(E2M1_VALUES)
+                                        : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        /* mxfp4: the even elements (low nibbles) and the odd ones (high) back in order, 0..15 and 16..31 */
+        const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for (int64_t b = 0; b < B; b++) {
             __m512 lo, hi;
             if (fmt == F32) {
                 lo = _mm512_loadu_ps((const float *)(qn + b * 128));
                 hi = _mm512_loadu_ps((const float *)(qn + b * 128) + 16);
-            } else if (fmt == Q4_0) {
+            } else if (fmt == Q4_0 || fmt == MXFP4) {
                 __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qn + b * 16)));
                 lo = _mm512_permutexvar_ps(c, lut); /* uses the low 4 bits of each lane */
                 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut);
+                if (fmt == MXFP4) {
+                    const __m512 even = lo;
+                    lo = _mm512_permutex2var_ps(even, first, hi);
+                    hi = _mm512_permutex2var_ps(even, second, hi);
+                }
             } else {
                 __m256i c = _mm256_loadu_si256((const __m256i *)(qn + b * 32));
                 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
@@ -207,7 +225,7 @@ static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, int64_t *o
 }
 
 /* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (d unused for
-   F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0 or F32. Rows with the same weight are grouped (up to
+   F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32. Rows with the same weight are grouped (up to
    MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, -1 when
    out of memory, -2 when an index is outside [0, E). */
 int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t E, int64_t N,

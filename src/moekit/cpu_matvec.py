@@ -1,4 +1,4 @@
-"""A C kernel for the matvec of few rows on CPU over q8_0 / q4_0 blocks or float32 weights (cpu_matvec.c),
+"""A C kernel for the matvec of few rows on CPU over q8_0 / q4_0 / mxfp4 blocks or float32 weights (cpu_matvec.c),
 built on first use, and the torch op `torch.ops.moekit.qmatvec` that calls it (so it runs inside a
 compiled graph as one opaque call). Its callers: `QuantizedWeight.linear` / `.gathered_matvec`
 (quantize/modules.py) and `moe.weights.gathered_matvec` for float32 experts.
@@ -38,8 +38,9 @@ from typing import Optional
 
 import torch
 
-METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2}  # what the kernel reads (value: its `fmt` code); f32: float32 weights
-BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128}  # bytes of a block of 32 weights
+METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "mxfp4": 3}  # what the kernel reads (value: its `fmt` code); f32: float32
+# weights
+BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128, "mxfp4": 16}  # bytes of a block of 32 weights
 # 8-bit activations (QuantizedWeight's activations="q8_0"; moekit/quantize/activations.py): the weight
 # repacked into panels of PANEL output rows (`x8_pack`), PANEL_BYTES per block of a panel
 PANEL, PANEL_BYTES = 16, {"q8_0": 512, "q4_0": 256}
@@ -186,7 +187,8 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     if x_RK.dtype != torch.float32 or K % 32 or qweight.shape[-1] * qweight.element_size() != B * BLOCK_BYTES[method]:
         raise ValueError(f"qmatvec({method}): x {tuple(x_RK.shape)} {x_RK.dtype} does not fit weight "
                          f"{tuple(qweight.shape)} {qweight.dtype} (float32 x, K a multiple of 32)")
-    if method != "f32" and (scale_f32 is None or tuple(scale_f32.shape[-2:]) != (N, B)):
+    if method != "f32" and (scale_f32 is None or scale_f32.dtype != torch.float32
+                            or tuple(scale_f32.shape[-2:]) != (N, B)):
         raise ValueError(f"qmatvec({method}): needs float32 scales (..., {N}, {B})")
     if (index_R is None) != (qweight.dim() == 2) or (index_R is not None and index_R.shape != (R,)):
         raise ValueError(f"qmatvec({method}): an index (R,) goes with a stack of weights (E, N, ...), none with one")
@@ -285,7 +287,7 @@ def prepare(method: str, device: torch.device) -> None:
 
 
 def usable(method: str, x: torch.Tensor) -> bool:
-    """Whether `qmatvec` takes this call: a q8_0/q4_0 weight (or f32 with x's last dim a multiple of 32),
+    """Whether `qmatvec` takes this call: a q8_0/q4_0/mxfp4 weight (or f32 with x's last dim a multiple of 32),
     float32 x on the CPU, the kernel loaded (by `prepare`; never built here, so compiled code can call this)."""
     return (_ready and method in METHODS and x.device.type == "cpu" and x.dtype == torch.float32
             and not x.requires_grad and (method != "f32" or x.shape[-1] % 32 == 0))

@@ -45,7 +45,8 @@ Method method_of(const std::string &name) {
     if (name == "q8_0") return {0, 32, 512};
     if (name == "q4_0") return {1, 16, 256};
     if (name == "f32") return {2, 128, 0};
-    TORCH_CHECK_VALUE(false, "unknown method '", name, "' (q8_0, q4_0 or f32)");
+    if (name == "mxfp4") return {3, 16, 0};
+    TORCH_CHECK_VALUE(false, "unknown method '", name, "' (q8_0, q4_0, mxfp4 or f32)");
 }
 
 void check_status(int status, const char *what, int64_t E) {

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lowp.formats import E2M1, decode as decode_e2m1
-from ..lowp.mx import SCALE_BIAS, mx_dequantize, mx_quantize, pack_e2m1, unpack_e2m1
+from ..lowp.mx import SCALE_NAN, mx_dequantize, mx_quantize, pack_e2m1, unpack_e2m1
 from . import reference
 
 Packed = Dict[str, torch.Tensor]
@@ -72,8 +72,21 @@ class Format:
 
     bits, scale_bits = 0, 0
     group_tensors: Tuple[str, ...] = ("scale",)
-    float_copies: Tuple[str, ...] = ()  # fp16-bit tensors a QuantizedWeight mirrors in float32 (GroupFormat)
+    float_copies: Tuple[str, ...] = ()  # per-group tensors a QuantizedWeight mirrors in float32 (`float_copy`)
+    # compiled on CPU, the C kernel (moekit/cpu_matvec.c) even for one row or few expert pairs, where the fused
+    # loop of `matvec` is slow (mxfp4: a table lookup per value, which inductor does not vectorise)
+    kernel_for_few_rows = False
     layout_text: str = ""
+
+    def float_copy(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """The float32 values of the per-group tensor `name` from its stored bits (here fp16 bits as int16)."""
+        return raw.view(torch.float16).float()
+
+    def float_group(self, packed: Packed, name: str) -> torch.Tensor:
+        """The per-group tensor `name` in float32: the QuantizedWeight's mirror `<name>_f32` where `packed`
+        has it (inductor vectorises a loop over float32 scales; an in-loop bit-cast runs scalar)."""
+        copy = packed.get(name + "_f32")
+        return copy if copy is not None else self.float_copy(name, packed[name])
 
     def __init__(self, name: str, group: int):
         self.name = name
@@ -186,12 +199,6 @@ class GroupFormat(Format):
         terms_NBG = self.group_terms(packed, x_1BG, self.float_group(packed, "scale")[..., None])
         return terms_NBG.sum((-2, -1)).to(x_1Kp.dtype)
 
-    @staticmethod
-    def float_group(packed: Packed, name: str) -> torch.Tensor:
-        """A per-group fp16 tensor (stored as int16 bits) in float32."""
-        copy = packed.get(name + "_f32")
-        return copy if copy is not None else packed[name].view(torch.float16).float()
-
     def pack_codes(self, q_BG: torch.Tensor) -> torch.Tensor:
         return q_BG.to(torch.int8)
 
@@ -303,9 +310,12 @@ class AffineInt4(NibbleFormat):
 
 class MXFP4(Format):
     """OCP MXFP4 (gpt-oss's expert weights): E2M1 codes two per byte (element 2j in the low nibble)
-    and one E8M0 scale per 32 values; the codec is moekit.lowp.mx's."""
+    and one E8M0 scale per 32 values; the codec is moekit.lowp.mx's. The float32 mirror of a scale s is
+    2**(s - 127) built from its bits (exact, subnormal at s = 0; NaN at s = 255, as `mx_dequantize`)."""
 
     bits, scale_bits = 4, 8
+    float_copies = ("scale",)
+    kernel_for_few_rows = True
     layout_text = "OCP MXFP4: {G} E2M1 codes + one E8M0 scale = {nbytes} bytes (gpt-oss)"
     reference_quantize_group = staticmethod(reference.quantize_mxfp4_group)
     reference_dequantize_group = staticmethod(reference.dequantize_mxfp4_group)
@@ -321,6 +331,11 @@ class MXFP4(Format):
     def decode(self, packed: Packed) -> torch.Tensor:
         return mx_dequantize(unpack_e2m1(packed["qweight"]), packed["scale"], "e2m1", self.group)
 
+    def float_copy(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        s = raw.to(torch.int32)
+        bits = torch.where(s > 0, s << 23, 1 << 22)  # 2**(s - 127): the exponent field; s = 0: 2**-127, subnormal
+        return torch.where(s == SCALE_NAN, 0x7FC00000, bits).view(torch.float32)
+
     def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
         """Each group's codes dotted with x (even elements: low nibbles, odd: high), times 2**(s - 127)."""
         x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // self.group, self.group)
@@ -328,8 +343,7 @@ class MXFP4(Format):
         b_NBH = b_NBH.to(torch.int32)  # (as NibbleFormat.nibbles)
         lo_NBH, hi_NBH = decode_e2m1(b_NBH & 15, E2M1, x_1Kp.dtype), decode_e2m1(b_NBH >> 4, E2M1, x_1Kp.dtype)
         dot_NB = (lo_NBH * x_1BG[..., 0::2] + hi_NBH * x_1BG[..., 1::2]).sum(-1)
-        s_NB = torch.exp2(packed["scale"].float() - SCALE_BIAS).to(x_1Kp.dtype)
-        return (dot_NB * s_NB).sum(-1)
+        return (dot_NB * self.float_group(packed, "scale").to(x_1Kp.dtype)).sum(-1)
 
 
 FORMATS: Dict[str, Format] = {fmt.name: fmt for fmt in (

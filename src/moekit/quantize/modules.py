@@ -5,12 +5,14 @@ and implements the weight accessor of moe/weights.py (`dense`, `linear`, `gather
 docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager ops
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
 straight from the packed bytes: torch.compile's fused loop for one row (and for few expert pairs), the C
-kernel of cpu_matvec.py for more rows of a q8_0/q4_0 weight on CPU (it decodes each block once for all
+kernel of cpu_matvec.py for more rows of a q8_0/q4_0/mxfp4 weight on CPU (it decodes each block once for all
 the rows that share a weight, where inductor's loop decodes it again per row; under the engine's batch
-invariance, expert pairs take that kernel for any count). Formats with fp16 group
-scales (q8_0, q4_0, int4-gG) also keep float32 copies of them (`scale_f32`, `offset_f32`: non-persistent buffers, 32 bits per group at
-run time, not saved, rebuilt from the stored bits after every move, cast or load) for the fused
-loop, which inductor vectorises only over float32 scales. It quacks like a tensor for read-only uses (`.shape`, `.device`,
+invariance, expert pairs take that kernel for any count; mxfp4 takes it for any count, since its fused loop
+looks each E2M1 value up in a table, which inductor does not vectorise: `Format.kernel_for_few_rows`). Formats with per-group
+scales stored as bits (fp16: q8_0, q4_0, int4-gG; E8M0: mxfp4) also keep float32 copies of them (`scale_f32`,
+`offset_f32`: non-persistent buffers, 32 bits per group at run time, not saved, rebuilt from the stored bits
+after every move, cast or load) for the fused loop, which inductor vectorises only over float32 scales, and
+the C kernel. It quacks like a tensor for read-only uses (`.shape`, `.device`,
 `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
 moves it, while the quantized buffers never change dtype).
 
@@ -58,9 +60,9 @@ class QuantizedWeight(nn.Module):
         self.refresh_float_copies()
 
     def refresh_float_copies(self) -> None:
-        """(Re)build the float32 mirrors of the format's fp16-bit group tensors (see the module docstring)."""
-        for name in formats.get_format(self.method).float_copies:
-            self.register_buffer(name + "_f32", getattr(self, name).view(torch.float16).float(), persistent=False)
+        """(Re)build the float32 mirrors of the format's per-group tensors (see the module docstring)."""
+        for name in self.fmt.float_copies:
+            self.register_buffer(name + "_f32", self.fmt.float_copy(name, getattr(self, name)), persistent=False)
         cpu_matvec.prepare(self.method, self.qweight.device)
         panels = (None, None)  # 8-bit activations: the C kernel's repacked copy (activations.py), where it runs
         if self.rowwise_only and self.qweight.device.type == "cpu" and cpu_matvec.available():
@@ -152,6 +154,10 @@ class QuantizedWeight(nn.Module):
         return formats.dequantize(self.method, self.packed(index), self.shape[-1], dtype or self.dtype)
 
     @property
+    def fmt(self) -> formats.Format:
+        return formats.get_format(self.method)
+
+    @property
     def rowwise_only(self) -> bool:
         """Every product must go through `linear` / `gathered_matvec` (8-bit activations): kernels must not
         multiply `dense()` themselves (moe/experts.py takes the per-pair path)."""
@@ -159,7 +165,7 @@ class QuantizedWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ Wᵀ (+ bias). 8-bit activations: `x8_matvec`, eager and compiled, any row count. Otherwise,
-        under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0, float32 x
+        under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0/mxfp4, float32 x
         on CPU) for 2 or more rows or a symbolic row count; the fused reduction for one row or, in other
         formats, a static count <= FUSED_MAX_ROWS; else dequantize + GEMM. The choice never depends on the
         batch under dynamic shapes (the batch-invariant engine's one step for every bucket): a symbolic
@@ -170,7 +176,8 @@ class QuantizedWeight(nn.Module):
             y = self.x8_matvec(x.reshape(rows, K), None).reshape(*x.shape[:-1], self.shape[0])
             return y if bias is None else y + bias
         if torch.compiler.is_compiling():  # (statically_known_true: False for a symbolic count, and no guard)
-            if not statically_known_true(rows <= 1) and cpu_matvec.usable(self.method, x):
+            one_row = statically_known_true(rows <= 1) and not self.fmt.kernel_for_few_rows
+            if not one_row and cpu_matvec.usable(self.method, x):
                 y = self.kernel_matvec(x.reshape(rows, K), None).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
                 return y if bias is None else y + bias
             if statically_known_true(rows <= FUSED_MAX_ROWS):
@@ -188,7 +195,8 @@ class QuantizedWeight(nn.Module):
         P = x_P1K.shape[0]
         if self.rowwise_only:
             return self.x8_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
-        few = statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and not batch_invariant
+        few = (statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and not batch_invariant
+               and not self.fmt.kernel_for_few_rows)
         if not few and cpu_matvec.usable(self.method, x_P1K):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
@@ -196,7 +204,7 @@ class QuantizedWeight(nn.Module):
     def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
         """y (R, N) by the C kernel (cpu_matvec.py): row r against this weight, or against weight index_R[r]
         of a stack (..., N, K); x is padded to whole blocks here."""
-        x_RK = formats.get_format(self.method).pad(x_RK)
+        x_RK = self.fmt.pad(x_RK)
         return cpu_matvec.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
 
     def x8_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
@@ -204,7 +212,7 @@ class QuantizedWeight(nn.Module):
         panels where usable (float32 x on CPU), else the same math in torch (`fake_quantize_x8`, then a
         float product)."""
         if self.x8_panels is not None and cpu_matvec.usable(self.method, x_RK):
-            x_RK = formats.get_format(self.method).pad(x_RK)
+            x_RK = self.fmt.pad(x_RK)
             return cpu_matvec.x8matvec(self.method, x_RK, self.x8_panels, self.x8_scale, self.shape[-2], index_R)
         xq_RK = activations.fake_quantize_x8(x_RK)
         if index_R is None:
@@ -214,7 +222,7 @@ class QuantizedWeight(nn.Module):
     def fused_inputs(self, index=None) -> formats.Packed:
         """`packed(index)` plus the float32 mirrors the fused matvec reads."""
         tensors = self.packed(index)
-        for name in formats.get_format(self.method).float_copies:
+        for name in self.fmt.float_copies:
             copy = getattr(self, name + "_f32")
             tensors[name + "_f32"] = copy if index is None else copy[index]
         return tensors
