@@ -12,8 +12,8 @@ further and quantizes x to int8; moekit does not, so the kernel equals x @ dequa
 
 Build: the C sources with the system C compiler (`$CC`, else cc / gcc), -O3 -march=native -fopenmp, linked
 by the C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on CPU) together with cpu_ops.cpp,
-which registers the ops' CPU kernels with torch's dispatcher in C++ (~3 us a call, where the Python kernels below, ctypes over the same C
-functions, cost ~10: they stay the fallback, registered under CompositeExplicitAutograd, which a CPU
+which registers the ops' CPU kernels with torch's dispatcher in C++ (a call costs a third of one into the
+Python kernels below, ctypes over the same C functions: they stay the fallback, registered under CompositeExplicitAutograd, which a CPU
 kernel overrides). Where the C++ part cannot be built (no C++ compiler, no torch headers), the C sources
 alone are built and the Python kernels run. The library lands in
 $MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed by the sources, the compiler, torch's version and

@@ -2,9 +2,9 @@
    (built into the same library by moekit/cpu_matvec.py, where a C++ compiler and torch's headers exist).
 
    Why: a decode step calls these ops ~50 times per token (every projection of a model with 8-bit
-   activations, the experts, the paged attention of each layer). Through a Python kernel each call costs
-   ~10 us before any work (the dispatcher entering Python, the checks, ctypes): ~0.5 ms of a 4.6 ms token.
-   Here the same call costs ~3 us.
+   activations, the experts, the paged attention of each layer). Through a Python kernel each call pays,
+   before any work, the dispatcher entering Python, the checks and ctypes: about a tenth of a token on the
+   medium model. Here the same call costs about a third of that.
 
    The ops are defined (schema, Meta kernel) in Python: moekit/cpu_matvec.py (qmatvec, x8matvec) and
    moekit/attention/paged_cpu.py (paged_decode_attention), whose Python kernels (ctypes over the same C

@@ -43,7 +43,7 @@ def round_up(n: int, q: int) -> int:  # n rounded up to a multiple of q
 class Numerics:
     """`row_quantum` > 1 pads GEMM rows, `invariant_elementwise` pads transcendentals; `rowwise_linears`
     multiplies float32 projections through moekit's C matvec (`moe/weights.project`: each row alone, in a
-    fixed order, for any row count; 2-3x faster than a GEMM at 1-8 rows): the engine's decode step.
+    fixed order, for any row count; faster than a GEMM at a few rows): the engine's decode step.
     Default: plain."""
 
     row_quantum: int = 1

@@ -10,8 +10,7 @@ price of holding on to the peak heap. Entry points call it unless given --no-mal
 steps (`generate(compile=True)`, the engine), cached on the model. Three costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
-    (0.5 ms of a 5 ms step on the medium model, 0.1 of 0.6 ms on the small one; 0.27 ms of the invariant
-    engine's 1 ms dynamic-shape step). Every step is compiled without guards on the model's modules
+    (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled without guards on the model's modules
     (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and checks instead, per call, what can change
     a model in place without moekit knowing: train/eval mode, the dtype and device of its weights
     (`model_state`); a change compiles the step again.
@@ -33,8 +32,8 @@ torch.compile of a method are avoided:
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
 consumers' loops; when the consumer is a one-row matmul that inductor turns into a reduction (CPU
 decode, a quantized weight's fused matvec), the producer, a square root and a division included, is
-then recomputed for every output row: a 32000x1024 q8_0 head after the final norm took 3.1 ms
-instead of 1.2 ms per token on 2 CPU cores. Norm outputs and fused-matvec inputs pass through it.
+then recomputed for every output row (a large q8_0 head after the final norm took over twice as long).
+Norm outputs and fused-matvec inputs pass through it.
 """
 
 from __future__ import annotations
@@ -144,11 +143,10 @@ def compile_fn(fn, dynamic, device):
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
-    # module guards off (the invariant engine's step with dynamic shapes: dynamo's cache lookup 273 -> 76 us
-    # a batch-1 step of the small model; 64 requests at once within noise)
+    # module guards off (the invariant engine's dynamic-shape step: most of dynamo's cache lookup)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    # no size/stride/alignment checks of every buffer in the generated code (76 per small-model step, ~50 us
-    # of a 0.6 ms batch-1 step): they check inductor's own bookkeeping, which the tests compare with eager
+    # no size/stride/alignment checks of every buffer in the generated code (dozens a step): they check
+    # inductor's own bookkeeping, which the tests compare with eager
     options.update(size_asserts=False, alignment_asserts=False)
     if torch.device(device).type == "cpu" and widen_cpu_mm_decomposition():
         options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}

@@ -248,8 +248,7 @@ class Engine:
         """One request, then two (on the engine thread once started): compiles each decode-step variant. Then
         every object alive (the model, the compiled code) is moved out of the cyclic garbage collector's reach
         (`gc.freeze`, as long-running servers do): a full collection otherwise scans the compiled model's heap,
-        0.2-0.36 s on the small benchmark model, a pause of every running request (at 64 requests at once one
-        landed in one run of three, 1.0 -> 1.4 s)."""
+        a pause of every running request of a large fraction of a second (benchmarks/results/serve_cpu.md)."""
         for n in (1, 2):
             self.generate([[0]] * n, SamplingParams(max_tokens=2, ignore_eos=True))
         gc.collect()

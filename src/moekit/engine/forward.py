@@ -59,7 +59,7 @@ class DecodeStep:
 
     def __init__(self, model, kv, numerics: Numerics, rope_table, compile: bool):
         # invariant: the float projections through the per-row C matvec (a GEMM's order follows the row count,
-        # so they ran padded to the row quantum through MKL: ~3x slower at a few rows). Prefill keeps the GEMM.
+        # so they ran padded to the row quantum through MKL, slower at a few rows). Prefill keeps the GEMM.
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device, self.compile = model.embed.weight.device, compile
@@ -71,7 +71,7 @@ class DecodeStep:
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
             self.fn = compiled_step(model, name, dynamic=True if numerics.batch_invariant else None)
         # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles (the
-        # patch is made once: making one builds a class, ~20 us a step; entered on the engine's one step thread)
+        # patch is made once: making one builds a class; entered on the engine's one step thread)
         self.no_duck_shapes = shape_config.patch(use_duck_shape=False)
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):

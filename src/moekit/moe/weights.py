@@ -72,7 +72,7 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
     the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
     runs moekit's C kernel instead (cpu_matvec.py: pairs grouped by expert, each expert row read once per
-    group of up to 8 pairs: medium model, batch-8 compiled generate 132 -> 156 tok/s). batch_invariant=True
+    group of up to 8 pairs: faster for the medium model at batch 8). batch_invariant=True
     (experts_static under the engine's invariant numerics) takes the kernel for every count where usable:
     the invariant step sees a static count alone (dynamo specialises the size-1 dimension of one active row)
     and a symbolic one co-batched, and both must run the same code (a rule on the count sent a top-8

@@ -193,7 +193,7 @@ class GroupFormat(Format):
     def matvec(self, packed: Packed, x_1Kp: torch.Tensor) -> torch.Tensor:
         """One reduction over (B, G) per output: each code times x times its group's float32 scale. Read
         from `<name>_f32` when `packed` has it (QuantizedWeight keeps float32 copies: inductor vectorises
-        that loop over G, while an in-loop fp16 bit-cast runs scalar, about 10x slower on CPU)."""
+        that loop over G, while an in-loop fp16 bit-cast runs scalar)."""
         G = self.group
         x_1BG = x_1Kp.reshape(*x_1Kp.shape[:-1], x_1Kp.shape[-1] // G, G)
         terms_NBG = self.group_terms(packed, x_1BG, self.float_group(packed, "scale")[..., None])
@@ -244,7 +244,7 @@ class NibbleFormat(GroupFormat):
 
     def nibbles(self, packed: Packed, x_1BG: torch.Tensor):
         """(low codes, high codes) (..., N, B, G/2) of the packed bytes: elements j and j + G/2 of a group
-        (unpacked as int32: inductor's CPU vectors shift 32-bit lanes natively, bytes 1.4x slower)."""
+        (unpacked as int32: inductor's CPU vectors shift 32-bit lanes natively, bytes not)."""
         b_NBH = packed["qweight"].reshape(*packed["qweight"].shape[:-1], x_1BG.shape[-2], self.group // 2)
         b_NBH = b_NBH.to(torch.int32)
         return b_NBH & 15, b_NBH >> 4
