@@ -1,7 +1,8 @@
 """Inference kernels for few tokens: each (token, expert) pair reads its expert's weights by
 index instead of sorting pairs and looping over experts (gpt-fast style).
 
-`experts_gathered` (eager, no autograd, P <= E): copies the pairs' expert weights, two `bmm`s.
+`experts_gathered` (eager, no autograd, P <= E): each pair against its expert through `gathered_matvec`
+(moe/weights.py: moekit's C kernel on the CPU where usable, else the pairs' weights copied and a `bmm`).
 `experts_static` (K experts per token, static shapes, no host syncs: the compiled decode step):
 a multiply-and-reduce over the gathered weights that torch.compile fuses. With T*K > E and
 `allow_dense`, every expert runs on every token, weighted by a (T, E) gate matrix; the engine
@@ -32,12 +33,10 @@ def experts_gathered(x_TD, w13, w2, gates_P, token_idx_P, expert_idx_P, b13_E2F=
                      act=SWIGLU) -> torch.Tensor:
     dtype = x_TD.dtype
     gates_P1 = gates_P.to(dtype)[:, None]
-    x_PD1 = x_TD.index_select(0, token_idx_P).unsqueeze(-1)
-    h_P2F = torch.bmm(dense(w13, expert_idx_P, dtype), x_PD1).squeeze(-1)
+    h_P2F = gathered_matvec(w13, expert_idx_P, x_TD.index_select(0, token_idx_P).unsqueeze(1))
     if b13_E2F is not None:
         h_P2F += b13_E2F.to(dtype).index_select(0, expert_idx_P)
-    a_PF1 = (act(h_P2F) * gates_P1).unsqueeze(-1)
-    y_PD = torch.bmm(dense(w2, expert_idx_P, dtype), a_PF1).squeeze(-1)
+    y_PD = gathered_matvec(w2, expert_idx_P, (act(h_P2F) * gates_P1).unsqueeze(1))
     if b2_ED is not None:
         y_PD.addcmul_(b2_ED.to(dtype).index_select(0, expert_idx_P), gates_P1)
     return torch.zeros_like(x_TD).index_add_(0, token_idx_P, y_PD)

@@ -78,10 +78,20 @@ def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invaria
     and a symbolic one co-batched, and both must run the same code (a rule on the count sent a top-8
     model's 8 pairs alone and 8 x rows co-batched to two kernels). The kernel rather than the reduction:
     faster at 64 requests at once, a little slower for a lone request on the medium model (K=1024: 16
-    weight rows streamed at once); measured in benchmarks/results/serve_cpu.md."""
+    weight rows streamed at once); measured in benchmarks/results/serve_cpu.md. Eager: the kernel where
+    usable, else the pairs' weights copied (dequantized) and one bmm."""
     if isinstance(w, torch.Tensor):
         P = x_P1K.shape[0]
-        if f32_kernel(x_P1K, w, batch_invariant or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)):
+        compiling = torch.compiler.is_compiling()
+        rule = batch_invariant or not compiling or statically_known_true(P > cpu_matvec.MAX_ROWS_SHARED)
+        if f32_kernel(x_P1K, w, rule):
             return cpu_matvec.qmatvec("f32", x_P1K.reshape(P, x_P1K.shape[-1]), w, None, index_P)
+        if not compiling:
+            return pairs_bmm(w, index_P, x_P1K)
         return (w[index_P] * x_P1K).sum(-1)
     return w.gathered_matvec(index_P, x_P1K, batch_invariant)
+
+
+def pairs_bmm(w, index_P: torch.Tensor, x_P1K: torch.Tensor) -> torch.Tensor:
+    """(P, N): the pairs' weights copied (a QuantizedWeight: dequantized) in x's dtype, then one bmm (eager)."""
+    return torch.bmm(dense(w, index_P, x_P1K.dtype), x_P1K.transpose(1, 2)).squeeze(-1)

@@ -2,7 +2,8 @@
 
 `QuantizedWeight` stands where a float weight stood (`linear.weight`, `experts.w13`, `ffn.w2`, ...)
 and implements the weight accessor of moe/weights.py (`dense`, `linear`, `gathered_matvec`: see
-docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager ops
+docs/architecture.md), so the modules and every expert kernel run on it unchanged. Eager, one row
+and expert pairs go through the C kernel where usable (below), other products
 dequantize, then run the float op; compiled, `linear` with few rows and `gathered_matvec` reduce
 straight from the packed bytes: torch.compile's fused loop for one row (and for few expert pairs), the C
 kernel of cpu_matvec.py for more rows of a q8_0/q4_0/mxfp4 weight on CPU (it decodes each block once for all
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..moe.weights import pairs_bmm
 from ..runtime import materialized
 from .. import cpu_matvec
 from . import activations, formats
@@ -165,6 +167,9 @@ class QuantizedWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ Wᵀ (+ bias). 8-bit activations: `x8_matvec`, eager and compiled, any row count. Otherwise,
+        eager: the C kernel where usable for one row, else dequantize + GEMM (one rule for every count above
+        one: the batch-invariant policy pads rows to a multiple of 4 and relies on the GEMM's order for
+        them, so a kernel for some counts and the GEMM for others would make a row's bits follow the batch);
         under torch.compile: the C kernel where `cpu_matvec.usable` (q8_0/q4_0/mxfp4, float32 x
         on CPU) for 2 or more rows or a symbolic row count; the fused reduction for one row or, in other
         formats, a static count <= FUSED_MAX_ROWS; else dequantize + GEMM. The choice never depends on the
@@ -184,21 +189,27 @@ class QuantizedWeight(nn.Module):
                 y_MN = formats.fused_matvec(self.method, self.fused_inputs(), materialized(x.reshape(rows, 1, K)))
                 y = y_MN.reshape(*x.shape[:-1], self.shape[0])
                 return y if bias is None else y + bias
+        elif rows == 1 and cpu_matvec.usable(self.method, x):  # eager batch-1 decode (see the docstring)
+            y = self.kernel_matvec(x.reshape(rows, K), None).reshape(*x.shape[:-1], self.shape[0])
+            return y if bias is None else y + bias
         return F.linear(x, self.dense(dtype=x.dtype), bias)
 
     def gathered_matvec(self, index_P: torch.Tensor, x_P1K: torch.Tensor,
                         batch_invariant: bool = False) -> torch.Tensor:
         """Row p of x against expert index_P[p]: the C kernel where usable for more than MAX_ROWS_SHARED
-        pairs or a symbolic count (pairs grouped by expert), else the fused reduction. batch_invariant=True:
+        pairs or a symbolic count (pairs grouped by expert), or eagerly for any count; else compiled, the fused
+        reduction, eager, the pairs' experts dequantized and one bmm (`pairs_bmm`). batch_invariant=True:
         the kernel for any count where usable (a lone request's pairs are a static count, co-batched ones a
         symbolic one: two kernels gave a q4_0 request other bits alone over 40 tokens)."""
         P = x_P1K.shape[0]
         if self.rowwise_only:
             return self.x8_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
-        few = (statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED) and not batch_invariant
-               and not self.fmt.kernel_for_few_rows)
+        few = (torch.compiler.is_compiling() and statically_known_true(P <= cpu_matvec.MAX_ROWS_SHARED)
+               and not batch_invariant and not self.fmt.kernel_for_few_rows)
         if not few and cpu_matvec.usable(self.method, x_P1K):
             return self.kernel_matvec(x_P1K.reshape(P, x_P1K.shape[-1]), index_P)
+        if not torch.compiler.is_compiling():
+            return pairs_bmm(self, index_P, x_P1K)
         return formats.fused_matvec(self.method, self.fused_inputs(index_P), materialized(x_P1K))
 
     def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
