@@ -42,7 +42,7 @@ def test_linear_rows_match_the_dequantized_reference(method, K, tmp_path):
         ref = reference(qw, x_RK).float()
         for name, lib in libs.items():
             x_pad = qw_format_pad(qw, x_RK)
-            y = cpu_matvec.call(lib, method, x_pad, qw.qweight, qw.scale_f32, None)
+            y = cpu_matvec.call(lib, method, x_pad, qw.qweight, qw.kernel_scale, None)
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=f"{name} R={R}")
         torch.testing.assert_close(qw.kernel_matvec(x_RK, None), ref, rtol=1e-5, atol=1e-4)
 
@@ -61,14 +61,14 @@ def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, 
     x_PK = torch.randn(len(index_P), 64)
     ref = reference(qw, x_PK, index_P).float()
     for lib in (cpu_matvec.library(), portable_library(tmp_path)):
-        y_PN = cpu_matvec.call(lib, method, x_PK, qw.qweight, qw.scale_f32, index_P)
+        y_PN = cpu_matvec.call(lib, method, x_PK, qw.qweight, qw.kernel_scale, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-4)
         for p in range(len(index_P)):  # a pair alone gives the same bits as among the others
-            alone = cpu_matvec.call(lib, method, x_PK[p:p + 1], qw.qweight, qw.scale_f32, index_P[p:p + 1])
+            alone = cpu_matvec.call(lib, method, x_PK[p:p + 1], qw.qweight, qw.kernel_scale, index_P[p:p + 1])
             assert torch.equal(alone[0], y_PN[p])
     via_weight = qw.gathered_matvec(index_P, x_PK[:, None, :])  # 12 pairs > MAX_ROWS_SHARED: the kernel
     assert torch.equal(via_weight, cpu_matvec.call(cpu_matvec.library(), method, x_PK, qw.qweight,
-                                                   qw.scale_f32, index_P))
+                                                   qw.kernel_scale, index_P))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -190,14 +190,29 @@ def test_sizes_and_indices_that_do_not_fit_are_refused():
     qw = QuantizedWeight.from_float(torch.randn(3, 16, 64), "q4_0")  # 3 experts (N=16, K=64)
     x_RK = torch.randn(2, 64)
     with pytest.raises(IndexError, match="outside"):
-        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.scale_f32, torch.tensor([0, 3]))
+        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.kernel_scale, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="does not fit"):
-        cpu_matvec.call(lib, "q4_0", torch.randn(2, 96), qw.qweight, qw.scale_f32, torch.tensor([0, 1]))
+        cpu_matvec.call(lib, "q4_0", torch.randn(2, 96), qw.qweight, qw.kernel_scale, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="index"):
-        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.scale_f32, None)
+        cpu_matvec.call(lib, "q4_0", x_RK, qw.qweight, qw.kernel_scale, None)
     with pytest.raises(ValueError, match="scales"):
         cpu_matvec.call(lib, "q8_0", x_RK, QuantizedWeight.from_float(torch.randn(16, 64), "q8_0").qweight, None,
                         None)
     mx = QuantizedWeight.from_float(torch.randn(16, 64), "mxfp4")
-    with pytest.raises(ValueError, match="scales"):  # the stored E8M0 bytes, not their float32 mirror
-        cpu_matvec.call(lib, "mxfp4", x_RK, mx.qweight, mx.scale, None)
+    with pytest.raises(ValueError, match="uint8 E8M0 scales"):  # mxfp4 reads its E8M0 bytes, not floats
+        cpu_matvec.call(lib, "mxfp4", x_RK, mx.qweight, mx.scale.float(), None)
+
+
+def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(tmp_path):
+    """The kernel builds 2**(s - 127) from each E8M0 byte (no float32 copy): s = 0 (subnormal 2**-127), 1, 127,
+    254 (6 * 2**127 overflows to inf, so a row's sum is NaN as in x @ Wᵀ) and 255 (NaN) give the dequantized
+    weight's products exactly (x one-hot: y is one product, no rounding of a sum)."""
+    qw = QuantizedWeight.from_float(torch.randn(5, 64), "mxfp4")
+    qw.scale[:, 0] = torch.tensor([0, 1, 127, 254, 255], dtype=torch.uint8)
+    x_RK = torch.zeros(2, 64)
+    x_RK[0, 1], x_RK[1, 0] = 1.0, 1.0  # (element 1: a high nibble; element 0: a low one)
+    expected = (x_RK.double() @ qw.dense().double().t()).float()
+    assert torch.isnan(expected[:, 4]).all() and torch.isfinite(expected[:, :3]).all()
+    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+        y = cpu_matvec.call(lib, "mxfp4", x_RK, qw.qweight, qw.kernel_scale, None)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)

@@ -41,7 +41,7 @@ def test_the_cpp_kernels_build_here():
 
 
 @needs_ops
-@pytest.mark.parametrize("method", ["q8_0", "q4_0", "f32"])
+@pytest.mark.parametrize("method", ["q8_0", "q4_0", "mxfp4", "f32"])
 def test_qmatvec_equals_the_python_kernel(method):
     torch.manual_seed(0)
     lib = cpu_matvec.library()
@@ -51,19 +51,22 @@ def test_qmatvec_equals_the_python_kernel(method):
             qweight, scale = w, None
         else:
             qw = QuantizedWeight.from_float(w, method)
-            qweight, scale = qw.qweight, qw.scale_f32
+            qweight, scale = qw.qweight, qw.kernel_scale
         for R in (1, 3, 12):
             x = torch.randn(R, 96)
             index = torch.randint(0, 5, (R,)) if stack else None
             ours = torch.ops.moekit.qmatvec(method, x, qweight, scale, index)
             assert torch.equal(ours, cpu_matvec.call(lib, method, x, qweight, scale, index))
     qw = QuantizedWeight.from_float(torch.randn(3, 16, 64), "q4_0")
+    mx = QuantizedWeight.from_float(torch.randn(3, 16, 64), "mxfp4")
     x = torch.randn(2, 64)
     bad = [("q4_0", x, qw.qweight, qw.scale_f32, torch.tensor([0, 3])),  # index outside the stack
            ("q4_0", torch.randn(2, 96), qw.qweight, qw.scale_f32, torch.tensor([0, 1])),  # K
            ("q4_0", x, qw.qweight, qw.scale_f32, None),  # a stack without an index
            ("q4_0", x, qw.qweight, None, torch.tensor([0, 1])),  # no scales
-           ("q4_0", x.double(), qw.qweight, qw.scale_f32, torch.tensor([0, 1]))]  # float64 x
+           ("q4_0", x.double(), qw.qweight, qw.scale_f32, torch.tensor([0, 1])),  # float64 x
+           ("q4_0", x, qw.qweight, qw.scale, torch.tensor([0, 1])),  # the stored fp16 bits, not float32
+           ("mxfp4", x, mx.qweight, mx.scale.float(), torch.tensor([0, 1]))]  # E8M0 scales as floats
     for args in bad:
         ours = outcome(torch.ops.moekit.qmatvec, *args)
         assert isinstance(ours, tuple) and ours[0] in (ValueError, IndexError), ours

@@ -4,8 +4,9 @@
    y[r, n] = sum_b d[w(r), n, b] * sum_j v(w(r), n, b, j) * x[r, 32 b + j]
    with v = q (q8_0, int8 codes) or q - 8 (q4_0: byte j of a block holds element j in its low nibble
    and element j + 16 in its high one) or e2m1(q) (mxfp4: byte j holds element 2j in its low nibble and
-   2j + 1 in its high one, gpt-oss's order) or the float itself (f32, d = 1: no scales), d the float32
-   block scale (mxfp4: 2**(s - 127) of its E8M0 exponent s), w(r) the weight of row r: one weight
+   2j + 1 in its high one, gpt-oss's order) or the float itself (f32, d = 1: no scales), d the block
+   scale: float32 (q8_0, q4_0: the mirror of their fp16 scales), or mxfp4's E8M0 exponent byte s, read as
+   2**(s - 127) (`block_scale`), w(r) the weight of row r: one weight
    (N, K) shared by all rows (a Linear), or weight index[r] of a stack (E, N, K) (gathered experts).
 
    x stays float32 (no activation quantization): the result equals x @ dequantize(W)^T up to the order
@@ -33,6 +34,15 @@ enum { Q8_0 = 0, Q4_0 = 1, F32 = 2, MXFP4 = 3 }; /* the `fmt` argument */
 
 /* the E2M1 value of each 4-bit code (sign bit 8, then exponent and mantissa: OCP MX v1.0) */
 static const float E2M1_VALUES[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+
+/* scale idx of d: a float32 array, or for mxfp4 E8M0 bytes, 2**(s - 127) built from its bits (exact: the
+   exponent field; s = 0 gives the subnormal 2**-127, s = 255 NaN, as moekit.lowp.mx.mx_dequantize) */
+static inline float block_scale(int fmt, const void *d, int64_t idx) {
+    if (fmt != MXFP4) return ((const float *)d)[idx];
+    const uint32_t s = ((const uint8_t *)d)[idx];
+    const union { uint32_t u; float f; } v = {s == 255 ? 0x7FC00000u : s ? s << 23 : 1u << 22};
+    return v.f;
+}
 
 static inline int64_t block_bytes(int fmt) { return fmt == Q4_0 || fmt == MXFP4 ? 16 : fmt == Q8_0 ? 32 : 128; }
 
@@ -126,7 +136,7 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
 #endif
 
 /* rows x_T[t] (t < T) against weight rows [n0, n1) of one weight */
-static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, const float *d, int64_t n0,
+static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, const void *d, int64_t n0,
                  int64_t n1, int64_t B, float *const *y_T) {
 #ifdef __AVX512F__
     if (fmt == F32) {
@@ -137,7 +147,7 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
     const int64_t row_bytes = B * block_bytes(fmt);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *qn = q + n * row_bytes;
-        const float *dn = fmt == F32 ? NULL : d + n * B;
+        const int scaled = fmt != F32; /* scale of block b: block_scale(fmt, d, n * B + b) */
 #ifdef __AVX512F__
         __m512 acc_lo[MAX_TILE], acc_hi[MAX_TILE]; /* two chains per row: half the FMA latency per block */
         for (int t = 0; t < T; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
@@ -165,8 +175,8 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
                 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c)));
                 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1)));
             }
-            if (dn) {
-                const __m512 s = _mm512_set1_ps(dn[b]);
+            if (scaled) {
+                const __m512 s = _mm512_set1_ps(block_scale(fmt, d, n * B + b));
                 lo = _mm512_mul_ps(lo, s); /* the dequantized weights, as Format.dequantize computes them */
                 hi = _mm512_mul_ps(hi, s);
             }
@@ -183,8 +193,10 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
         float v[QK];
         for (int64_t b = 0; b < B; b++) {
             decode_block(fmt, qn + b * block_bytes(fmt), v);
-            if (dn)
-                for (int j = 0; j < QK; j++) v[j] *= dn[b];
+            if (scaled) {
+                const float s = block_scale(fmt, d, n * B + b);
+                for (int j = 0; j < QK; j++) v[j] *= s;
+            }
             for (int t = 0; t < T; t++) {
                 const float *xb = x_T[t] + b * QK;
                 for (int j = 0; j < QK; j++) acc[t][j] += v[j] * xb[j];
@@ -224,11 +236,11 @@ static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, int64_t *o
     return groups;
 }
 
-/* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (d unused for
-   F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32. Rows with the same weight are grouped (up to
+/* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (float32; E8M0
+   bytes for MXFP4; unused for F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32. Rows with the same weight are grouped (up to
    MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, -1 when
    out of memory, -2 when an index is outside [0, E). */
-int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t E, int64_t N,
+int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const void *d, int64_t E, int64_t N,
                    int64_t B, const int64_t *index, float *y) {
     const int64_t K = B * QK, chunk = 16;
     const int64_t n_chunks = (N + chunk - 1) / chunk;
@@ -262,7 +274,9 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const f
             y_T[t] = y + order[i0 + t] * N;
         }
         const int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        tile(fmt, x_T, T, q + e * weight_bytes, fmt == F32 ? NULL : d + e * N * B, n0, n1, B, y_T);
+        const void *de = fmt == F32 ? NULL : fmt == MXFP4 ? (const void *)((const uint8_t *)d + e * N * B)
+                                                          : (const void *)((const float *)d + e * N * B);
+        tile(fmt, x_T, T, q + e * weight_bytes, de, n0, n1, B, y_T);
     }
     free(order);
     free(group_start);

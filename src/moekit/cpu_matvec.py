@@ -41,6 +41,9 @@ import torch
 METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "mxfp4": 3}  # what the kernel reads (value: its `fmt` code); f32: float32
 # weights
 BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128, "mxfp4": 16}  # bytes of a block of 32 weights
+# what the kernel reads per block: float32 scales (the mirrors of q8_0/q4_0's fp16 ones), mxfp4's own E8M0 bytes
+SCALE_DTYPES = {"q8_0": torch.float32, "q4_0": torch.float32, "mxfp4": torch.uint8}
+SCALE_NAMES = {torch.float32: "float32", torch.uint8: "uint8 E8M0"}
 # 8-bit activations (QuantizedWeight's activations="q8_0"; moekit/quantize/activations.py): the weight
 # repacked into panels of PANEL output rows (`x8_pack`), PANEL_BYTES per block of a panel
 PANEL, PANEL_BYTES = 16, {"q8_0": 512, "q4_0": 256}
@@ -175,11 +178,11 @@ def available() -> bool:
     return library() is not None
 
 
-def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: Optional[torch.Tensor],
+def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],
          index_R: Optional[torch.Tensor]) -> torch.Tensor:
     """y (R, N): the C kernel on contiguous CPU tensors (x float32 (R, K); qweight (E, N, bytes) or (N, bytes),
-    or for f32 the float32 weight (E, N, K) / (N, K) with K a multiple of 32 and scale_f32 None; scale_f32
-    (..., N, B); index_R int64 (R,) into E, or None: every row against the one weight)."""
+    or for f32 the float32 weight (E, N, K) / (N, K) with K a multiple of 32 and scale None; scale
+    (..., N, B) of `SCALE_DTYPES[method]`; index_R int64 (R,) into E, or None: every row against the one weight)."""
     R, K = x_RK.shape
     N, B = qweight.shape[-2], K // 32
     E = qweight.shape[0] if qweight.dim() == 3 else 1
@@ -187,16 +190,17 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     if x_RK.dtype != torch.float32 or K % 32 or qweight.shape[-1] * qweight.element_size() != B * BLOCK_BYTES[method]:
         raise ValueError(f"qmatvec({method}): x {tuple(x_RK.shape)} {x_RK.dtype} does not fit weight "
                          f"{tuple(qweight.shape)} {qweight.dtype} (float32 x, K a multiple of 32)")
-    if method != "f32" and (scale_f32 is None or scale_f32.dtype != torch.float32
-                            or tuple(scale_f32.shape[-2:]) != (N, B)):
-        raise ValueError(f"qmatvec({method}): needs float32 scales (..., {N}, {B})")
+    scale_type = SCALE_DTYPES.get(method)
+    if scale_type is not None and (scale is None or scale.dtype != scale_type
+                                   or tuple(scale.shape[-2:]) != (N, B)):
+        raise ValueError(f"qmatvec({method}): needs {SCALE_NAMES[scale_type]} scales (..., {N}, {B})")
     if (index_R is None) != (qweight.dim() == 2) or (index_R is not None and index_R.shape != (R,)):
         raise ValueError(f"qmatvec({method}): an index (R,) goes with a stack of weights (E, N, ...), none with one")
     x_RK, qweight = x_RK.contiguous(), qweight.contiguous()
-    scale_f32 = qweight if scale_f32 is None else scale_f32.contiguous()  # (f32: unread)
+    scale = qweight if scale is None else scale.contiguous()  # (f32: unread)
     y_RN = torch.empty(R, N, dtype=torch.float32)
     index_R = None if index_R is None else index_R.to(torch.int64).contiguous()
-    status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale_f32.data_ptr(), E, N,
+    status = lib.moekit_qmatvec(METHODS[method], x_RK.data_ptr(), R, qweight.data_ptr(), scale.data_ptr(), E, N,
                                 B, None if index_R is None else index_R.data_ptr(), y_RN.data_ptr())
     check(status, f"qmatvec({method})", E)
     return y_RN
@@ -248,14 +252,14 @@ def x8_call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, panels: torch.Ten
 
 
 _lib = torch.library.Library("moekit", "DEF")
-_lib.define("qmatvec(str method, Tensor x, Tensor qweight, Tensor? scale_f32, Tensor? index) -> Tensor")
+_lib.define("qmatvec(str method, Tensor x, Tensor qweight, Tensor? scale, Tensor? index) -> Tensor")
 
 
-def _qmatvec_cpu(method, x, qweight, scale_f32, index):
-    return call(library(), method, x, qweight, scale_f32, index)
+def _qmatvec_cpu(method, x, qweight, scale, index):
+    return call(library(), method, x, qweight, scale, index)
 
 
-def _qmatvec_meta(method, x, qweight, scale_f32, index):
+def _qmatvec_meta(method, x, qweight, scale, index):
     return x.new_empty(x.shape[0], qweight.shape[-2])
 
 
@@ -299,7 +303,7 @@ def x8matvec(method: str, x_RK: torch.Tensor, panels: torch.Tensor, pscale: torc
     return torch.ops.moekit.x8matvec(method, x_RK, panels, pscale, N, index_R)
 
 
-def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale_f32: Optional[torch.Tensor],
+def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],
             index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y (R, N) = each row of x against its weight (see cpu_matvec.c); check `usable` first."""
-    return torch.ops.moekit.qmatvec(method, x_RK, qweight, scale_f32, index_R)
+    return torch.ops.moekit.qmatvec(method, x_RK, qweight, scale, index_R)

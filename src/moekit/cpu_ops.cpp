@@ -22,7 +22,7 @@
 #include <string>
 
 extern "C" {
-int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const float *d, int64_t E, int64_t N,
+int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const void *d, int64_t E, int64_t N,
                    int64_t B, const int64_t *index, float *y);
 int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, const float *pscale, int64_t E,
                      int64_t N, int64_t B, const int64_t *index, float *y);
@@ -61,7 +61,7 @@ const int64_t *index_ptr(const std::optional<at::Tensor> &index, at::Tensor &kee
 }
 
 at::Tensor qmatvec(c10::string_view method_name, const at::Tensor &x, const at::Tensor &qweight,
-                   const std::optional<at::Tensor> &scale_f32, const std::optional<at::Tensor> &index) {
+                   const std::optional<at::Tensor> &scale, const std::optional<at::Tensor> &index) {
     const std::string name(method_name);
     const Method m = method_of(name);
     TORCH_CHECK_VALUE(x.dim() == 2 && (qweight.dim() == 2 || qweight.dim() == 3), "qmatvec(", name,
@@ -72,19 +72,21 @@ at::Tensor qmatvec(c10::string_view method_name, const at::Tensor &x, const at::
                           qweight.size(-1) * qweight.element_size() == B * m.block_bytes,
                       "qmatvec(", name, "): x ", x.sizes(), " ", x.scalar_type(), " does not fit weight ",
                       qweight.sizes(), " ", qweight.scalar_type(), " (float32 x, K a multiple of 32)");
-    TORCH_CHECK_VALUE(m.fmt == 2 || (scale_f32.has_value() && scale_f32->scalar_type() == at::kFloat &&
-                                     scale_f32->dim() >= 2 && scale_f32->size(-2) == N && scale_f32->size(-1) == B),
-                      "qmatvec(", name, "): needs float32 scales (..., ", N, ", ", B, ")");
+    const auto scale_type = m.fmt == 3 ? at::kByte : at::kFloat;  // mxfp4: its E8M0 exponent bytes
+    TORCH_CHECK_VALUE(m.fmt == 2 || (scale.has_value() && scale->scalar_type() == scale_type &&
+                                     scale->dim() >= 2 && scale->size(-2) == N && scale->size(-1) == B),
+                      "qmatvec(", name, "): needs ", m.fmt == 3 ? "uint8 E8M0" : "float32", " scales (..., ", N,
+                      ", ", B, ")");
     TORCH_CHECK_VALUE(index.has_value() == (qweight.dim() == 3) &&
                           (!index.has_value() || (index->dim() == 1 && index->size(0) == R)),
                       "qmatvec(", name, "): an index (R,) goes with a stack of weights (E, N, ...), none with one");
     const at::Tensor xc = x.contiguous(), wc = qweight.contiguous();
-    const at::Tensor sc = m.fmt == 2 ? wc : scale_f32->contiguous();  // f32: unread
+    const at::Tensor sc = m.fmt == 2 ? wc : scale->contiguous();  // f32: unread
     at::Tensor idx;
     const int64_t *index_R = index_ptr(index, idx);
     at::Tensor y = at::empty({R, N}, x.options());
     check_status(moekit_qmatvec(m.fmt, xc.const_data_ptr<float>(), R, static_cast<const uint8_t *>(wc.const_data_ptr()),
-                                static_cast<const float *>(sc.const_data_ptr()), E, N, B, index_R,
+                                sc.const_data_ptr(), E, N, B, index_R,
                                 y.mutable_data_ptr<float>()),
                  "qmatvec", E);
     return y;

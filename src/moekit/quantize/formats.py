@@ -310,11 +310,11 @@ class AffineInt4(NibbleFormat):
 
 class MXFP4(Format):
     """OCP MXFP4 (gpt-oss's expert weights): E2M1 codes two per byte (element 2j in the low nibble)
-    and one E8M0 scale per 32 values; the codec is moekit.lowp.mx's. The float32 mirror of a scale s is
-    2**(s - 127) built from its bits (exact, subnormal at s = 0; NaN at s = 255, as `mx_dequantize`)."""
+    and one E8M0 scale per 32 values; the codec is moekit.lowp.mx's. No float32 mirror: a scale s is
+    2**(s - 127) built from its bits where it is read (`float_copy`; cpu_matvec.c's `block_scale`), exact,
+    subnormal at s = 0, NaN at s = 255 as `mx_dequantize`."""
 
     bits, scale_bits = 4, 8
-    float_copies = ("scale",)
     kernel_for_few_rows = True
     layout_text = "OCP MXFP4: {G} E2M1 codes + one E8M0 scale = {nbytes} bytes (gpt-oss)"
     reference_quantize_group = staticmethod(reference.quantize_mxfp4_group)

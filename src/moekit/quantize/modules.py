@@ -9,11 +9,11 @@ straight from the packed bytes: torch.compile's fused loop for one row (and for 
 kernel of cpu_matvec.py for more rows of a q8_0/q4_0/mxfp4 weight on CPU (it decodes each block once for all
 the rows that share a weight, where inductor's loop decodes it again per row; under the engine's batch
 invariance, expert pairs take that kernel for any count; mxfp4 takes it for any count, since its fused loop
-looks each E2M1 value up in a table, which inductor does not vectorise: `Format.kernel_for_few_rows`). Formats with per-group
-scales stored as bits (fp16: q8_0, q4_0, int4-gG; E8M0: mxfp4) also keep float32 copies of them (`scale_f32`,
-`offset_f32`: non-persistent buffers, 32 bits per group at run time, not saved, rebuilt from the stored bits
-after every move, cast or load) for the fused loop, which inductor vectorises only over float32 scales, and
-the C kernel. It quacks like a tensor for read-only uses (`.shape`, `.device`,
+looks each E2M1 value up in a table, which inductor does not vectorise: `Format.kernel_for_few_rows`). Formats
+with fp16 group scales (q8_0, q4_0, int4-gG) also keep float32 copies of them (`scale_f32`, `offset_f32`:
+non-persistent buffers, 32 bits per group at run time, not saved, rebuilt from the stored bits after every
+move, cast or load) for the fused loop, which inductor vectorises only over float32 scales, and the C kernel
+(`kernel_scale`; mxfp4's kernel reads its E8M0 bytes as they are). It quacks like a tensor for read-only uses (`.shape`, `.device`,
 `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
 moves it, while the quantized buffers never change dtype).
 
@@ -62,7 +62,7 @@ class QuantizedWeight(nn.Module):
         self.refresh_float_copies()
 
     def refresh_float_copies(self) -> None:
-        """(Re)build the float32 mirrors of the format's per-group tensors (see the module docstring)."""
+        """(Re)build the float32 mirrors of the format's fp16-bit group tensors (see the module docstring)."""
         for name in self.fmt.float_copies:
             self.register_buffer(name + "_f32", self.fmt.float_copy(name, getattr(self, name)), persistent=False)
         cpu_matvec.prepare(self.method, self.qweight.device)
@@ -215,8 +215,13 @@ class QuantizedWeight(nn.Module):
     def kernel_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
         """y (R, N) by the C kernel (cpu_matvec.py): row r against this weight, or against weight index_R[r]
         of a stack (..., N, K); x is padded to whole blocks here."""
-        x_RK = self.fmt.pad(x_RK)
-        return cpu_matvec.qmatvec(self.method, x_RK, self.qweight, self.scale_f32, index_R)
+        return cpu_matvec.qmatvec(self.method, self.fmt.pad(x_RK), self.qweight, self.kernel_scale, index_R)
+
+    @property
+    def kernel_scale(self) -> torch.Tensor:
+        """The scales the C kernel reads: the float32 mirror where the format keeps one, else the stored ones
+        (mxfp4's E8M0 bytes)."""
+        return self.scale_f32 if "scale" in self.fmt.float_copies else self.scale
 
     def x8_matvec(self, x_RK: torch.Tensor, index_R: Optional[torch.Tensor]) -> torch.Tensor:
         """y (R, N) with x quantized to 8 bits per block (activations.py): the C kernel over the repacked
