@@ -4,8 +4,8 @@ batch-invariant by default, so a request's logits are bitwise the same whatever 
   * prefill: prompt chunks of several requests side by side in one ragged batch
     (`ForwardPlan.ragged`), each written into and attending over its own blocks (or row).
     Eager. Chunk boundaries are fixed multiples of prefill_chunk (independent of the load).
-  * decode: one token for every request past its prefill, one static-shape batch over rows
-    [0, bucket) and logical slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
+  * decode: one token for every request past its prefill, one static-shape batch (the model's static
+    decode kernels, compiled or eager) over rows [0, bucket) and logical slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
     up to a power of two (a multiple of the row quantum), the cache length to a power of two
     >= 64. Paged layers read through the bucket's slot table (from the block tables) and
     write at each row's pool slot (kv.py). Under `compile=True` with invariance: dynamic
@@ -62,7 +62,7 @@ class DecodeStep:
         # so they ran padded to the row quantum through MKL, slower at a few rows). Prefill keeps the GEMM.
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
-        self.device, self.compile = model.embed.weight.device, compile
+        self.device = model.embed.weight.device
         self.fn = model.decode_step
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
@@ -92,9 +92,12 @@ class DecodeStep:
         write_B.copy_(ids_3B[2])
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
+        # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
+        # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
+        # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         with self.no_duck_shapes:
             out = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
-                          self.rope_table, self.compile, rows_R, routing)
+                          self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         logits_RV = logits_RV.float()
         if order != sorted(order):
