@@ -107,7 +107,7 @@ def engine_kwargs(compile_: bool) -> dict:
 def start_server(ckpt: Path, port: int, compile_: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moekit.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port),
            "--model-name", "bench", "--max-batch", str(MAX_BATCH), "--quiet"]
-    if engine_kwargs(compile_):
+    if engine_kwargs(compile_).get("compile"):  # (--no-compile: {"compile": False}, a non-empty dict)
         cmd.append("--compile")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.time() + 600  # --compile compiles the decode step before listening
@@ -306,7 +306,7 @@ def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     bound = analyze_model(model.cfg, hardware=hw, weights="fp32", batch=1, context=context)["decode_tokens_per_s"]
     how = (f"moekit.analyze.analyze_model(weights='fp32', batch=1, context={context}) on local_hardware() "
            f"(measured read bandwidth {hw.bw / 1e9:.1f} GB/s)")
-    return dict(engine_tok_s=eng, engine_fast_tok_s=eng_fast, engine_compiled=bool(kw), generate_tok_s=gen,
+    return dict(engine_tok_s=eng, engine_fast_tok_s=eng_fast, engine_compiled=bool(kw.get("compile")), generate_tok_s=gen,
                 generate_compiled_tok_s=gen_c,
                 bound_tok_s=bound, bound_how=how, context=context)
 
