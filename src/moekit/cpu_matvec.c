@@ -237,9 +237,9 @@ static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, int64_t *o
 }
 
 /* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (float32; E8M0
-   bytes for MXFP4; unused for F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32. Rows with the same weight are grouped (up to
-   MAX_TILE per group), so a weight is read once per group rather than once per row. Returns 0, -1 when
-   out of memory, -2 when an index is outside [0, E). */
+   bytes for MXFP4; unused for F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32.
+   Rows with the same weight are grouped (up to MAX_TILE per group), so a weight is read once per group
+   rather than once per row. Returns 0, -1 when out of memory, -2 when an index is outside [0, E). */
 int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const void *d, int64_t E, int64_t N,
                    int64_t B, const int64_t *index, float *y) {
     const int64_t K = B * QK, chunk = 16;

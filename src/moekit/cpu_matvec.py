@@ -13,9 +13,9 @@ further and quantizes x to int8; moekit does not, so the kernel equals x @ dequa
 Build: the C sources with the system C compiler (`$CC`, else cc / gcc), -O3 -march=native -fopenmp, linked
 by the C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on CPU) together with cpu_ops.cpp,
 which registers the ops' CPU kernels with torch's dispatcher in C++ (a call costs a third of one into the
-Python kernels below, ctypes over the same C functions: they stay the fallback, registered under CompositeExplicitAutograd, which a CPU
-kernel overrides). Where the C++ part cannot be built (no C++ compiler, no torch headers), the C sources
-alone are built and the Python kernels run. The library lands in
+Python kernels below, ctypes over the same C functions: they stay the fallback, registered under
+CompositeExplicitAutograd, which a CPU kernel overrides). Where the C++ part cannot be built (no C++
+compiler, no torch headers), the C sources alone are built and the Python kernels run. The library lands in
 $MOEKIT_CACHE (default ~/.cache/moekit)/kernels, keyed by the sources, the compiler, torch's version and
 the CPU's flags, so machines that share a home directory never load each other's build. It binds to the
 OpenMP runtime torch already loaded (one thread pool). Where building fails (no compiler, not Linux/x86)
@@ -38,8 +38,8 @@ from typing import Optional
 
 import torch
 
-METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "mxfp4": 3}  # what the kernel reads (value: its `fmt` code); f32: float32
-# weights
+# what the kernel reads (value: its `fmt` code); f32: float32 weights
+METHODS = {"q8_0": 0, "q4_0": 1, "f32": 2, "mxfp4": 3}
 BLOCK_BYTES = {"q8_0": 32, "q4_0": 16, "f32": 128, "mxfp4": 16}  # bytes of a block of 32 weights
 # what the kernel reads per block: float32 scales (the mirrors of q8_0/q4_0's fp16 ones), mxfp4's own E8M0 bytes
 SCALE_DTYPES = {"q8_0": torch.float32, "q4_0": torch.float32, "mxfp4": torch.uint8}

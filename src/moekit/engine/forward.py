@@ -5,7 +5,8 @@ batch-invariant by default, so a request's logits are bitwise the same whatever 
     (`ForwardPlan.ragged`), each written into and attending over its own blocks (or row).
     Eager. Chunk boundaries are fixed multiples of prefill_chunk (independent of the load).
   * decode: one token for every request past its prefill, one static-shape batch (the model's static
-    decode kernels, compiled or eager) over rows [0, bucket) and logical slots [0, S_bucket) (`Transformer.decode_step`): the batch rounded
+    decode kernels, compiled or eager) over rows [0, bucket) and logical slots [0, S_bucket)
+    (`Transformer.decode_step`): the batch rounded
     up to a power of two (a multiple of the row quantum), the cache length to a power of two
     >= 64. Paged layers read through the bucket's slot table (from the block tables) and
     write at each row's pool slot (kv.py). Under `compile=True` with invariance: dynamic

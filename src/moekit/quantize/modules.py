@@ -13,9 +13,9 @@ looks each E2M1 value up in a table, which inductor does not vectorise: `Format.
 with fp16 group scales (q8_0, q4_0, int4-gG) also keep float32 copies of them (`scale_f32`, `offset_f32`:
 non-persistent buffers, 32 bits per group at run time, not saved, rebuilt from the stored bits after every
 move, cast or load) for the fused loop, which inductor vectorises only over float32 scales, and the C kernel
-(`kernel_scale`; mxfp4's kernel reads its E8M0 bytes as they are). It quacks like a tensor for read-only uses (`.shape`, `.device`,
-`w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that `model.to(dtype)`
-moves it, while the quantized buffers never change dtype).
+(`kernel_scale`; mxfp4's kernel reads its E8M0 bytes as they are). It quacks like a tensor for read-only
+uses (`.shape`, `.device`, `w[idx]`, `.dtype`: the compute dtype, carried by a zero-size parameter so that
+`model.to(dtype)` moves it, while the quantized buffers never change dtype).
 
 gpt-oss's MXFP4 experts are adopted packed, bit for bit, and written back the same way:
 
