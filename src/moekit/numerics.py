@@ -66,6 +66,12 @@ class Numerics:
     def pad_rows(self, x_ND: torch.Tensor) -> torch.Tensor:
         return pad_rows(x_ND, self.row_quantum)
 
+    def matmul_attention(self, q_BHTDh: torch.Tensor, mask) -> bool:
+        """Whether attention over a cache (`mask` not None) runs as plain batched matmuls (`math_attention`)
+        rather than the fused kernel: under batch invariance, for several rows (the CPU flash kernel's work
+        split follows the batch; see the module docstring)."""
+        return self.batch_invariant and mask is not None and q_BHTDh.shape[0] > 1
+
 
 def thread_count() -> int:
     """torch's intra-op threads. Dynamo cannot trace torch.get_num_threads (the batch-invariant step of a

@@ -10,8 +10,9 @@ price of holding on to the peak heap. Entry points call it unless given --no-mal
 steps (`generate(compile=True)`, the engine), cached on the model. Three costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
-    (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled without guards on the model's modules
-    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and checks instead, per call, what can change
+    (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled
+    without guards on the model's modules (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and
+    checks instead, per call, what can change
     a model in place without moekit knowing: train/eval mode, the dtype and device of its weights
     (`model_state`); a change compiles the step again.
     moekit's own transforms (quantize_model, set_activations, lowp's apply_precision,

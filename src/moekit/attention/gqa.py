@@ -98,7 +98,7 @@ class GQAttention(nn.Module):
             slot_1T = torch.arange(q_BHTDh.shape[2], device=q_BHTDh.device)[None]
             visible_11TT = window_visible(slot_1T, slot_1T, self.window)[:, None]
             mask_B1TS = visible_11TT if mask_B1TS is None else visible_11TT & mask_B1TS
-        if self.sinks is not None or (numerics.batch_invariant and q_BHTDh.shape[0] > 1 and mask_B1TS is not None):
+        if self.sinks is not None or numerics.matmul_attention(q_BHTDh, mask_B1TS):
             return math_attention(q_BHTDh, k_BGSDh, v_BGSDh, mask_B1TS, self.sinks)
         gqa = self.cfg.n_kv_heads != self.cfg.n_heads
         # no mask: causal for a block of new tokens; one token (decoding) sees every key up to itself

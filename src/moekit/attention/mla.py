@@ -139,7 +139,7 @@ class MLAttention(nn.Module):
         if absorb:
             return self.attend_absorbed(q_BHTK, latent_B1SC, k_rot_B1SR, span.mask_B1TS)
         k_BHSK, v_BHSV = self.expand(latent_B1SC, k_rot_B1SR)
-        if numerics.batch_invariant and q_BHTK.shape[0] > 1 and span.mask_B1TS is not None:
+        if numerics.matmul_attention(q_BHTK, span.mask_B1TS):
             scores_BHTS = torch.matmul(q_BHTK, k_BHSK.transpose(-1, -2)) * self.scale
             scores_BHTS = scores_BHTS.masked_fill(~span.mask_B1TS, float("-inf"))
             return torch.matmul(torch.softmax(scores_BHTS, dim=-1), v_BHSV)
