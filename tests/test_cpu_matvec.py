@@ -157,9 +157,9 @@ def test_decode_step_multiplies_the_head_for_the_active_rows_only():
     from dataclasses import replace
 
     from moekit.moe.weights import rows_alone
-    from moekit.numerics import BATCH_INVARIANT, PLAIN
+    from moekit.numerics import PLAIN, batch_invariant
 
-    decode = replace(BATCH_INVARIANT, rowwise_linears=True)
+    decode = replace(batch_invariant(), rowwise_linears=True)
     torch.manual_seed(5)
     model = Transformer(ModelConfig.preset("tiny", d_model=64)).eval()
     h_BD = torch.randn(4, 64)

@@ -13,7 +13,7 @@ from moekit import ModelConfig, Transformer
 from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
                            SamplingParams)
 from moekit.moe.invariant import experts_invariant
-from moekit.numerics import BATCH_INVARIANT, pad_rows
+from moekit.numerics import batch_invariant, pad_rows
 from moekit.engine.kv import parse_budget
 from moekit.engine.text import TextStream
 from moekit.generate import generate
@@ -55,16 +55,18 @@ def sequential(model, prompts, n):
 # ---------------------------------------------------------------------------- the platform property
 def test_padded_gemm_rows_do_not_depend_on_the_other_rows():
     """The property batch invariance rests on (see moekit/numerics.py): with the row count padded
-    to a multiple of BATCH_INVARIANT.row_quantum, a GEMM row's bits are a function of that row alone. If this
-    fails on a new machine/BLAS, the engine's bitwise guarantee does not hold there."""
+    to a multiple of q, a GEMM row's bits are a function of that row alone. If this
+    fails on a new machine/BLAS, the engine's bitwise guarantee does not hold there. The quantum is measured
+    (`gemm_row_quantum`, on other shapes and data): this checks the measurement holds beyond its probe."""
     torch.manual_seed(0)
+    q = batch_invariant().row_quantum
     for d_in, d_out in [(64, 512), (256, 768), (64, 8)]:
         w = torch.randn(d_out, d_in)
         x = torch.randn(96, d_in)
-        canon = torch.cat([F.linear(x[i:i + BATCH_INVARIANT.row_quantum], w) for i in range(0, 96, BATCH_INVARIANT.row_quantum)])
+        canon = torch.cat([F.linear(x[i:i + q], w) for i in range(0, 96, q)])
         for m in (1, 2, 3, 5, 7, 9, 13, 30, 61, 96):
             rows = torch.randperm(96)[:m]
-            assert torch.equal(F.linear(pad_rows(x[rows], BATCH_INVARIANT.row_quantum), w)[:m], canon[rows]), (d_in, d_out, m)
+            assert torch.equal(F.linear(pad_rows(x[rows], q), w)[:m], canon[rows]), (d_in, d_out, m)
 
 
 def test_both_expert_paths_give_the_same_bits():
@@ -76,9 +78,9 @@ def test_both_expert_paths_give_the_same_bits():
     x = torch.randn(40, D)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(40)])
     gates = torch.rand(40, K)
-    together = experts_invariant(x, w13, w2, idx, gates, BATCH_INVARIANT)  # every expert active: the grid
+    together = experts_invariant(x, w13, w2, idx, gates, batch_invariant())  # every expert active: the grid
     for t in (0, 17, 39):
-        alone = experts_invariant(x[t:t + 1], w13, w2, idx[t:t + 1], gates[t:t + 1], BATCH_INVARIANT)  # 4 of 16: the loop
+        alone = experts_invariant(x[t:t + 1], w13, w2, idx[t:t + 1], gates[t:t + 1], batch_invariant())  # 4 of 16: the loop
         assert torch.equal(alone[0], together[t])
     ref = sum(gates[0, k] * (w2[e] @ (F.silu(w13[e, :Fe] @ x[0]) * (w13[e, Fe:] @ x[0])))
               for k, e in enumerate(idx[0].tolist()))

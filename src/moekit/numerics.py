@@ -7,10 +7,12 @@ checks the end result, so a platform where they do not hold fails loudly):
 
   * GEMM rows: a row's result depends on the row count M (M=1 takes a GEMV kernel and the
     tail rows of small M other micro-kernels, with other summation orders). With M a
-    multiple of 4 every row goes through the same full-panel kernel. So the policy pads
-    rows (`pad_rows`) to a multiple of `row_quantum` before each GEMM whose row count
+    multiple of the BLAS's row panel every row goes through the same full-panel kernel. So the
+    policy pads rows (`pad_rows`) to a multiple of `row_quantum` before each GEMM whose row count
     depends on the batch: the engine pads the whole ragged batch once, and the expert
-    kernel pads each expert's rows. The engine's decode step goes further (`rowwise_linears`):
+    kernel pads each expert's rows. The panel is the BLAS's choice, so `gemm_row_quantum` measures
+    it once per process and device (MKL: 4 on an AMD EPYC, 16 on an Intel Xeon with AMX, whose
+    kernels for 4 <= M < 16 sum in another order). The engine's decode step goes further (`rowwise_linears`):
     its float32 projections skip the GEMM for moekit's C matvec, whose order per row is fixed.
   * Elementwise transcendentals (sigmoid, silu, exp): the vectorized loop computes blocks
     of SIMD vectors with a SLEEF-style approximation and the leftover tail with scalar
@@ -27,7 +29,9 @@ Legend: N rows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,5 +92,44 @@ def pad_rows(x_ND: torch.Tensor, q: int) -> torch.Tensor:
     return x_ND if n_pad == n else F.pad(x_ND, (0, 0, 0, n_pad - n))
 
 
+QUANTA = (4, 8, 16, 32, 64)  # the row quanta `gemm_row_quantum` tries, smallest first
+PROBE_SHAPES = ((64, 512), (256, 768), (64, 8), (512, 512), (1024, 256))  # (K, N) of the probe's weights
+PROBE_ROWS = (1, 2, 3, 5, 7, 9, 13, 30, 61, 96)  # row counts M of the probe's GEMMs
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_row_quantum(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """The smallest q of QUANTA for which a GEMM (`F.linear`) on `device` in `dtype`, its M rows padded to a
+    multiple of q, gives each row the bits it gets in a GEMM of q rows, for M in PROBE_ROWS and the weight
+    shapes PROBE_SHAPES (random data, a fixed seed: a few milliseconds); None where no q does."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(n, k, generator=gen).to(device, dtype), torch.randn(96, k, generator=gen).to(device, dtype))
+             for k, n in PROBE_SHAPES]
+    for q in QUANTA:
+        if all(invariant_at(q, w_NK, x_MK) for w_NK, x_MK in cases):
+            return q
+    return None
+
+
+def invariant_at(q: int, w_NK: torch.Tensor, x_MK: torch.Tensor) -> bool:
+    """Whether rows of x taken m at a time (m in PROBE_ROWS), padded to a multiple of q, multiply by w to the
+    bits they get q at a time."""
+    M = x_MK.shape[0]
+    canon = torch.cat([F.linear(x_MK[i:i + q], w_NK) for i in range(0, M, q)])
+    order = torch.randperm(M, generator=torch.Generator().manual_seed(q)).to(x_MK.device)
+    return all(torch.equal(F.linear(pad_rows(x_MK[order[:m]], q), w_NK)[:m], canon[order[:m]])
+               for m in PROBE_ROWS if m <= M)
+
+
+def batch_invariant(device="cpu", dtype: torch.dtype = torch.float32) -> Numerics:
+    """The engine's batch-invariant policy on `device` in `dtype`: rows padded to the measured GEMM row quantum
+    (`gemm_row_quantum`) and padded transcendentals; ValueError where no quantum makes GEMM rows invariant."""
+    q = gemm_row_quantum(torch.device(device).type, dtype)
+    if q is None:
+        raise ValueError(f"batch-invariant numerics are not available here: no row padding up to {QUANTA[-1]} "
+                         f"makes a {dtype} GEMM row's bits independent of the other rows on {device}; "
+                         "use batch_invariant=False")
+    return Numerics(row_quantum=q, invariant_elementwise=True)
+
+
 PLAIN = Numerics()
-BATCH_INVARIANT = Numerics(row_quantum=4, invariant_elementwise=True)

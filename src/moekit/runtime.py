@@ -7,7 +7,7 @@ freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cos
 price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
 
 `compiled_step(model, name, dynamic)`: `model.decode_step` under torch.compile, for moekit's decode
-steps (`generate(compile=True)`, the engine), cached on the model. Three costs of a plain
+steps (`generate(compile=True)`, the engine), cached on the model. Four costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
     (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled
@@ -24,6 +24,8 @@ torch.compile of a method are avoided:
     bucket is still one entry; past dynamo's default of 8 a `fullgraph=True` step stops compiling
     (generate would fall back to eager speed, the engine's requests would fail), so moekit raises the
     per-code limit to DECODE_RECOMPILE_LIMIT (never lowers it) where it compiles.
+  * the Python wrapper: on CPU the generated code that calls a step's kernels is C++ (inductor's
+    `cpp_wrapper`), not Python: measured in benchmarks/results/serve_cpu.md.
   * float inputs: dynamo passes float attributes (a norm's eps, a scaling factor) into the graph as
     inputs and checks each in Python before every call; they never change in a decode step, so each step
     is traced with `specialize_float=True` (constants in the graph; measured in
@@ -149,8 +151,12 @@ def compile_fn(fn, dynamic, device):
     # no size/stride/alignment checks of every buffer in the generated code (dozens a step): they check
     # inductor's own bookkeeping, which the tests compare with eager
     options.update(size_asserts=False, alignment_asserts=False)
-    if torch.device(device).type == "cpu" and widen_cpu_mm_decomposition():
-        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+    if torch.device(device).type == "cpu":
+        # the generated step calls its kernels from C++, not Python (`cpp_wrapper`): a decode step is dozens of
+        # small kernels and custom ops, and each call from a Python wrapper costs about as much as a small kernel
+        options["cpp_wrapper"] = True
+        if widen_cpu_mm_decomposition():
+            options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
 
 

@@ -47,7 +47,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import cpu_matvec
-from ..numerics import PLAIN, Numerics
+from ..numerics import PLAIN, Numerics, batch_invariant as invariant_numerics
 from ..rope import rope_table
 from ..sampling import choose_tokens, ends_with_stop, new_generator, top_logprobs
 from .errors import ContextLengthError, EngineStoppedError, ParamError, QueueFullError
@@ -126,15 +126,17 @@ class RequestHandle:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
-                 eos_token_ids: Sequence[int] = (), row_quantum: int = 4, compile: bool = False,
+                 eos_token_ids: Sequence[int] = (), row_quantum: Optional[int] = None, compile: bool = False,
                  batch_invariant: bool = True, block_size: int = 16, prefix_caching: bool = True,
                  return_routed_experts: bool = False):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
-                             ("row_quantum", row_quantum, 1), ("block_size", block_size, 1)):
+                             ("row_quantum", 1 if row_quantum is None else row_quantum, 1), ("block_size", block_size, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if row_quantum is not None and row_quantum & (row_quantum - 1):
+            raise ValueError(f"row_quantum must be a power of two, got {row_quantum}")
         if prefill_chunk > max_step_tokens:
             raise ValueError(f"prefill_chunk={prefill_chunk} exceeds max_step_tokens={max_step_tokens}")
         for moe in model.moe_layers():
@@ -150,7 +152,12 @@ class Engine:
                 raise ValueError(f"{name} must be True or False, got {v!r}")
         self._threads = torch.get_num_threads()
         self.return_routed_experts = return_routed_experts  # every step records the sampled rows' experts
-        self.numerics = Numerics(row_quantum, True) if batch_invariant else PLAIN
+        if not batch_invariant:
+            self.numerics = PLAIN
+        elif row_quantum is None:  # measured on this machine's BLAS (numerics.gemm_row_quantum)
+            self.numerics = invariant_numerics(self.device, self.dtype)
+        else:
+            self.numerics = Numerics(row_quantum, True)
         cpu_matvec.prepare("f32", self.device)  # the C kernels (paged decode attention) from the first step on
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)

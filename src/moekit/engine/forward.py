@@ -13,7 +13,8 @@ batch-invariant by default, so a request's logits are bitwise the same whatever 
     shapes from the start, so every bucket runs the same generated code. Rows that are not
     decoding (empty, or still in their prefill) skip the routed experts (`active_rows`), write
     throw-away state to the trash block (paged layers) or at slot S_bucket - 1 of their row
-    (row-pool layers: no request has written it yet); the step returns the decoding rows' logits only
+    (row-pool layers: no request has written it yet) and attend over that slot alone (`valid_BS`: no work
+    over a cache they do not have); the step returns the decoding rows' logits only
     (`Transformer.active_logits`: where the head computes rows alone it multiplies those rows only).
 
 Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
@@ -64,6 +65,7 @@ class DecodeStep:
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
+        self.slots_S = torch.arange(kv.max_slots, device=self.device)
         self.fn = model.decode_step
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
@@ -71,6 +73,11 @@ class DecodeStep:
             # compiled for its exact shape: the fastest code for it)
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
             self.fn = compiled_step(model, name, dynamic=True if numerics.batch_invariant else None)
+            # what every step passes unchanged (the pools, the RoPE table) keeps static sizes: dynamo guards its
+            # symbolic sizes and strides in Python before every call otherwise, a tenth of a lone request's step
+            for t in (*kv.persistent_tensors(), *rope_table):
+                for each in (t, t._base) if t._base is not None else (t,):
+                    torch._dynamo.mark_static(each)
         # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles (the
         # patch is made once: making one builds a class; entered on the engine's one step thread)
         self.no_duck_shapes = shape_config.patch(use_duck_shape=False)
@@ -84,20 +91,22 @@ class DecodeStep:
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
         bs = self.kv.block_size
-        tokens, slots, writes = [PAD_ID] * B, [S - 1] * B, [TRASH * bs] * B
+        # per row: token, slot, pool slot written, first visible slot (rows that do not decode see their slot alone)
+        tokens, slots, writes, first = [PAD_ID] * B, [S - 1] * B, [TRASH * bs] * B, [S - 1] * B
         for s in decoding:
-            tokens[s.row], slots[s.row] = s.token(s.computed), s.computed
+            tokens[s.row], slots[s.row], first[s.row] = s.token(s.computed), s.computed, 0
             writes[s.row] = s.blocks[s.computed // bs] * bs + s.computed % bs
-        ids_3B = torch.tensor([tokens, slots, writes], dtype=torch.long, device=self.device)
-        valid_BS, cache, write_B = self.kv.decode_view(B, S)
-        write_B.copy_(ids_3B[2])
+        ids_4B = torch.tensor([tokens, slots, writes, first], dtype=torch.long, device=self.device)
+        cache, write_B = self.kv.decode_view(B, S)
+        write_B.copy_(ids_4B[2])
+        valid_BS = self.slots_S[:S] >= ids_4B[3, :, None]
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         with self.no_duck_shapes:
-            out = self.fn(ids_3B[0, :, None], ids_3B[1, :, None], ids_3B[1], valid_BS, cache, self.numerics,
+            out = self.fn(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, self.numerics,
                           self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         logits_RV = logits_RV.float()

@@ -91,6 +91,11 @@ class KVPool:
         self.tables_changed = 0  # counts changes to table_RM: a view's slot table is rebuilt only after one
         self.view_built_at: Dict[Tuple[int, int], int] = {}  # (B, S) -> tables_changed when its table was built
 
+    def persistent_tensors(self) -> List[torch.Tensor]:
+        """Every tensor the pool allocated (the layers' state, the paged layers' pools: views of it)."""
+        state = [t for layer in self.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        return state + [t for pool in self.pools if pool is not None for t in pool]
+
     @property
     def all_paged(self) -> bool:
         return all(self.paged)
@@ -139,17 +144,17 @@ class KVPool:
                       for layer, pool in zip(self.layers, self.pools)])
 
     def decode_view(self, B: int, S: int):
-        """(valid (B, S), cache, slot table (B, S), write slots (B,)) of the decode bucket; the same
-        objects for each (B, S), refreshed in place (cheaper guards under torch.compile), the slot table only
-        after the block tables changed (a request grows by a block every block_size tokens)."""
+        """(cache, write slots (B,)) of the decode bucket; the same objects for each (B, S), refreshed in place
+        (cheaper guards under torch.compile), the slot table only after the block tables changed (a request
+        grows by a block every block_size tokens)."""
         if (B, S) not in self.views:
             table_BS = torch.zeros(B, S, dtype=torch.long, device=self.device)
             write_B = torch.zeros(B, dtype=torch.long, device=self.device)
             cache = Cache([PagedLayerCache(*pool, table_BS, write_B) if pool is not None else
                            layer.rows(0, B).slots(S) for layer, pool in zip(self.layers, self.pools)])
-            self.views[(B, S)] = (torch.ones(B, S, dtype=torch.bool, device=self.device), cache, table_BS, write_B)
-        valid_BS, cache, table_BS, write_B = self.views[(B, S)]
+            self.views[(B, S)] = (cache, table_BS, write_B)
+        cache, table_BS, write_B = self.views[(B, S)]
         if any(self.paged) and self.view_built_at.get((B, S)) != self.tables_changed:
             table_BS.copy_(self.slot_table(slice(0, B), S))
             self.view_built_at[(B, S)] = self.tables_changed
-        return valid_BS, cache, write_B
+        return cache, write_B
