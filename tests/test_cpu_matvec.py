@@ -216,3 +216,41 @@ def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(tm
     for lib in (cpu_matvec.library(), portable_library(tmp_path)):
         y = cpu_matvec.call(lib, "mxfp4", x_RK, qw.qweight, qw.kernel_scale, None)
         torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", (*METHODS, "f32"))
+def test_rows_of_zeros_give_zeros_and_leave_the_other_rows_bitwise_alone(method, tmp_path):
+    """A row of x that is all zeros (+0 or -0: the engine's padding rows) reads no weight and gets zeros; the other
+    rows, pairs of stacked experts included, keep the bits they get alone, in both builds."""
+    torch.manual_seed(5)
+    K, N, E = 96, 40, 3
+    if method == "f32":
+        w, scale = torch.randn(E, N, K), None
+    else:
+        qw = QuantizedWeight.from_float(torch.randn(E, N, K), method)
+        w, scale = qw.qweight, qw.kernel_scale
+    x_RK = torch.randn(7, K)
+    x_RK[[1, 4]] = 0.0
+    x_RK[5] = -0.0
+    index_R = torch.tensor([0, 2, 2, 1, 2, 2, 0])
+    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+        y_RN = cpu_matvec.call(lib, method, x_RK, w, scale, index_R)
+        for r in range(7):
+            alone = cpu_matvec.call(lib, method, x_RK[r:r + 1], w, scale, index_R[r:r + 1])
+            assert torch.equal(y_RN[r], alone[0]), r
+            if r in (1, 4, 5):
+                assert torch.equal(y_RN[r], torch.zeros(N)), r
+        dense_ENK = w if method == "f32" else torch.stack([qw.dense(e) for e in range(E)])
+        ref_RN = torch.stack([x_RK[r].double() @ dense_ENK[int(index_R[r])].double().t() for r in range(7)])
+        torch.testing.assert_close(y_RN.double(), ref_RN, rtol=1e-5, atol=1e-4)
+
+
+def test_a_row_of_zeros_reads_no_weight():
+    """The skip itself: against a weight holding inf, a computed row sums to inf/NaN (as x @ Wᵀ does), a row of
+    zeros gets zeros (0 * inf would be NaN), so the kernel never read the weight for it."""
+    w_NK = torch.randn(16, 64)
+    w_NK[3, 5] = float("inf")
+    x_RK = torch.randn(2, 64)
+    x_RK[1] = 0.0
+    y_RN = cpu_matvec.call(cpu_matvec.library(), "f32", x_RK, w_NK, None, None)
+    assert not torch.isfinite(y_RN[0, 3]) and torch.equal(y_RN[1], torch.zeros(16))

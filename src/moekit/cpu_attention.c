@@ -82,11 +82,17 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
             const uint8_t *ok = valid + b * S;
             for (int64_t d = 0; d < R * Dh; d++) out[bg * R * Dh + d] = 0.0f;
             if (!p) continue;
+            /* the slots [j0, j1) from the row's first valid slot to its last: the rest add exact zeros to every
+               sum below (so leaving them out keeps the bits), and a decode row sees a prefix of S, the engine's
+               padding rows one slot */
+            int64_t j0 = 0, j1 = S;
+            while (j0 < S && !ok[j0]) j0++;
+            while (j1 > j0 && !ok[j1 - 1]) j1--;
             float m[64], inv[64];
             for (int64_t r0 = 0; r0 < R; r0 += 64) { /* heads in groups of 64 (the stack arrays) */
                 const int64_t nr = R - r0 < 64 ? R - r0 : 64;
                 for (int64_t r = 0; r < nr; r++) m[r] = sinks ? sinks[g * R + r0 + r] : -INFINITY;
-                for (int64_t j = 0; j < S; j++) {
+                for (int64_t j = j0; j < j1; j++) {
                     const float *k = ok[j] ? pool_k + (g * N + slots[j]) * Dh : NULL;
                     for (int64_t r = 0; r < nr; r++) {
                         const float sc = k ? dot(q + (bg * R + r0 + r) * Dh, k, Dh) * scale : -INFINITY;
@@ -98,12 +104,12 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
                     inv[r] = 0.0f;
                     if (m[r] == -INFINITY) continue; /* nothing to attend to: zeros */
                     float *pr = p + r * S;
-                    for (int64_t j = 0; j < S; j++) pr[j] = exp_nonpositive(pr[j] - m[r]); /* masked: exactly 0 */
+                    for (int64_t j = j0; j < j1; j++) pr[j] = exp_nonpositive(pr[j] - m[r]); /* masked: exactly 0 */
                     float denom = sinks ? exp_nonpositive(sinks[g * R + r0 + r] - m[r]) : 0.0f;
-                    for (int64_t j = 0; j < S; j++) denom += pr[j]; /* in slot order */
+                    for (int64_t j = j0; j < j1; j++) denom += pr[j]; /* in slot order */
                     inv[r] = 1.0f / denom;
                 }
-                for (int64_t j = 0; j < S; j++) {
+                for (int64_t j = j0; j < j1; j++) {
                     if (!ok[j]) continue;
                     const float *vv = pool_v + (g * N + slots[j]) * Dh;
                     for (int64_t r = 0; r < nr; r++) {

@@ -211,35 +211,56 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
     }
 }
 
-/* rows in weight order (a stable sort by index), cut into groups
+/* Whether row x (K floats) is all zeros (+0 or -0): such a row's product is zero for any finite weight. */
+static int zero_row(const float *x, int64_t K) {
+    const uint32_t *bits = (const uint32_t *)x;
+    for (int64_t k = 0; k < K; k++)
+        if (bits[k] & 0x7fffffffu) return 0;
+    return 1;
+}
+
+/* The rows of x (R, K) that are not all zeros, in weight order (a stable sort by index), cut into groups
    of rows with the same weight, at most MAX_TILE each: group g is order[group_start[g] .. group_start[g+1]).
+   A row of zeros gets a row of zeros in y (N outputs) and reads no weight: the engine's decode step zeroes
+   the rows of its bucket that do not decode, so they cost nothing here (for finite weights the same bits as
+   the product; an inf or NaN weight would give NaN there). Every other row is computed as if alone.
    Returns the number of groups, -1 when out of memory, -2 when an index is outside [0, E). */
-static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, int64_t *order, int64_t *group_start) {
-    if (!index) {
-        for (int64_t r = 0; r < R; r++) order[r] = r;
-    } else { /* counting sort by weight index, stable */
+static int64_t group_rows(int64_t R, const int64_t *index, int64_t E, const float *x, int64_t K, float *y, int64_t N,
+                          int64_t *order, int64_t *group_start) {
+    if (index)
         for (int64_t r = 0; r < R; r++)
             if (index[r] < 0 || index[r] >= E) return -2;
+    int64_t L = 0; /* the live rows, in row order, kept in group_start until the sort below has read them */
+    for (int64_t r = 0; r < R; r++) {
+        if (zero_row(x + r * K, K))
+            for (int64_t n = 0; n < N; n++) y[r * N + n] = 0.0f;
+        else
+            group_start[L++] = r;
+    }
+    if (!index) {
+        for (int64_t i = 0; i < L; i++) order[i] = group_start[i];
+    } else { /* counting sort by weight index, stable */
         int64_t *start = calloc((size_t)E + 1, sizeof(int64_t));
         if (!start) return -1;
-        for (int64_t r = 0; r < R; r++) start[index[r] + 1]++;
+        for (int64_t i = 0; i < L; i++) start[index[group_start[i]] + 1]++;
         for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-        for (int64_t r = 0; r < R; r++) order[start[index[r]]++] = r;
+        for (int64_t i = 0; i < L; i++) order[start[index[group_start[i]]]++] = group_start[i];
         free(start);
     }
     int64_t groups = 0;
-    for (int64_t i = 0; i < R; i++) {
+    for (int64_t i = 0; i < L; i++) {
         const int same = i > 0 && (!index || index[order[i]] == index[order[i - 1]]);
         if (!same || i - group_start[groups - 1] == MAX_TILE) group_start[groups++] = i;
     }
-    group_start[groups] = R;
+    group_start[groups] = L;
     return groups;
 }
 
 /* y (R, N) = rows of x (R, K) against weight `index[r]` of q (E, N, B*bytes) / d (E, N, B) (float32; E8M0
    bytes for MXFP4; unused for F32); index NULL: every row against weight 0. fmt: Q8_0, Q4_0, MXFP4 or F32.
    Rows with the same weight are grouped (up to MAX_TILE per group), so a weight is read once per group
-   rather than once per row. Returns 0, -1 when out of memory, -2 when an index is outside [0, E). */
+   rather than once per row; rows of zeros are skipped (`group_rows`). Returns 0, -1 when out of memory, -2
+   when an index is outside [0, E). */
 int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const void *d, int64_t E, int64_t N,
                    int64_t B, const int64_t *index, float *y) {
     const int64_t K = B * QK, chunk = 16;
@@ -253,7 +274,7 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const v
         free(group_start);
         return -1;
     }
-    const int64_t groups = group_rows(R, index, E, order, group_start);
+    const int64_t groups = group_rows(R, index, E, x, K, y, N, order, group_start);
     if (groups < 0) {
         free(order);
         free(group_start);
@@ -447,7 +468,7 @@ int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, 
     int8_t *xq = malloc((size_t)n1 * K);
     float *xd = malloc(sizeof(float) * n1 * B);
     int32_t *xs = malloc(sizeof(int32_t) * n1 * B);
-    const int64_t groups = order && group_start ? group_rows(R, index, E, order, group_start) : -1;
+    const int64_t groups = order && group_start ? group_rows(R, index, E, x, K, y, N, order, group_start) : -1;
     if (groups < 0 || !xq || !xd || !xs) {
         free(order), free(group_start), free(xq), free(xd), free(xs);
         return groups < 0 ? (int)groups : -1;

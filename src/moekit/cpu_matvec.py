@@ -8,7 +8,8 @@ row of x and spends ~15 vector instructions per 32 q4_0 weights; the C kernel de
 up to 8 rows that share a weight (a 16-entry permute for 4-bit codes), groups expert pairs by expert,
 and keeps x in float32 (benchmarks/results/llama_cpp_decode_cpu.md). llama.cpp goes
 further and quantizes x to int8; moekit does not, so the kernel equals x @ dequantize(W)ᵀ up to the
-(fixed, per-row) order of the additions.
+(fixed, per-row) order of the additions. A row of x that is all zeros reads no weight and gets zeros (the
+engine's decode step zeroes the rows that only pad its bucket).
 
 Build: the C sources with the system C compiler (`$CC`, else cc / gcc), -O3 -march=native -fopenmp, linked
 by the C++ compiler (`$CXX`, else c++ / g++: the one torch.compile needs on CPU) together with cpu_ops.cpp,

@@ -164,6 +164,8 @@ class Transformer(nn.Module):
         """The forward itself: logits (B, T, V); (R, 1, V) of `plan.active_rows` when set (static decode);
         (R, V) float of `plan.logits_rows` when set (ragged prefill)."""
         x_BTD = self.embed(tokens_BT)
+        if plan.active_rows is not None:  # rows that only pad the bucket: zeros (the C matvec skips zero rows)
+            x_BTD = torch.zeros_like(x_BTD).index_copy(0, plan.active_rows, x_BTD.index_select(0, plan.active_rows))
         if plan.rope_table is not None:
             positions_N = plan.positions_BT.reshape(-1)
             cos_BTDh, sin_BTDh = (t.index_select(0, positions_N).view(*plan.positions_BT.shape, -1)
@@ -200,9 +202,9 @@ class Transformer(nn.Module):
         and attends over every slot s <= row_slots_B[b] with valid_BS[b, s] (False: padding).
         No input checks and no host syncs (the caller validates the tokens); no MoE aux.
         static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
-        (optional): the rows whose tokens are real; the others only pad the batch to its bucket,
-        skip the routed experts and leave per-sequence state (recurrent layers) untouched, and only
-        their logits are returned. routing=True: returns (logits, routed_BLK), each row's experts in
+        (optional): the rows whose tokens are real; the others only pad the batch to its bucket: they
+        start from zeros (which the C matvec skips), skip the routed experts and leave per-sequence state
+        (recurrent layers) untouched, and only the real rows' logits are returned. routing=True: returns (logits, routed_BLK), each row's experts in
         the L MoE layers (an output of the step, so it works under torch.compile fullgraph).
         """
         S = cache.max_len
