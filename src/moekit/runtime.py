@@ -84,12 +84,13 @@ def materialized(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.prims.inductor_force_stride_order(x, stride)
 
 
-def compiled_step(model, name: str, dynamic):
-    """`model.decode_step` compiled (see the module docstring), cached on the model under `name`."""
+def compiled_step(model, name: str, dynamic, fn=None):
+    """`model.decode_step` (or `fn(model, ...)`, a function around it) compiled (see the module docstring), cached
+    on the model under `name`."""
     key = "_compiled_" + name
     step = model.__dict__.get(key)
     if step is None:
-        step = model.__dict__[key] = CompiledStep(model, dynamic)
+        step = model.__dict__[key] = CompiledStep(model, dynamic, fn or type(model).decode_step)
     return step
 
 
@@ -106,20 +107,22 @@ def model_state(model) -> tuple:
 
 
 class CompiledStep:
-    """`model.decode_step` compiled with fullgraph=True, without guards on the model's modules, on a code
-    object of its own; compiled again when `model_state` changes."""
+    """`step(model, ...)` (`Transformer.decode_step` or a function around it) compiled with fullgraph=True,
+    without guards on the model's modules, on a code object of its own; compiled again when `model_state`
+    changes. Python numbers passed in (a norm's eps, `Numerics.row_quantum`) are constants of the graph."""
 
-    def __init__(self, model, dynamic):
-        self.model, self.dynamic = model, dynamic
+    def __init__(self, model, dynamic, step):
+        self.model, self.dynamic, self.step = model, dynamic, step
         self.state, self.fn = None, None
-        self.constant_floats = torch._dynamo.config.patch(specialize_float=True)  # made once (a class each)
+        # made once (a class each); read when dynamo traces (see the module docstring)
+        self.constants = torch._dynamo.config.patch(specialize_float=True, specialize_int=True)
 
     def __call__(self, *args):
         state = model_state(self.model)
         if state != self.state:
-            self.state, self.fn = state, compile_fn(private_method(self.model.decode_step), self.dynamic,
-                                                    self.model.embed.weight.device)
-        with self.constant_floats:  # read when dynamo traces (see the module docstring)
+            self.state, self.fn = state, compile_fn(private_method(types.MethodType(self.step, self.model)),
+                                                    self.dynamic, self.model.embed.weight.device)
+        with self.constants:
             return self.fn(*args)
 
 

@@ -22,6 +22,7 @@ Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import List, Sequence
 
@@ -51,6 +52,16 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
     return logits_RV, stack_routed(plan.routed_experts, (rows,), device)[plan.logits_rows]
 
 
+def packed_decode_step(model, ids_4B: torch.Tensor, cache, numerics: Numerics, rope_table, static: bool,
+                       rows_R: torch.Tensor, routing: bool):
+    """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, pool slots written (the
+    cache's `write_B` holds them), each row's first visible slot. One tensor in: a compiled step then takes
+    one size for the bucket's rows and no views' storage offsets as its inputs."""
+    valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[3, :, None]
+    return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
+                             rope_table, static, rows_R, routing)
+
+
 def bucket_rows(n: int, quantum: int) -> int:
     """The smallest power of two >= n that is a multiple of `quantum` (quantum: a power of two)."""
     return max(quantum, 1 << (max(n, 1) - 1).bit_length())
@@ -65,14 +76,13 @@ class DecodeStep:
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
-        self.slots_S = torch.arange(kv.max_slots, device=self.device)
-        self.fn = model.decode_step
+        self.fn = functools.partial(packed_decode_step, model)
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
             # otherwise torch's automatic dynamic shapes (the first bucket, batch 1 alone, is
             # compiled for its exact shape: the fastest code for it)
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
-            self.fn = compiled_step(model, name, dynamic=True if numerics.batch_invariant else None)
+            self.fn = compiled_step(model, name, True if numerics.batch_invariant else None, packed_decode_step)
             # what every step passes unchanged (the pools, the RoPE table) keeps static sizes: dynamo guards its
             # symbolic sizes and strides in Python before every call otherwise, a tenth of a lone request's step
             for t in (*kv.persistent_tensors(), *rope_table):
@@ -99,15 +109,13 @@ class DecodeStep:
         ids_4B = torch.tensor([tokens, slots, writes, first], dtype=torch.long, device=self.device)
         cache, write_B = self.kv.decode_view(B, S)
         write_B.copy_(ids_4B[2])
-        valid_BS = self.slots_S[:S] >= ids_4B[3, :, None]
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         with self.no_duck_shapes:
-            out = self.fn(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, self.numerics,
-                          self.rope_table, True, rows_R, routing)
+            out = self.fn(ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         logits_RV = logits_RV.float()
         if order != sorted(order):
