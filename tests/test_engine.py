@@ -13,7 +13,7 @@ from moekit import ModelConfig, Transformer
 from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
                            SamplingParams)
 from moekit.moe.invariant import experts_invariant
-from moekit.numerics import batch_invariant, pad_rows
+from moekit.numerics import batch_invariant, gemm_row_quantum, pad_rows
 from moekit.engine.kv import parse_budget
 from moekit.engine.text import TextStream
 from moekit.generate import generate
@@ -246,6 +246,10 @@ def test_queue_full_and_validation_errors(model):
         Engine(model, prefill_chunk=64, max_step_tokens=32)
     with pytest.raises(ValueError, match="KV budget"):
         Engine(model, kv_budget="12 parsecs")
+    with pytest.raises(ValueError, match="row_quantum must be a power of two, got 12"):
+        Engine(model, row_quantum=12)
+    assert Engine(model, row_quantum=8).numerics.row_quantum == 8
+    assert Engine(model).numerics.row_quantum == gemm_row_quantum()  # measured by default
 
 
 def test_kv_budget_parsing(model):

@@ -204,8 +204,9 @@ class Transformer(nn.Module):
         static=False runs the same plan with the eager kernels (host syncs allowed). `active_rows`
         (optional): the rows whose tokens are real; the others only pad the batch to its bucket: they
         start from zeros (which the C matvec skips), skip the routed experts and leave per-sequence state
-        (recurrent layers) untouched, and only the real rows' logits are returned. routing=True: returns (logits, routed_BLK), each row's experts in
-        the L MoE layers (an output of the step, so it works under torch.compile fullgraph).
+        (recurrent layers) untouched, and only the real rows' logits are returned. routing=True: returns
+        (logits, routed_BLK), each row's experts in the L MoE layers (an output of the step, so it works under
+        torch.compile fullgraph).
         """
         S = cache.max_len
         visible_BS = (torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None]) & valid_BS

@@ -20,6 +20,7 @@ caching (`metrics()["prefix_caching_note"]` says why).
 Bitwise batch invariance (default; docs/architecture.md): a request's tokens and logprobs are
 the same whatever runs beside it. `batch_invariant=False` drops that for speed, as vLLM does:
 plain numerics, no row padding, flash attention, the dense expert path for busy batches.
+`row_quantum` (default: measured, `numerics.gemm_row_quantum`) pads the invariant policy's GEMM rows.
 `compile=True` runs the decode steps through torch.compile (forward.py), paid by the first ones.
 
 Without `start()` the engine runs synchronously: `handle.result()`, iteration and
@@ -132,7 +133,8 @@ class Engine:
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
                              ("max_step_tokens", max_step_tokens, 1), ("max_queue", max_queue, 1),
-                             ("row_quantum", 1 if row_quantum is None else row_quantum, 1), ("block_size", block_size, 1)):
+                             ("row_quantum", 1 if row_quantum is None else row_quantum, 1),
+                             ("block_size", block_size, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if row_quantum is not None and row_quantum & (row_quantum - 1):
