@@ -26,10 +26,10 @@ torch.compile of a method are avoided:
     per-code limit to DECODE_RECOMPILE_LIMIT (never lowers it) where it compiles.
   * the Python wrapper: on CPU the generated code that calls a step's kernels is C++ (inductor's
     `cpp_wrapper`), not Python: measured in benchmarks/results/serve_cpu.md.
-  * float inputs: dynamo passes float attributes (a norm's eps, a scaling factor) into the graph as
-    inputs and checks each in Python before every call; they never change in a decode step, so each step
-    is traced with `specialize_float=True` (constants in the graph; measured in
-    benchmarks/results/serve_cpu.md).
+  * number inputs: dynamo passes float attributes (a norm's eps, a scaling factor) into the graph as
+    inputs and checks each in Python before every call, and under dynamic shapes ints too (`Numerics`'
+    row quantum); they never change in a decode step, so each step is traced with `specialize_float=True`
+    and `specialize_int=True` (constants in the graph; measured in benchmarks/results/serve_cpu.md).
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
