@@ -13,7 +13,7 @@ from moekit import ModelConfig, Transformer
 from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
                            SamplingParams)
 from moekit.moe.invariant import experts_invariant
-from moekit.numerics import batch_invariant, gemm_row_quantum, pad_rows
+from moekit.numerics import PLAIN, batch_invariant, gemm_row_quantum, pad_rows
 from moekit.engine.kv import parse_budget
 from moekit.engine.text import TextStream
 from moekit.generate import generate
@@ -430,3 +430,20 @@ def test_a_process_that_warmed_an_engine_exits_without_leak_reports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "served", out.stderr[-2000:]
     assert "leak" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_default_falls_back_to_plain_numerics_where_gemm_rows_cannot_be_made_invariant(caplog):
+    """bfloat16 GEMMs on CPU: where no row padding makes a row's bits independent of the batch (MKL on an Intel
+    Xeon with AMX), the default engine warns and runs plain numerics and batch_invariant=True refuses; where
+    one does, both run invariant with that quantum."""
+    model = Transformer(ModelConfig.preset("tiny")).to(torch.bfloat16)
+    q = gemm_row_quantum("cpu", torch.bfloat16)
+    if q is None:
+        with caplog.at_level("WARNING", logger="moekit.engine.engine"):
+            assert Engine(model).numerics == PLAIN
+        assert "batch-invariant numerics are not available here" in caplog.text
+        with pytest.raises(ValueError, match="no row padding up to 64 makes a torch.bfloat16 GEMM row's bits"):
+            Engine(model, batch_invariant=True)
+    else:
+        assert Engine(model).numerics.row_quantum == Engine(model, batch_invariant=True).numerics.row_quantum == q
+    assert Engine(model, batch_invariant=False).numerics == PLAIN

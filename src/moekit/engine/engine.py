@@ -18,7 +18,8 @@ sliding-window rings and recurrent states need); a model with such a layer runs 
 caching (`metrics()["prefix_caching_note"]` says why).
 
 Bitwise batch invariance (default; docs/architecture.md): a request's tokens and logprobs are
-the same whatever runs beside it. `batch_invariant=False` drops that for speed, as vLLM does:
+the same whatever runs beside it (where the device's GEMMs allow it; `batch_invariant=True` insists, the
+default None warns and runs plain where they do not). `batch_invariant=False` drops that for speed, as vLLM does:
 plain numerics, no row padding, flash attention, the dense expert path for busy batches.
 `row_quantum` (default: measured, `numerics.gemm_row_quantum`) pads the invariant policy's GEMM rows.
 `compile=True` runs the decode steps through torch.compile (forward.py), paid by the first ones.
@@ -128,7 +129,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
                  prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
                  eos_token_ids: Sequence[int] = (), row_quantum: Optional[int] = None, compile: bool = False,
-                 batch_invariant: bool = True, block_size: int = 16, prefix_caching: bool = True,
+                 batch_invariant: Optional[bool] = None, block_size: int = 16, prefix_caching: bool = True,
                  return_routed_experts: bool = False):
         cfg = model.cfg
         for name, v, low in (("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
@@ -148,18 +149,13 @@ class Engine:
         weight = model.embed.weight
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = weight.device, weight.dtype
-        for name, v in (("batch_invariant", batch_invariant), ("compile", compile), ("prefix_caching", prefix_caching),
-                        ("return_routed_experts", return_routed_experts)):
+        for name, v in (("batch_invariant", True if batch_invariant is None else batch_invariant), ("compile", compile),
+                        ("prefix_caching", prefix_caching), ("return_routed_experts", return_routed_experts)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name} must be True or False, got {v!r}")
         self._threads = torch.get_num_threads()
         self.return_routed_experts = return_routed_experts  # every step records the sampled rows' experts
-        if not batch_invariant:
-            self.numerics = PLAIN
-        elif row_quantum is None:  # measured on this machine's BLAS (numerics.gemm_row_quantum)
-            self.numerics = invariant_numerics(self.device, self.dtype)
-        else:
-            self.numerics = Numerics(row_quantum, True)
+        self.numerics = self.choose_numerics(batch_invariant, row_quantum)
         cpu_matvec.prepare("f32", self.device)  # the C kernels (paged decode attention) from the first step on
         with torch.no_grad():
             self._rope = rope_table(model.inv_freq, cfg.max_seq_len, self.dtype)
@@ -190,6 +186,23 @@ class Engine:
         self._resume.set()
         self._wake = threading.Event()  # set on every submission and cancellation
         self.thread_error: Optional[str] = None
+
+    def choose_numerics(self, batch_invariant: Optional[bool], row_quantum: Optional[int]) -> Numerics:
+        """The policy: plain (False), bitwise batch-invariant (True: ValueError where this device's GEMMs cannot
+        be made so), or invariant where they can and plain with a warning where not (None, the default).
+        row_quantum None: measured (numerics.gemm_row_quantum)."""
+        if batch_invariant is False:
+            return PLAIN
+        if row_quantum is not None:
+            return Numerics(row_quantum, True)
+        try:
+            return invariant_numerics(self.device, self.dtype)
+        except ValueError as err:
+            if batch_invariant:
+                raise
+            log.warning("%s: running with plain numerics (a request's logits may change with what runs beside it)",
+                        err)
+            return PLAIN
 
     # ------------------------------------------------------------------ submission (any thread)
     @property
