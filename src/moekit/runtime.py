@@ -6,8 +6,9 @@ machines can cost more than the arithmetic (benchmarks/results/moe_layer_cpu.md)
 freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost, at the
 price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
 
-`compiled_step(model, name, dynamic)`: `model.decode_step` under torch.compile, for moekit's decode
-steps (`generate(compile=True)`, the engine), cached on the model. Four costs of a plain
+`compiled_step(model, name, dynamic, fn=None)`: `model.decode_step` (or `fn(model, ...)` around it: the
+engine's packed-ids step) under torch.compile, for moekit's decode steps (`generate(compile=True)`, the
+engine), cached on the model. Four costs of a plain
 torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
     (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled

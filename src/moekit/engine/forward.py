@@ -83,8 +83,8 @@ class DecodeStep:
             # compiled for its exact shape: the fastest code for it)
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
             self.fn = compiled_step(model, name, True if numerics.batch_invariant else None, packed_decode_step)
-            # what every step passes unchanged (the pools, the RoPE table) keeps static sizes: dynamo guards its
-            # symbolic sizes and strides in Python before every call otherwise, a tenth of a lone request's step
+            # what every step passes unchanged (the pools, the RoPE table) keeps static sizes: otherwise dynamo
+            # guards their symbolic sizes and strides in Python before every call
             for t in (*kv.persistent_tensors(), *rope_table):
                 for each in (t, t._base) if t._base is not None else (t,):
                     torch._dynamo.mark_static(each)
