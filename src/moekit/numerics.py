@@ -132,4 +132,30 @@ def batch_invariant(device="cpu", dtype: torch.dtype = torch.float32) -> Numeric
     return Numerics(row_quantum=q, invariant_elementwise=True)
 
 
+# words in the names of torch's operators that multiply matrices over a batch's rows (GEMMs, batched GEMMs,
+# fused attention, convolutions): their order of additions may follow the row count
+ROW_PRODUCTS = ("mm", "matmul", "linear", "attention", "conv")
+
+
+def rows_multiplied(fn) -> list:
+    """The operators `fn()` runs whose result for one row may depend on how many rows there are: torch's
+    matrix products and fused attention (`ROW_PRODUCTS`) and any operator outside torch and moekit (not
+    known to compute rows alone). moekit's own operators (the C matvec, the paged decode attention) compute
+    each row alone, in a fixed order. Runs `fn` once, under a dispatch mode that records the operators."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            space, name = func.namespace, func.__name__
+            if space != "moekit" and (space != "aten" or any(word in name for word in ROW_PRODUCTS)):
+                found.append(f"{space}::{name}")
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return sorted(set(found))
+
+
 PLAIN = Numerics()

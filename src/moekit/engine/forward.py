@@ -29,12 +29,15 @@ from typing import List, Sequence
 import torch
 import torch.fx.experimental._config as shape_config
 
-from ..numerics import Numerics, round_up
+from ..numerics import Numerics, round_up, rows_multiplied
 from ..plan import ForwardPlan, Segment, stack_routed
 from ..runtime import compiled_step
 from .kv import TRASH
 
 PAD_ID, MIN_SLOTS = 0, 64
+# the fewest rows of an invariant decode bucket whose products compute each row alone: dynamo specialises a size
+# of 1, so a bucket of 1 would run other generated code (other bits) than the buckets of 2 and more
+ROWWISE_MIN_ROWS = 2
 
 
 def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_table, routing: bool = False):
@@ -77,6 +80,9 @@ class DecodeStep:
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
         self.fn = functools.partial(packed_decode_step, model)
+        self.quantum = numerics.row_quantum  # the bucket's rows are a power of two and a multiple of this
+        if numerics.batch_invariant and not self.row_products():
+            self.quantum = ROWWISE_MIN_ROWS
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
             # otherwise torch's automatic dynamic shapes (the first bucket, batch 1 alone, is
@@ -92,12 +98,30 @@ class DecodeStep:
         # patch is made once: making one builds a class; entered on the engine's one step thread)
         self.no_duck_shapes = shape_config.patch(use_duck_shape=False)
 
+    def row_products(self) -> list:
+        """The operators of an eager step whose bits for a row may follow the row count (`rows_multiplied`:
+        GEMMs, batched GEMMs, fused attention). None (on the CPU in float32, each projection through the C
+        matvec and paged attention through the C kernel): every row is computed alone, so the bucket needs no
+        GEMM row quantum, only ROWWISE_MIN_ROWS; otherwise its rows are a multiple of the quantum. (The
+        compiled step computes rows alone wherever the eager one does.) The probe: one step of a bucket where
+        row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
+        row (row pools: rewritten by the row's next prefill, recurrent state reset when the row is taken)."""
+        B, S, bs = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots), self.kv.block_size
+        rest = [S - 1] * (B - 1)
+        ids_4B = torch.tensor([[PAD_ID] * B, [0, *rest], [TRASH * bs] * B, [0, *rest]], device=self.device)
+        cache, write_B = self.kv.decode_view(B, S)
+        write_B.copy_(ids_4B[2])
+        rows_R = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return rows_multiplied(lambda: packed_decode_step(self.model, ids_4B, cache, self.numerics,
+                                                              self.rope_table, True, rows_R, False))
+
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
         one being recomputed), `running` are all requests holding rows (for the bucket's cache length).
         routing=True: and (len(decoding), L, K), each one's experts in the L MoE layers."""
         rows_used = max(s.row for s in running) + 1
-        B = bucket_rows(rows_used, self.numerics.row_quantum)
+        B = bucket_rows(rows_used, self.quantum)
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
         bs = self.kv.block_size
