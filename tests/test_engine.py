@@ -13,7 +13,8 @@ from moekit import ModelConfig, Transformer
 from moekit.engine import (ContextLengthError, Engine, KVBudgetError, ParamError, QueueFullError,
                            SamplingParams)
 from moekit.moe.invariant import experts_invariant
-from moekit.numerics import PLAIN, batch_invariant, gemm_row_quantum, pad_rows
+from moekit import cpu_matvec
+from moekit.numerics import PLAIN, batch_invariant, gemm_row_quantum, pad_rows, rows_multiplied
 from moekit.engine.kv import parse_budget
 from moekit.engine.text import TextStream
 from moekit.generate import generate
@@ -134,6 +135,40 @@ def test_batch_invariance_bitwise(preset, quantize):
     for a, b in zip(alone, together):
         assert a.token_ids == b.token_ids
         assert a.logprobs == b.logprobs  # exact float equality, every step
+
+
+def test_rows_multiplied_names_the_products_over_rows():
+    """The probe behind the decode bucket's size: torch's GEMMs and fused attention are named, row-wise work
+    (norms, reductions per row, moekit's C matvec) is not."""
+    x, w = torch.randn(3, 64), torch.randn(32, 64)
+    assert rows_multiplied(lambda: F.linear(x, w)) in (["aten::mm.default"], ["aten::addmm.default"])
+    assert rows_multiplied(lambda: torch.einsum("bk,nk->bn", x, w)) != []
+    q = torch.randn(1, 2, 3, 8)
+    assert rows_multiplied(lambda: F.scaled_dot_product_attention(q, q, q)) != []
+    assert rows_multiplied(lambda: (F.rms_norm(x, (64,)) * x).sum(-1).softmax(-1).topk(2)) == []
+    if cpu_matvec.available():
+        y = cpu_matvec.qmatvec("f32", x, w, None, None)
+        assert rows_multiplied(lambda: cpu_matvec.qmatvec("f32", x, w, None, None)) == []
+        torch.testing.assert_close(y, F.linear(x, w))
+
+
+@pytest.mark.skipif(not cpu_matvec.available(), reason=f"moekit's C kernels: {cpu_matvec.error()}")
+@pytest.mark.parametrize("preset,rowwise", [("tiny", True), ("mla-tiny", False)])
+def test_lone_request_decodes_in_a_bucket_of_two_where_rows_are_computed_alone(preset, rowwise):
+    """float32 on the CPU: every projection of the invariant step goes through the C matvec and attention through
+    the paged C kernel, so a lone request decodes in a bucket of 2 rows rather than the GEMM row quantum's; MLA's
+    absorbed products are GEMMs over the rows, so its buckets stay multiples of the quantum. Both get the bits
+    they get co-batched."""
+    model = tiny_model(scaled=False, preset=preset)
+    engine = Engine(model, **KW)
+    q = engine.numerics.row_quantum
+    expected = 2 if rowwise else q
+    assert engine.decode_step.quantum == expected
+    params = SamplingParams(max_tokens=6, logprobs=True)
+    alone = engine.generate([PROMPTS[0]], params)[0]
+    assert {B for B, _ in engine.kv.views} == {q, expected}  # the probe's bucket, then the lone request's
+    together = engine.generate(PROMPTS[:3] + [PROMPTS[0]], params)[-1]
+    assert alone.token_ids == together.token_ids and alone.logprobs == together.logprobs
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -7,7 +7,8 @@ batch-invariant by default, so a request's logits are bitwise the same whatever 
   * decode: one token for every request past its prefill, one static-shape batch (the model's static
     decode kernels, compiled or eager) over rows [0, bucket) and logical slots [0, S_bucket)
     (`Transformer.decode_step`): the batch rounded
-    up to a power of two (a multiple of the row quantum), the cache length to a power of two
+    up to a power of two (at least 2 where the step computes each row alone, `DecodeStep.row_products`,
+    else a multiple of the row quantum), the cache length to a power of two
     >= 64. Paged layers read through the bucket's slot table (from the block tables) and
     write at each row's pool slot (kv.py). Under `compile=True` with invariance: dynamic
     shapes from the start, so every bucket runs the same generated code. Rows that are not
