@@ -150,6 +150,38 @@ def test_rowwise_projection_takes_the_kernel_a_row_alone_or_in_a_batch(K):
     assert y.requires_grad and torch.equal(y, layer(x_BTK))
 
 
+def test_project_all_is_one_call_with_each_projections_bits():
+    """Projections of one input (attention's q, k, v) under the decode numerics: one C call (f32matvec_cat) whose
+    results are bitwise those of `project` one module at a time, biases included; plain numerics, a training
+    forward or a module that is not a plain nn.Linear keep one `project` each."""
+    from moekit.moe.weights import project, project_all
+    from moekit.numerics import PLAIN, Numerics
+
+    torch.manual_seed(6)
+    modules = (torch.nn.Linear(64, 48), torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(64, 16))
+    rowwise = Numerics(rowwise_linears=True)
+    x_BTK = torch.randn(3, 1, 64)
+    calls = []
+    original = cpu_matvec.f32matvec_cat
+    cpu_matvec.f32matvec_cat = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():
+            for numerics, fused in ((rowwise, True), (PLAIN, False)):
+                calls.clear()
+                ys = project_all(modules, x_BTK, numerics)
+                assert len(calls) == int(fused)
+                for y, m in zip(ys, modules):
+                    assert y.shape == (3, 1, m.out_features) and torch.equal(y, project(m, x_BTK, numerics))
+            calls.clear()
+            mixed = (modules[0], torch.nn.Sequential(modules[1]))
+            assert all(torch.equal(y, project(m, x_BTK, rowwise)) for y, m in zip(project_all(mixed, x_BTK, rowwise), mixed))
+            assert not calls
+        ys = project_all(modules, x_BTK, rowwise)  # grad enabled: F.linear
+        assert not calls and all(torch.equal(y, m(x_BTK)) for y, m in zip(ys, modules))
+    finally:
+        cpu_matvec.f32matvec_cat = original
+
+
 def test_decode_step_multiplies_the_head_for_the_active_rows_only():
     """Under the engine's decode numerics the head computes rows alone (moe/weights.rows_alone), so the static
     step multiplies only the active rows: a row's logits are bitwise those it gets among all rows active;

@@ -74,6 +74,29 @@ def test_qmatvec_equals_the_python_kernel(method):
 
 
 @needs_ops
+def test_f32matvec_cat_equals_one_qmatvec_per_weight():
+    """Projections of one input in one call: per weight the bits of its own `qmatvec` call (the C++ and the Python
+    kernel), rows of zeros give zeros, and a weight that does not fit x is refused by both."""
+    torch.manual_seed(3)
+    lib = cpu_matvec.library()
+    weights = [torch.randn(n, 96) for n in (40, 17, 8)]
+    for R in (1, 3, 12):
+        x = torch.randn(R, 96)
+        x[R // 2] = 0
+        expected = torch.cat([cpu_matvec.call(lib, "f32", x, w, None, None) for w in weights], dim=1)
+        ours = torch.ops.moekit.f32matvec_cat(x, weights)
+        assert torch.equal(ours, expected) and torch.equal(cpu_matvec.call_cat(lib, x, weights), expected)
+        assert not ours[R // 2].any()
+    x = torch.randn(2, 96)
+    bad = [(x, [weights[0], torch.randn(8, 64)]), (x.double(), weights), (torch.randn(2, 80), [torch.randn(4, 80)]),
+           (x, [weights[0].double()]), (x, [])]
+    for args in bad:
+        ours = outcome(torch.ops.moekit.f32matvec_cat, *args)
+        assert isinstance(ours, tuple) and ours[0] is ValueError, ours
+        assert ours[0] is outcome(cpu_matvec.call_cat, lib, *args)[0]
+
+
+@needs_ops
 @pytest.mark.parametrize("method", ["q8_0", "q4_0"])
 def test_x8matvec_equals_the_python_kernel(method):
     torch.manual_seed(1)

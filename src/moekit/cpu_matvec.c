@@ -304,6 +304,55 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const v
     return 0;
 }
 
+/* y (R, N_0 + ... + N_{W-1}) = rows of x (R, K) against W float32 weights w[i] (N_i, K), side by side: the
+   projections that share an input (attention's q, k and v) in one call and one parallel region. Every output
+   is computed as `moekit_qmatvec` computes it (the same tile, the same bits); rows of zeros get zeros.
+   Returns 0, or -1 when out of memory. */
+int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const int64_t *N, int64_t W, int64_t K,
+                         float *y) {
+    const int64_t chunk = 16, B = K / QK;
+    int64_t N_all = 0;
+    int64_t *first = malloc(sizeof(int64_t) * (W + 1));          /* weight i: chunks first[i] .. first[i + 1] */
+    int64_t *offset = malloc(sizeof(int64_t) * (W > 0 ? W : 1)); /* weight i: columns offset[i] .. of y */
+    int64_t *order = malloc(sizeof(int64_t) * (R > 0 ? R : 1));
+    int64_t *group_start = malloc(sizeof(int64_t) * (R + 1));
+    if (!first || !offset || !order || !group_start) {
+        free(first);
+        free(offset);
+        free(order);
+        free(group_start);
+        return -1;
+    }
+    first[0] = 0;
+    for (int64_t i = 0; i < W; i++) {
+        offset[i] = N_all;
+        N_all += N[i];
+        first[i + 1] = first[i] + (N[i] + chunk - 1) / chunk;
+    }
+    const int64_t groups = group_rows(R, NULL, 1, x, K, y, N_all, order, group_start); /* (no index: >= 0) */
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < groups * first[W]; task++) {
+        const int64_t g = task % groups, c = task / groups;
+        int64_t i = 0;
+        while (c >= first[i + 1]) i++;
+        const int64_t i0 = group_start[g];
+        const int T = (int)(group_start[g + 1] - i0);
+        const float *x_T[MAX_TILE];
+        float *y_T[MAX_TILE];
+        for (int t = 0; t < T; t++) {
+            x_T[t] = x + order[i0 + t] * K;
+            y_T[t] = y + order[i0 + t] * N_all + offset[i];
+        }
+        const int64_t n0 = (c - first[i]) * chunk, n1 = n0 + chunk < N[i] ? n0 + chunk : N[i];
+        tile(F32, x_T, T, (const uint8_t *)w[i], NULL, n0, n1, B, y_T);
+    }
+    free(first);
+    free(offset);
+    free(order);
+    free(group_start);
+    return 0;
+}
+
 /* ---- 8-bit activations ---------------------------------------------------------------------------------
 
    Each 32-block of a row of x is quantized like a q8_0 weight: d_x = max|x| / 127 (float32, where GGML

@@ -1,7 +1,9 @@
 """A C kernel for the matvec of few rows on CPU over q8_0 / q4_0 / mxfp4 blocks or float32 weights (cpu_matvec.c),
 built on first use, and the torch op `torch.ops.moekit.qmatvec` that calls it (so it runs inside a
 compiled graph as one opaque call). Its callers: `QuantizedWeight.linear` / `.gathered_matvec`
-(quantize/modules.py) and `moe.weights.gathered_matvec` for float32 experts.
+(quantize/modules.py) and `moe.weights.gathered_matvec` for float32 experts. `torch.ops.moekit.f32matvec_cat`
+multiplies one x by several float32 weights in one call (`moe.weights.project_all`: attention's q, k and v
+in the engine's decode step), each output as `qmatvec` computes it.
 
 Why: the matvec torch.compile generates from `Format.fused_matvec` decodes every code again for every
 row of x and spends ~15 vector instructions per 32 q4_0 weights; the C kernel decodes a block once for
@@ -122,6 +124,8 @@ def load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     fn.restype = ctypes.c_int
+    lib.moekit_f32matvec_cat.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr]
+    lib.moekit_f32matvec_cat.restype = ctypes.c_int
     lib.moekit_x8_matvec.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.moekit_x8_matvec.restype = ctypes.c_int
     lib.moekit_x8_pack.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, ptr]
@@ -207,6 +211,23 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
     return y_RN
 
 
+def call_cat(lib: ctypes.CDLL, x_RK: torch.Tensor, weights) -> torch.Tensor:
+    """y (R, N_0 + ... + N_{W-1}): x (R, K) float32 (K a multiple of 32) against each float32 weight (N_i, K),
+    side by side, in one C call (per weight the bits of `call`)."""
+    R, K = x_RK.shape
+    fits = x_RK.dtype == torch.float32 and K % 32 == 0 and len(weights) > 0
+    if not fits or any(w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != K for w in weights):
+        raise ValueError(f"f32matvec_cat: x {tuple(x_RK.shape)} {x_RK.dtype} does not fit weights "
+                         f"{[tuple(w.shape) for w in weights]} (float32, K a multiple of 32)")
+    x_RK, weights = x_RK.contiguous(), [w.contiguous() for w in weights]
+    W, N = len(weights), [w.shape[0] for w in weights]
+    y_RN = torch.empty(R, sum(N), dtype=torch.float32)
+    status = lib.moekit_f32matvec_cat(x_RK.data_ptr(), R, (ctypes.c_void_p * W)(*[w.data_ptr() for w in weights]),
+                                      (ctypes.c_int64 * W)(*N), W, K, y_RN.data_ptr())
+    check(status, "f32matvec_cat", 1)
+    return y_RN
+
+
 def check(status: int, what: str, E: int) -> None:
     """The C entry points' status: 0 fine, -1 out of memory, -2 an index outside the stack (checked in C,
     before any read: no tensor op per call)."""
@@ -266,6 +287,19 @@ def _qmatvec_meta(method, x, qweight, scale, index):
 
 _lib.impl("qmatvec", _qmatvec_cpu, "CompositeExplicitAutograd")  # cpu_ops.cpp's CPU kernel overrides it
 _lib.impl("qmatvec", _qmatvec_meta, "Meta")
+_lib.define("f32matvec_cat(Tensor x, Tensor[] weights) -> Tensor")
+
+
+def _f32matvec_cat_cpu(x, weights):
+    return call_cat(library(), x, weights)
+
+
+def _f32matvec_cat_meta(x, weights):
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+_lib.impl("f32matvec_cat", _f32matvec_cat_cpu, "CompositeExplicitAutograd")
+_lib.impl("f32matvec_cat", _f32matvec_cat_meta, "Meta")
 _lib.define("x8matvec(str method, Tensor x, Tensor panels, Tensor pscale, int N, Tensor? index) -> Tensor")
 
 
@@ -302,6 +336,12 @@ def x8matvec(method: str, x_RK: torch.Tensor, panels: torch.Tensor, pscale: torc
              index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y (R, N) with 8-bit activations (see cpu_matvec.c) over the panels of `x8_pack`; check `usable` first."""
     return torch.ops.moekit.x8matvec(method, x_RK, panels, pscale, N, index_R)
+
+
+def f32matvec_cat(x_RK: torch.Tensor, weights) -> torch.Tensor:
+    """torch.cat([x @ w.T for w in weights], dim=1) (R, N_0 + ...) in one call, each column as
+    `qmatvec("f32", ...)` computes it; check `usable("f32", x)` first."""
+    return torch.ops.moekit.f32matvec_cat(x_RK, weights)
 
 
 def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],

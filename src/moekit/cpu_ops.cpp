@@ -6,7 +6,7 @@
    before any work, the dispatcher entering Python, the checks and ctypes: about a tenth of a token on the
    medium model. Here the same call costs about a third of that.
 
-   The ops are defined (schema, Meta kernel) in Python: moekit/cpu_matvec.py (qmatvec, x8matvec) and
+   The ops are defined (schema, Meta kernel) in Python: moekit/cpu_matvec.py (qmatvec, f32matvec_cat, x8matvec) and
    moekit/attention/paged_cpu.py (paged_decode_attention), whose Python kernels (ctypes over the same C
    functions, registered under CompositeExplicitAutograd) stay the fallback where this file is not built:
    a kernel registered for CPU here takes precedence over them. Both check the same things before calling
@@ -20,10 +20,13 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 extern "C" {
 int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const void *d, int64_t E, int64_t N,
                    int64_t B, const int64_t *index, float *y);
+int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const int64_t *N, int64_t W, int64_t K,
+                         float *y);
 int moekit_x8_matvec(int fmt, const float *x, int64_t R, const uint8_t *panels, const float *pscale, int64_t E,
                      int64_t N, int64_t B, const int64_t *index, float *y);
 int moekit_paged_decode_attention(const float *q, const float *pool_k, const float *pool_v, const int64_t *table,
@@ -92,6 +95,31 @@ at::Tensor qmatvec(c10::string_view method_name, const at::Tensor &x, const at::
     return y;
 }
 
+at::Tensor f32matvec_cat(const at::Tensor &x, at::TensorList weights) {
+    const bool fits = x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % QK == 0 && !weights.empty();
+    TORCH_CHECK_VALUE(fits, "f32matvec_cat: x ", x.sizes(), " ", x.scalar_type(),
+                      " must be float32 (R, K) with K a multiple of 32, and weights a non-empty list");
+    const int64_t R = x.size(0), K = x.size(1), W = static_cast<int64_t>(weights.size());
+    std::vector<at::Tensor> keep;
+    std::vector<const float *> w_ptrs;
+    std::vector<int64_t> N;
+    int64_t N_all = 0;
+    for (const at::Tensor &w : weights) {
+        TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kFloat && w.size(1) == K, "f32matvec_cat: weight ",
+                          w.sizes(), " ", w.scalar_type(), " does not fit x ", x.sizes(), " (float32 (N, K))");
+        keep.push_back(w.contiguous());
+        w_ptrs.push_back(keep.back().const_data_ptr<float>());
+        N.push_back(w.size(0));
+        N_all += w.size(0);
+    }
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({R, N_all}, x.options());
+    const int status = moekit_f32matvec_cat(xc.const_data_ptr<float>(), R, w_ptrs.data(), N.data(), W, K,
+                                            y.mutable_data_ptr<float>());
+    TORCH_CHECK(status == 0, "f32matvec_cat: out of memory");
+    return y;
+}
+
 at::Tensor x8matvec(c10::string_view method_name, const at::Tensor &x, const at::Tensor &panels,
                     const at::Tensor &pscale, int64_t N, const std::optional<at::Tensor> &index) {
     const std::string name(method_name);
@@ -153,6 +181,7 @@ at::Tensor paged_decode_attention(const at::Tensor &q, const at::Tensor &pool_k,
 
 TORCH_LIBRARY_IMPL(moekit, CPU, m) {
     m.impl("qmatvec", &qmatvec);
+    m.impl("f32matvec_cat", &f32matvec_cat);
     m.impl("x8matvec", &x8matvec);
     m.impl("paged_decode_attention", &paged_decode_attention);
 }

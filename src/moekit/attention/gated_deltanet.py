@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import RecurrentLayerCache
-from ..moe.weights import project
+from ..moe.weights import project, project_all
 from ..norm import RMSNorm
 from ..numerics import PLAIN
 from .delta_rule import delta_rule_chunked, delta_rule_step, work_dtype, zero_state
@@ -100,17 +100,16 @@ class GatedDeltaNet(nn.Module):
     def project(self, x_BTD, numerics=PLAIN):
         """(conv input (B, T, C) as [q, k, v], z (B, T, Hv, Dv), b and a (B, T, Hv))."""
         B, T, _ = x_BTD.shape
-        proj = lambda module: project(module, x_BTD, numerics)  # noqa: E731
         Hk, Hv, Dk, Dv = self.Hk, self.Hv, self.Dk, self.Dv
         if self.cfg.linear_fused_proj:
             R = Hv // Hk
-            qkvz = proj(self.in_proj_qkvz).view(B, T, Hk, 2 * Dk + 2 * R * Dv)
-            q, k, v, z = qkvz.split([Dk, Dk, R * Dv, R * Dv], dim=-1)
-            b, a = proj(self.in_proj_ba).view(B, T, Hk, 2 * R).split([R, R], dim=-1)
+            qkvz, ba = project_all((self.in_proj_qkvz, self.in_proj_ba), x_BTD, numerics)
+            q, k, v, z = qkvz.view(B, T, Hk, 2 * Dk + 2 * R * Dv).split([Dk, Dk, R * Dv, R * Dv], dim=-1)
+            b, a = ba.view(B, T, Hk, 2 * R).split([R, R], dim=-1)
             mixed_BTC = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
             return mixed_BTC, z.reshape(B, T, Hv, Dv), b.reshape(B, T, Hv), a.reshape(B, T, Hv)
-        z = proj(self.in_proj_z).view(B, T, Hv, Dv)
-        return proj(self.in_proj_qkv), z, proj(self.in_proj_b), proj(self.in_proj_a)
+        qkv, z, b, a = project_all((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x_BTD, numerics)
+        return qkv, z.view(B, T, Hv, Dv), b, a
 
     def mix(self, mixed_BTC, b_BTHv, a_BTHv, span, plan) -> torch.Tensor:
         """The conv and the delta rule over one span, from and into its cache: o (B, T, Hv, Dv)."""

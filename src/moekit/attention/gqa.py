@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVLayerCache, WindowKVCache, window_visible
-from ..moe.weights import project
+from ..moe.weights import project, project_all
 from ..norm import RMSNorm
 from ..numerics import PLAIN
 from ..rope import apply_rope
@@ -71,7 +71,7 @@ class GQAttention(nn.Module):
         and the output gate (B, T, H * Dh) or None."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        q, k, v = (project(p, x_BTD, numerics) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = project_all((self.q_proj, self.k_proj, self.v_proj), x_BTD, numerics)
         gate_BTE = None
         if cfg.attn_output_gate:
             q_BTH2Dh = q.view(B, T, cfg.n_heads, 2 * cfg.head_dim)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import LatentLayerCache
-from ..moe.weights import project
+from ..moe.weights import project, project_all
 from ..norm import RMSNorm
 from ..numerics import PLAIN
 from ..rope import apply_rope
@@ -112,13 +112,13 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         N, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        if cfg.q_lora_rank is None:
-            q = project(self.q_proj, x_BTD, numerics)
-        else:
-            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x_BTD, numerics)), numerics)
+        q_in = self.q_proj if cfg.q_lora_rank is None else self.q_a_proj
+        q, kv_a = project_all((q_in, self.kv_a_proj_with_mqa), x_BTD, numerics)
+        if cfg.q_lora_rank is not None:
+            q = project(self.q_b_proj, self.q_a_layernorm(q), numerics)
         q_BHTK = q.view(B, T, cfg.n_heads, N + R).transpose(1, 2)
         q_nope_BHTN, q_rot_BHTR = q_BHTK.split([N, R], dim=-1)
-        latent_BTC, k_rot_BTR = project(self.kv_a_proj_with_mqa, x_BTD, numerics).split([C, R], dim=-1)
+        latent_BTC, k_rot_BTR = kv_a.split([C, R], dim=-1)
         latent_B1TC = self.kv_a_layernorm(latent_BTC)[:, None]
         k_rot_B1TR = self.rope(k_rot_BTR[:, None], cos_BTR, sin_BTR)
         q_BHTK = torch.cat([q_nope_BHTN, self.rope(q_rot_BHTR, cos_BTR, sin_BTR)], dim=-1)

@@ -135,14 +135,20 @@ class DecodeStep:
         cache, write_B = self.kv.decode_view(B, S)
         write_B.copy_(ids_4B[2])
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
-        rows_R = torch.tensor([decoding[i].row for i in order], dtype=torch.long, device=self.device)
+        rows = [decoding[i].row for i in order]
+        if self.numerics.batch_invariant and len(rows) == 1:
+            # a lone decoding row twice (the same values selected and written back twice): dynamo specialises a
+            # size of 1, and the code of a one-row step could sum other ops in another order than the step for
+            # 2 or more rows (it did for a hybrid model's recurrent layers); so every step runs one graph
+            rows.append(rows[0])
+        rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         with self.no_duck_shapes:
             out = self.fn(ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
-        logits_RV = logits_RV.float()
+        logits_RV = logits_RV[:len(decoding)].float()
         if order != sorted(order):
             logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
         if not routing:

@@ -68,6 +68,18 @@ def project(module: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Ten
     return module(x)
 
 
+def project_all(modules, x: torch.Tensor, numerics: Numerics) -> list:
+    """[project(m, x, numerics) for m in modules]: projections of one input (attention's q, k and v). Where each
+    is a plain float32 nn.Linear taking the C matvec (`rows_alone`), all of them in one C call
+    (`cpu_matvec.f32matvec_cat`: one call and one parallel region instead of one each, the same bits); each
+    result is then a view of the call's output."""
+    if len(modules) < 2 or not all(rows_alone(m, x, numerics) for m in modules):
+        return [project(m, x, numerics) for m in modules]
+    y_RN = cpu_matvec.f32matvec_cat(x.reshape(-1, x.shape[-1]), [m.weight for m in modules])
+    ys = y_RN.split([m.out_features for m in modules], dim=-1)
+    return [(y if m.bias is None else y + m.bias).view(*x.shape[:-1], m.out_features) for y, m in zip(ys, modules)]
+
+
 def gathered_matvec(w, index_P: torch.Tensor, x_P1K: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """sum_k W[index_P, n, k] * x_P1K[p, 0, k] -> (P, N), without copying the entries: under torch.compile
     the gather fuses into the reduction; float32 on CPU with more than MAX_ROWS_SHARED pairs (a static count)
