@@ -133,8 +133,8 @@ def batch_invariant(device="cpu", dtype: torch.dtype = torch.float32) -> Numeric
 
 
 # words in the names of torch's operators that multiply matrices over a batch's rows (GEMMs, batched GEMMs,
-# fused attention, convolutions): their order of additions may follow the row count
-ROW_PRODUCTS = ("mm", "matmul", "linear", "attention", "conv")
+# matrix-vector products, fused attention, convolutions): their order of additions may follow the row count
+ROW_PRODUCTS = ("mm", "mv", "dot", "matmul", "linear", "attention", "conv")
 
 
 def rows_multiplied(fn) -> list:
