@@ -83,10 +83,12 @@ def test_f32matvec_cat_equals_one_qmatvec_per_weight():
     for R in (1, 3, 12):
         x = torch.randn(R, 96)
         x[R // 2] = 0
-        expected = torch.cat([cpu_matvec.call(lib, "f32", x, w, None, None) for w in weights], dim=1)
+        each = [cpu_matvec.call(lib, "f32", x, w, None, None) for w in weights]
+        expected = torch.cat([y.reshape(-1) for y in each])  # each product row-major, one after another
         ours = torch.ops.moekit.f32matvec_cat(x, weights)
         assert torch.equal(ours, expected) and torch.equal(cpu_matvec.call_cat(lib, x, weights), expected)
-        assert not ours[R // 2].any()
+        views = cpu_matvec.f32matvec_cat(x, weights)
+        assert all(v.is_contiguous() and torch.equal(v, y) and not v[R // 2].any() for v, y in zip(views, each))
     x = torch.randn(2, 96)
     bad = [(x, [weights[0], torch.randn(8, 64)]), (x.double(), weights), (torch.randn(2, 80), [torch.randn(4, 80)]),
            (x, [weights[0].double()]), (x, [])]

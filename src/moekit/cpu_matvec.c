@@ -304,16 +304,16 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const v
     return 0;
 }
 
-/* y (R, N_0 + ... + N_{W-1}) = rows of x (R, K) against W float32 weights w[i] (N_i, K), side by side: the
-   projections that share an input (attention's q, k and v) in one call and one parallel region. Every output
-   is computed as `moekit_qmatvec` computes it (the same tile, the same bits); rows of zeros get zeros.
-   Returns 0, or -1 when out of memory. */
+/* y = the products of x (R, K) with W float32 weights w[i] (N_i, K), one after another, each (R, N_i) row-major
+   (y_i starts at R (N_0 + ... + N_{i-1})): the projections that share an input (attention's q, k and v) in one
+   call and one parallel region, each a contiguous block. Every output is computed as `moekit_qmatvec` computes
+   it (the same tile, the same bits); rows of zeros get zeros. Returns 0, or -1 when out of memory. */
 int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const int64_t *N, int64_t W, int64_t K,
                          float *y) {
     const int64_t chunk = 16, B = K / QK;
     int64_t N_all = 0;
     int64_t *first = malloc(sizeof(int64_t) * (W + 1));          /* weight i: chunks first[i] .. first[i + 1] */
-    int64_t *offset = malloc(sizeof(int64_t) * (W > 0 ? W : 1)); /* weight i: columns offset[i] .. of y */
+    int64_t *offset = malloc(sizeof(int64_t) * (W > 0 ? W : 1)); /* weight i: y_i = y + R offset[i] */
     int64_t *order = malloc(sizeof(int64_t) * (R > 0 ? R : 1));
     int64_t *group_start = malloc(sizeof(int64_t) * (R + 1));
     if (!first || !offset || !order || !group_start) {
@@ -329,7 +329,12 @@ int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const
         N_all += N[i];
         first[i + 1] = first[i] + (N[i] + chunk - 1) / chunk;
     }
-    const int64_t groups = group_rows(R, NULL, 1, x, K, y, N_all, order, group_start); /* (no index: >= 0) */
+    /* (no index: never fails) rows of zeros get zeros in y_0 there, and in the other products here */
+    const int64_t groups = group_rows(R, NULL, 1, x, K, y, N[0], order, group_start);
+    for (int64_t r = 0; r < R && group_start[groups] < R; r++)
+        if (zero_row(x + r * K, K))
+            for (int64_t i = 1; i < W; i++)
+                for (int64_t n = 0; n < N[i]; n++) y[R * offset[i] + r * N[i] + n] = 0.0f;
 #pragma omp parallel for schedule(static)
     for (int64_t task = 0; task < groups * first[W]; task++) {
         const int64_t g = task % groups, c = task / groups;
@@ -341,7 +346,7 @@ int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const
         float *y_T[MAX_TILE];
         for (int t = 0; t < T; t++) {
             x_T[t] = x + order[i0 + t] * K;
-            y_T[t] = y + order[i0 + t] * N_all + offset[i];
+            y_T[t] = y + R * offset[i] + order[i0 + t] * N[i];
         }
         const int64_t n0 = (c - first[i]) * chunk, n1 = n0 + chunk < N[i] ? n0 + chunk : N[i];
         tile(F32, x_T, T, (const uint8_t *)w[i], NULL, n0, n1, B, y_T);

@@ -212,8 +212,9 @@ def call(lib: ctypes.CDLL, method: str, x_RK: torch.Tensor, qweight: torch.Tenso
 
 
 def call_cat(lib: ctypes.CDLL, x_RK: torch.Tensor, weights) -> torch.Tensor:
-    """y (R, N_0 + ... + N_{W-1}): x (R, K) float32 (K a multiple of 32) against each float32 weight (N_i, K),
-    side by side, in one C call (per weight the bits of `call`)."""
+    """y (R (N_0 + ... + N_{W-1}),): the products of x (R, K) float32 (K a multiple of 32) with each float32
+    weight (N_i, K), flattened one after another (row-major each), in one C call (per weight the bits of
+    `call`)."""
     R, K = x_RK.shape
     fits = x_RK.dtype == torch.float32 and K % 32 == 0 and len(weights) > 0
     if not fits or any(w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != K for w in weights):
@@ -221,7 +222,7 @@ def call_cat(lib: ctypes.CDLL, x_RK: torch.Tensor, weights) -> torch.Tensor:
                          f"{[tuple(w.shape) for w in weights]} (float32, K a multiple of 32)")
     x_RK, weights = x_RK.contiguous(), [w.contiguous() for w in weights]
     W, N = len(weights), [w.shape[0] for w in weights]
-    y_RN = torch.empty(R, sum(N), dtype=torch.float32)
+    y_RN = torch.empty(R * sum(N), dtype=torch.float32)
     status = lib.moekit_f32matvec_cat(x_RK.data_ptr(), R, (ctypes.c_void_p * W)(*[w.data_ptr() for w in weights]),
                                       (ctypes.c_int64 * W)(*N), W, K, y_RN.data_ptr())
     check(status, "f32matvec_cat", 1)
@@ -295,7 +296,7 @@ def _f32matvec_cat_cpu(x, weights):
 
 
 def _f32matvec_cat_meta(x, weights):
-    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+    return x.new_empty(x.shape[0] * sum(w.shape[0] for w in weights))
 
 
 _lib.impl("f32matvec_cat", _f32matvec_cat_cpu, "CompositeExplicitAutograd")
@@ -338,10 +339,12 @@ def x8matvec(method: str, x_RK: torch.Tensor, panels: torch.Tensor, pscale: torc
     return torch.ops.moekit.x8matvec(method, x_RK, panels, pscale, N, index_R)
 
 
-def f32matvec_cat(x_RK: torch.Tensor, weights) -> torch.Tensor:
-    """torch.cat([x @ w.T for w in weights], dim=1) (R, N_0 + ...) in one call, each column as
+def f32matvec_cat(x_RK: torch.Tensor, weights) -> list:
+    """[x @ w.T for w in weights] (R, N_i) from one call (contiguous views of its one output), each as
     `qmatvec("f32", ...)` computes it; check `usable("f32", x)` first."""
-    return torch.ops.moekit.f32matvec_cat(x_RK, weights)
+    R, sizes = x_RK.shape[0], [w.shape[0] for w in weights]
+    flat = torch.ops.moekit.f32matvec_cat(x_RK, weights)
+    return [y.view(R, N) for y, N in zip(flat.split([R * N for N in sizes]), sizes)]
 
 
 def qmatvec(method: str, x_RK: torch.Tensor, qweight: torch.Tensor, scale: Optional[torch.Tensor],

@@ -113,7 +113,7 @@ at::Tensor f32matvec_cat(const at::Tensor &x, at::TensorList weights) {
         N_all += w.size(0);
     }
     const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({R, N_all}, x.options());
+    at::Tensor y = at::empty({R * N_all}, x.options());
     const int status = moekit_f32matvec_cat(xc.const_data_ptr<float>(), R, w_ptrs.data(), N.data(), W, K,
                                             y.mutable_data_ptr<float>());
     TORCH_CHECK(status == 0, "f32matvec_cat: out of memory");

@@ -72,11 +72,10 @@ def project_all(modules, x: torch.Tensor, numerics: Numerics) -> list:
     """[project(m, x, numerics) for m in modules]: projections of one input (attention's q, k and v). Where each
     is a plain float32 nn.Linear taking the C matvec (`rows_alone`), all of them in one C call
     (`cpu_matvec.f32matvec_cat`: one call and one parallel region instead of one each, the same bits); each
-    result is then a view of the call's output."""
+    result is then a contiguous view of the call's output."""
     if len(modules) < 2 or not all(rows_alone(m, x, numerics) for m in modules):
         return [project(m, x, numerics) for m in modules]
-    y_RN = cpu_matvec.f32matvec_cat(x.reshape(-1, x.shape[-1]), [m.weight for m in modules])
-    ys = y_RN.split([m.out_features for m in modules], dim=-1)
+    ys = cpu_matvec.f32matvec_cat(x.reshape(-1, x.shape[-1]), [m.weight for m in modules])
     return [(y if m.bias is None else y + m.bias).view(*x.shape[:-1], m.out_features) for y, m in zip(ys, modules)]
 
 
