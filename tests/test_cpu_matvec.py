@@ -174,7 +174,8 @@ def test_project_all_is_one_call_with_each_projections_bits():
                     assert y.shape == (3, 1, m.out_features) and torch.equal(y, project(m, x_BTK, numerics))
             calls.clear()
             mixed = (modules[0], torch.nn.Sequential(modules[1]))
-            assert all(torch.equal(y, project(m, x_BTK, rowwise)) for y, m in zip(project_all(mixed, x_BTK, rowwise), mixed))
+            ys = project_all(mixed, x_BTK, rowwise)
+            assert all(torch.equal(y, project(m, x_BTK, rowwise)) for y, m in zip(ys, mixed))
             assert not calls
         ys = project_all(modules, x_BTK, rowwise)  # grad enabled: F.linear
         assert not calls and all(torch.equal(y, m(x_BTK)) for y, m in zip(ys, modules))
