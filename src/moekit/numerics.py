@@ -13,7 +13,8 @@ checks the end result, so a platform where they do not hold fails loudly):
     kernel pads each expert's rows. The panel is the BLAS's choice, so `gemm_row_quantum` measures
     it once per process and device (MKL: 4 on an AMD EPYC, 16 on an Intel Xeon with AMX, whose
     kernels for 4 <= M < 16 sum in another order). The engine's decode step goes further (`rowwise_linears`):
-    its float32 projections skip the GEMM for moekit's C matvec, whose order per row is fixed.
+    its float32 projections skip the GEMM for moekit's C matvec, whose order per row is fixed; where its step
+    then has no product over rows at all (`rows_multiplied`), its buckets need no quantum (engine/forward.py).
   * Elementwise transcendentals (sigmoid, silu, exp): the vectorized loop computes blocks
     of SIMD vectors with a SLEEF-style approximation and the leftover tail with scalar
     libm, which rounds differently; so an element's bits depend on its offset in the
