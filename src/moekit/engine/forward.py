@@ -101,8 +101,8 @@ class DecodeStep:
 
     def row_products(self) -> list:
         """The operators of an eager step whose bits for a row may follow the row count (`rows_multiplied`:
-        GEMMs, batched GEMMs, fused attention). None (on the CPU in float32, each projection through the C
-        matvec and paged attention through the C kernel): every row is computed alone, so the bucket needs no
+        GEMMs, batched GEMMs, fused attention). An empty list (on the CPU in float32, each projection through the
+        C matvec and paged attention through the C kernel): every row is computed alone, so the bucket needs no
         GEMM row quantum, only ROWWISE_MIN_ROWS; otherwise its rows are a multiple of the quantum. (The
         compiled step computes rows alone wherever the eager one does.) The probe: one step of a bucket where
         row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
