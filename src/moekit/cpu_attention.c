@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #endif
 
+#define PARALLEL_WORK (1 << 13) /* multiply-adds (scores) below which one thread computes the call */
+
 static float dot(const float *a, const float *b, int64_t n) {
 #ifdef __AVX512F__
     if (n % 16 == 0) { /* one 16-lane chain, then the lanes' sum: a fixed order for every row */
@@ -66,8 +68,18 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
     for (int64_t i = 0; i < B * S; i++)
         if (valid[i] && (table[i] < 0 || table[i] >= N)) return -2;
     const int64_t R = H / G;
+    /* the slots a row reads: from its first valid slot to its last (a decode row sees a prefix of S, the
+       engine's padding rows one slot); the region runs on one thread below PARALLEL_WORK multiply-adds */
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *ok = valid + b * S;
+        int64_t j0 = 0, j1 = S;
+        while (j0 < S && !ok[j0]) j0++;
+        while (j1 > j0 && !ok[j1 - 1]) j1--;
+        work += (j1 - j0) * H * Dh;
+    }
     int failed = 0;
-#pragma omp parallel if (B * H * S * Dh >= (1 << 16))
+#pragma omp parallel if (work >= PARALLEL_WORK)
     {
         /* per (row, KV head): the scores of its R query heads, each key and value read once for all R */
         float *p = malloc(sizeof(float) * (R * S > 0 ? R * S : 1));
@@ -75,7 +87,9 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+        /* one (row, KV head) at a time to whichever thread is free: the rows' spans differ (a lone decoding
+           row among padding rows has all the work), and each result is the same on any thread */
+#pragma omp for schedule(dynamic, 1)
         for (int64_t bg = 0; bg < B * G; bg++) {
             const int64_t b = bg / G, g = bg % G;
             const int64_t *slots = table + b * S;
