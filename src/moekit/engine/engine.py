@@ -314,11 +314,8 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _drain(self) -> None:
-        while True:
-            try:
-                kind, seq = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        while not self._inbox.empty():  # (only this thread takes from the inbox: no race to an empty get)
+            kind, seq = self._inbox.get_nowait()
             if kind == "add":
                 if seq.cancel_requested:
                     self._dequeued(1)

@@ -80,6 +80,7 @@ class DecodeStep:
         numerics = replace(numerics, rowwise_linears=numerics.batch_invariant)
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
+        self.last_rows, self.rows_R = None, None  # the last step's decoding rows, and as a tensor
         self.fn = functools.partial(packed_decode_step, model)
         self.quantum = numerics.row_quantum  # the bucket's rows are a power of two and a multiple of this
         if numerics.batch_invariant and not self.row_products():
@@ -141,7 +142,9 @@ class DecodeStep:
             # size of 1, and the code of a one-row step could sum other ops in another order than the step for
             # 2 or more rows (it did for a hybrid model's recurrent layers); so every step runs one graph
             rows.append(rows[0])
-        rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if rows != self.last_rows:  # (the same rows step after step while no request joins or leaves)
+            self.last_rows, self.rows_R = rows, torch.tensor(rows, dtype=torch.long, device=self.device)
+        rows_R = self.rows_R
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
