@@ -29,6 +29,9 @@ exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
     request's latency is the whole batch (best of two runs).
   * moekit generate static batch: the same 64 prompts in one `moekit.generate.generate` call
     (best of two runs).
+  * --step-tokens 256,1024: the engine in process again, once per max_step_tokens (how many prompt
+    tokens a step may prefill beside its decoding rows): throughput, TTFT and the gaps between a
+    request's consecutive tokens, the latency a larger prefill step costs the requests decoding.
   * batch-1 decode: tokens/s between the first and the last new token of one request, for the
     engine in process (no HTTP) and for `moekit.generate`, next to the memory-bandwidth bound
     of the analyzer (`moekit.analyze.analyze_model(..., weights="fp32", batch=1)`:
@@ -271,6 +274,37 @@ def engine_row(model, prompts, new_tokens: int, compile_: bool) -> dict:
                      [c.time_to_first_token for c in done])
 
 
+def step_tokens_rows(model, prompts, new_tokens: int, compile_: bool, values: List[int]) -> List[dict]:
+    """The engine in this process, all prompts at once, for each max_step_tokens (the prompt tokens a step may
+    prefill beside its decoding rows): throughput, time to first token and the gaps between a request's
+    consecutive tokens (a step that prefills more delays the tokens of the requests already decoding)."""
+    from moekit.engine import Engine, SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    kw = engine_kwargs(compile_)
+    if kw:  # compile outside the timed runs
+        Engine(model, max_batch=MAX_BATCH, **kw).warmup()
+    rows = []
+    for value in values:
+        best = None
+        for _ in range(2):  # best of two, each a fresh engine (no prefix cache carried over)
+            engine = Engine(model, max_batch=MAX_BATCH, max_step_tokens=value, prefill_chunk=min(128, value), **kw)
+            times = [[] for _ in prompts]
+            t0 = time.perf_counter()
+            handles = [engine.submit(p, sp, on_event=lambda event, t=t: t.append(time.perf_counter()))
+                       for p, t in zip(prompts, times)]
+            engine.run_until_idle()
+            wall = time.perf_counter() - t0
+            if best is None or wall < best[0]:
+                best = (wall, times, [h.completion for h in handles])
+        wall, times, done = best
+        gaps = [b - a for t in times for a, b in zip(t, t[1:])]
+        rows.append(dict(max_step_tokens=value, tok_s=sum(c.generated_tokens for c in done) / wall,
+                         ttft_p50_s=pct([c.time_to_first_token for c in done], 0.5),
+                         gap_p50_s=pct(gaps, 0.5), gap_p99_s=pct(gaps, 0.99), gap_max_s=max(gaps)))
+    return rows
+
+
 def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     from moekit.engine import Engine, SamplingParams
 
@@ -365,6 +399,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="non-streamed requests (no TTFT)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
+    p.add_argument("--step-tokens", default=None,
+                   help="also: the engine in process with each of these comma-separated max_step_tokens")
     args = p.parse_args(argv)
     tune_cpu_allocator()
     if args.threads:
@@ -407,12 +443,17 @@ def main(argv=None) -> int:
             rows += hf
             same = sum(a == b for a, b in zip(static_out, hf_out))
             notes.append(f"greedy tokens of HF static batch == moekit generate: {same}/{len(prompts)} prompts")
+        steps = []
+        if args.step_tokens:
+            print("moekit engine in process, by max_step_tokens ...", file=sys.stderr)
+            steps = step_tokens_rows(model, prompts, args.new_tokens, compile_,
+                                     [int(v) for v in args.step_tokens.split(",")])
         print("batch-1 decode ...", file=sys.stderr)
         b1 = batch1_decode(model, prompts[0], 128, compile_)
     if args.json:
         for r in rows:
             print(json.dumps(r))
-        print(json.dumps({"batch1_decode": b1, "notes": notes}))
+        print(json.dumps({"batch1_decode": b1, "step_tokens": steps, "notes": notes}))
         return 0
     cmd = "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = "\n".join([
@@ -430,6 +471,12 @@ def main(argv=None) -> int:
         "",
         table(rows),
         "",
+        *(["The engine in process, all prompts at once, by max_step_tokens (prefill chunk min(128, value); gaps: "
+           "between a request's consecutive tokens):", "",
+           "| max_step_tokens | aggregate tok/s | p50 TTFT s | p50 gap ms | p99 gap ms | max gap ms |",
+           "|---:|---:|---:|---:|---:|---:|",
+           *[f"| {r['max_step_tokens']} | {r['tok_s']:.0f} | {r['ttft_p50_s']:.2f} | {r['gap_p50_s'] * 1e3:.0f} | "
+             f"{r['gap_p99_s'] * 1e3:.0f} | {r['gap_max_s'] * 1e3:.0f} |" for r in steps], ""] if steps else []),
         "Batch-1 decode (one request, 128 new tokens, tokens/s between first and last new token):",
         "",
         "| path | tok/s | share of bound |",

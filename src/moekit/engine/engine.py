@@ -127,7 +127,7 @@ class RequestHandle:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, kv_budget: Union[int, str, None] = None,
-                 prefill_chunk: int = 128, max_step_tokens: int = 256, max_queue: int = 1024,
+                 prefill_chunk: int = 128, max_step_tokens: int = 1024, max_queue: int = 1024,
                  eos_token_ids: Sequence[int] = (), row_quantum: Optional[int] = None, compile: bool = False,
                  batch_invariant: Optional[bool] = None, block_size: int = 16, prefix_caching: bool = True,
                  return_routed_experts: bool = False):

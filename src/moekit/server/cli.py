@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=1024,
                    help="most requests waiting for admission; beyond it requests get HTTP 429")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per request per step")
-    p.add_argument("--max-step-tokens", type=int, default=256, help="tokens per batched forward")
+    p.add_argument("--max-step-tokens", type=int, default=1024,
+                   help="tokens per batched forward: prompt tokens a step may prefill beside its decoding rows")
     p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (paged cache)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share full prompt blocks between requests (prefix caching is on by default)")
