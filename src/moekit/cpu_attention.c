@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#define PREFETCH 8 /* slots ahead */
 #define PARALLEL_WORK (1 << 13) /* multiply-adds (scores) below which one thread computes the call */
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -38,6 +39,52 @@ static float dot(const float *a, const float *b, int64_t n) {
     float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (; i < n; i++) sum = fmaf(a[i], b[i], sum);
     return sum;
+}
+
+#ifdef __AVX512F__
+/* o (NV vectors of 16) += w[j] * v(slot j) for the valid slots j in [j0, j1), in slot order, o held in registers
+   across the slots (each element: the fmaf chain of the scalar loop below, so the same bits) */
+static inline __attribute__((always_inline)) void pv_vectors(const int NV, float *o, const float *w,
+                                                             const float *pool_v, const int64_t *slots,
+                                                             const uint8_t *ok, int64_t j0, int64_t j1, int64_t Dh) {
+    __m512 acc[8];
+    for (int i = 0; i < NV; i++) acc[i] = _mm512_loadu_ps(o + 16 * i);
+    for (int64_t j = j0; j < j1; j++) {
+        if (!ok[j]) continue;
+        const __m512 wj = _mm512_set1_ps(w[j]);
+        const float *vv = pool_v + slots[j] * Dh;
+        for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vv + 16 * i), acc[i]);
+    }
+    for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
+}
+#endif
+
+/* o (Dh) += sum over the valid slots j in [j0, j1), in order, of w[j] * v(slot j) (pool_v: the KV head's
+   (N, Dh) values) */
+static void pv_accumulate(float *o, const float *w, const float *pool_v, const int64_t *slots, const uint8_t *ok,
+                          int64_t j0, int64_t j1, int64_t Dh) {
+#ifdef __AVX512F__
+    if (Dh % 16 == 0) { /* 128 columns at a time, in registers */
+        int64_t c = 0;
+        for (; c + 128 <= Dh; c += 128) pv_vectors(8, o + c, w, pool_v + c, slots, ok, j0, j1, Dh);
+        switch ((Dh - c) / 16) {
+        case 1: pv_vectors(1, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 2: pv_vectors(2, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 3: pv_vectors(3, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 4: pv_vectors(4, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 5: pv_vectors(5, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 6: pv_vectors(6, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 7: pv_vectors(7, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        default: break;
+        }
+        return;
+    }
+#endif
+    for (int64_t j = j0; j < j1; j++) {
+        if (!ok[j]) continue;
+        const float *vv = pool_v + slots[j] * Dh;
+        for (int64_t d = 0; d < Dh; d++) o[d] = fmaf(w[j], vv[d], o[d]);
+    }
 }
 
 /* e^x for the softmax's x <= 0: Cephes' expf (range reduction by ln 2, a degree-5 polynomial; relative
@@ -102,11 +149,16 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
             int64_t j0 = 0, j1 = S;
             while (j0 < S && !ok[j0]) j0++;
             while (j1 > j0 && !ok[j1 - 1]) j1--;
-            float m[64], inv[64];
+            float m[64];
             for (int64_t r0 = 0; r0 < R; r0 += 64) { /* heads in groups of 64 (the stack arrays) */
                 const int64_t nr = R - r0 < 64 ? R - r0 : 64;
                 for (int64_t r = 0; r < nr; r++) m[r] = sinks ? sinks[g * R + r0 + r] : -INFINITY;
                 for (int64_t j = j0; j < j1; j++) {
+#ifdef __AVX512F__
+                    if (j + PREFETCH < j1) /* a later slot's key: the slots jump from block to block */
+                        for (int64_t c = 0; c < Dh; c += 16)
+                            _mm_prefetch((const char *)(pool_k + (g * N + slots[j + PREFETCH]) * Dh + c), _MM_HINT_T0);
+#endif
                     const float *k = ok[j] ? pool_k + (g * N + slots[j]) * Dh : NULL;
                     for (int64_t r = 0; r < nr; r++) {
                         const float sc = k ? dot(q + (bg * R + r0 + r) * Dh, k, Dh) * scale : -INFINITY;
@@ -115,22 +167,15 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
                     }
                 }
                 for (int64_t r = 0; r < nr; r++) {
-                    inv[r] = 0.0f;
                     if (m[r] == -INFINITY) continue; /* nothing to attend to: zeros */
                     float *pr = p + r * S;
                     for (int64_t j = j0; j < j1; j++) pr[j] = exp_nonpositive(pr[j] - m[r]); /* masked: exactly 0 */
                     float denom = sinks ? exp_nonpositive(sinks[g * R + r0 + r] - m[r]) : 0.0f;
                     for (int64_t j = j0; j < j1; j++) denom += pr[j]; /* in slot order */
-                    inv[r] = 1.0f / denom;
-                }
-                for (int64_t j = j0; j < j1; j++) {
-                    if (!ok[j]) continue;
-                    const float *vv = pool_v + (g * N + slots[j]) * Dh;
-                    for (int64_t r = 0; r < nr; r++) {
-                        const float w = p[r * S + j] * inv[r];
-                        float *o = out + (bg * R + r0 + r) * Dh;
-                        for (int64_t d = 0; d < Dh; d++) o[d] = fmaf(w, vv[d], o[d]);
-                    }
+                    const float inv = 1.0f / denom;
+                    for (int64_t j = j0; j < j1; j++) pr[j] *= inv; /* the slot's weight */
+                    /* each head's output over the slots in order (a value row is read once per head: from cache) */
+                    pv_accumulate(out + (bg * R + r0 + r) * Dh, pr, pool_v + g * N * Dh, slots, ok, j0, j1, Dh);
                 }
             }
         }
