@@ -100,6 +100,39 @@ static inline __attribute__((always_inline)) void chains16(__m512 *acc, const fl
     for (int i = 0; i < 16; i++) acc[i] = a[i];
 }
 
+/* acc[t][i0 + i] += weight row w_{i0+i}[0..kn) times x[t][0..kn) (i < 8, t < R <= 3), lane-wise: the chains of
+   `chains16` (the same bits), with each weight vector loaded once for the R rows (one load per R multiply-adds
+   where `chains16` row by row loads one per multiply-add: the loads, not the arithmetic, bound it). */
+static inline __attribute__((always_inline)) void chains8_rows(const int R, __m512 (*acc)[16], const float *const *x,
+                                                               int i0, const float *w, int64_t stride, int64_t kn) {
+    __m512 a[3][8]; /* (constant trip counts: registers) */
+    for (int t = 0; t < R; t++)
+        for (int i = 0; i < 8; i++) a[t][i] = acc[t][i0 + i];
+    for (int64_t k = 0; k < kn; k += 16) {
+        __m512 xv[3];
+        for (int t = 0; t < R; t++) xv[t] = _mm512_loadu_ps(x[t] + k);
+        for (int i = 0; i < 8; i++) {
+            const __m512 wv = _mm512_loadu_ps(w + (i0 + i) * stride + k);
+            for (int t = 0; t < R; t++) a[t][i] = _mm512_fmadd_ps(wv, xv[t], a[t][i]);
+        }
+    }
+    for (int t = 0; t < R; t++)
+        for (int i = 0; i < 8; i++) acc[t][i0 + i] = a[t][i];
+}
+
+/* rows x[0..T) (T <= 3) against 16 full weight rows, as `chains16` on each row */
+static inline void chains16_rows(int T, __m512 (*acc)[16], const float *const *x, const float *w, int64_t stride,
+                                 int64_t kn) {
+    for (int i0 = 0; i0 < 16; i0 += 8) {
+        if (T == 3)
+            chains8_rows(3, acc, x, i0, w, stride, kn);
+        else if (T == 2)
+            chains8_rows(2, acc, x, i0, w, stride, kn);
+        else
+            chains8_rows(1, acc, x, i0, w, stride, kn);
+    }
+}
+
 /* float32 weights: rows x_T[t] against weight rows [n0, n1) (at most 16), 16 outputs at a time: 16 lane-wise
    chains over K per row (x loaded once per 16 of K for all 16 outputs), then one `sum_lanes16`. Where the
    rows lie a multiple of 2 KiB apart (K a multiple of 512) 16 of them map to the same L1 sets and thrash its
@@ -113,11 +146,17 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
     const __mmask16 out = (__mmask16)((1u << nn) - 1);
     const float *w0 = w + n0 * K;
     if (K % 512 != 0 || T == 1) { /* in place, in one pass (one row reads each weight line once: no reuse to lose) */
-        for (int t = 0; t < T; t++) {
-            __m512 acc[16];
-            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-            chains16(acc, x_T[t], w0, K, nn, K);
-            _mm512_mask_storeu_ps(y_T[t] + n0, out, sum_lanes16(acc));
+        for (int t = 0; t < T;) {
+            const int r = nn < 16 ? 1 : T - t < 3 ? T - t : 3; /* rows at a time (a part tile: one) */
+            __m512 acc[3][16];
+            for (int u = 0; u < r; u++)
+                for (int i = 0; i < 16; i++) acc[u][i] = _mm512_setzero_ps();
+            if (r == 1)
+                chains16(acc[0], x_T[t], w0, K, nn, K);
+            else
+                chains16_rows(r, acc, x_T + t, w0, K, K);
+            for (int u = 0; u < r; u++) _mm512_mask_storeu_ps(y_T[t + u] + n0, out, sum_lanes16(acc[u]));
+            t += r;
         }
     } else {
         __m512 acc_T[MAX_TILE][16];
@@ -128,7 +167,16 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
             for (int i = 0; i < nn; i++)
                 for (int64_t k = 0; k < KF_BLOCK; k += 16)
                     _mm512_store_ps(wb + i * KF_BLOCK + k, _mm512_loadu_ps(w0 + i * K + k0 + k));
-            for (int t = 0; t < T; t++) chains16(acc_T[t], x_T[t] + k0, wb, KF_BLOCK, nn, KF_BLOCK);
+            for (int t = 0; t < T;) {
+                const int r = nn < 16 ? 1 : T - t < 3 ? T - t : 3;
+                const float *x_r[3];
+                for (int u = 0; u < r; u++) x_r[u] = x_T[t + u] + k0;
+                if (r == 1)
+                    chains16(acc_T[t], x_r[0], wb, KF_BLOCK, nn, KF_BLOCK);
+                else
+                    chains16_rows(r, acc_T + t, x_r, wb, KF_BLOCK, KF_BLOCK);
+                t += r;
+            }
         }
         for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y_T[t] + n0, out, sum_lanes16(acc_T[t]));
     }
