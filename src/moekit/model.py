@@ -37,7 +37,7 @@ from .norm import RMSNorm
 from .numerics import PLAIN, Numerics
 from .plan import ForwardPlan, stack_routed
 from .rope import rope_cos_sin, rope_inv_freq
-from .runtime import forget_compiled
+from .runtime import forget_compiled, materialized
 
 
 class Block(nn.Module):
@@ -209,7 +209,10 @@ class Transformer(nn.Module):
         torch.compile fullgraph).
         """
         S = cache.max_len
-        visible_BS = (torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None]) & valid_BS
+        # computed once (`materialized`): inductor would otherwise recompute it inside every layer's kernel that
+        # reads it, one element at a time
+        visible_BS = materialized((torch.arange(S, device=row_slots_B.device)[None, :] <= row_slots_B[:, None])
+                                  & valid_BS)
         plan = ForwardPlan.static_decode(positions_B1, row_slots_B, visible_BS, cache, numerics, rope_table, static)
         plan.active_rows = active_rows
         plan.routed_experts = [] if routing else None
