@@ -88,6 +88,29 @@ def test_both_expert_paths_give_the_same_bits():
     torch.testing.assert_close(together[0], ref, rtol=1e-4, atol=1e-4)
 
 
+def test_uneven_loads_take_the_loop_with_the_same_bits(monkeypatch):
+    """Every expert active but one much busier (padding all to it would more than double the rows): the
+    loop, not the grid; a token's bits are those it gets alone."""
+    torch.manual_seed(1)
+    E, K, D, Fe, T = 16, 4, 64, 32, 96
+    w13, w2 = torch.randn(E, 2 * Fe, D), torch.randn(E, D, Fe)
+    x = torch.randn(T, D)
+    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(E - 1)[:K - 1]])
+                       for _ in range(T)])  # expert 0 in every token
+    gates = torch.rand(T, K)
+    grids = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: grids.append(1) or real_bmm(*a))
+    together = experts_invariant(x, w13, w2, idx, gates, batch_invariant())
+    assert not grids  # the loop
+    for t in (0, 50, 95):
+        alone = experts_invariant(x[t:t + 1], w13, w2, idx[t:t + 1], gates[t:t + 1], batch_invariant())
+        assert torch.equal(alone[0], together[t])
+    even_TK = (torch.arange(40)[:, None] * K + torch.arange(K)) % E  # 10 pairs per expert
+    even = experts_invariant(x[:40], w13, w2, even_TK, gates[:40], batch_invariant())
+    assert grids and even.shape == (40, D)  # even loads: the grid
+
+
 # ---------------------------------------------------------------------------- greedy vs generate
 def test_continuous_batching_equals_sequential_generate(model):
     engine = Engine(model, **KW)

@@ -3,8 +3,9 @@
 and SwiGLU uses the policy's padded elementwise op, so a token's output is bitwise the same
 whatever other tokens share the call. Eager only (it reads the expert counts).
 
-Few experts active: a loop of F.linear over their rows; most active: one padded grid, two
-`bmm`s. Both give a row the same bits (`tests/test_engine.py`). A token sums its K expert
+Few experts active, or loads so uneven that padding every expert to the busiest one would add over a quarter
+more rows: a loop of F.linear over their rows; otherwise one padded grid, two `bmm`s (fewer calls). Both give
+a row the same bits (`tests/test_engine.py`), so the choice, which follows the batch, keeps invariance. A token sums its K expert
 outputs in the fixed order k = 0..K-1. Optional expert biases b13 (E, 2F), b2 (E, D) and the
 activation (moe/activation.py) are row-local, so invariance holds with them.
 
@@ -38,8 +39,9 @@ def experts_invariant(x_TD, w13, w2, expert_idx_TK, gates_TK, numerics: Numerics
     b2_ED = None if b2_ED is None else b2_ED.to(dtype)
     pad_pair = T * K
     y_PD = x_TD.new_empty(T * K, D)
-    if 2 * sum(c > 0 for c in counts) > E:
-        block = round_up(max(counts), q)
+    block = round_up(max(counts), q)
+    # the grid pads every expert to the busiest one's rows: taken where that wastes little (a quarter at most)
+    if 2 * sum(c > 0 for c in counts) > E and 4 * E * block <= 5 * sum(round_up(c, q) for c in counts):
         counts_E = torch.tensor(counts, device=x_TD.device)
         expert_sorted_P = expert_P.index_select(0, order_P)
         rank_P = torch.arange(T * K, device=x_TD.device) - (torch.cumsum(counts_E, 0) - counts_E)[expert_sorted_P]
