@@ -5,8 +5,8 @@ whatever other tokens share the call. Eager only (it reads the expert counts).
 
 Few experts active, or loads so uneven that padding every expert to the busiest one would add over a quarter
 more rows: a loop of F.linear over their rows; otherwise one padded grid, two `bmm`s (fewer calls). Both give
-a row the same bits (`tests/test_engine.py`), so the choice, which follows the batch, keeps invariance. A token sums its K expert
-outputs in the fixed order k = 0..K-1. Optional expert biases b13 (E, 2F), b2 (E, D) and the
+a row the same bits (`tests/test_engine.py`), so the choice, which follows the batch, keeps invariance.
+A token sums its K expert outputs in the fixed order k = 0..K-1. Optional expert biases b13 (E, 2F), b2 (E, D) and the
 activation (moe/activation.py) are row-local, so invariance holds with them.
 
 Legend: T tokens, D model dim, F expert dim, E experts, K experts per token, P pairs, R rows.
