@@ -274,6 +274,17 @@ def engine_row(model, prompts, new_tokens: int, compile_: bool) -> dict:
                      [c.time_to_first_token for c in done])
 
 
+def step_token_list(text: str) -> List[int]:
+    """--step-tokens: comma-separated integers >= 1."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def step_tokens_rows(model, prompts, new_tokens: int, compile_: bool, values: List[int]) -> List[dict]:
     """The engine in this process, all prompts at once, for each max_step_tokens (the prompt tokens a step may
     prefill beside its decoding rows): throughput, time to first token and the gaps between a request's
@@ -399,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-stream", action="store_true", help="non-streamed requests (no TTFT)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
-    p.add_argument("--step-tokens", default=None,
+    p.add_argument("--step-tokens", default=None, type=step_token_list,
                    help="also: the engine in process with each of these comma-separated max_step_tokens")
     args = p.parse_args(argv)
     tune_cpu_allocator()
@@ -446,8 +457,7 @@ def main(argv=None) -> int:
         steps = []
         if args.step_tokens:
             print("moekit engine in process, by max_step_tokens ...", file=sys.stderr)
-            steps = step_tokens_rows(model, prompts, args.new_tokens, compile_,
-                                     [int(v) for v in args.step_tokens.split(",")])
+            steps = step_tokens_rows(model, prompts, args.new_tokens, compile_, args.step_tokens)
         print("batch-1 decode ...", file=sys.stderr)
         b1 = batch1_decode(model, prompts[0], 128, compile_)
     if args.json:
