@@ -115,14 +115,18 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
     for (int64_t i = 0; i < B * S; i++)
         if (valid[i] && (table[i] < 0 || table[i] >= N)) return -2;
     const int64_t R = H / G;
-    /* the slots a row reads: from its first valid slot to its last (a decode row sees a prefix of S, the
-       engine's padding rows one slot); the region runs on one thread below PARALLEL_WORK multiply-adds */
+    /* row b reads the slots [span[2b], span[2b + 1]), from its first valid slot to its last: the rest add exact
+       zeros to every sum below (so leaving them out keeps the bits), and a decode row sees a prefix of S, the
+       engine's padding rows one slot. The region runs on one thread below PARALLEL_WORK multiply-adds. */
+    int64_t *span = malloc(sizeof(int64_t) * 2 * (B > 0 ? B : 1));
+    if (!span) return -1;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) {
         const uint8_t *ok = valid + b * S;
         int64_t j0 = 0, j1 = S;
         while (j0 < S && !ok[j0]) j0++;
         while (j1 > j0 && !ok[j1 - 1]) j1--;
+        span[2 * b] = j0, span[2 * b + 1] = j1;
         work += (j1 - j0) * H * Dh;
     }
     int failed = 0;
@@ -143,12 +147,7 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
             const uint8_t *ok = valid + b * S;
             for (int64_t d = 0; d < R * Dh; d++) out[bg * R * Dh + d] = 0.0f;
             if (!p) continue;
-            /* the slots [j0, j1) from the row's first valid slot to its last: the rest add exact zeros to every
-               sum below (so leaving them out keeps the bits), and a decode row sees a prefix of S, the engine's
-               padding rows one slot */
-            int64_t j0 = 0, j1 = S;
-            while (j0 < S && !ok[j0]) j0++;
-            while (j1 > j0 && !ok[j1 - 1]) j1--;
+            const int64_t j0 = span[2 * b], j1 = span[2 * b + 1];
             float m[64];
             for (int64_t r0 = 0; r0 < R; r0 += 64) { /* heads in groups of 64 (the stack arrays) */
                 const int64_t nr = R - r0 < 64 ? R - r0 : 64;
@@ -181,5 +180,6 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
         }
         free(p);
     }
+    free(span);
     return failed ? -1 : 0;
 }

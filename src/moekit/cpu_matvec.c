@@ -120,16 +120,22 @@ static inline __attribute__((always_inline)) void chains8_rows(const int R, __m5
         for (int i = 0; i < 8; i++) acc[t][i0 + i] = a[t][i];
 }
 
-/* rows x[0..T) (T <= 3) against 16 full weight rows, as `chains16` on each row */
-static inline void chains16_rows(int T, __m512 (*acc)[16], const float *const *x, const float *w, int64_t stride,
-                                 int64_t kn) {
+/* how many rows of a tile `chains_rows` takes at once, `left` rows to go: three (two, one at the end) where the
+   tile has its 16 weight rows, else one */
+static inline int rows_at_once(int nn, int left) { return nn < 16 ? 1 : left < 3 ? left : 3; }
+
+/* rows x[0..T) (T = rows_at_once(nn, ...)) against weight rows i < nn, as `chains16` on each row */
+static inline void chains_rows(int T, __m512 (*acc)[16], const float *const *x, const float *w, int64_t stride,
+                               int nn, int64_t kn) {
+    if (T == 1) {
+        chains16(acc[0], x[0], w, stride, nn, kn);
+        return;
+    }
     for (int i0 = 0; i0 < 16; i0 += 8) {
         if (T == 3)
             chains8_rows(3, acc, x, i0, w, stride, kn);
-        else if (T == 2)
-            chains8_rows(2, acc, x, i0, w, stride, kn);
         else
-            chains8_rows(1, acc, x, i0, w, stride, kn);
+            chains8_rows(2, acc, x, i0, w, stride, kn);
     }
 }
 
@@ -147,14 +153,11 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
     const float *w0 = w + n0 * K;
     if (K % 512 != 0 || T == 1) { /* in place, in one pass (one row reads each weight line once: no reuse to lose) */
         for (int t = 0; t < T;) {
-            const int r = nn < 16 ? 1 : T - t < 3 ? T - t : 3; /* rows at a time (a part tile: one) */
+            const int r = rows_at_once(nn, T - t);
             __m512 acc[3][16];
             for (int u = 0; u < r; u++)
                 for (int i = 0; i < 16; i++) acc[u][i] = _mm512_setzero_ps();
-            if (r == 1)
-                chains16(acc[0], x_T[t], w0, K, nn, K);
-            else
-                chains16_rows(r, acc, x_T + t, w0, K, K);
+            chains_rows(r, acc, x_T + t, w0, K, nn, K);
             for (int u = 0; u < r; u++) _mm512_mask_storeu_ps(y_T[t + u] + n0, out, sum_lanes16(acc[u]));
             t += r;
         }
@@ -168,13 +171,10 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
                 for (int64_t k = 0; k < KF_BLOCK; k += 16)
                     _mm512_store_ps(wb + i * KF_BLOCK + k, _mm512_loadu_ps(w0 + i * K + k0 + k));
             for (int t = 0; t < T;) {
-                const int r = nn < 16 ? 1 : T - t < 3 ? T - t : 3;
+                const int r = rows_at_once(nn, T - t);
                 const float *x_r[3];
                 for (int u = 0; u < r; u++) x_r[u] = x_T[t + u] + k0;
-                if (r == 1)
-                    chains16(acc_T[t], x_r[0], wb, KF_BLOCK, nn, KF_BLOCK);
-                else
-                    chains16_rows(r, acc_T + t, x_r, wb, KF_BLOCK, KF_BLOCK);
+                chains_rows(r, acc_T + t, x_r, wb, KF_BLOCK, nn, KF_BLOCK);
                 t += r;
             }
         }
