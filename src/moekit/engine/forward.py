@@ -24,16 +24,19 @@ Legend: R rows with logits, V vocab, B bucket rows, S cache slots.
 from __future__ import annotations
 
 import functools
+from array import array
 from dataclasses import replace
 from typing import List, Sequence
 
 import torch
 import torch.fx.experimental._config as shape_config
 
+from ..cache import Cache
 from ..numerics import Numerics, round_up, rows_multiplied
 from ..plan import ForwardPlan, Segment, stack_routed
 from ..runtime import compiled_step
 from .kv import TRASH
+from .paged import PagedLayerCache
 
 PAD_ID, MIN_SLOTS = 0, 64
 # the fewest rows of an invariant decode bucket whose products compute each row alone: dynamo specialises a size
@@ -56,14 +59,39 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
     return logits_RV, stack_routed(plan.routed_experts, (rows,), device)[plan.logits_rows]
 
 
-def packed_decode_step(model, ids_4B: torch.Tensor, cache, numerics: Numerics, rope_table, static: bool,
+def packed_decode_step(model, ids_4B: torch.Tensor, cache: Cache, numerics: Numerics, rope_table, static: bool,
                        rows_R: torch.Tensor, routing: bool):
-    """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, pool slots written (the
-    cache's `write_B` holds them), each row's first visible slot. One tensor in: a compiled step then takes
-    one size for the bucket's rows and no views' storage offsets as its inputs."""
-    valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[3, :, None]
+    """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, each row's first
+    visible slot, pool slots written (paged layers). One tensor in: a compiled step then takes one size for the
+    bucket's rows and no views' storage offsets as its inputs."""
+    valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[2, :, None]
+    cache = Cache([layer.writing_at(ids_4B[3]) if isinstance(layer, PagedLayerCache) else layer
+                   for layer in cache.layers])
     return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
                              rope_table, static, rows_R, routing)
+
+
+class StepInputs:
+    """A decode bucket's integer inputs `ids_4B` (per row: the token fed, its cache slot, the first slot it sees,
+    the pool slot it writes), written from Python without a torch call: on the CPU the tensor is a view of the
+    Python array `ids`; elsewhere `sync()` copies the array over. `idle()` makes every row one that does not
+    decode: a padding token at slot S - 1 that sees that slot alone and writes to the trash block (see the
+    module docstring). Its first size is static under torch.compile (one symbolic size fewer to pass)."""
+
+    def __init__(self, B: int, S: int, block_size: int, device: torch.device):
+        self.idle_ids = array("q", [PAD_ID] * B + [S - 1] * B + [S - 1] * B + [TRASH * block_size] * B)
+        self.ids = array("q", self.idle_ids)
+        host_4B = torch.frombuffer(self.ids, dtype=torch.long).view(4, B)
+        self.host_4B = None if device.type == "cpu" else host_4B
+        self.ids_4B = host_4B if self.host_4B is None else host_4B.to(device)
+        torch._dynamo.mark_static(self.ids_4B, 0)
+
+    def idle(self) -> None:
+        self.ids[:] = self.idle_ids
+
+    def sync(self) -> None:
+        if self.host_4B is not None:
+            self.ids_4B.copy_(self.host_4B)
 
 
 def bucket_rows(n: int, quantum: int) -> int:
@@ -81,6 +109,7 @@ class DecodeStep:
         self.model, self.kv, self.numerics, self.rope_table = model, kv, numerics, rope_table
         self.device = model.embed.weight.device
         self.last_rows, self.rows_R = None, None  # the last step's decoding rows, and as a tensor
+        self.inputs = {}  # (B, S) -> StepInputs
         self.fn = functools.partial(packed_decode_step, model)
         self.quantum = numerics.row_quantum  # the bucket's rows are a power of two and a multiple of this
         if numerics.batch_invariant and not self.row_products():
@@ -108,15 +137,22 @@ class DecodeStep:
         compiled step computes rows alone wherever the eager one does.) The probe: one step of a bucket where
         row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
         row (row pools: rewritten by the row's next prefill, recurrent state reset when the row is taken)."""
-        B, S, bs = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots), self.kv.block_size
-        rest = [S - 1] * (B - 1)
-        ids_4B = torch.tensor([[PAD_ID] * B, [0, *rest], [TRASH * bs] * B, [0, *rest]], device=self.device)
-        cache, write_B = self.kv.decode_view(B, S)
-        write_B.copy_(ids_4B[2])
+        B, S = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots)
+        inputs, cache = self.bucket(B, S)
+        inputs.idle()
+        inputs.ids[B] = inputs.ids[2 * B] = 0  # row 0: slot 0
+        inputs.sync()
         rows_R = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            return rows_multiplied(lambda: packed_decode_step(self.model, ids_4B, cache, self.numerics,
+            return rows_multiplied(lambda: packed_decode_step(self.model, inputs.ids_4B, cache, self.numerics,
                                                               self.rope_table, True, rows_R, False))
+
+    def bucket(self, B: int, S: int):
+        """(StepInputs, cache) of the bucket of B rows and S slots; the same objects each time."""
+        inputs = self.inputs.get((B, S))
+        if inputs is None:
+            inputs = self.inputs[(B, S)] = StepInputs(B, S, self.kv.block_size, self.device)
+        return inputs, self.kv.decode_view(B, S)
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
@@ -127,14 +163,14 @@ class DecodeStep:
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
         bs = self.kv.block_size
-        # per row: token, slot, pool slot written, first visible slot (rows that do not decode see their slot alone)
-        tokens, slots, writes, first = [PAD_ID] * B, [S - 1] * B, [TRASH * bs] * B, [S - 1] * B
-        for s in decoding:
-            tokens[s.row], slots[s.row], first[s.row] = s.token(s.computed), s.computed, 0
-            writes[s.row] = s.blocks[s.computed // bs] * bs + s.computed % bs
-        ids_4B = torch.tensor([tokens, slots, writes, first], dtype=torch.long, device=self.device)
-        cache, write_B = self.kv.decode_view(B, S)
-        write_B.copy_(ids_4B[2])
+        inputs, cache = self.bucket(B, S)
+        inputs.idle()
+        ids = inputs.ids
+        for s in decoding:  # per row: token, slot, first visible slot, pool slot written
+            row, slot = s.row, s.computed
+            ids[row], ids[B + row], ids[2 * B + row] = s.token(slot), slot, 0
+            ids[3 * B + row] = s.blocks[slot // bs] * bs + slot % bs
+        inputs.sync()
         order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
         rows = [decoding[i].row for i in order]
         if self.numerics.batch_invariant and len(rows) == 1:
@@ -149,7 +185,7 @@ class DecodeStep:
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         with self.no_duck_shapes:
-            out = self.fn(ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
+            out = self.fn(inputs.ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         logits_RV = logits_RV[:len(decoding)].float()
         if order != sorted(order):

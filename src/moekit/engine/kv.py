@@ -76,6 +76,7 @@ class KVPool:
         self.blocks = BlockPool(self.num_blocks)
         kinds = model.new_cache(1, 1, dtype, "meta").layers
         self.paged = [is_paged(layer) for layer in kinds]
+        self.any_paged = any(self.paged)
         n_slots = (self.num_blocks + 1) * block_size
         # per layer: the batch-1 block pool (paged) or the row pool (one spare slot: every view of the first
         # S <= max_slots slots is then strided alike, so the compiled step never recompiles for its layout)
@@ -143,18 +144,18 @@ class KVPool:
         return Cache([PagedLayerCache(*pool, table_1E) if pool is not None else layer.rows(row, row + 1)
                       for layer, pool in zip(self.layers, self.pools)])
 
-    def decode_view(self, B: int, S: int):
-        """(cache, write slots (B,)) of the decode bucket; the same objects for each (B, S), refreshed in place
-        (cheaper guards under torch.compile), the slot table only after the block tables changed (a request
-        grows by a block every block_size tokens)."""
-        if (B, S) not in self.views:
+    def decode_view(self, B: int, S: int) -> Cache:
+        """The decode bucket's cache (its paged layers write where the step says: `PagedLayerCache.writing_at`); the
+        same object for each (B, S), refreshed in place (cheaper guards under torch.compile), the slot table only
+        after the block tables changed (a request grows by a block every block_size tokens)."""
+        view = self.views.get((B, S))
+        if view is None:
             table_BS = torch.zeros(B, S, dtype=torch.long, device=self.device)
-            write_B = torch.zeros(B, dtype=torch.long, device=self.device)
-            cache = Cache([PagedLayerCache(*pool, table_BS, write_B) if pool is not None else
-                           layer.rows(0, B).slots(S) for layer, pool in zip(self.layers, self.pools)])
-            self.views[(B, S)] = (cache, table_BS, write_B)
-        cache, table_BS, write_B = self.views[(B, S)]
-        if any(self.paged) and self.view_built_at.get((B, S)) != self.tables_changed:
+            cache = Cache([PagedLayerCache(*pool, table_BS) if pool is not None else layer.rows(0, B).slots(S)
+                           for layer, pool in zip(self.layers, self.pools)])
+            view = self.views[(B, S)] = (cache, table_BS)
+        cache, table_BS = view
+        if self.any_paged and self.view_built_at.get((B, S)) != self.tables_changed:
             table_BS.copy_(self.slot_table(slice(0, B), S))
             self.view_built_at[(B, S)] = self.tables_changed
-        return cache, write_B
+        return cache

@@ -56,6 +56,10 @@ class PagedLayerCache:
     def max_len(self) -> int:
         return self.table_BS.shape[1]
 
+    def writing_at(self, write_B: torch.Tensor) -> "PagedLayerCache":
+        """This view, its decode steps writing row b at pool slot write_B[b]."""
+        return PagedLayerCache(*self.pools, self.table_BS, write_B)
+
     def update(self, k_BXTY: torch.Tensor, v_BXTY: torch.Tensor, span):
         """Write the new tokens, return (k, v) (B, X, S, Y): every row's slots gathered."""
         table_BS = self.write(k_BXTY, v_BXTY, span)
