@@ -30,7 +30,11 @@ torch.compile of a method are avoided:
   * number inputs: dynamo passes float attributes (a norm's eps, a scaling factor) into the graph as
     inputs and checks each in Python before every call, and under dynamic shapes ints too (`Numerics`'
     row quantum); they never change in a decode step, so each step is traced with `specialize_float=True`
-    and `specialize_int=True` (constants in the graph; measured in benchmarks/results/serve_cpu.md).
+    and `specialize_int=True` (constants in the graph; measured in benchmarks/results/serve_cpu.md). A
+    step with dynamic shapes is traced without duck sizing (`use_duck_shape=False`): equal sizes (rows,
+    heads, slots) are not tied, so a later bucket where they differ runs the same graph. These settings
+    only matter while dynamo traces, so they are made then (dynamo's compile-start and -end callbacks,
+    for the step this thread calls), not around every call.
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
@@ -42,10 +46,12 @@ Norm outputs and fused-matvec inputs pass through it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import itertools
 import sys
+import threading
 import types
 
 import torch
@@ -110,21 +116,60 @@ def model_state(model) -> tuple:
 class CompiledStep:
     """`step(model, ...)` (`Transformer.decode_step` or a function around it) compiled with fullgraph=True,
     without guards on the model's modules, on a code object of its own; compiled again when `model_state`
-    changes. Python numbers passed in (a norm's eps, `Numerics.row_quantum`) are constants of the graph."""
+    changes. Python numbers passed in (a norm's eps, `Numerics.row_quantum`) are constants of the graph;
+    under dynamic shapes, equal sizes are not tied (`trace_settings`)."""
 
     def __init__(self, model, dynamic, step):
         self.model, self.dynamic, self.step = model, dynamic, step
         self.state, self.fn = None, None
-        # made once (a class each); read when dynamo traces (see the module docstring)
-        self.constants = torch._dynamo.config.patch(specialize_float=True, specialize_int=True)
+        self.settings = trace_settings(dynamic)
 
     def __call__(self, *args):
         state = model_state(self.model)
         if state != self.state:
             self.state, self.fn = state, compile_fn(private_method(types.MethodType(self.step, self.model)),
                                                     self.dynamic, self.model.embed.weight.device)
-        with self.constants:
+        tracing.settings = self.settings  # what dynamo's compile-start callback applies, should this call trace
+        try:
             return self.fn(*args)
+        finally:
+            tracing.settings = None
+
+
+def trace_settings(dynamic) -> tuple:
+    """The config patches a step is traced under (see the module docstring)."""
+    import torch.fx.experimental._config as shape_config  # (here: importing torch._dynamo takes ~1 s)
+    settings = (torch._dynamo.config.patch(specialize_float=True, specialize_int=True),)
+    return settings if dynamic is False else settings + (shape_config.patch(use_duck_shape=False),)
+
+
+# per thread: the trace settings of the compiled step being called, and those entered by a compile in progress
+tracing = threading.local()
+tracing.settings = tracing.entered = None
+
+
+def enter_trace_settings(*_) -> None:
+    """dynamo's compile-start callback: a step's trace settings on, when the compile is one of its calls."""
+    settings = getattr(tracing, "settings", None)
+    if settings:
+        tracing.entered = contextlib.ExitStack()
+        for patch in settings:
+            tracing.entered.enter_context(patch)
+
+
+def exit_trace_settings(*_) -> None:
+    """dynamo's compile-end callback (also after a failed compile): the settings off again."""
+    entered, tracing.entered = getattr(tracing, "entered", None), None
+    if entered is not None:
+        entered.close()
+
+
+def register_trace_callbacks() -> None:
+    """Register the two callbacks with dynamo, once per process."""
+    if not getattr(register_trace_callbacks, "done", False):
+        torch._dynamo.callback.on_compile_start(enter_trace_settings)
+        torch._dynamo.callback.on_compile_end(exit_trace_settings)
+        register_trace_callbacks.done = True
 
 
 def private_method(method):
@@ -146,6 +191,7 @@ def compile_fn(fn, dynamic, device):
     memory-bound GEMV that reads the weight at a higher bandwidth than MKL's
     (benchmarks/results/llama_cpp_decode_cpu.md)."""
     torch.compiler.assume_constant_result(thread_count)  # marks it in place (numerics.thread_count)
+    register_trace_callbacks()
     cpu_matvec.prepare("f32", device)  # build the C matvec now, outside the traced step
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)

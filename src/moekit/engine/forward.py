@@ -29,7 +29,6 @@ from dataclasses import replace
 from typing import List, Sequence
 
 import torch
-import torch.fx.experimental._config as shape_config
 
 from ..cache import Cache
 from ..numerics import Numerics, round_up, rows_multiplied
@@ -125,9 +124,6 @@ class DecodeStep:
             for t in (*kv.persistent_tensors(), *rope_table):
                 for each in (t, t._base) if t._base is not None else (t,):
                     torch._dynamo.mark_static(each)
-        # no duck sizing: equal sizes (rows, heads, slots) must not be tied, or a later bucket recompiles (the
-        # patch is made once: making one builds a class; entered on the engine's one step thread)
-        self.no_duck_shapes = shape_config.patch(use_duck_shape=False)
 
     def row_products(self) -> list:
         """The operators of an eager step whose bits for a row may follow the row count (`rows_multiplied`:
@@ -184,8 +180,7 @@ class DecodeStep:
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
-        with self.no_duck_shapes:
-            out = self.fn(inputs.ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
+        out = self.fn(inputs.ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         logits_RV = logits_RV[:len(decoding)].float()
         if order != sorted(order):
