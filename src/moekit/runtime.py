@@ -17,8 +17,11 @@ torch.compile of a method are avoided:
     a model in place without moekit knowing: train/eval mode, the dtype and device of its weights
     (`model_state`); a change compiles the step again.
     moekit's own transforms (quantize_model, set_activations, lowp's apply_precision,
-    set_experts_impl) call `forget_compiled(model)`. What stays unseen: modules or parameters
-    replaced by hand, hooks added after the first call; call `forget_compiled(model)` after those.
+    set_experts_impl) call `forget_compiled(model)`. Nor are there guards on globals (the functions and
+    modules the step's code names, the C kernels' availability flag): they are fixed once a process has
+    compiled a step, and checking them was a third of the engine's guards. What stays unseen: modules or
+    parameters replaced by hand, hooks added after the first call, moekit's or torch's functions replaced
+    (monkeypatched) after it; call `forget_compiled(model)` after those.
   * one cache for all models: dynamo keeps one cache per code object, and every model instance's
     `decode_step` shares one. Without module guards a second model would run the first one's graph, so
     each model's step gets a code object of its own (`private_method`). Each batch size and cache-length
@@ -196,8 +199,8 @@ def compile_fn(fn, dynamic, device):
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
-    # module guards off (the invariant engine's dynamic-shape step: most of dynamo's cache lookup)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    # module and global guards off (the invariant engine's dynamic-shape step: most of dynamo's cache lookup)
+    options = {"guard_filter_fn": skip_module_and_global_guards}
     # no size/stride/alignment checks of every buffer in the generated code (dozens a step): they check
     # inductor's own bookkeeping, which the tests compare with eager
     options.update(size_asserts=False, alignment_asserts=False)
@@ -208,6 +211,13 @@ def compile_fn(fn, dynamic, device):
         if widen_cpu_mm_decomposition():
             options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+
+
+def skip_module_and_global_guards(entries) -> list:
+    """dynamo's guard filter for the decode steps: none on nn modules, none on globals (see the module
+    docstring)."""
+    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [kept and not entry.is_global for kept, entry in zip(keep, entries)]
 
 
 def widen_cpu_mm_decomposition() -> bool:

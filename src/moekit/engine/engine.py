@@ -228,7 +228,8 @@ class Engine:
         text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         seq_id = next(self._ids)
         handle = RequestHandle(self, seq_id, on_event)
-        seq = Seq(seq_id, prompt, params, stops, new_generator(params.temperature, params.seed, self.device), text, handle)
+        generator = new_generator(params.temperature, params.seed, self.device)
+        seq = Seq(seq_id, prompt, params, stops, generator, text, handle)
         handle._seq = seq
         seq.routed_experts, seq.routed_emitted = [], 0  # per fed generated token (params.py)
         return seq
@@ -345,38 +346,29 @@ class Engine:
             segments = [s.next_segment(self.scheduler.prefill_chunk, self.kv) for s in prefilling]
             prompt_tokens = sum(len(g.tokens) for g in segments)
             sampled_rows = [i for i, s in enumerate(decoding) if s.samples]  # not recomputed tokens
-            routing, routed = self.return_routed_experts, []
-            try:
-                with torch.inference_mode():
-                    logits = []
-                    if decoding:  # first: its throw-away rows write above every row's computed slots
-                        out = self.decode_step(decoding, self.scheduler.running, routing)
-                        keep = slice(None) if len(sampled_rows) == len(decoding) else sampled_rows
-                        logits.append((out[0] if routing else out)[keep])
-                        routed += [out[1][keep]] if routing else []
-                    if segments:
-                        out = prefill_forward(self.model, segments, self.numerics, self._rope, routing)
-                        logits.append(out[0] if routing else out)
-                        routed += [out[1]] if routing else []
-                    logits_RV = logits[0] if len(logits) == 1 else torch.cat(logits)
-                    routed_R = torch.cat(routed).tolist() if routing else None
-            except Exception as err:  # fail this step's requests, keep serving the rest
-                traceback.print_exc()
+            routing = self.return_routed_experts
+            with torch.inference_mode():  # (once: the forwards and the choice)
+                try:
+                    logits_RV, routed_R = self.step_logits(decoding, segments, sampled_rows, routing)
+                except Exception as err:  # fail this step's requests, keep serving the rest
+                    traceback.print_exc()
+                    for s in plan:
+                        self._finish(s, "error", f"{type(err).__name__}: {err}")
+                    return True
+                for s, g in zip(prefilling, segments):
+                    s.computed += len(g.tokens)
+                for s in decoding:
+                    s.computed += 1
                 for s in plan:
-                    self._finish(s, "error", f"{type(err).__name__}: {err}")
-                return True
-            for s, g in zip(prefilling, segments):
-                s.computed += len(g.tokens)
-            for s in decoding:
-                s.computed += 1
-            for s in plan:
-                self.scheduler.register_computed(s)
-            sampled = [decoding[i] for i in sampled_rows] + [s for s, g in zip(prefilling, segments) if g.want_logits]
-            for s, entry in zip(sampled, routed_R or ()):  # the routing of the token each row fed
-                wanted = s.params.return_routed_experts and s.computed - 1 - len(s.prompt) == len(s.routed_experts)
-                if wanted:  # (a recomputed token's entry is known already)
-                    s.routed_experts.append(entry)
-            for s, choice in zip(sampled, self._choose(logits_RV, sampled)):
+                    self.scheduler.register_computed(s)
+                sampled = [decoding[i] for i in sampled_rows] + [s for s, g in zip(prefilling, segments)
+                                                                 if g.want_logits]
+                for s, entry in zip(sampled, routed_R or ()):  # the routing of the token each row fed
+                    wanted = s.params.return_routed_experts and s.computed - 1 - len(s.prompt) == len(s.routed_experts)
+                    if wanted:  # (a recomputed token's entry is known already)
+                        s.routed_experts.append(entry)
+                choices = self._choose(logits_RV, sampled)
+            for s, choice in zip(sampled, choices):
                 if isinstance(choice, Exception):  # only this request fails
                     self._finish(s, "error", f"{type(choice).__name__}: {choice}")
                 else:
@@ -384,21 +376,39 @@ class Engine:
             self.metrics_.record_step(prompt_tokens, len(sampled))
             return True
 
+    def step_logits(self, decoding: list, segments: list, sampled_rows: list, routing: bool):
+        """(R, V) logits of the rows sampled this step (the decoding rows in `sampled_rows`, then the prefill
+        segments that want logits) and, with routing, their experts (a list per row) or None."""
+        logits, routed = [], []
+        if decoding:  # first: its throw-away rows write above every row's computed slots
+            out = self.decode_step(decoding, self.scheduler.running, routing)
+            logits_RV, routed_RLK = out if routing else (out, None)
+            if len(sampled_rows) < len(decoding):
+                logits_RV = logits_RV[sampled_rows]
+                routed_RLK = None if routed_RLK is None else routed_RLK[sampled_rows]
+            logits.append(logits_RV)
+            routed += [routed_RLK] if routing else []
+        if segments:
+            out = prefill_forward(self.model, segments, self.numerics, self._rope, routing)
+            logits.append(out[0] if routing else out)
+            routed += [out[1]] if routing else []
+        logits_RV = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return logits_RV, torch.cat(routed).tolist() if routing else None
+
     def _choose(self, logits_RV: torch.Tensor, sampled: list) -> list:
         """(token, logprob) per row; when the batched choice fails, each row alone, so a failure is
         an Exception in the row of the request it concerns and the others carry on."""
-        with torch.inference_mode():
+        try:
+            return choose_tokens(logits_RV, sampled)
+        except Exception:  # noqa: BLE001 -- find the row(s) at fault below
+            traceback.print_exc()
+        out = []
+        for r, s in enumerate(sampled):
             try:
-                return choose_tokens(logits_RV, sampled)
-            except Exception:  # noqa: BLE001 -- find the row(s) at fault below
-                traceback.print_exc()
-            out = []
-            for r, s in enumerate(sampled):
-                try:
-                    out.append(choose_tokens(logits_RV[r:r + 1], [s])[0])
-                except Exception as err:  # noqa: BLE001
-                    out.append(err)
-            return out
+                out.append(choose_tokens(logits_RV[r:r + 1], [s])[0])
+            except Exception as err:  # noqa: BLE001
+                out.append(err)
+        return out
 
     def _append(self, s: Seq, token: int, logprob: Optional[float], top: Optional[list] = None) -> None:
         if s.first_token_at is None:

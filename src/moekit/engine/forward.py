@@ -182,7 +182,10 @@ class DecodeStep:
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         out = self.fn(inputs.ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
-        logits_RV = logits_RV[:len(decoding)].float()
+        if len(rows) > len(decoding):  # (a lone row twice)
+            logits_RV = logits_RV[:len(decoding)]
+        if logits_RV.dtype != torch.float32:
+            logits_RV = logits_RV.float()
         if order != sorted(order):
             logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
         if not routing:
