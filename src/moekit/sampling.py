@@ -150,10 +150,11 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
     `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
-    greedy_rows = [r for r in range(R) if seqs[r].params.temperature == 0 and seqs[r].params.plain_logits]
-    if greedy_rows:  # (every row greedy, the common case: no gather)
-        rows_GV = logits_RV if len(greedy_rows) == R else logits_RV.index_select(
-            0, torch.tensor(greedy_rows, device=logits_RV.device))
+    greedy_rows = [r for r, s in enumerate(seqs) if s.params.plain_greedy]
+    if len(greedy_rows) == R:  # (every row greedy, the common case: no gather)
+        out = greedy(logits_RV).tolist()
+    elif greedy_rows:
+        rows_GV = logits_RV.index_select(0, torch.tensor(greedy_rows, device=logits_RV.device))
         for r, t in zip(greedy_rows, greedy(rows_GV).tolist()):
             out[r] = t
     for r in range(R):
@@ -172,16 +173,17 @@ def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[flo
                 logits_1V = logits_1V.index_fill(-1, ends, float("-inf"))
             out[r] = int(sample_next(logits_1V, float(p.temperature), p.top_k, p.top_p, seqs[r].generator,
                                      p.min_p)[0])
-    want = [r for r in range(R) if seqs[r].params.logprobs]
+    want = [r for r, s in enumerate(seqs) if s.params.logprobs]
+    if not want:
+        return [(token, None, None) for token in out]
     logprobs: List[Optional[float]] = [None] * R
     tops: List[Optional[list]] = [None] * R
-    if want:
-        idx = torch.tensor(want, device=logits_RV.device)
-        lp_RV = torch.log_softmax(logits_RV.index_select(0, idx).float(), dim=-1)
-        for j, r in enumerate(want):
-            logprobs[r] = float(lp_RV[j, out[r]])
-            if seqs[r].params.top_logprobs:
-                tops[r] = top_logprobs(lp_RV[j], seqs[r].params.top_logprobs)
+    idx = torch.tensor(want, device=logits_RV.device)
+    lp_RV = torch.log_softmax(logits_RV.index_select(0, idx).float(), dim=-1)
+    for j, r in enumerate(want):
+        logprobs[r] = float(lp_RV[j, out[r]])
+        if seqs[r].params.top_logprobs:
+            tops[r] = top_logprobs(lp_RV[j], seqs[r].params.top_logprobs)
     return list(zip(out, logprobs, tops))
 
 

@@ -337,7 +337,9 @@ class Engine:
         False when there was nothing to do."""
         with self._step_lock:
             self._drain()
-            self._dequeued(len(self.scheduler.admit()))
+            admitted = self.scheduler.admit()
+            if admitted:
+                self._dequeued(len(admitted))
             plan = self.scheduler.plan()
             if not plan:
                 return False

@@ -30,12 +30,11 @@ from typing import List, Sequence
 
 import torch
 
-from ..cache import Cache
 from ..numerics import Numerics, round_up, rows_multiplied
 from ..plan import ForwardPlan, Segment, stack_routed
 from ..runtime import compiled_step
 from .kv import TRASH
-from .paged import PagedLayerCache
+from .paged import writing_at
 
 PAD_ID, MIN_SLOTS = 0, 64
 # the fewest rows of an invariant decode bucket whose products compute each row alone: dynamo specialises a size
@@ -58,14 +57,13 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
     return logits_RV, stack_routed(plan.routed_experts, (rows,), device)[plan.logits_rows]
 
 
-def packed_decode_step(model, ids_4B: torch.Tensor, cache: Cache, numerics: Numerics, rope_table, static: bool,
+def packed_decode_step(model, ids_4B: torch.Tensor, cache, numerics: Numerics, rope_table, static: bool,
                        rows_R: torch.Tensor, routing: bool):
     """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, each row's first
     visible slot, pool slots written (paged layers). One tensor in: a compiled step then takes one size for the
     bucket's rows and no views' storage offsets as its inputs."""
     valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[2, :, None]
-    cache = Cache([layer.writing_at(ids_4B[3]) if isinstance(layer, PagedLayerCache) else layer
-                   for layer in cache.layers])
+    cache = writing_at(cache, ids_4B[3])
     return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
                              rope_table, static, rows_R, routing)
 

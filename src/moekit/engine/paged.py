@@ -24,7 +24,7 @@ import torch
 
 from ..attention import paged_cpu
 from ..attention.paged_cpu import PagedKV
-from ..cache import KVLayerCache
+from ..cache import Cache, KVLayerCache
 
 
 def is_paged(layer) -> bool:
@@ -56,9 +56,6 @@ class PagedLayerCache:
     def max_len(self) -> int:
         return self.table_BS.shape[1]
 
-    def writing_at(self, write_B: torch.Tensor) -> "PagedLayerCache":
-        """This view, its decode steps writing row b at pool slot write_B[b]."""
-        return PagedLayerCache(*self.pools, self.table_BS, write_B)
 
     def update(self, k_BXTY: torch.Tensor, v_BXTY: torch.Tensor, span):
         """Write the new tokens, return (k, v) (B, X, S, Y): every row's slots gathered."""
@@ -85,3 +82,13 @@ class PagedLayerCache:
             for pool_XNY, new_BXTY in zip(self.pools, (k_BXTY, v_BXTY)):
                 pool_XNY.index_copy_(1, flat_T, new_BXTY[0])
         return self.table_BS if span.end is None else self.table_BS[:, :span.end]
+
+
+def writing_at(cache: Cache, write_B: torch.Tensor) -> Cache:
+    """`cache` with its paged layers' decode steps writing row b at pool slot write_B[b]. They share one slot table
+    (the engine's decode view), read once: under torch.compile, each layer's read of it would be a guard that
+    they are the same tensor."""
+    paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]
+    table_BS = paged[0].table_BS if paged else None
+    return Cache([PagedLayerCache(*layer.pools, table_BS, write_B) if isinstance(layer, PagedLayerCache) else layer
+                  for layer in cache.layers])

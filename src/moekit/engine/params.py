@@ -23,6 +23,7 @@ one. Events carry the entries known since the last event (one step behind their 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ..sampling import (SamplingParamError, check_logit_bias, check_max_tokens, check_penalty, check_sampling,
@@ -58,6 +59,11 @@ class SamplingParams:
         """No processor changes the logits before the choice (greedy rows can then be batched)."""
         return (self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
                 and not self.logit_bias and self.min_tokens == 0)
+
+    @cached_property
+    def plain_greedy(self) -> bool:
+        """The choice is the argmax of the raw logits (greedy, plain logits). Found once: read every step."""
+        return self.temperature == 0 and self.plain_logits
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
