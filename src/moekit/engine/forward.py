@@ -34,7 +34,7 @@ from ..numerics import Numerics, round_up, rows_multiplied
 from ..plan import ForwardPlan, Segment, stack_routed
 from ..runtime import compiled_step
 from .kv import TRASH
-from .paged import writing_at
+from .paged import decoding_view
 
 PAD_ID, MIN_SLOTS = 0, 64
 # the fewest rows of an invariant decode bucket whose products compute each row alone: dynamo specialises a size
@@ -57,13 +57,14 @@ def prefill_forward(model, segments: List[Segment], numerics: Numerics, rope_tab
     return logits_RV, stack_routed(plan.routed_experts, (rows,), device)[plan.logits_rows]
 
 
-def packed_decode_step(model, ids_4B: torch.Tensor, cache, numerics: Numerics, rope_table, static: bool,
-                       rows_R: torch.Tensor, routing: bool):
+def packed_decode_step(model, ids_4B: torch.Tensor, table_N: torch.Tensor, cache, numerics: Numerics, rope_table,
+                       static: bool, rows_R: torch.Tensor, routing: bool):
     """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, each row's first
-    visible slot, pool slots written (paged layers). One tensor in: a compiled step then takes one size for the
-    bucket's rows and no views' storage offsets as its inputs."""
+    visible slot, pool slots written (paged layers), and the paged layers' slot table flattened (B * S,). One
+    tensor of ids and a flat table: a compiled step then takes one size for the bucket's rows, one for the
+    table (S follows), and no views' storage offsets as its inputs."""
+    cache = decoding_view(cache, table_N.view(ids_4B.shape[1], -1), ids_4B[3])
     valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[2, :, None]
-    cache = writing_at(cache, ids_4B[3])
     return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
                              rope_table, static, rows_R, routing)
 
@@ -132,21 +133,21 @@ class DecodeStep:
         row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
         row (row pools: rewritten by the row's next prefill, recurrent state reset when the row is taken)."""
         B, S = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots)
-        inputs, cache = self.bucket(B, S)
+        inputs, cache, table_N = self.bucket(B, S)
         inputs.idle()
         inputs.ids[B] = inputs.ids[2 * B] = 0  # row 0: slot 0
         inputs.sync()
         rows_R = torch.zeros(1, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            return rows_multiplied(lambda: packed_decode_step(self.model, inputs.ids_4B, cache, self.numerics,
-                                                              self.rope_table, True, rows_R, False))
+            return rows_multiplied(lambda: packed_decode_step(self.model, inputs.ids_4B, table_N, cache,
+                                                              self.numerics, self.rope_table, True, rows_R, False))
 
     def bucket(self, B: int, S: int):
-        """(StepInputs, cache) of the bucket of B rows and S slots; the same objects each time."""
+        """(StepInputs, cache, flat slot table) of the bucket of B rows and S slots; the same objects each time."""
         inputs = self.inputs.get((B, S))
         if inputs is None:
             inputs = self.inputs[(B, S)] = StepInputs(B, S, self.kv.block_size, self.device)
-        return inputs, self.kv.decode_view(B, S)
+        return (inputs, *self.kv.decode_view(B, S))
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
@@ -157,7 +158,7 @@ class DecodeStep:
         longest = max(s.computed for s in running) + 1
         S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
         bs = self.kv.block_size
-        inputs, cache = self.bucket(B, S)
+        inputs, cache, table_N = self.bucket(B, S)
         inputs.idle()
         ids = inputs.ids
         for s in decoding:  # per row: token, slot, first visible slot, pool slot written
@@ -178,7 +179,7 @@ class DecodeStep:
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
-        out = self.fn(inputs.ids_4B, cache, self.numerics, self.rope_table, True, rows_R, routing)
+        out = self.fn(inputs.ids_4B, table_N, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
         if len(rows) > len(decoding):  # (a lone row twice)
             logits_RV = logits_RV[:len(decoding)]

@@ -144,18 +144,19 @@ class KVPool:
         return Cache([PagedLayerCache(*pool, table_1E) if pool is not None else layer.rows(row, row + 1)
                       for layer, pool in zip(self.layers, self.pools)])
 
-    def decode_view(self, B: int, S: int) -> Cache:
-        """The decode bucket's cache (its paged layers write where the step says: `PagedLayerCache.writing_at`); the
-        same object for each (B, S), refreshed in place (cheaper guards under torch.compile), the slot table only
-        after the block tables changed (a request grows by a block every block_size tokens)."""
+    def decode_view(self, B: int, S: int) -> Tuple[Cache, torch.Tensor]:
+        """The decode bucket's cache and its slot table flattened, (B * S,) (the step views it as (B, S) and hands
+        it to the paged layers with the pool slots they write: `paged.decoding_view`); the same objects for each
+        (B, S), refreshed in place (cheaper guards under torch.compile), the slot table only after the block
+        tables changed (a request grows by a block every block_size tokens)."""
         view = self.views.get((B, S))
         if view is None:
             table_BS = torch.zeros(B, S, dtype=torch.long, device=self.device)
             cache = Cache([PagedLayerCache(*pool, table_BS) if pool is not None else layer.rows(0, B).slots(S)
                            for layer, pool in zip(self.layers, self.pools)])
-            view = self.views[(B, S)] = (cache, table_BS)
-        cache, table_BS = view
+            view = self.views[(B, S)] = (cache, table_BS, table_BS.view(-1))
+        cache, table_BS, table_N = view
         if self.any_paged and self.view_built_at.get((B, S)) != self.tables_changed:
             table_BS.copy_(self.slot_table(slice(0, B), S))
             self.view_built_at[(B, S)] = self.tables_changed
-        return cache
+        return cache, table_N

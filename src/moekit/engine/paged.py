@@ -84,11 +84,9 @@ class PagedLayerCache:
         return self.table_BS if span.end is None else self.table_BS[:, :span.end]
 
 
-def writing_at(cache: Cache, write_B: torch.Tensor) -> Cache:
-    """`cache` with its paged layers' decode steps writing row b at pool slot write_B[b]. They share one slot table
-    (the engine's decode view), read once: under torch.compile, each layer's read of it would be a guard that
-    they are the same tensor."""
-    paged = [layer for layer in cache.layers if isinstance(layer, PagedLayerCache)]
-    table_BS = paged[0].table_BS if paged else None
+def decoding_view(cache: Cache, table_BS: torch.Tensor, write_B: torch.Tensor) -> Cache:
+    """`cache` (the engine's decode view) with its paged layers reading through the slot table `table_BS` and
+    writing row b at pool slot write_B[b]. Under torch.compile the step builds it from tensors it is given: the
+    table read from each layer would be a tensor input of its own, with guards that they are the same one."""
     return Cache([PagedLayerCache(*layer.pools, table_BS, write_B) if isinstance(layer, PagedLayerCache) else layer
                   for layer in cache.layers])
