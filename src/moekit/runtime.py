@@ -133,6 +133,7 @@ class CompiledStep:
             self.state, self.fn = state, compile_fn(private_method(types.MethodType(self.step, self.model)),
                                                     self.dynamic, self.model.embed.weight.device)
         tracing.settings = self.settings  # what dynamo's compile-start callback applies, should this call trace
+        register_trace_callbacks()  # (again after a torch._dynamo.reset(), which drops every callback)
         try:
             return self.fn(*args)
         finally:
@@ -168,11 +169,12 @@ def exit_trace_settings(*_) -> None:
 
 
 def register_trace_callbacks() -> None:
-    """Register the two callbacks with dynamo, once per process."""
-    if not getattr(register_trace_callbacks, "done", False):
+    """Register the two callbacks with dynamo, unless they are registered."""
+    handler = torch._dynamo.callback.callback_handler
+    if enter_trace_settings not in handler.start_callbacks:
         torch._dynamo.callback.on_compile_start(enter_trace_settings)
+    if exit_trace_settings not in handler.end_callbacks:
         torch._dynamo.callback.on_compile_end(exit_trace_settings)
-        register_trace_callbacks.done = True
 
 
 def private_method(method):
@@ -194,7 +196,6 @@ def compile_fn(fn, dynamic, device):
     memory-bound GEMV that reads the weight at a higher bandwidth than MKL's
     (benchmarks/results/llama_cpp_decode_cpu.md)."""
     torch.compiler.assume_constant_result(thread_count)  # marks it in place (numerics.thread_count)
-    register_trace_callbacks()
     cpu_matvec.prepare("f32", device)  # build the C matvec now, outside the traced step
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
