@@ -35,7 +35,8 @@ exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
   * batch-1 decode: tokens/s between the first and the last new token of one request, for the
     engine in process (no HTTP) and for `moekit.generate`, next to the memory-bandwidth bound
     of the analyzer (`moekit.analyze.analyze_model(..., weights="fp32", batch=1)`:
-    measured read bandwidth / bytes touched per token).
+    measured read bandwidth / bytes touched per token). Each path's best of BATCH1_ROUNDS runs, the paths
+    taking turns within a round (so a slower or faster phase of the machine falls on all of them alike).
 
     python benchmarks/serve.py                                   # table
     python benchmarks/serve.py --out benchmarks/results/serve_cpu.md
@@ -316,6 +317,9 @@ def step_tokens_rows(model, prompts, new_tokens: int, compile_: bool, values: Li
     return rows
 
 
+BATCH1_ROUNDS = 5
+
+
 def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     from moekit.engine import Engine, SamplingParams
 
@@ -340,10 +344,17 @@ def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     generate_run(False)
     if compile_:
         generate_run(True), generate_run(True)
-    eng = max(engine_run() for _ in range(3))
-    eng_fast = max(engine_run("fast") for _ in range(3)) if "fast" in engines else None
-    gen = max(generate_run(False) for _ in range(3))
-    gen_c = max(generate_run(True) for _ in range(3)) if compile_ else gen  # --no-compile: eager in both rows
+    runs = {"eng": [], "eng_fast": [], "gen": [], "gen_c": []}
+    for _ in range(BATCH1_ROUNDS):  # the paths in turn (see the module docstring)
+        runs["eng"].append(engine_run())
+        if "fast" in engines:
+            runs["eng_fast"].append(engine_run("fast"))
+        runs["gen"].append(generate_run(False))
+        if compile_:
+            runs["gen_c"].append(generate_run(True))
+    eng, gen = max(runs["eng"]), max(runs["gen"])
+    eng_fast = max(runs["eng_fast"]) if runs["eng_fast"] else None
+    gen_c = max(runs["gen_c"]) if compile_ else gen  # --no-compile: eager in both rows
     context = len(prompt) + new_tokens // 2
     from moekit.analyze import analyze_model, local_hardware
 
