@@ -153,10 +153,11 @@ class DecodeStep:
         """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
         one being recomputed), `running` are all requests holding rows (for the bucket's cache length).
         routing=True: and (len(decoding), L, K), each one's experts in the L MoE layers."""
-        rows_used = max(s.row for s in running) + 1
-        B = bucket_rows(rows_used, self.quantum)
-        longest = max(s.computed for s in running) + 1
-        S = min(max(MIN_SLOTS, 1 << (longest - 1).bit_length()), self.kv.max_slots)
+        last_row = computed = 0
+        for s in running:  # the highest row and the longest request
+            last_row, computed = max(last_row, s.row), max(computed, s.computed)
+        B = bucket_rows(last_row + 1, self.quantum)
+        S = min(max(MIN_SLOTS, 1 << computed.bit_length()), self.kv.max_slots)
         bs = self.kv.block_size
         inputs, cache, table_N = self.bucket(B, S)
         inputs.idle()
@@ -166,8 +167,10 @@ class DecodeStep:
             ids[row], ids[B + row], ids[2 * B + row] = s.token(slot), slot, 0
             ids[3 * B + row] = s.blocks[slot // bs] * bs + slot % bs
         inputs.sync()
-        order = sorted(range(len(decoding)), key=lambda i: decoding[i].row)
-        rows = [decoding[i].row for i in order]
+        rows = [s.row for s in decoding]
+        order = None if len(rows) == 1 else sorted(range(len(rows)), key=rows.__getitem__)
+        if order is not None:
+            rows = [rows[i] for i in order]
         if self.numerics.batch_invariant and len(rows) == 1:
             # a lone decoding row twice (the same values selected and written back twice): dynamo specialises a
             # size of 1, and the code of a one-row step could sum other ops in another order than the step for
@@ -185,7 +188,7 @@ class DecodeStep:
             logits_RV = logits_RV[:len(decoding)]
         if logits_RV.dtype != torch.float32:
             logits_RV = logits_RV.float()
-        if order != sorted(order):
+        if order is not None and order != sorted(order):
             logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
         if not routing:
             return logits_RV

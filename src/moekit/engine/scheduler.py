@@ -153,10 +153,13 @@ class Scheduler:
     def plan(self) -> List[Sequence]:
         """The requests that feed tokens this step (decode rows first, then prefill chunks), with
         a block for every decode write (preempting the newest requests when blocks run out)."""
-        for seq in [s for s in self.running if not s.in_prefill]:
-            if seq in self.running and not self.grow(seq):
+        decoding = [s for s in self.running if not s.in_prefill]
+        count = len(self.running)
+        for seq in decoding:
+            # (a request preempted for an earlier one's block is no longer running: membership checked only then)
+            if (len(self.running) == count or seq in self.running) and not self.grow(seq):
                 self.preempt(seq)
-        chosen = [s for s in self.running if not s.in_prefill]
+        chosen = decoding if len(self.running) == count else [s for s in self.running if not s.in_prefill]
         rows, took_chunk = len(chosen), False
         for seq in [s for s in self.running if s.in_prefill]:
             n = seq.chunk_end(self.prefill_chunk) - seq.computed
