@@ -148,8 +148,8 @@ def trace_settings(dynamic) -> tuple:
 
 
 # per thread: the trace settings of the compiled step being called, and those entered by a compile in progress
+# (attributes a thread has not set read as None: getattr with a default)
 tracing = threading.local()
-tracing.settings = tracing.entered = None
 
 
 def enter_trace_settings(*_) -> None:
@@ -169,11 +169,9 @@ def exit_trace_settings(*_) -> None:
 
 
 def register_trace_callbacks() -> None:
-    """Register the two callbacks with dynamo, unless they are registered."""
-    handler = torch._dynamo.callback.callback_handler
-    if enter_trace_settings not in handler.start_callbacks:
+    """Register the two callbacks with dynamo, unless they are registered (they are dropped together)."""
+    if enter_trace_settings not in torch._dynamo.callback.callback_handler.start_callbacks:
         torch._dynamo.callback.on_compile_start(enter_trace_settings)
-    if exit_trace_settings not in handler.end_callbacks:
         torch._dynamo.callback.on_compile_end(exit_trace_settings)
 
 
