@@ -1,6 +1,6 @@
 """The C matvec over q8_0 / q4_0 / mxfp4 blocks and float32 weights (moekit/cpu_matvec.c) against the float
-reference x @ Format.dequantize(W)ᵀ: its AVX-512 path (where the CPU has it) and its portable C path
-(built with AVX-512 disabled), a Linear's rows, gathered experts' pairs (quantized and float32), batch
+reference x @ Format.dequantize(W)ᵀ: its AVX-512 and AVX2 paths (where the CPU has them) and its portable C
+path (built with both disabled), a Linear's rows, gathered experts' pairs (quantized and float32), batch
 invariance, the compiled decode that calls it, and the switch that turns it off."""
 
 import os
@@ -27,8 +27,12 @@ def reference(qw: QuantizedWeight, x_RK, index_R=None):
     return torch.stack([x_RK[r].double() @ qw.dense(int(e)).double().t() for r, e in enumerate(index_R)])
 
 
-def portable_library(tmp_path):
-    return cpu_matvec.load(cpu_matvec.build(["-mno-avx512f"], cache_dir=tmp_path))
+def builds(tmp_path) -> dict:
+    """The kernel as loaded, and built without AVX-512 (the AVX2 float32 path where the CPU has AVX2) and without
+    AVX2 either (the portable C): each path on any machine that has the instructions."""
+    return {"native": cpu_matvec.library(),
+            "avx2": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f"], cache_dir=tmp_path / "avx2")),
+            "portable": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f", "-mno-avx2"], cache_dir=tmp_path / "c"))}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -36,7 +40,7 @@ def portable_library(tmp_path):
 def test_linear_rows_match_the_dequantized_reference(method, K, tmp_path):
     torch.manual_seed(0)
     qw = QuantizedWeight.from_float(torch.randn(70, K), method)
-    libs = {"native": cpu_matvec.library(), "portable": portable_library(tmp_path)}
+    libs = builds(tmp_path)
     for R in (1, 3, 8, 11):  # 11: one full tile of 8 rows and one of 3
         x_RK = torch.randn(R, K)
         ref = reference(qw, x_RK).float()
@@ -60,7 +64,7 @@ def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, 
     index_P = torch.tensor([3, 0, 3, 5, 3, 3, 1, 3, 3, 3, 3, 3])  # expert 3: 9 pairs, more than one tile
     x_PK = torch.randn(len(index_P), 64)
     ref = reference(qw, x_PK, index_P).float()
-    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+    for lib in builds(tmp_path).values():
         y_PN = cpu_matvec.call(lib, method, x_PK, qw.qweight, qw.kernel_scale, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-4)
         for p in range(len(index_P)):  # a pair alone gives the same bits as among the others
@@ -110,11 +114,11 @@ def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path, K):
     from moekit.moe.weights import gathered_matvec
 
     torch.manual_seed(3)
-    w_ENK = torch.randn(5, 24, K)
+    w_ENK = torch.randn(5, 21, K)  # (21: 16 outputs and a tile of 5)
     index_P = torch.tensor([1, 4, 1, 1, 0, 1, 1, 1, 1, 1, 2])
     x_PK = torch.randn(len(index_P), K)
     ref = torch.stack([w_ENK[e].double() @ x_PK[p].double() for p, e in enumerate(index_P)]).float()
-    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+    for lib in builds(tmp_path).values():
         y_PN = cpu_matvec.call(lib, "f32", x_PK, w_ENK, None, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-5)
         for p in range(len(index_P)):
@@ -246,7 +250,7 @@ def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(tm
     x_RK[0, 1], x_RK[1, 0] = 1.0, 1.0  # (element 1: a high nibble; element 0: a low one)
     expected = (x_RK.double() @ qw.dense().double().t()).float()
     assert torch.isnan(expected[:, 4]).all() and torch.isfinite(expected[:, :3]).all()
-    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+    for lib in builds(tmp_path).values():
         y = cpu_matvec.call(lib, "mxfp4", x_RK, qw.qweight, qw.kernel_scale, None)
         torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
 
@@ -266,7 +270,7 @@ def test_rows_of_zeros_give_zeros_and_leave_the_other_rows_bitwise_alone(method,
     x_RK[[1, 4]] = 0.0
     x_RK[5] = -0.0
     index_R = torch.tensor([0, 2, 2, 1, 2, 2, 0])
-    for lib in (cpu_matvec.library(), portable_library(tmp_path)):
+    for lib in builds(tmp_path).values():
         y_RN = cpu_matvec.call(lib, method, x_RK, w, scale, index_R)
         for r in range(7):
             alone = cpu_matvec.call(lib, method, x_RK[r:r + 1], w, scale, index_R[r:r + 1])

@@ -14,6 +14,10 @@
    Rows that share a weight are taken up to 8 at a time, so each block is decoded once for all of them.
    Output rows n are split across OpenMP threads (the process's OpenMP runtime: torch's).
 
+   Paths by the build's instruction set (-march=native): AVX-512 (every format), AVX2 with FMA (float32:
+   `tile_f32`'s 8-lane version; the block formats take the portable loop), portable C. Each fixes its own
+   order of additions, so a row's bits are the same for any number of rows within one build (not across them).
+
    8-bit activations (moekit_x8_pack / moekit_x8_matvec below): llama.cpp's scheme for these formats.
 
    Legend: R rows of x, N output rows of a weight, B blocks of 32 per row (K = 32 B), G groups of 16
@@ -23,8 +27,11 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define F32_AVX2 1 /* the float32 tile below in 8-lane AVX2 (machines without AVX-512) */
 #endif
 
 #define QK 32
@@ -183,10 +190,79 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
 }
 #endif
 
+#ifdef F32_AVX2
+/* lane i of the result: the sum of the 8 lanes of a[i] (i < 4), by the tree ((0+1)+(2+3)) + ((4+5)+(6+7)) */
+static inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3)); /* a[i]'s (0..3, 4..7) sums */
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* y_t[i] (t < T <= 2, i < nn <= 4) = weight row w_i[0..K) times x_t[0..K): per output 8 lane-wise chains (lane j
+   takes k = j mod 8, in k order), then `sum_lanes4`: the same bits for a row whatever T and nn. Two rows at once
+   load each weight vector once for both (8 accumulators, 2 x and 1 weight register: 11 of the 16). */
+static inline __attribute__((always_inline)) void chains4_rows(const int T, const float *const *x_T, const float *w,
+                                                               int64_t stride, int nn, int64_t K, float *const *y_T,
+                                                               int64_t n0) {
+    __m256 a[2][4];
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < 4; i++) a[t][i] = _mm256_setzero_ps();
+    const float *wi[4]; /* rows past nn repeat the last one (computed, not stored) */
+    for (int i = 0; i < 4; i++) wi[i] = w + (i < nn ? i : nn - 1) * stride;
+    for (int64_t k = 0; k < K; k += 8) {
+        const __m256 x0 = _mm256_loadu_ps(x_T[0] + k), x1 = T == 2 ? _mm256_loadu_ps(x_T[1] + k) : x0;
+        for (int i = 0; i < 4; i++) {
+            const __m256 wv = _mm256_loadu_ps(wi[i] + k);
+            a[0][i] = _mm256_fmadd_ps(wv, x0, a[0][i]);
+            if (T == 2) a[1][i] = _mm256_fmadd_ps(wv, x1, a[1][i]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float out[4];
+        _mm_storeu_ps(out, sum_lanes4(a[t][0], a[t][1], a[t][2], a[t][3]));
+        for (int i = 0; i < nn; i++) y_T[t][n0 + i] = out[i];
+    }
+}
+
+/* one row against 8 weight rows (nn <= 8) at a time: x loaded once per 8 of K for the 8 outputs */
+static inline void chains8_row(const float *x, const float *w, int64_t stride, int nn, int64_t K, float *y,
+                               int64_t n0) {
+    __m256 a[8];
+    const float *wi[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps(), wi[i] = w + (i < nn ? i : nn - 1) * stride;
+    for (int64_t k = 0; k < K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wi[i] + k), xv, a[i]);
+    }
+    float out[8];
+    _mm_storeu_ps(out, sum_lanes4(a[0], a[1], a[2], a[3]));
+    _mm_storeu_ps(out + 4, sum_lanes4(a[4], a[5], a[6], a[7]));
+    for (int i = 0; i < nn; i++) y[n0 + i] = out[i];
+}
+
+/* float32 weights without AVX-512: rows x_T[t] against weight rows [n0, n1) (at most 16); a lone row 8 outputs
+   at a time, more rows two at a time 4 outputs at a time (each output: the chains and tree above, so a row's
+   result depends on its x and the weight only) */
+static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0, int64_t n1, int64_t K,
+                     float *const *y_T) {
+    for (int t = 0; t < T;) {
+        const int r = T - t >= 2 ? 2 : 1;
+        for (int64_t n = n0; n < n1;) {
+            const int nn = (int)(n1 - n < (r == 1 ? 8 : 4) ? n1 - n : (r == 1 ? 8 : 4));
+            if (r == 1)
+                chains8_row(x_T[t], w + n * K, K, nn, K, y_T[t], n);
+            else
+                chains4_rows(2, x_T + t, w + n * K, K, nn, K, y_T + t, n);
+            n += nn;
+        }
+        t += r;
+    }
+}
+#endif
+
 /* rows x_T[t] (t < T) against weight rows [n0, n1) of one weight */
 static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, const void *d, int64_t n0,
                  int64_t n1, int64_t B, float *const *y_T) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(F32_AVX2)
     if (fmt == F32) {
         tile_f32(x_T, T, (const float *)q, n0, n1, B * QK, y_T);
         return;

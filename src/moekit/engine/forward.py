@@ -63,6 +63,7 @@ def packed_decode_step(model, ids_4B: torch.Tensor, table_N: torch.Tensor, cache
     visible slot, pool slots written (paged layers), and the paged layers' slot table flattened (B * S,). One
     tensor of ids and a flat table: a compiled step then takes one size for the bucket's rows, one for the
     table (S follows), and no views' storage offsets as its inputs."""
+    torch._check(rows_R.shape[0] >= 1)  # (the row count is unbacked under compile: see DecodeStep.__call__)
     cache = decoding_view(cache, table_N.view(ids_4B.shape[1], -1), ids_4B[3])
     valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[2, :, None]
     return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
@@ -133,12 +134,12 @@ class DecodeStep:
         row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
         row (row pools: rewritten by the row's next prefill, recurrent state reset when the row is taken)."""
         B, S = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots)
-        inputs, cache, table_N = self.bucket(B, S)
-        inputs.idle()
-        inputs.ids[B] = inputs.ids[2 * B] = 0  # row 0: slot 0
-        inputs.sync()
-        rows_R = torch.zeros(1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
+        with torch.inference_mode():  # (as in the engine's steps: the bucket's tensors made here are of one kind
+            inputs, cache, table_N = self.bucket(B, S)  # with theirs, so a compiled step takes them unchanged)
+            inputs.idle()
+            inputs.ids[B] = inputs.ids[2 * B] = 0  # row 0: slot 0
+            inputs.sync()
+            rows_R = torch.zeros(1, dtype=torch.long, device=self.device)
             return rows_multiplied(lambda: packed_decode_step(self.model, inputs.ids_4B, table_N, cache,
                                                               self.numerics, self.rope_table, True, rows_R, False))
 
@@ -171,21 +172,19 @@ class DecodeStep:
         order = None if len(rows) == 1 else sorted(range(len(rows)), key=rows.__getitem__)
         if order is not None:
             rows = [rows[i] for i in order]
-        if self.numerics.batch_invariant and len(rows) == 1:
-            # a lone decoding row twice (the same values selected and written back twice): dynamo specialises a
-            # size of 1, and the code of a one-row step could sum other ops in another order than the step for
-            # 2 or more rows (it did for a hybrid model's recurrent layers); so every step runs one graph
-            rows.append(rows[0])
         if rows != self.last_rows:  # (the same rows step after step while no request joins or leaves)
             self.last_rows, self.rows_R = rows, torch.tensor(rows, dtype=torch.long, device=self.device)
+            if self.numerics.batch_invariant:
+                # an unbacked size: dynamo makes no graph of its own for one row (a backed size of 1 is
+                # specialised, and a one-row graph once summed a hybrid model's recurrent layers in another order
+                # than the graph for 2 or more): every row count runs one generated code
+                torch._dynamo.decorators.mark_unbacked(self.rows_R, 0)
         rows_R = self.rows_R
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
         out = self.fn(inputs.ids_4B, table_N, cache, self.numerics, self.rope_table, True, rows_R, routing)
         logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
-        if len(rows) > len(decoding):  # (a lone row twice)
-            logits_RV = logits_RV[:len(decoding)]
         if logits_RV.dtype != torch.float32:
             logits_RV = logits_RV.float()
         if order is not None and order != sorted(order):
