@@ -17,8 +17,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define ATTN_AVX2 1 /* the dot and the exponentials in 8-lane AVX2 (machines without AVX-512): the portable bits */
 #endif
 
 #define PREFETCH 8 /* slots ahead */
@@ -30,6 +33,15 @@ static float dot(const float *a, const float *b, int64_t n) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
         return _mm512_reduce_add_ps(acc);
+    }
+#endif
+#ifdef ATTN_AVX2
+    if (n % 8 == 0) { /* the eight chains below in one vector, summed by the same tree: the same bits */
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); /* j + (j + 4) */
+        const __m128 h = _mm_hadd_ps(s, s);
+        return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
     }
 #endif
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* eight chains, summed in a fixed order */
@@ -106,6 +118,40 @@ static inline float exp_nonpositive(float x) {
     return x != x ? x : (x < -87.0f ? 0.0f : e);
 }
 
+#ifdef ATTN_AVX2
+/* `exp_nonpositive` of 8 lanes, step by step the same operations (fused where it fuses): the same bits */
+static inline __m256 exp_nonpositive8(const __m256 x) {
+    const __m256 low = _mm256_set1_ps(-87.0f);
+    const __m256 xc = _mm256_max_ps(x, low); /* (NaN lanes: replaced by x below) */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 neg_n = _mm256_xor_ps(n, _mm256_set1_ps(-0.0f));
+    __m256 r = _mm256_fmadd_ps(neg_n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(neg_n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+    const __m256 out = _mm256_blendv_ps(e, _mm256_setzero_ps(), _mm256_cmp_ps(x, low, _CMP_LT_OQ)); /* < -87: 0 */
+    return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN kept */
+}
+#endif
+
+/* pr[j] = exp_nonpositive(pr[j] - m) for j in [j0, j1) */
+static void exp_shifted(float *pr, float m, int64_t j0, int64_t j1) {
+    int64_t j = j0;
+#ifdef ATTN_AVX2
+    const __m256 mv = _mm256_set1_ps(m);
+    for (; j + 8 <= j1; j += 8)
+        _mm256_storeu_ps(pr + j, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(pr + j), mv)));
+#endif
+    for (; j < j1; j++) pr[j] = exp_nonpositive(pr[j] - m);
+}
+
 /* q (B, H, Dh), pool_k / pool_v (G, N, Dh), table (B, S) int64 pool slots, valid (B, S) bytes (0/1),
    sinks (H) or NULL, out (B, H, Dh). Returns 0, -1 when out of memory, -2 when a valid slot's pool index
    is outside [0, N). A row with no valid slot gets zeros. */
@@ -168,7 +214,7 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
                 for (int64_t r = 0; r < nr; r++) {
                     if (m[r] == -INFINITY) continue; /* nothing to attend to: zeros */
                     float *pr = p + r * S;
-                    for (int64_t j = j0; j < j1; j++) pr[j] = exp_nonpositive(pr[j] - m[r]); /* masked: exactly 0 */
+                    exp_shifted(pr, m[r], j0, j1); /* masked: exactly 0 */
                     float denom = sinks ? exp_nonpositive(sinks[g * R + r0 + r] - m[r]) : 0.0f;
                     for (int64_t j = j0; j < j1; j++) denom += pr[j]; /* in slot order */
                     const float inv = 1.0f / denom;
