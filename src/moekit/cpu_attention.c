@@ -71,6 +71,23 @@ static inline __attribute__((always_inline)) void pv_vectors(const int NV, float
 }
 #endif
 
+#ifdef ATTN_AVX2
+/* `pv_vectors` with NV vectors of 8 (AVX2): the same chains, the same bits */
+static inline __attribute__((always_inline)) void pv_vectors8(const int NV, float *o, const float *w,
+                                                              const float *pool_v, const int64_t *slots,
+                                                              const uint8_t *ok, int64_t j0, int64_t j1, int64_t Dh) {
+    __m256 acc[8];
+    for (int i = 0; i < NV; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
+    for (int64_t j = j0; j < j1; j++) {
+        if (!ok[j]) continue;
+        const __m256 wj = _mm256_set1_ps(w[j]);
+        const float *vv = pool_v + slots[j] * Dh;
+        for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vv + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < NV; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+}
+#endif
+
 /* o (Dh) += sum over the valid slots j in [j0, j1), in order, of w[j] * v(slot j) (pool_v: the KV head's
    (N, Dh) values) */
 static void pv_accumulate(float *o, const float *w, const float *pool_v, const int64_t *slots, const uint8_t *ok,
@@ -87,6 +104,23 @@ static void pv_accumulate(float *o, const float *w, const float *pool_v, const i
         case 5: pv_vectors(5, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 6: pv_vectors(6, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 7: pv_vectors(7, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        default: break;
+        }
+        return;
+    }
+#endif
+#ifdef ATTN_AVX2
+    if (Dh % 8 == 0) { /* 64 columns at a time, in registers */
+        int64_t c = 0;
+        for (; c + 64 <= Dh; c += 64) pv_vectors8(8, o + c, w, pool_v + c, slots, ok, j0, j1, Dh);
+        switch ((Dh - c) / 8) {
+        case 1: pv_vectors8(1, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 2: pv_vectors8(2, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 3: pv_vectors8(3, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 4: pv_vectors8(4, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 5: pv_vectors8(5, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 6: pv_vectors8(6, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
+        case 7: pv_vectors8(7, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         default: break;
         }
         return;
@@ -199,10 +233,13 @@ int moekit_paged_decode_attention(const float *q, const float *pool_k, const flo
                 const int64_t nr = R - r0 < 64 ? R - r0 : 64;
                 for (int64_t r = 0; r < nr; r++) m[r] = sinks ? sinks[g * R + r0 + r] : -INFINITY;
                 for (int64_t j = j0; j < j1; j++) {
-#ifdef __AVX512F__
-                    if (j + PREFETCH < j1) /* a later slot's key: the slots jump from block to block */
-                        for (int64_t c = 0; c < Dh; c += 16)
-                            _mm_prefetch((const char *)(pool_k + (g * N + slots[j + PREFETCH]) * Dh + c), _MM_HINT_T0);
+#if defined(__AVX512F__) || defined(ATTN_AVX2)
+                    if (j + PREFETCH < j1) /* a later slot's key and value (read by pv_accumulate below): the slots
+                                              jump from block to block */
+                        for (int64_t c = 0; c < Dh; c += 16) {
+                            const int64_t at = (g * N + slots[j + PREFETCH]) * Dh + c;
+                            _mm_prefetch((const char *)(pool_k + at), _MM_HINT_T0);
+                        }
 #endif
                     const float *k = ok[j] ? pool_k + (g * N + slots[j]) * Dh : NULL;
                     for (int64_t r = 0; r < nr; r++) {
