@@ -213,6 +213,26 @@ def test_compiled_invariant_step_is_one_graph_for_every_bucket_and_request_count
 
 
 # ---------------------------------------------------------------------------- sampling
+def test_the_decode_steps_compiled_argmax_picks_as_the_eager_one():
+    """The engine's greedy choice is made inside its (compiled) decode step (`packed_decode_step`); inductor's
+    argmax must pick what eager `greedy` picks: the first of tied maxima, the first NaN, index 0 of a row of -inf,
+    the first +inf, for one row and several (dynamic sizes)."""
+    from moekit.runtime import compile_fn
+    from moekit.sampling import greedy
+
+    x_RV = torch.randn(6, 4096)
+    x_RV[0, [7, 900, 3000]] = 50.0
+    x_RV[1, [11, 2000]] = float("nan")
+    x_RV[2] = float("-inf")
+    x_RV[3] = 1.0
+    x_RV[4, [5, 4000]] = float("inf")
+    x_RV[5, 4095] = 99.0
+    compiled = compile_fn(lambda logits: greedy(logits), True, torch.device("cpu"))
+    with torch.inference_mode():
+        assert compiled(x_RV).tolist() == greedy(x_RV).tolist() == [7, 11, 0, 0, 5, 4095]
+        assert compiled(x_RV[1:3]).tolist() == [11, 0]
+
+
 def test_seeded_sampling_is_reproducible_regardless_of_co_batched_requests(model):
     sp = SamplingParams(max_tokens=10, temperature=1.3, top_k=50, seed=7)
     alone = Engine(model, **KW).generate([PROMPTS[0]], sp)[0].token_ids

@@ -141,17 +141,21 @@ def top_logprobs(logprobs_V: torch.Tensor, n: int) -> List[Tuple[int, float]]:
     return list(zip(ids.tolist(), values.tolist()))
 
 
-def choose_tokens(logits_RV: torch.Tensor, seqs) -> List[Tuple[int, Optional[float], Optional[list]]]:
+def choose_tokens(logits_RV: torch.Tensor, seqs, argmax_G: Optional[torch.Tensor] = None
+                  ) -> List[Tuple[int, Optional[float], Optional[list]]]:
     """The engine's per-row choice: (token, logprob or None, top (id, logprob) list or None) per row
     (the top list when params.top_logprobs > 0); seqs[r] has .params, .generator,
     .prompt and .out (the tokens so far, for the repetition penalty). Plain greedy rows take the argmax
-    (batched); the others go one at a time through the penalty and `sample_next` with the request's
-    own generator, so a seeded request draws the same tokens alone, among others, or in
-    `generate(model, [prompt], seed=s)`. Logprobs are under the raw logits."""
+    (batched; `argmax_G`, when given, is `greedy` of the first G rows, computed by the caller); the others go
+    one at a time through the penalty and `sample_next` with the request's own generator, so a seeded request
+    draws the same tokens alone, among others, or in `generate(model, [prompt], seed=s)`. Logprobs are under
+    the raw logits."""
     R = logits_RV.shape[0]
     out: List[Optional[int]] = [None] * R
     greedy_rows = [r for r, s in enumerate(seqs) if s.params.plain_greedy]
-    if len(greedy_rows) == R:  # (every row greedy, the common case: no gather)
+    if len(greedy_rows) == R and argmax_G is not None and argmax_G.shape[0] == R:  # (computed already)
+        out = argmax_G.tolist()
+    elif len(greedy_rows) == R:  # (every row greedy, the common case: no gather)
         out = greedy(logits_RV).tolist()
     elif greedy_rows:
         rows_GV = logits_RV.index_select(0, torch.tensor(greedy_rows, device=logits_RV.device))

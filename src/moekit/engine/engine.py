@@ -351,7 +351,7 @@ class Engine:
             routing = self.return_routed_experts
             with torch.inference_mode():  # (once: the forwards and the choice)
                 try:
-                    logits_RV, routed_R = self.step_logits(decoding, segments, sampled_rows, routing)
+                    logits_RV, argmax_G, routed_R = self.step_logits(decoding, segments, sampled_rows, routing)
                 except Exception as err:  # fail this step's requests, keep serving the rest
                     traceback.print_exc()
                     for s in plan:
@@ -369,7 +369,7 @@ class Engine:
                     wanted = s.params.return_routed_experts and s.computed - 1 - len(s.prompt) == len(s.routed_experts)
                     if wanted:  # (a recomputed token's entry is known already)
                         s.routed_experts.append(entry)
-                choices = self._choose(logits_RV, sampled)
+                choices = self._choose(logits_RV, sampled, argmax_G)
             for s, choice in zip(sampled, choices):
                 if isinstance(choice, Exception):  # only this request fails
                     self._finish(s, "error", f"{type(choice).__name__}: {choice}")
@@ -380,13 +380,13 @@ class Engine:
 
     def step_logits(self, decoding: list, segments: list, sampled_rows: list, routing: bool):
         """(R, V) logits of the rows sampled this step (the decoding rows in `sampled_rows`, then the prefill
-        segments that want logits) and, with routing, their experts (a list per row) or None."""
-        logits, routed = [], []
+        segments that want logits), the argmax of the first G of them (the decoding rows': computed in the decode
+        step) or None, and with routing their experts (a list per row) or None."""
+        logits, routed, argmax_G = [], [], None
         if decoding:  # first: its throw-away rows write above every row's computed slots
-            out = self.decode_step(decoding, self.scheduler.running, routing)
-            logits_RV, routed_RLK = out if routing else (out, None)
+            logits_RV, argmax_G, routed_RLK = self.decode_step(decoding, self.scheduler.running, routing)
             if len(sampled_rows) < len(decoding):
-                logits_RV = logits_RV[sampled_rows]
+                logits_RV, argmax_G = logits_RV[sampled_rows], argmax_G[sampled_rows]
                 routed_RLK = None if routed_RLK is None else routed_RLK[sampled_rows]
             logits.append(logits_RV)
             routed += [routed_RLK] if routing else []
@@ -395,13 +395,14 @@ class Engine:
             logits.append(out[0] if routing else out)
             routed += [out[1]] if routing else []
         logits_RV = logits[0] if len(logits) == 1 else torch.cat(logits)
-        return logits_RV, torch.cat(routed).tolist() if routing else None
+        return logits_RV, argmax_G, torch.cat(routed).tolist() if routing else None
 
-    def _choose(self, logits_RV: torch.Tensor, sampled: list) -> list:
-        """(token, logprob) per row; when the batched choice fails, each row alone, so a failure is
-        an Exception in the row of the request it concerns and the others carry on."""
+    def _choose(self, logits_RV: torch.Tensor, sampled: list, argmax_G: Optional[torch.Tensor]) -> list:
+        """(token, logprob) per row (argmax_G: of the first rows, or None); when the batched choice fails,
+        each row alone, so a failure is an Exception in the row of the request it concerns and the others carry
+        on."""
         try:
-            return choose_tokens(logits_RV, sampled)
+            return choose_tokens(logits_RV, sampled, argmax_G)
         except Exception:  # noqa: BLE001 -- find the row(s) at fault below
             traceback.print_exc()
         out = []

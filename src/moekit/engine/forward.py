@@ -33,6 +33,7 @@ import torch
 from ..numerics import Numerics, round_up, rows_multiplied
 from ..plan import ForwardPlan, Segment, stack_routed
 from ..runtime import compiled_step
+from ..sampling import greedy
 from .kv import TRASH
 from .paged import decoding_view
 
@@ -62,12 +63,16 @@ def packed_decode_step(model, ids_4B: torch.Tensor, table_N: torch.Tensor, cache
     """`model.decode_step` over the engine's ids in one tensor, rows: tokens, cache slots, each row's first
     visible slot, pool slots written (paged layers), and the paged layers' slot table flattened (B * S,). One
     tensor of ids and a flat table: a compiled step then takes one size for the bucket's rows, one for the
-    table (S follows), and no views' storage offsets as its inputs."""
+    table (S follows), and no views' storage offsets as its inputs. Returns (logits (R, V), their argmax (R,),
+    routed experts (B, L, K) or None): the greedy choice made in the step's code (an eager argmax over a
+    vocabulary costs more than the rest of a greedy step's sampling)."""
     torch._check(rows_R.shape[0] >= 1)  # (the row count is unbacked under compile: see DecodeStep.__call__)
     cache = decoding_view(cache, table_N.view(ids_4B.shape[1], -1), ids_4B[3])
     valid_BS = torch.arange(cache.max_len, device=ids_4B.device)[None, :] >= ids_4B[2, :, None]
-    return model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
-                             rope_table, static, rows_R, routing)
+    out = model.decode_step(ids_4B[0, :, None], ids_4B[1, :, None], ids_4B[1], valid_BS, cache, numerics,
+                            rope_table, static, rows_R, routing)
+    logits_RV, routed_BLK = out if routing else (out, None)
+    return logits_RV, greedy(logits_RV), routed_BLK
 
 
 class StepInputs:
@@ -151,9 +156,9 @@ class DecodeStep:
         return (inputs, *self.kv.decode_view(B, S))
 
     def __call__(self, decoding: Sequence, running: Sequence, routing: bool = False):
-        """(len(decoding), V) float logits; `decoding` feed their next known token (the last one, or
-        one being recomputed), `running` are all requests holding rows (for the bucket's cache length).
-        routing=True: and (len(decoding), L, K), each one's experts in the L MoE layers."""
+        """((R, V) float logits, (R,) their argmax, (R, L, K) experts or None), R = len(decoding): `decoding`
+        feed their next known token (the last one, or one being recomputed), `running` are all requests holding
+        rows (for the bucket's cache length). routing=True: each one's experts in the L MoE layers."""
         last_row = computed = 0
         for s in running:  # the highest row and the longest request
             last_row, computed = max(last_row, s.row), max(computed, s.computed)
@@ -183,13 +188,15 @@ class DecodeStep:
         # static=True eager too: the routed experts per (token, expert) pair (`experts_static`, on CPU the C
         # matvec per pair) rather than the eager invariant kernel's padded per-expert GEMMs, which cost more at
         # a few rows; no input checks or load counts (the engine validated the tokens, nothing reads them)
-        out = self.fn(inputs.ids_4B, table_N, cache, self.numerics, self.rope_table, True, rows_R, routing)
-        logits_RV, routed_BLK = out if routing else (out, None)  # the logits of rows_R (active_rows)
+        # the logits of rows_R (active_rows), their argmax, every row's experts
+        logits_RV, argmax_R, routed_BLK = self.fn(inputs.ids_4B, table_N, cache, self.numerics, self.rope_table, True,
+                                                  rows_R, routing)
         if logits_RV.dtype != torch.float32:
             logits_RV = logits_RV.float()
         if order is not None and order != sorted(order):
-            logits_RV = logits_RV[torch.argsort(torch.tensor(order))]
+            back_R = torch.argsort(torch.tensor(order, device=self.device))
+            logits_RV, argmax_R = logits_RV[back_R], argmax_R[back_R]
         if not routing:
-            return logits_RV
+            return logits_RV, argmax_R, None
         routed_RLK = routed_BLK.index_select(0, torch.tensor([s.row for s in decoding], device=self.device))
-        return logits_RV, routed_RLK
+        return logits_RV, argmax_R, routed_RLK
