@@ -404,7 +404,7 @@ int moekit_qmatvec(int fmt, const float *x, int64_t R, const uint8_t *q, const v
         free(group_start);
         return (int)groups;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (groups * n_chunks > 1) /* (one tile: no other thread to wake) */
     for (int64_t task = 0; task < groups * n_chunks; task++) {
         /* chunk-major: a chunk of the weight is read from memory once and stays in cache for every group of rows
            (group-major read a wide weight once per group: about twice as slow for a wide head at 64 rows) */
@@ -459,7 +459,7 @@ int moekit_f32matvec_cat(const float *x, int64_t R, const float *const *w, const
         if (zero_row(x + r * K, K))
             for (int64_t i = 1; i < W; i++)
                 for (int64_t n = 0; n < N[i]; n++) y[R * offset[i] + r * N[i] + n] = 0.0f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (groups * first[W] > 1)
     for (int64_t task = 0; task < groups * first[W]; task++) {
         const int64_t g = task % groups, c = task / groups;
         int64_t i = 0;
