@@ -15,8 +15,9 @@
    Output rows n are split across OpenMP threads (the process's OpenMP runtime: torch's).
 
    Paths by the build's instruction set (-march=native): AVX-512 (every format), AVX2 with FMA (float32:
-   `tile_f32`'s 8-lane version; the block formats take the portable loop), portable C. Each fixes its own
-   order of additions, so a row's bits are the same for any number of rows within one build (not across them).
+   `tile_f32`'s 8-lane version; the block formats: 32 lane-wise chains as in the portable loop, the blocks
+   decoded 8 lanes at a time, the lanes summed by a tree), portable C. Each fixes its own order of additions, so
+   a row's bits are the same for any number of rows within one build (not across builds).
 
    8-bit activations (moekit_x8_pack / moekit_x8_matvec below): llama.cpp's scheme for these formats.
 
@@ -31,7 +32,7 @@
 #include <immintrin.h>
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define F32_AVX2 1 /* the float32 tile below in 8-lane AVX2 (machines without AVX-512) */
+#define MATVEC_AVX2 1 /* machines without AVX-512: the float32 tile and the block decoding in 8-lane AVX2 */
 #endif
 
 #define QK 32
@@ -190,7 +191,33 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
 }
 #endif
 
-#ifdef F32_AVX2
+#ifdef MATVEC_AVX2
+/* the 32 weight values of a block of codes (q8_0, q4_0, mxfp4), unscaled, as 4 vectors of 8 (`decode_block`) */
+static inline void decode_block8(int fmt, const uint8_t *blk, __m256 *v) {
+    if (fmt == Q8_0) {
+        for (int i = 0; i < 4; i++)
+            v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * i))));
+    } else if (fmt == Q4_0) { /* bytes 8i..8i+7: elements 8i.. (low nibbles) and 16 + 8i.. (high nibbles) */
+        const __m256i low4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+        for (int i = 0; i < 2; i++) {
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * i)));
+            v[i] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(c, low4), eight));
+            v[i + 2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(c, 4), eight));
+        }
+    } else { /* mxfp4: byte j holds elements 2j (low nibble) and 2j + 1; E2M1 = magnitude (bits 0-2), sign (bit 3) */
+        const __m256 magnitude = _mm256_loadu_ps(E2M1_VALUES);
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+        for (int i = 0; i < 4; i++) {
+            const __m128i b4 = _mm_cvtsi32_si128(*(const int32_t *)(blk + 4 * i)); /* bytes 4i..4i+3 */
+            const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b4, b4)),
+                                                                 shifts), _mm256_set1_epi32(15));
+            const __m256 m = _mm256_permutevar8x32_ps(magnitude, c); /* (uses the low 3 bits) */
+            const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(c, 3), 31);
+            v[i] = _mm256_xor_ps(m, _mm256_castsi256_ps(sign));
+        }
+    }
+}
+
 /* lane i of the result: the sum of the 8 lanes of a[i] (i < 4), by the tree ((0+1)+(2+3)) + ((4+5)+(6+7)) */
 static inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3)); /* a[i]'s (0..3, 4..7) sums */
@@ -262,7 +289,7 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
 /* rows x_T[t] (t < T) against weight rows [n0, n1) of one weight */
 static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, const void *d, int64_t n0,
                  int64_t n1, int64_t B, float *const *y_T) {
-#if defined(__AVX512F__) || defined(F32_AVX2)
+#if defined(__AVX512F__) || defined(MATVEC_AVX2)
     if (fmt == F32) {
         tile_f32(x_T, T, (const float *)q, n0, n1, B * QK, y_T);
         return;
@@ -311,6 +338,27 @@ static void tile(int fmt, const float *const *x_T, int T, const uint8_t *q, cons
             }
         }
         for (int t = 0; t < T; t++) y_T[t][n] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[t], acc_hi[t]));
+#elif defined(MATVEC_AVX2)
+        (void)scaled; /* (a block format here: float32 took tile_f32) */
+        __m256 acc[MAX_TILE][4]; /* lane j of vector i: the portable loop's acc[t][8 i + j] */
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            __m256 v[4];
+            decode_block8(fmt, qn + b * block_bytes(fmt), v);
+            const __m256 sv = _mm256_set1_ps(block_scale(fmt, d, n * B + b));
+            for (int i = 0; i < 4; i++) v[i] = _mm256_mul_ps(v[i], sv);
+            for (int t = 0; t < T; t++) {
+                const float *xb = x_T[t] + b * QK;
+                for (int i = 0; i < 4; i++) acc[t][i] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xb + 8 * i), acc[t][i]);
+            }
+        }
+        for (int t = 0; t < T; t++) { /* the 32 lanes by a fixed tree (the portable loop sums them in order) */
+            const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3]));
+            const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            const __m128 h2 = _mm_hadd_ps(h, h);
+            y_T[t][n] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+        }
 #else
         float acc[MAX_TILE][QK];
         memset(acc, 0, sizeof(acc));
