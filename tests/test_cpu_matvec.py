@@ -27,20 +27,22 @@ def reference(qw: QuantizedWeight, x_RK, index_R=None):
     return torch.stack([x_RK[r].double() @ qw.dense(int(e)).double().t() for r, e in enumerate(index_R)])
 
 
-def builds(tmp_path) -> dict:
-    """The kernel as loaded, and built without AVX-512 (the AVX2 float32 path where the CPU has AVX2) and without
-    AVX2 either (the portable C): each path on any machine that has the instructions."""
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict:
+    """The kernel as loaded, and built without AVX-512 (the AVX2 paths where the CPU has AVX2) and without AVX2
+    either (the portable C): each path on any machine that has the instructions (built once for the module)."""
+    tmp = tmp_path_factory.mktemp("kernels")
     return {"native": cpu_matvec.library(),
-            "avx2": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f"], cache_dir=tmp_path / "avx2")),
-            "portable": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f", "-mno-avx2"], cache_dir=tmp_path / "c"))}
+            "avx2": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f"], cache_dir=tmp / "avx2")),
+            "portable": cpu_matvec.load(cpu_matvec.build(["-mno-avx512f", "-mno-avx2"], cache_dir=tmp / "c"))}
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", [32, 96, 100])  # 100: rows padded to whole blocks of 32
-def test_linear_rows_match_the_dequantized_reference(method, K, tmp_path):
+def test_linear_rows_match_the_dequantized_reference(method, K, builds):
     torch.manual_seed(0)
     qw = QuantizedWeight.from_float(torch.randn(70, K), method)
-    libs = builds(tmp_path)
+    libs = builds
     for R in (1, 3, 8, 11):  # 11: one full tile of 8 rows and one of 3
         x_RK = torch.randn(R, K)
         ref = reference(qw, x_RK).float()
@@ -58,13 +60,13 @@ def qw_format_pad(qw, x_RK):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, tmp_path):
+def test_gathered_pairs_match_the_reference_and_share_an_expert_bitwise(method, builds):
     torch.manual_seed(1)
     qw = QuantizedWeight.from_float(torch.randn(6, 40, 64), method)  # 6 experts (N=40, K=64)
     index_P = torch.tensor([3, 0, 3, 5, 3, 3, 1, 3, 3, 3, 3, 3])  # expert 3: 9 pairs, more than one tile
     x_PK = torch.randn(len(index_P), 64)
     ref = reference(qw, x_PK, index_P).float()
-    for lib in builds(tmp_path).values():
+    for lib in builds.values():
         y_PN = cpu_matvec.call(lib, method, x_PK, qw.qweight, qw.kernel_scale, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-4)
         for p in range(len(index_P)):  # a pair alone gives the same bits as among the others
@@ -107,7 +109,7 @@ def test_disabled_by_the_environment_variable():
 
 
 @pytest.mark.parametrize("K", [96, 1024])  # 1024: rows 4 KiB apart, where tiles of several rows read a copy
-def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path, K):
+def test_float32_experts_pairs_match_the_reference_bitwise_alone(builds, K):
     """f32: the expert weights as they are (no scales); moe.weights.gathered_matvec takes the kernel for
     more than MAX_ROWS_SHARED pairs and keeps the torch reduction for fewer. A pair alone (one row, read in
     place) gets the bits it gets in a tile of 8 (K=1024: through the copied weight block)."""
@@ -118,7 +120,7 @@ def test_float32_experts_pairs_match_the_reference_bitwise_alone(tmp_path, K):
     index_P = torch.tensor([1, 4, 1, 1, 0, 1, 1, 1, 1, 1, 2])
     x_PK = torch.randn(len(index_P), K)
     ref = torch.stack([w_ENK[e].double() @ x_PK[p].double() for p, e in enumerate(index_P)]).float()
-    for lib in builds(tmp_path).values():
+    for lib in builds.values():
         y_PN = cpu_matvec.call(lib, "f32", x_PK, w_ENK, None, index_P)
         torch.testing.assert_close(y_PN, ref, rtol=1e-5, atol=1e-5)
         for p in range(len(index_P)):
@@ -240,7 +242,7 @@ def test_sizes_and_indices_that_do_not_fit_are_refused():
         cpu_matvec.call(lib, "mxfp4", x_RK, mx.qweight, mx.scale.float(), None)
 
 
-def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(tmp_path):
+def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(builds):
     """The kernel builds 2**(s - 127) from each E8M0 byte (no float32 copy): s = 0 (subnormal 2**-127), 1, 127,
     254 (6 * 2**127 overflows to inf, so a row's sum is NaN as in x @ Wᵀ) and 255 (NaN) give the dequantized
     weight's products exactly (x one-hot: y is one product, no rounding of a sum)."""
@@ -250,13 +252,13 @@ def test_mxfp4_scales_are_read_from_their_e8m0_bytes_at_the_ends_of_the_range(tm
     x_RK[0, 1], x_RK[1, 0] = 1.0, 1.0  # (element 1: a high nibble; element 0: a low one)
     expected = (x_RK.double() @ qw.dense().double().t()).float()
     assert torch.isnan(expected[:, 4]).all() and torch.isfinite(expected[:, :3]).all()
-    for lib in builds(tmp_path).values():
+    for lib in builds.values():
         y = cpu_matvec.call(lib, "mxfp4", x_RK, qw.qweight, qw.kernel_scale, None)
         torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", (*METHODS, "f32"))
-def test_rows_of_zeros_give_zeros_and_leave_the_other_rows_bitwise_alone(method, tmp_path):
+def test_rows_of_zeros_give_zeros_and_leave_the_other_rows_bitwise_alone(method, builds):
     """A row of x that is all zeros (+0 or -0: the engine's padding rows) reads no weight and gets zeros; the other
     rows, pairs of stacked experts included, keep the bits they get alone, in both builds."""
     torch.manual_seed(5)
@@ -270,7 +272,7 @@ def test_rows_of_zeros_give_zeros_and_leave_the_other_rows_bitwise_alone(method,
     x_RK[[1, 4]] = 0.0
     x_RK[5] = -0.0
     index_R = torch.tensor([0, 2, 2, 1, 2, 2, 0])
-    for lib in builds(tmp_path).values():
+    for lib in builds.values():
         y_RN = cpu_matvec.call(lib, method, x_RK, w, scale, index_R)
         for r in range(7):
             alone = cpu_matvec.call(lib, method, x_RK[r:r + 1], w, scale, index_R[r:r + 1])

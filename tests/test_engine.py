@@ -196,8 +196,9 @@ def test_lone_request_decodes_in_a_bucket_of_two_where_rows_are_computed_alone(p
 
 def test_compiled_invariant_step_is_one_graph_for_every_bucket_and_request_count(model):
     """The compiled batch-invariant decode step compiles once: a lone request (one active row: an unbacked row
-    count, no graph of its own), then 3 and 6 requests (buckets of 4 and 8 rows) run the same generated code, which is what
-    makes their rows' bits agree; a one-row graph apart once summed a hybrid model's layers in another order.
+    count, no graph of its own), then 3 and 6 requests (buckets of 4 and 8 rows) run the same generated code, which
+    is what makes their rows' bits agree; a one-row graph apart once summed a hybrid model's layers in another
+    order.
     Also after a torch._dynamo.reset(), which drops dynamo's compile callbacks (they make the trace settings)."""
     stats = torch._dynamo.utils.counters["stats"]
     engine = Engine(model, compile=True, **KW)

@@ -53,17 +53,23 @@ def test_a_row_alone_equals_the_row_co_batched_bitwise():
         assert torch.equal(alone[0], together[b])
 
 
+@pytest.fixture(scope="module")
+def avx2_and_portable(tmp_path_factory):
+    """The kernel built without AVX-512 and without AVX2 either (once for the module)."""
+    tmp = tmp_path_factory.mktemp("kernels")
+    return [cpu_matvec.load(cpu_matvec.build(flags, cache_dir=tmp / name))
+            for name, flags in (("avx2", ["-mno-avx512f"]), ("c", ["-mno-avx512f", "-mno-avx2"]))]
+
+
 @pytest.mark.parametrize("scale", [32 ** -0.5, 30.0])  # 30: many scores more than 87 below the row's max (e^x: 0)
-def test_the_avx2_path_gives_the_portable_bits(tmp_path, scale):
+def test_the_avx2_path_gives_the_portable_bits(avx2_and_portable, scale):
     """Built without AVX-512, the kernel's AVX2 dot and exponentials (machines with AVX2) sum and round as the
     portable C does (built without AVX2 too): the same bits, over 37 slots (vectors of 8 and a tail), holes,
     sinks and a NaN query row (NaN kept)."""
     q, pool_k, pool_v, table, valid = case(B=6, S=37, seed=3)
     q[5, 2] = float("nan")
     sinks_H = torch.randn(8)
-    libs = [cpu_matvec.load(cpu_matvec.build(flags, cache_dir=tmp_path / name))
-            for name, flags in (("avx2", ["-mno-avx512f"]), ("c", ["-mno-avx512f", "-mno-avx2"]))]
-    avx2, portable = (paged_cpu.call(lib, q, pool_k, pool_v, table, valid, sinks_H, scale) for lib in libs)
+    avx2, portable = (paged_cpu.call(lib, q, pool_k, pool_v, table, valid, sinks_H, scale) for lib in avx2_and_portable)
     assert torch.equal(avx2[:5], portable[:5]) and avx2[5, 2].isnan().all() and portable[5, 2].isnan().all()
     assert torch.equal(avx2[5, 3:], portable[5, 3:])
     if scale == 32 ** -0.5:  # (the reference's scale)
