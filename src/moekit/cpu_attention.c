@@ -53,38 +53,38 @@ static float dot(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
-#ifdef __AVX512F__
-/* o (NV vectors of 16) += w[j] * v(slot j) for the valid slots j in [j0, j1), in slot order, o held in registers
+/* the vector type of the value sums: 16 lanes (AVX-512) or 8 (AVX2); none in the portable build */
+#if defined(__AVX512F__)
+#define PV_W 16
+typedef __m512 pv_vec;
+#define pv_load _mm512_loadu_ps
+#define pv_store _mm512_storeu_ps
+#define pv_set1 _mm512_set1_ps
+#define pv_fmadd _mm512_fmadd_ps
+#elif defined(ATTN_AVX2)
+#define PV_W 8
+typedef __m256 pv_vec;
+#define pv_load _mm256_loadu_ps
+#define pv_store _mm256_storeu_ps
+#define pv_set1 _mm256_set1_ps
+#define pv_fmadd _mm256_fmadd_ps
+#endif
+
+#ifdef PV_W
+/* o (NV vectors of PV_W) += w[j] * v(slot j) for the valid slots j in [j0, j1), in slot order, o held in registers
    across the slots (each element: the fmaf chain of the scalar loop below, so the same bits) */
 static inline __attribute__((always_inline)) void pv_vectors(const int NV, float *o, const float *w,
                                                              const float *pool_v, const int64_t *slots,
                                                              const uint8_t *ok, int64_t j0, int64_t j1, int64_t Dh) {
-    __m512 acc[8];
-    for (int i = 0; i < NV; i++) acc[i] = _mm512_loadu_ps(o + 16 * i);
+    pv_vec acc[8];
+    for (int i = 0; i < NV; i++) acc[i] = pv_load(o + PV_W * i);
     for (int64_t j = j0; j < j1; j++) {
         if (!ok[j]) continue;
-        const __m512 wj = _mm512_set1_ps(w[j]);
+        const pv_vec wj = pv_set1(w[j]);
         const float *vv = pool_v + slots[j] * Dh;
-        for (int i = 0; i < NV; i++) acc[i] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vv + 16 * i), acc[i]);
+        for (int i = 0; i < NV; i++) acc[i] = pv_fmadd(wj, pv_load(vv + PV_W * i), acc[i]);
     }
-    for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, acc[i]);
-}
-#endif
-
-#ifdef ATTN_AVX2
-/* `pv_vectors` with NV vectors of 8 (AVX2): the same chains, the same bits */
-static inline __attribute__((always_inline)) void pv_vectors8(const int NV, float *o, const float *w,
-                                                              const float *pool_v, const int64_t *slots,
-                                                              const uint8_t *ok, int64_t j0, int64_t j1, int64_t Dh) {
-    __m256 acc[8];
-    for (int i = 0; i < NV; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
-    for (int64_t j = j0; j < j1; j++) {
-        if (!ok[j]) continue;
-        const __m256 wj = _mm256_set1_ps(w[j]);
-        const float *vv = pool_v + slots[j] * Dh;
-        for (int i = 0; i < NV; i++) acc[i] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vv + 8 * i), acc[i]);
-    }
-    for (int i = 0; i < NV; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+    for (int i = 0; i < NV; i++) pv_store(o + PV_W * i, acc[i]);
 }
 #endif
 
@@ -92,11 +92,11 @@ static inline __attribute__((always_inline)) void pv_vectors8(const int NV, floa
    (N, Dh) values) */
 static void pv_accumulate(float *o, const float *w, const float *pool_v, const int64_t *slots, const uint8_t *ok,
                           int64_t j0, int64_t j1, int64_t Dh) {
-#ifdef __AVX512F__
-    if (Dh % 16 == 0) { /* 128 columns at a time, in registers */
+#ifdef PV_W
+    if (Dh % PV_W == 0) { /* 8 vectors at a time, in registers */
         int64_t c = 0;
-        for (; c + 128 <= Dh; c += 128) pv_vectors(8, o + c, w, pool_v + c, slots, ok, j0, j1, Dh);
-        switch ((Dh - c) / 16) {
+        for (; c + 8 * PV_W <= Dh; c += 8 * PV_W) pv_vectors(8, o + c, w, pool_v + c, slots, ok, j0, j1, Dh);
+        switch ((Dh - c) / PV_W) {
         case 1: pv_vectors(1, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 2: pv_vectors(2, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 3: pv_vectors(3, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
@@ -104,23 +104,6 @@ static void pv_accumulate(float *o, const float *w, const float *pool_v, const i
         case 5: pv_vectors(5, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 6: pv_vectors(6, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         case 7: pv_vectors(7, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        default: break;
-        }
-        return;
-    }
-#endif
-#ifdef ATTN_AVX2
-    if (Dh % 8 == 0) { /* 64 columns at a time, in registers */
-        int64_t c = 0;
-        for (; c + 64 <= Dh; c += 64) pv_vectors8(8, o + c, w, pool_v + c, slots, ok, j0, j1, Dh);
-        switch ((Dh - c) / 8) {
-        case 1: pv_vectors8(1, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 2: pv_vectors8(2, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 3: pv_vectors8(3, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 4: pv_vectors8(4, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 5: pv_vectors8(5, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 6: pv_vectors8(6, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
-        case 7: pv_vectors8(7, o + c, w, pool_v + c, slots, ok, j0, j1, Dh); break;
         default: break;
         }
         return;
