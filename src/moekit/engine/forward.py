@@ -139,8 +139,10 @@ class DecodeStep:
         row 0 feeds a padding token at slot 0, writing to the trash block (paged layers) or at slot 0 of its
         row (row pools: rewritten by the row's next prefill, recurrent state reset when the row is taken)."""
         B, S = self.numerics.row_quantum, min(MIN_SLOTS, self.kv.max_slots)
-        with torch.inference_mode():  # (as in the engine's steps: the bucket's tensors made here are of one kind
-            inputs, cache, table_N = self.bucket(B, S)  # with theirs, so a compiled step takes them unchanged)
+        # in inference mode, as the engine's steps run: the bucket's tensors made here are of one kind with theirs
+        # (else a compiled step's guard on their dispatch keys fails when a step reuses this bucket: a recompile)
+        with torch.inference_mode():
+            inputs, cache, table_N = self.bucket(B, S)
             inputs.idle()
             inputs.ids[B] = inputs.ids[2 * B] = 0  # row 0: slot 0
             inputs.sync()
