@@ -224,26 +224,25 @@ static inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-/* y_t[i] (t < T <= 2, i < nn <= 4) = weight row w_i[0..K) times x_t[0..K): per output 8 lane-wise chains (lane j
-   takes k = j mod 8, in k order), then `sum_lanes4`: the same bits for a row whatever T and nn. Two rows at once
-   load each weight vector once for both (8 accumulators, 2 x and 1 weight register: 11 of the 16). */
-static inline __attribute__((always_inline)) void chains4_rows(const int T, const float *const *x_T, const float *w,
-                                                               int64_t stride, int nn, int64_t K, float *const *y_T,
-                                                               int64_t n0) {
+/* y_t[i] (t < 2, i < nn <= 4) = weight row w_i[0..K) times x_t[0..K): per output 8 lane-wise chains (lane j takes
+   k = j mod 8, in k order), then `sum_lanes4`: the same bits for a row whatever the tile. Two rows at once load each
+   weight vector once for both (8 accumulators, 2 x and 1 weight register: 11 of the 16). */
+static inline void chains4_rows2(const float *const *x_T, const float *w, int64_t stride, int nn, int64_t K,
+                                 float *const *y_T, int64_t n0) {
     __m256 a[2][4];
     for (int t = 0; t < 2; t++)
         for (int i = 0; i < 4; i++) a[t][i] = _mm256_setzero_ps();
     const float *wi[4]; /* rows past nn repeat the last one (computed, not stored) */
     for (int i = 0; i < 4; i++) wi[i] = w + (i < nn ? i : nn - 1) * stride;
     for (int64_t k = 0; k < K; k += 8) {
-        const __m256 x0 = _mm256_loadu_ps(x_T[0] + k), x1 = T == 2 ? _mm256_loadu_ps(x_T[1] + k) : x0;
+        const __m256 x0 = _mm256_loadu_ps(x_T[0] + k), x1 = _mm256_loadu_ps(x_T[1] + k);
         for (int i = 0; i < 4; i++) {
             const __m256 wv = _mm256_loadu_ps(wi[i] + k);
             a[0][i] = _mm256_fmadd_ps(wv, x0, a[0][i]);
-            if (T == 2) a[1][i] = _mm256_fmadd_ps(wv, x1, a[1][i]);
+            a[1][i] = _mm256_fmadd_ps(wv, x1, a[1][i]);
         }
     }
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; t < 2; t++) {
         float out[4];
         _mm_storeu_ps(out, sum_lanes4(a[t][0], a[t][1], a[t][2], a[t][3]));
         for (int i = 0; i < nn; i++) y_T[t][n0 + i] = out[i];
@@ -278,7 +277,7 @@ static void tile_f32(const float *const *x_T, int T, const float *w, int64_t n0,
             if (r == 1)
                 chains8_row(x_T[t], w + n * K, K, nn, K, y_T[t], n);
             else
-                chains4_rows(2, x_T + t, w + n * K, K, nn, K, y_T + t, n);
+                chains4_rows2(x_T + t, w + n * K, K, nn, K, y_T + t, n);
             n += nn;
         }
         t += r;
