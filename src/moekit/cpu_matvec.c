@@ -224,6 +224,15 @@ static inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* Short weight rows (at most PREFETCH_MAX_K floats, 2 KiB) end before the hardware's stream prefetcher has ramped
+   up, so the tiles below read them from memory at a fraction of its bandwidth: they ask for the line of the next
+   tile's rows (`ahead` floats on) that they will read there, one tile early. Longer rows stream by themselves
+   (prefetching them too measured 7-30% slower: benchmarks/results/serve_cpu.md). */
+#define PREFETCH_MAX_K 512
+static inline void prefetch_rows(int n, const float *const *wi, int64_t ahead) {
+    for (int i = 0; i < n; i++) _mm_prefetch((const char *)(wi[i] + ahead), _MM_HINT_T0);
+}
+
 /* y_t[i] (t < 2, i < nn <= 4) = weight row w_i[0..K) times x_t[0..K): per output 8 lane-wise chains (lane j takes
    k = j mod 8, in k order), then `sum_lanes4`: the same bits for a row whatever the tile. Two rows at once load each
    weight vector once for both (8 accumulators, 2 x and 1 weight register: 11 of the 16). */
@@ -235,6 +244,7 @@ static inline void chains4_rows2(const float *const *x_T, const float *w, int64_
     const float *wi[4]; /* rows past nn repeat the last one (computed, not stored) */
     for (int i = 0; i < 4; i++) wi[i] = w + (i < nn ? i : nn - 1) * stride;
     for (int64_t k = 0; k < K; k += 8) {
+        if (k % 16 == 0 && K <= PREFETCH_MAX_K) prefetch_rows(4, wi, 4 * stride + k);
         const __m256 x0 = _mm256_loadu_ps(x_T[0] + k), x1 = _mm256_loadu_ps(x_T[1] + k);
         for (int i = 0; i < 4; i++) {
             const __m256 wv = _mm256_loadu_ps(wi[i] + k);
@@ -256,6 +266,7 @@ static inline void chains8_row(const float *x, const float *w, int64_t stride, i
     const float *wi[8];
     for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps(), wi[i] = w + (i < nn ? i : nn - 1) * stride;
     for (int64_t k = 0; k < K; k += 8) {
+        if (k % 16 == 0 && K <= PREFETCH_MAX_K) prefetch_rows(8, wi, 8 * stride + k);
         const __m256 xv = _mm256_loadu_ps(x + k);
         for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wi[i] + k), xv, a[i]);
     }
