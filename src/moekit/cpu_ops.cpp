@@ -57,9 +57,15 @@ void check_status(int status, const char *what, int64_t E) {
     TORCH_CHECK(status == 0, what, ": out of memory");
 }
 
+/* t itself where it already has the type and is contiguous (the decode steps' case: no dispatcher call, no copy),
+   else a contiguous copy of that type */
+at::Tensor as_contiguous(const at::Tensor &t, at::ScalarType type) {
+    return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+}
+
 const int64_t *index_ptr(const std::optional<at::Tensor> &index, at::Tensor &keep) {
     if (!index.has_value()) return nullptr;
-    keep = index->to(at::kLong).contiguous();
+    keep = as_contiguous(*index, at::kLong);
     return keep.const_data_ptr<int64_t>();
 }
 
@@ -164,14 +170,18 @@ at::Tensor paged_decode_attention(const at::Tensor &q, const at::Tensor &pool_k,
                       ", table ", table.sizes(), ", valid ", valid.sizes(),
                       " do not fit (float32 q (B, H, Dh), pools (G, N, Dh), H a multiple of G, table and valid (B, S))");
     const at::Tensor qc = q.contiguous(), kc = pool_k.contiguous(), vc = pool_v.contiguous();
-    const at::Tensor tc = table.to(at::kLong).contiguous(), mc = valid.to(at::kByte).contiguous();
+    const at::Tensor tc = as_contiguous(table, at::kLong);
+    // a bool mask is read as its bytes (0 or 1), without a copy
+    const bool bool_mask = valid.scalar_type() == at::kBool && valid.is_contiguous();
+    const at::Tensor mc = bool_mask ? valid : as_contiguous(valid, at::kByte);
     at::Tensor sc;
-    if (sinks.has_value()) sc = sinks->to(at::kFloat).contiguous();
+    if (sinks.has_value()) sc = as_contiguous(*sinks, at::kFloat);
     at::Tensor out = at::empty({B, H, Dh}, q.options());
     const int status = moekit_paged_decode_attention(
-        qc.const_data_ptr<float>(), kc.const_data_ptr<float>(), vc.const_data_ptr<float>(), tc.const_data_ptr<int64_t>(),
-        mc.const_data_ptr<uint8_t>(), sinks.has_value() ? sc.const_data_ptr<float>() : nullptr, B, H, G, S, N, Dh,
-        static_cast<float>(scale), out.mutable_data_ptr<float>());
+        qc.const_data_ptr<float>(), kc.const_data_ptr<float>(), vc.const_data_ptr<float>(),
+        tc.const_data_ptr<int64_t>(), static_cast<const uint8_t *>(mc.const_data_ptr()),
+        sinks.has_value() ? sc.const_data_ptr<float>() : nullptr, B, H, G, S, N, Dh, static_cast<float>(scale),
+        out.mutable_data_ptr<float>());
     TORCH_CHECK_INDEX(status != -2, "paged_decode_attention: a valid slot's pool index is outside [0, ", N, ")");
     TORCH_CHECK(status == 0, "paged_decode_attention: out of memory");
     return out;
