@@ -311,6 +311,7 @@ def test_config_missing_fields_is_a_clear_error(tmp_path):
         from_hf_config({"model_type": "bert"})
 
 
+@pytest.mark.slow  # (15 s: it measures the machine)
 def test_local_hardware_is_measured():
     from moekit.analyze import local_hardware
 

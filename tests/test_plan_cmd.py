@@ -149,6 +149,7 @@ def test_plot_writes_both_figures(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+@pytest.mark.slow  # (14 s: a training run in a subprocess)
 def test_written_config_trains_and_analyzes_to_the_planned_count(tmp_path):
     done = moekit("plan", "--flops", "1e12", "--vocab-size", "300", "--write-config", tmp_path / "plan.toml", "--json")
     assert done.returncode == 0, done.stderr

@@ -187,6 +187,7 @@ def test_measuring_the_peak_draws_no_random_numbers():
     assert torch.equal(before, torch.get_rng_state())
 
 
+@pytest.mark.slow  # (14 s: two timed runs)
 def test_time_budget_fits_the_schedule_and_stops_in_time(corpus, tmp_path):
     run = tmp_path / "run"
     start = time.perf_counter()
