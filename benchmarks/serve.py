@@ -321,7 +321,7 @@ def step_tokens_rows(model, prompts, new_tokens: int, compile_: bool, values: Li
     return rows
 
 
-BATCH1_ROUNDS = 7
+BATCH1_ROUNDS = 15
 
 
 def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
