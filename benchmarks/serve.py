@@ -38,8 +38,8 @@ exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
     measured read bandwidth / bytes touched per token). Each path's best of BATCH1_ROUNDS runs, the paths
     taking turns within a round (so a slower or faster phase of the machine falls on all of them alike); the
     engine / generate row is the median over the rounds of the ratio within a round (a ratio of two bests
-    follows whichever path met the machine's fastest moment: on a machine whose speed drifts it scattered by
-    +-12% from run to run), with the ratio of the bests beside it.
+    follows whichever path met the machine's fastest moment, and on a machine whose speed drifts it scattered
+    from run to run), with the ratio of the bests beside it.
 
     python benchmarks/serve.py                                   # table
     python benchmarks/serve.py --out benchmarks/results/serve_cpu.md

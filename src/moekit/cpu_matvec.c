@@ -227,7 +227,7 @@ static inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 /* Short weight rows (at most PREFETCH_MAX_K floats, 2 KiB) end before the hardware's stream prefetcher has ramped
    up, so the tiles below read them from memory at a fraction of its bandwidth: they ask for the line of the next
    tile's rows (`ahead` floats on) that they will read there, one tile early. Longer rows stream by themselves
-   (prefetching them too measured 4-32% slower: benchmarks/results/serve_cpu.md). */
+   (prefetching them too measured slower: benchmarks/results/serve_cpu.md). */
 #define PREFETCH_MAX_K 512
 static inline void prefetch_rows(int n, const float *const *wi, int64_t ahead) {
     for (int i = 0; i < n; i++) _mm_prefetch((const char *)(wi[i] + ahead), _MM_HINT_T0);
