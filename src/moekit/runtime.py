@@ -39,6 +39,14 @@ torch.compile of a method are avoided:
     only matter while dynamo traces, so they are made then (dynamo's compile-start and -end callbacks,
     for the step this thread calls), not around every call.
 
+  * thread teams: inductor opens an OpenMP parallel region for every CPU kernel whose work it cannot bound
+    at compile time, and under dynamic shapes that is nearly all of them, the copy of one row's 256 floats
+    included (it sizes a symbolic dimension by a large guess). In the engine's invariant step every product
+    and the attention run in moekit's C kernels, with their own parallel loops; what is left to inductor is
+    one row's elementwise glue and norms, for which waking the other threads and waiting for them at the
+    region's end costs more than the work, and when the host preempts a vCPU each region waits for it. That step passes serial_kernels=True: inductor's kernels are
+    generated for one thread (`cpp.threads=1`); the C kernels keep their threads.
+
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
 consumers' loops; when the consumer is a one-row matmul that inductor turns into a reduction (CPU
@@ -94,13 +102,14 @@ def materialized(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.prims.inductor_force_stride_order(x, stride)
 
 
-def compiled_step(model, name: str, dynamic, fn=None):
+def compiled_step(model, name: str, dynamic, fn=None, serial_kernels: bool = False):
     """`model.decode_step` (or `fn(model, ...)`, a function around it) compiled (see the module docstring), cached
-    on the model under `name`."""
+    on the model under `name`. serial_kernels=True: inductor's own CPU kernels run on one thread (see the module
+    docstring)."""
     key = "_compiled_" + name
     step = model.__dict__.get(key)
     if step is None:
-        step = model.__dict__[key] = CompiledStep(model, dynamic, fn or type(model).decode_step)
+        step = model.__dict__[key] = CompiledStep(model, dynamic, fn or type(model).decode_step, serial_kernels)
     return step
 
 
@@ -122,8 +131,8 @@ class CompiledStep:
     changes. Python numbers passed in (a norm's eps, `Numerics.row_quantum`) are constants of the graph;
     under dynamic shapes, equal sizes are not tied (`trace_settings`)."""
 
-    def __init__(self, model, dynamic, step):
-        self.model, self.dynamic, self.step = model, dynamic, step
+    def __init__(self, model, dynamic, step, serial_kernels: bool = False):
+        self.model, self.dynamic, self.step, self.serial_kernels = model, dynamic, step, serial_kernels
         self.state, self.fn = None, None
         self.settings = trace_settings(dynamic)
 
@@ -131,7 +140,7 @@ class CompiledStep:
         state = model_state(self.model)
         if state != self.state:
             self.state, self.fn = state, compile_fn(private_method(types.MethodType(self.step, self.model)),
-                                                    self.dynamic, self.model.embed.weight.device)
+                                                    self.dynamic, self.model.embed.weight.device, self.serial_kernels)
         tracing.settings = self.settings  # what dynamo's compile-start callback applies, should this call trace
         register_trace_callbacks()  # (again after a torch._dynamo.reset(), which drops every callback)
         try:
@@ -187,7 +196,7 @@ def private_method(method):
 _private_ids = itertools.count()
 
 
-def compile_fn(fn, dynamic, device):
+def compile_fn(fn, dynamic, device, serial_kernels: bool = False):
     """torch.compile(fn, fullgraph=True, dynamic=dynamic) with room for many cache entries, without guards on
     nn modules (see the module docstring). On CPU, a one-row matmul (batch-1 decode, static shapes) becomes a
     multiply-and-sum that inductor generates (its `decompose_mm_pass`, off by default; here for any width): a
@@ -207,6 +216,8 @@ def compile_fn(fn, dynamic, device):
         # the generated step calls its kernels from C++, not Python (`cpp_wrapper`): a decode step is dozens of
         # small kernels and custom ops, and each call from a Python wrapper costs about as much as a small kernel
         options["cpp_wrapper"] = True
+        if serial_kernels:
+            options["cpp.threads"] = 1  # no thread team for inductor's own kernels (see the module docstring)
         if widen_cpu_mm_decomposition():
             options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)

@@ -116,14 +116,17 @@ class DecodeStep:
         self.inputs = {}  # (B, S) -> StepInputs
         self.fn = functools.partial(packed_decode_step, model)
         self.quantum = numerics.row_quantum  # the bucket's rows are a power of two and a multiple of this
-        if numerics.batch_invariant and not self.row_products():
+        rows_alone = numerics.batch_invariant and not self.row_products()
+        if rows_alone:
             self.quantum = ROWWISE_MIN_ROWS
         if compile:
             # invariant: dynamic shapes from the start, so every bucket runs the same generated code;
             # otherwise torch's automatic dynamic shapes (the first bucket, batch 1 alone, is
             # compiled for its exact shape: the fastest code for it)
             name = "engine_step" + ("_invariant" if numerics.batch_invariant else "")
-            self.fn = compiled_step(model, name, True if numerics.batch_invariant else None, packed_decode_step)
+            # every product in a C kernel (rows_alone): inductor's own kernels are one row's glue, run serially
+            self.fn = compiled_step(model, name, True if numerics.batch_invariant else None, packed_decode_step,
+                                    serial_kernels=rows_alone)
             # what every step passes unchanged (the pools, the RoPE table) keeps static sizes: otherwise dynamo
             # guards their symbolic sizes and strides in Python before every call
             for t in (*kv.persistent_tensors(), *rope_table):
