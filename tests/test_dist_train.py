@@ -145,6 +145,7 @@ def reference(corpus, tmp_path_factory):
     return ref, ref.cache
 
 
+@pytest.mark.slow  # (33 s, two processes: the slow tier keeps the fast one under 15 minutes)
 def test_fsdp_x_ep_on_two_processes_gives_one_process_losses_and_a_loadable_run(corpus, reference, tmp_path):
     runs, cache = reference
     run = tmp_path / "run"

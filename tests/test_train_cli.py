@@ -140,6 +140,7 @@ def test_kill_then_resume_with_only_out(corpus, tmp_path):
     assert [m["step"] for m in metrics(run) if m.get("event") == "resume"] == [4]
 
 
+@pytest.mark.slow  # (45 s of subprocesses: the slow tier keeps the fast one under 15 minutes)
 def test_resume_refuses_silent_changes(base_run, tmp_path):
     run = copy_run(base_run, tmp_path)
     done = moekit("train", "--out", run, "--resume")  # a finished run: nothing to do
@@ -203,6 +204,7 @@ def test_time_budget_fits_the_schedule_and_stops_in_time(corpus, tmp_path):
 
 
 # ------------------------------------------------------------------ accidents
+@pytest.mark.slow  # (19 s of subprocesses: the slow tier keeps the fast one under 15 minutes)
 def test_never_overwrite_weights_without_overwrite(base_run, tmp_path, corpus):
     run = copy_run(base_run, tmp_path)
     (run / "checkpoint" / "trainer_state.pt").unlink()

@@ -6,10 +6,9 @@ machines can cost more than the arithmetic (benchmarks/results/moe_layer_cpu.md)
 freed blocks in the heap (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB) removes that cost, at the
 price of holding on to the peak heap. Entry points call it unless given --no-malloc-tune.
 
-`compiled_step(model, name, dynamic, fn=None)`: `model.decode_step` (or `fn(model, ...)` around it: the
-engine's packed-ids step) under torch.compile, for moekit's decode steps (`generate(compile=True)`, the
-engine), cached on the model. Four costs of a plain
-torch.compile of a method are avoided:
+`compiled_step(model, name, dynamic, fn=None, serial_kernels=False)`: `model.decode_step` (or `fn(model, ...)`
+around it: the engine's packed-ids step) under torch.compile, for moekit's decode steps (`generate(compile=True)`,
+the engine), cached on the model. Five costs of a plain torch.compile of a method are avoided:
   * guards: before every call dynamo checks each module, parameter and buffer the step touched
     (a tenth to a quarter of a CPU decode step: benchmarks/results/serve_cpu.md). Every step is compiled
     without guards on the model's modules (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`) and
@@ -38,14 +37,14 @@ torch.compile of a method are avoided:
     heads, slots) are not tied, so a later bucket where they differ runs the same graph. These settings
     only matter while dynamo traces, so they are made then (dynamo's compile-start and -end callbacks,
     for the step this thread calls), not around every call.
-
   * thread teams: inductor opens an OpenMP parallel region for every CPU kernel whose work it cannot bound
     at compile time, and under dynamic shapes that is nearly all of them, the copy of one row's 256 floats
     included (it sizes a symbolic dimension by a large guess). In the engine's invariant step every product
     and the attention run in moekit's C kernels, with their own parallel loops; what is left to inductor is
     one row's elementwise glue and norms, for which waking the other threads and waiting for them at the
-    region's end costs more than the work, and when the host preempts a vCPU each region waits for it. That step passes serial_kernels=True: inductor's kernels are
-    generated for one thread (`cpp.threads=1`); the C kernels keep their threads.
+    region's end costs more than the work (and when the host preempts a vCPU, each region waits for it).
+    That step passes serial_kernels=True: inductor's kernels are generated for one thread (`cpp.threads=1`);
+    the C kernels keep their threads.
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
