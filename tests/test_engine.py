@@ -199,12 +199,14 @@ def test_compiled_invariant_step_is_one_graph_for_every_bucket_and_request_count
     count, no graph of its own), then 3 and 6 requests (buckets of 4 and 8 rows) run the same generated code, which
     is what makes their rows' bits agree; a one-row graph apart once summed a hybrid model's layers in another
     order.
-    Also after a torch._dynamo.reset(), which drops dynamo's compile callbacks (they make the trace settings)."""
+    Also after a torch._dynamo.reset(), which drops dynamo's compile callbacks (they make the trace settings);
+    the step's replay of its last call (runtime.Replay) is released so that the next call compiles again."""
     stats = torch._dynamo.utils.counters["stats"]
     engine = Engine(model, compile=True, **KW)
     params = SamplingParams(max_tokens=4, logprobs=True)
     engine.generate([PROMPTS[0]], params)
     torch._dynamo.reset()
+    engine.decode_step.fn.release()
     alone = engine.generate([PROMPTS[0]], params)[0]
     graphs = stats["unique_graphs"]
     together = engine.generate(PROMPTS[:3], params)[0]

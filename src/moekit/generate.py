@@ -75,6 +75,8 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
                                 repetition_penalty, generator, stops, stream, device, dtype, step_fn, min_p)
     finally:
         model.train(was_training)
+        if step_fn is not None:
+            step_fn.release()  # (its replay holds this call's cache)
 
 
 def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
@@ -96,6 +98,10 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
         S = min(max(64, 1 << (S - 1).bit_length()), model.cfg.max_seq_len)
         static_valid_BS = torch.arange(S, device=device)[None, :] >= (P - lens_B)[:, None]
         token_limit = model.token_limit
+        # the step's inputs written in place: a call with the same tensors replays the last one (runtime.Replay)
+        next_B1, positions_B1, slots_B = (torch.zeros(B, 1, dtype=torch.long, device=device),
+                                          torch.zeros(B, 1, dtype=torch.long, device=device),
+                                          torch.zeros(B, dtype=torch.long, device=device))
     cache = model.new_cache(B, S, dtype, device)
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -126,16 +132,17 @@ def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k,
         if any(done):
             next_B = next_B.masked_fill(torch.tensor(done, device=device), PAD_ID)
         # the new token sits in cache slot P + step; its position counts only real tokens
-        positions_B1 = (lens_B + step)[:, None]
         if step_fn is None:
-            logits_BV = model(next_B[:, None], positions_BT=positions_B1, cache=cache, start=P + step,
+            logits_BV = model(next_B[:, None], positions_BT=(lens_B + step)[:, None], cache=cache, start=P + step,
                               key_mask_BS=key_mask_BS)[:, -1]
         else:  # the static step skips input checks: a hash router's table must cover the fed ids
             if max(t for t, d in zip(next_ids, done) if not d) >= token_limit:
                 raise ValueError(f"token ids must lie in [0, {token_limit}): the model routes by token id "
                                  f"(a hash router with hash_vocab_size={token_limit})")
-            slots_B = torch.full((B,), P + step, dtype=torch.long, device=device)
-            logits_BV = step_fn(next_B[:, None], positions_B1, slots_B, static_valid_BS, cache)
+            next_B1.copy_(next_B[:, None])
+            torch.add(lens_B[:, None], step, out=positions_B1)
+            slots_B.fill_(P + step)
+            logits_BV = step_fn(next_B1, positions_B1, slots_B, static_valid_BS, cache)
     return out
 
 

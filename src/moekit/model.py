@@ -57,8 +57,10 @@ class Block(nn.Module):
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
             forced = None if plan.forced_experts is None else plan.forced_experts[..., self.moe_index, :]
-            y_BTD, self.last_aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static, plan.active_rows,
-                                            forced_experts=forced, routed=plan.routed_experts)
+            y_BTD, aux = self.ffn(h_BTD, token_ids_BT, plan.numerics, plan.static, plan.active_rows,
+                                  forced_experts=forced, routed=plan.routed_experts)
+            if not plan.static:  # (a static decode step has no aux: it changes no module, see runtime.Replay)
+                self.last_aux = aux
         else:
             y_BTD = self.ffn(h_BTD, plan.numerics)
         return x_BTD + y_BTD

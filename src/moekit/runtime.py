@@ -45,6 +45,17 @@ the engine), cached on the model. Five costs of a plain torch.compile of a metho
     region's end costs more than the work (and when the host preempts a vCPU, each region waits for it).
     That step passes serial_kernels=True: inductor's kernels are generated for one thread (`cpp.threads=1`);
     the C kernels keep their threads.
+  * dynamo's call path: before the generated code runs, dynamo evaluates the step's frame, checks its
+    guards and gathers the graph's inputs from the arguments (every parameter of the model, each cache
+    tensor, the symbolic sizes), and afterwards rebuilds the step's result; for a CPU decode step that took a
+    quarter of the call. A step called again with the same argument objects (the same tensors, of the same
+    shapes) as its last call replays that call instead (`Replay`): it calls the graph dynamo chose then with
+    the inputs dynamo gathered then, and builds the result the same way. The decode loops keep their inputs
+    in place for this (the engine's `StepInputs`, generate's token and position buffers), so after a step's
+    first call only a change of bucket or batch goes through dynamo again. What a replay does not see, beyond
+    the first point's list: Python attributes of the arguments changed in place (a tensor's values are read
+    by the graph every call; a reassigned attribute is not). Steps whose trace changes Python objects that
+    exist outside it (a module attribute) are never replayed.
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
@@ -65,6 +76,7 @@ import threading
 import types
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import cpu_matvec
 from .numerics import thread_count
@@ -132,20 +144,117 @@ class CompiledStep:
 
     def __init__(self, model, dynamic, step, serial_kernels: bool = False):
         self.model, self.dynamic, self.step, self.serial_kernels = model, dynamic, step, serial_kernels
-        self.state, self.fn = None, None
+        self.state, self.fn, self.replay = None, None, None
         self.settings = trace_settings(dynamic)
 
     def __call__(self, *args):
         state = model_state(self.model)
         if state != self.state:
-            self.state, self.fn = state, compile_fn(private_method(types.MethodType(self.step, self.model)),
-                                                    self.dynamic, self.model.embed.weight.device, self.serial_kernels)
+            self.state, self.replay = state, None
+            self.fn = compile_fn(private_method(types.MethodType(self.step, self.model)), self.dynamic,
+                                 self.model.embed.weight.device, self.serial_kernels)
+        replay = self.replay
+        if replay is not None and replay.matches(args):
+            return replay()
+        self.replay = None
         tracing.settings = self.settings  # what dynamo's compile-start callback applies, should this call trace
         register_trace_callbacks()  # (again after a torch._dynamo.reset(), which drops every callback)
+        watching.calls = []  # the graph calls of this call (RecordedGraph)
         try:
-            return self.fn(*args)
+            result = self.fn(*args)
+            self.replay = Replay.of(args, watching.calls, result)
+            return result
         finally:
-            tracing.settings = None
+            tracing.settings = watching.calls = None
+
+    def release(self) -> None:
+        """Drop the last call's arguments (a replay holds them: a finished generate's cache, say)."""
+        self.replay = None
+
+
+# per thread: the graph calls made during the dynamo call of a step in progress, or None
+watching = threading.local()
+
+
+class RecordedGraph:
+    """A graph inductor compiled for a step, as dynamo calls it; while a step's dynamo call is in progress on this
+    thread, each call's inputs and outputs are noted (for `Replay`). replayable: dynamo's trace changed no Python
+    object that existed before it (only such changes would run outside the graph)."""
+
+    def __init__(self, compiled, replayable: bool):
+        self.compiled, self.replayable = compiled, replayable
+
+    def __call__(self, *args):
+        outputs = self.compiled(*args)
+        calls = getattr(watching, "calls", None)
+        if calls is not None:
+            calls.append((self, args, outputs))
+        return outputs
+
+
+class Replay:
+    """A step's last call through dynamo, to be made again without it (see the module docstring): the graph that
+    ran, the inputs dynamo passed it, and where the step's result took the graph's outputs from. `matches(args)`:
+    the same argument objects, tensors of the same shapes and strides, the same grad and inference modes."""
+
+    def __init__(self, args, graph, graph_args, spec, leaves):
+        self.args, self.graph, self.graph_args, self.spec, self.leaves = args, graph, graph_args, spec, leaves
+        self.layouts = [(a.shape, a.stride()) for a in args if isinstance(a, torch.Tensor)]
+        self.modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    @staticmethod
+    def of(args, calls, result):
+        """The replay of a call that made `calls` and returned `result`, or None where it cannot be replayed: not
+        exactly one graph call, a trace that changed outside objects, or a result holding anything but the
+        graph's output tensors and constants (in tuples, lists or dicts)."""
+        if len(calls) != 1 or not calls[0][0].replayable:
+            return None
+        graph, graph_args, outputs = calls[0]
+        values, spec = pytree.tree_flatten(result)
+        leaves = []  # per value of the result: (True, index of the graph output) or (False, the constant)
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                index = next((i for i, out in enumerate(outputs) if out is value), None)
+                if index is None:
+                    return None
+                leaves.append((True, index))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                leaves.append((False, value))
+            else:
+                return None
+        return Replay(args, graph, graph_args, spec, leaves)
+
+    def matches(self, args) -> bool:
+        if len(args) != len(self.args) or any(a is not b for a, b in zip(args, self.args)):
+            return False
+        layouts = [(a.shape, a.stride()) for a in args if isinstance(a, torch.Tensor)]
+        return layouts == self.layouts and self.modes == (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    def __call__(self):
+        outputs = self.graph.compiled(*self.graph_args)
+        return pytree.tree_unflatten([outputs[v] if is_output else v for is_output, v in self.leaves], self.spec)
+
+
+def replayable_trace() -> bool:
+    """Inside a backend: whether dynamo's trace in progress changed no Python object that existed before it
+    (attributes set, lists or dicts changed; objects it made itself do not count) and added no tensor hooks."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew
+        effects = InstructionTranslator.current_tx().output.side_effects
+        return not effects.tensor_hooks and not any(
+            effects.is_modified(v) and not isinstance(v.mutation_type, (AttributeMutationNew, ValueMutationNew))
+            for v in effects.id_to_variable.values())
+    except Exception:  # noqa: BLE001 -- another torch's internals: never replay
+        return False
+
+
+def recording_inductor(options: dict):
+    """A torch.compile backend: inductor with these config patches, its graphs wrapped in `RecordedGraph`."""
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        return RecordedGraph(compile_fx(gm, example_inputs, config_patches=options), replayable_trace())
+    return backend
 
 
 def trace_settings(dynamic) -> tuple:
@@ -206,11 +315,9 @@ def compile_fn(fn, dynamic, device, serial_kernels: bool = False):
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * DECODE_RECOMPILE_LIMIT)
-    # module and global guards off (the invariant engine's dynamic-shape step: most of dynamo's cache lookup)
-    options = {"guard_filter_fn": skip_module_and_global_guards}
     # no size/stride/alignment checks of every buffer in the generated code (dozens a step): they check
     # inductor's own bookkeeping, which the tests compare with eager
-    options.update(size_asserts=False, alignment_asserts=False)
+    options = dict(size_asserts=False, alignment_asserts=False)
     if torch.device(device).type == "cpu":
         # the generated step calls its kernels from C++, not Python (`cpp_wrapper`): a decode step is dozens of
         # small kernels and custom ops, and each call from a Python wrapper costs about as much as a small kernel
@@ -219,7 +326,9 @@ def compile_fn(fn, dynamic, device, serial_kernels: bool = False):
             options["cpp.threads"] = 1  # no thread team for inductor's own kernels (see the module docstring)
         if widen_cpu_mm_decomposition():
             options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+    # module and global guards off (the invariant engine's dynamic-shape step: most of dynamo's cache lookup)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=recording_inductor(options),
+                         options={"guard_filter_fn": skip_module_and_global_guards})
 
 
 def skip_module_and_global_guards(entries) -> list:
