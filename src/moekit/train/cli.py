@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from ..moe.router import ROUTERS
 from ..presets import MODEL_PRESETS
 from .config import MODEL_FIELDS, MOE_FIELDS, OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, TrainConfig, merge_resume
 from .trainer import Trainer
+
+REFUSAL_GRACE_S = 3.0  # a silent rank's wait before exiting on a refused start (see `cli`)
 
 TRAIN_HELP = {
     "preset": f"model preset to start from (trainable on a CPU: {', '.join(TRAINABLE_PRESETS)})",
@@ -185,14 +188,18 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 def cli(argv=None) -> int:
     """`moekit train`; under torchrun every rank runs it, and only rank 0 reports (a refused start is one
-    error line from rank 0; the other ranks exit with the same code, silently)."""
+    error line from rank 0; the other ranks exit with the same code, silently, after REFUSAL_GRACE_S: torchrun
+    stops every rank once one has failed, and rank 0 must have written its line by then)."""
     if os.environ.get("RANK", "0") == "0":
         return train(argv)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return train(argv)
-    except ValueError:
-        raise SystemExit(2) from None
+    except (ValueError, SystemExit) as refused:
+        code = refused.code if isinstance(refused, SystemExit) else 2
+        if code:
+            time.sleep(REFUSAL_GRACE_S)
+        raise SystemExit(code) from None
 
 
 def train(argv=None) -> int:
