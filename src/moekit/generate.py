@@ -75,8 +75,8 @@ def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 0.0,
                                 repetition_penalty, generator, stops, stream, device, dtype, step_fn, min_p)
     finally:
         model.train(was_training)
-        if step_fn is not None:
-            step_fn.release()  # (its replay holds this call's cache)
+        if hasattr(step_fn, "release"):  # a CompiledStep: its replay of the last step holds this call's cache
+            step_fn.release()
 
 
 def _decode_loop(model, prompts, lens, P, S, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
