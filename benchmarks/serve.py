@@ -36,8 +36,9 @@ exactly NEW_TOKENS greedy new tokens -- ignore_eos / min_new_tokens):
     engine in process (no HTTP) and for `moekit.generate`, next to the memory-bandwidth bound
     of the analyzer (`moekit.analyze.analyze_model(..., weights="fp32", batch=1)`:
     measured read bandwidth / bytes touched per token). Each path's best of BATCH1_ROUNDS runs, the paths
-    taking turns within a round (so a slower or faster phase of the machine falls on all of them alike); the
-    engine / generate row is the median over the rounds of the ratio within a round (a ratio of two bests
+    taking turns within a round (so a slower or faster phase of the machine falls on all of them alike: the
+    engine and generate(compile=True) back to back, each of the two first in every other round, then the
+    others); the engine / generate row is the median over the rounds of the ratio within a round (a ratio of two bests
     follows whichever path met the machine's fastest moment, and on a machine whose speed drifts it scattered
     from run to run), with the ratio of the bests beside it.
 
@@ -349,13 +350,13 @@ def batch1_decode(model, prompt, new_tokens: int, compile_: bool) -> dict:
     if compile_:
         generate_run(True), generate_run(True)
     runs = {"eng": [], "eng_fast": [], "gen": [], "gen_c": []}
-    for _ in range(BATCH1_ROUNDS):  # the paths in turn (see the module docstring)
-        runs["eng"].append(engine_run())
+    for r in range(BATCH1_ROUNDS):  # the paths in turn (see the module docstring)
+        pair = [("eng", engine_run)] + ([("gen_c", lambda: generate_run(True))] if compile_ else [])
+        for name, run in pair[::-1] if r % 2 else pair:  # the compared two back to back, each first every other round
+            runs[name].append(run())
         if "fast" in engines:
             runs["eng_fast"].append(engine_run("fast"))
         runs["gen"].append(generate_run(False))
-        if compile_:
-            runs["gen_c"].append(generate_run(True))
     eng, gen = max(runs["eng"]), max(runs["gen"])
     eng_fast = max(runs["eng_fast"]) if runs["eng_fast"] else None
     gen_c = max(runs["gen_c"]) if compile_ else gen  # --no-compile: eager in both rows
