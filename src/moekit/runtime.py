@@ -45,17 +45,17 @@ the engine), cached on the model. Five costs of a plain torch.compile of a metho
     region's end costs more than the work (and when the host preempts a vCPU, each region waits for it).
     That step passes serial_kernels=True: inductor's kernels are generated for one thread (`cpp.threads=1`);
     the C kernels keep their threads.
-  * dynamo's call path: before the generated code runs, dynamo evaluates the step's frame, checks its
-    guards and gathers the graph's inputs from the arguments (every parameter of the model, each cache
-    tensor, the symbolic sizes), and afterwards rebuilds the step's result; for a CPU decode step that took a
-    quarter of the call. A step called again with the same argument objects (the same tensors, of the same
-    shapes) as its last call replays that call instead (`Replay`): it calls the graph dynamo chose then with
-    the inputs dynamo gathered then, and builds the result the same way. The decode loops keep their inputs
-    in place for this (the engine's `StepInputs`, generate's token and position buffers), so after a step's
-    first call only a change of bucket or batch goes through dynamo again. What a replay does not see, beyond
-    the first point's list: Python attributes of the arguments changed in place (a tensor's values are read
-    by the graph every call; a reassigned attribute is not). Steps whose trace changes Python objects that
-    exist outside it (a module attribute) are never replayed.
+  * dynamo's call path: before the generated code runs, dynamo evaluates the step's frame, checks its guards and
+    gathers the graph's inputs from the arguments (every parameter of the model, each cache tensor, the symbolic
+    sizes), and afterwards rebuilds the step's result: a large share of a CPU decode step
+    (benchmarks/results/serve_cpu.md). A step called again with the same argument objects (the same tensors, of the
+    same shapes) as its last call replays that call instead (`Replay`): it calls the graph dynamo chose then with
+    the inputs dynamo gathered then, and builds the result the same way. The decode loops keep their inputs in place
+    for this (the engine's `StepInputs`, generate's token and position buffers), so after a step's first call only a
+    change of bucket or batch goes through dynamo again. What a replay does not see, beyond the first point's list:
+    Python attributes of the arguments changed in place (a tensor's values are read by the graph every call; a
+    reassigned attribute is not). Steps whose trace changes Python objects that exist outside it (a module
+    attribute) are never replayed.
 
 `materialized(x)`: inside a compiled graph, x computed once into a buffer of its own (identity in
 eager). Inductor inlines a cheap pointwise producer, such as an RMSNorm's scaling, into each of its
